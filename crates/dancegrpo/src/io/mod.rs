@@ -1,0 +1,5 @@
+//! File formats and safe writing.
+
+pub mod atomic;
+pub mod json;
+pub mod safetensors;

@@ -1,0 +1,2 @@
+//! dancegrpo: GRPO post-training of flow-matching image generators.
+pub fn version() -> String { tch::utils::version_cudnn().to_string() }

@@ -1,0 +1,125 @@
+//! Building blocks shared by the models, each calling the same libtorch kernel
+//! as its PyTorch counterpart (`F.linear`, `F.layer_norm`, `F.group_norm`,
+//! `F.conv2d`) so results agree bit for bit with the reference.
+
+use tch::Tensor;
+
+use crate::error::Result;
+use crate::weights::{Init, VarBuilder};
+
+/// `nn.Linear`: `y = x W^T + b`, weight `[out, in]`.
+pub struct Linear {
+    /// Weight `[out, in]`.
+    pub weight: Tensor,
+    /// Optional bias `[out]`.
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Builds `weight` (and `bias` when `bias` is true) under `vb`.
+    pub fn new(vb: &VarBuilder, in_dim: i64, out_dim: i64, bias: bool) -> Result<Self> {
+        let weight = vb.get("weight", &[out_dim, in_dim], Init::FanIn)?;
+        let bias = if bias { Some(vb.get("bias", &[out_dim], Init::Normal(0.05))?) } else { None };
+        Ok(Linear { weight, bias })
+    }
+
+    /// Applies the layer to the last dimension of `x`.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.weight, self.bias.as_ref())
+    }
+}
+
+/// `nn.LayerNorm(dim, elementwise_affine=False)` over the last dimension.
+pub fn layer_norm(x: &Tensor, eps: f64) -> Tensor {
+    let d = *x.size().last().expect("layer_norm of a scalar");
+    x.layer_norm([d], None::<Tensor>, None::<Tensor>, eps, true)
+}
+
+/// `nn.LayerNorm` with affine parameters `weight`, `bias`.
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// Builds `weight` and `bias` of size `dim` under `vb`.
+    pub fn new(vb: &VarBuilder, dim: i64, eps: f64) -> Result<Self> {
+        let weight = vb.get("weight", &[dim], Init::OnePlusNormal(0.1))?;
+        let bias = vb.get("bias", &[dim], Init::Normal(0.05))?;
+        Ok(LayerNorm { weight, bias, eps })
+    }
+
+    /// Normalises the last dimension of `x`.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let d = *x.size().last().expect("layer_norm of a scalar");
+        x.layer_norm([d], Some(&self.weight), Some(&self.bias), self.eps, true)
+    }
+}
+
+/// diffusers' `RMSNorm(dim, eps, elementwise_affine=True)`:
+/// `x * rsqrt(mean(x^2) + eps) * weight`, the mean taken in float32.
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    /// Builds `weight` of size `dim` under `vb`.
+    pub fn new(vb: &VarBuilder, dim: i64, eps: f64) -> Result<Self> {
+        Ok(RmsNorm { weight: vb.get("weight", &[dim], Init::OnePlusNormal(0.1))?, eps })
+    }
+
+    /// Normalises the last dimension of `x`.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let variance = x.to_kind(tch::Kind::Float).pow_tensor_scalar(2).mean_dim(-1, true, None);
+        let mut h = x * (variance + self.eps).rsqrt();
+        if matches!(self.weight.kind(), tch::Kind::Half | tch::Kind::BFloat16) {
+            h = h.to_kind(self.weight.kind());
+        }
+        h * &self.weight
+    }
+}
+
+/// `nn.GroupNorm(groups, channels)` with affine parameters, on `(b, c, ...)`.
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: i64,
+    eps: f64,
+}
+
+impl GroupNorm {
+    /// Builds `weight` and `bias` of size `channels` under `vb`.
+    pub fn new(vb: &VarBuilder, groups: i64, channels: i64, eps: f64) -> Result<Self> {
+        let weight = vb.get("weight", &[channels], Init::OnePlusNormal(0.1))?;
+        let bias = vb.get("bias", &[channels], Init::Normal(0.05))?;
+        Ok(GroupNorm { weight, bias, groups, eps })
+    }
+
+    /// Normalises `x` of shape `(b, c, ...)`.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.group_norm(self.groups, Some(&self.weight), Some(&self.bias), self.eps, true)
+    }
+}
+
+/// `nn.Conv2d` with square kernel, stride 1 and symmetric padding.
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Tensor,
+    padding: i64,
+}
+
+impl Conv2d {
+    /// Builds `weight [out, in, k, k]` and `bias [out]` under `vb`.
+    pub fn new(vb: &VarBuilder, in_c: i64, out_c: i64, kernel: i64, padding: i64) -> Result<Self> {
+        let weight = vb.get("weight", &[out_c, in_c, kernel, kernel], Init::FanIn)?;
+        let bias = vb.get("bias", &[out_c], Init::Normal(0.05))?;
+        Ok(Conv2d { weight, bias, padding })
+    }
+
+    /// Convolves `x` of shape `(b, in, h, w)`.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.conv2d(&self.weight, Some(&self.bias), [1, 1], [self.padding, self.padding], [1, 1], 1)
+    }
+}

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# dev.sh: the project's one entry point on a fresh machine.
+#
+# It installs libtorch from the PyPI `torch==2.11.0` wheel into a virtual environment
+# cached outside the clone (keyed by torch and Python version), links it as `.venv`,
+# and runs cargo with that environment so `tch` builds against it.
+#
+#   ./dev.sh demo            set up, build (release) and run the built-in tiny demo
+#   ./dev.sh test            set up and run the whole test suite
+#   ./dev.sh build [--cuda]  set up and build the release binary (CUDA: libtorch_cuda linked)
+#   ./dev.sh setup           only install the Python environment
+#   ./dev.sh cargo ARGS...   any cargo command inside the environment
+#
+# Environment: DANCEGRPO_CACHE (default ~/.cache/dancegrpo), PYTHON (default python3).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+TORCH_VERSION=2.11.0
+PY=${PYTHON:-python3}
+
+die() { echo "dev.sh: $*" >&2; exit 1; }
+
+venv_dir() {
+    command -v "$PY" >/dev/null || die "no '$PY' on PATH: install Python 3.10+ (or set PYTHON)"
+    local tag
+    tag=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+    local cache=${DANCEGRPO_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dancegrpo}
+    echo "$cache/venv-torch-$TORCH_VERSION-$tag"
+}
+
+# Creates the cached environment once; a half-made one is never used (built under
+# a temporary name, renamed when complete, guarded by a lock).
+setup() {
+    local venv
+    venv=$(venv_dir)
+    mkdir -p "$(dirname "$venv")"
+    if [ ! -f "$venv/.complete" ]; then
+        exec 9>"$venv.lock"
+        flock 9
+        if [ ! -f "$venv/.complete" ]; then
+            echo "dev.sh: installing torch==$TORCH_VERSION into $venv (once per machine)" >&2
+            rm -rf "$venv.partial" "$venv"
+            "$PY" -m venv "$venv.partial"
+            "$venv.partial/bin/python" -m pip install --quiet --no-input "torch==$TORCH_VERSION"
+            "$venv.partial/bin/python" -c "import torch; assert torch.__version__.startswith('$TORCH_VERSION'), torch.__version__"
+            touch "$venv.partial/.complete"
+            mv "$venv.partial" "$venv"
+        fi
+        exec 9>&-
+    fi
+    ln -sfn "$venv" "$ROOT/.venv"
+    export VIRTUAL_ENV="$ROOT/.venv"
+    export PATH="$ROOT/.venv/bin:$PATH"
+    export LIBTORCH_USE_PYTORCH=1
+}
+
+build() {
+    local features=()
+    if [ "${1:-}" = "--cuda" ]; then features=(--features cuda); fi
+    cargo build --release -p dancegrpo-cli "${features[@]}"
+}
+
+cmd=${1:-}
+[ $# -gt 0 ] && shift
+cd "$ROOT"
+case "$cmd" in
+    setup) setup ;;
+    build) setup; build "$@" ;;
+    demo)
+        setup
+        build
+        "$ROOT/target/release/dancegrpo" demo "$@"
+        ;;
+    test)
+        setup
+        cargo test --workspace --release "$@"
+        ;;
+    cargo) setup; cargo "$@" ;;
+    *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac
