@@ -1,1 +1,39 @@
-fn main() { println!("{}", tch::Cuda::is_available()); }
+//! `dancegrpo`: the command-line front end (a thin layer over the `dancegrpo` library).
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+/// GRPO post-training of flow-matching image generators (DanceGRPO) on libtorch.
+#[derive(Parser)]
+#[command(name = "dancegrpo", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the libtorch version, CUDA/cuDNN availability and device count.
+    Env(cmd::env::Args),
+    /// Compare our pipeline with a reference case, stage by stage.
+    Align(cmd::align::Args),
+    /// Run the built-in tiny pipeline end to end (no downloads, CPU).
+    Demo(cmd::demo::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Env(a) => cmd::env::run(a),
+        Command::Align(a) => cmd::align::run(a),
+        Command::Demo(a) => cmd::demo::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}

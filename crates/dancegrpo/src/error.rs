@@ -85,11 +85,18 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     /// A configuration error for `field` of the file `path`.
     pub fn config(path: impl Into<PathBuf>, field: &str, msg: impl Into<String>) -> Self {
-        Error::Config { path: path.into(), field: field.to_string(), msg: msg.into() }
+        Error::Config {
+            path: path.into(),
+            field: field.to_string(),
+            msg: msg.into(),
+        }
     }
 }

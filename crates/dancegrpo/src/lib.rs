@@ -1,2 +1,18 @@
-//! dancegrpo: GRPO post-training of flow-matching image generators.
-pub fn version() -> String { tch::utils::version_cudnn().to_string() }
+//! dancegrpo: GRPO post-training of flow-matching image generators (DanceGRPO)
+//! on libtorch.
+//!
+//! The crate is organised by concept: [`models`] (FLUX.1 transformer, VAE and the
+//! [`models::VelocityModel`] trait), [`weights`] (checkpoint loading and parameter
+//! stores), [`io`] (file formats, atomic writes), [`align`] (stage-by-stage
+//! comparison with the reference fixtures) and [`rng`] (counter-based random
+//! numbers).
+
+pub mod align;
+pub mod error;
+pub mod io;
+pub mod models;
+pub mod nn;
+pub mod rng;
+pub mod weights;
+
+pub use error::{Error, Result};

@@ -19,7 +19,11 @@ impl Linear {
     /// Builds `weight` (and `bias` when `bias` is true) under `vb`.
     pub fn new(vb: &VarBuilder, in_dim: i64, out_dim: i64, bias: bool) -> Result<Self> {
         let weight = vb.get("weight", &[out_dim, in_dim], Init::FanIn)?;
-        let bias = if bias { Some(vb.get("bias", &[out_dim], Init::Normal(0.05))?) } else { None };
+        let bias = if bias {
+            Some(vb.get("bias", &[out_dim], Init::Normal(0.05))?)
+        } else {
+            None
+        };
         Ok(Linear { weight, bias })
     }
 
@@ -67,12 +71,18 @@ pub struct RmsNorm {
 impl RmsNorm {
     /// Builds `weight` of size `dim` under `vb`.
     pub fn new(vb: &VarBuilder, dim: i64, eps: f64) -> Result<Self> {
-        Ok(RmsNorm { weight: vb.get("weight", &[dim], Init::OnePlusNormal(0.1))?, eps })
+        Ok(RmsNorm {
+            weight: vb.get("weight", &[dim], Init::OnePlusNormal(0.1))?,
+            eps,
+        })
     }
 
     /// Normalises the last dimension of `x`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let variance = x.to_kind(tch::Kind::Float).pow_tensor_scalar(2).mean_dim(-1, true, None);
+        let variance = x
+            .to_kind(tch::Kind::Float)
+            .pow_tensor_scalar(2)
+            .mean_dim(-1, true, None);
         let mut h = x * (variance + self.eps).rsqrt();
         if matches!(self.weight.kind(), tch::Kind::Half | tch::Kind::BFloat16) {
             h = h.to_kind(self.weight.kind());
@@ -94,12 +104,23 @@ impl GroupNorm {
     pub fn new(vb: &VarBuilder, groups: i64, channels: i64, eps: f64) -> Result<Self> {
         let weight = vb.get("weight", &[channels], Init::OnePlusNormal(0.1))?;
         let bias = vb.get("bias", &[channels], Init::Normal(0.05))?;
-        Ok(GroupNorm { weight, bias, groups, eps })
+        Ok(GroupNorm {
+            weight,
+            bias,
+            groups,
+            eps,
+        })
     }
 
     /// Normalises `x` of shape `(b, c, ...)`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.group_norm(self.groups, Some(&self.weight), Some(&self.bias), self.eps, true)
+        x.group_norm(
+            self.groups,
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+            true,
+        )
     }
 }
 
@@ -115,11 +136,22 @@ impl Conv2d {
     pub fn new(vb: &VarBuilder, in_c: i64, out_c: i64, kernel: i64, padding: i64) -> Result<Self> {
         let weight = vb.get("weight", &[out_c, in_c, kernel, kernel], Init::FanIn)?;
         let bias = vb.get("bias", &[out_c], Init::Normal(0.05))?;
-        Ok(Conv2d { weight, bias, padding })
+        Ok(Conv2d {
+            weight,
+            bias,
+            padding,
+        })
     }
 
     /// Convolves `x` of shape `(b, in, h, w)`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.conv2d(&self.weight, Some(&self.bias), [1, 1], [self.padding, self.padding], [1, 1], 1)
+        x.conv2d(
+            &self.weight,
+            Some(&self.bias),
+            [1, 1],
+            [self.padding, self.padding],
+            [1, 1],
+            1,
+        )
     }
 }

@@ -39,13 +39,21 @@ fn philox_block(ctr: [u32; 4], key: [u32; 2]) -> [u32; 4] {
 
 /// 64-bit FNV-1a of a string, used to name streams.
 pub fn stream_id(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 impl Philox {
     /// The generator for `stream` under `seed`.
     pub fn new(seed: u64, stream: u64) -> Self {
-        Philox { key: [seed as u32, (seed >> 32) as u32], stream, counter: 0, buf: [0; 4], used: 4 }
+        Philox {
+            key: [seed as u32, (seed >> 32) as u32],
+            stream,
+            counter: 0,
+            buf: [0; 4],
+            used: 4,
+        }
     }
 
     /// The generator for a named stream (e.g. a parameter name).
@@ -58,7 +66,10 @@ impl Philox {
         if self.used == 4 {
             let c = self.counter;
             let s = self.stream;
-            self.buf = philox_block([c as u32, (c >> 32) as u32, s as u32, (s >> 32) as u32], self.key);
+            self.buf = philox_block(
+                [c as u32, (c >> 32) as u32, s as u32, (s >> 32) as u32],
+                self.key,
+            );
             self.counter += 1;
             self.used = 0;
         }
@@ -100,11 +111,12 @@ mod tests {
 
     #[test]
     fn streams_are_reproducible_and_distinct() {
-        let a: Vec<u32> = (0..8).map({
-            let mut g = Philox::for_stream(7, "x");
-            move |_| g.next_u32()
-        })
-        .collect();
+        let a: Vec<u32> = (0..8)
+            .map({
+                let mut g = Philox::for_stream(7, "x");
+                move |_| g.next_u32()
+            })
+            .collect();
         let mut g = Philox::for_stream(7, "x");
         assert_eq!(a, (0..8).map(|_| g.next_u32()).collect::<Vec<_>>());
         let mut h = Philox::for_stream(7, "y");
@@ -117,6 +129,9 @@ mod tests {
         let v: Vec<f64> = (0..20000).map(|_| g.normal()).collect();
         let mean = v.iter().sum::<f64>() / v.len() as f64;
         let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / v.len() as f64;
-        assert!(mean.abs() < 0.03 && (var - 1.0).abs() < 0.05, "mean {mean} var {var}");
+        assert!(
+            mean.abs() < 0.03 && (var - 1.0).abs() < 0.05,
+            "mean {mean} var {var}"
+        );
     }
 }

@@ -44,7 +44,10 @@ impl Checkpoint {
     /// or the shards named by `{stem}.safetensors.index.json`.
     pub fn open_dir(dir: &Path, stem: &str) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(Error::io(dir, std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory")));
+            return Err(Error::io(
+                dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory"),
+            ));
         }
         let single = dir.join(format!("{stem}.safetensors"));
         let index = dir.join(format!("{stem}.safetensors.index.json"));
@@ -74,7 +77,10 @@ impl Checkpoint {
         let ck = Self::from_files(dir.display().to_string(), paths)?;
         for (name, shard) in &idx.weight_map {
             if !ck.index.contains_key(name) {
-                return Err(Error::MissingTensor { source_desc: dir.join(shard).display().to_string(), name: name.clone() });
+                return Err(Error::MissingTensor {
+                    source_desc: dir.join(shard).display().to_string(),
+                    name: name.clone(),
+                });
             }
         }
         Ok(ck)
@@ -82,7 +88,10 @@ impl Checkpoint {
 
     /// A checkpoint made of explicit files (later files do not override earlier ones).
     pub fn from_files(desc: String, paths: Vec<PathBuf>) -> Result<Self> {
-        let files = paths.iter().map(SafetensorsFile::open).collect::<Result<Vec<_>>>()?;
+        let files = paths
+            .iter()
+            .map(SafetensorsFile::open)
+            .collect::<Result<Vec<_>>>()?;
         let mut index = BTreeMap::new();
         for (i, f) in files.iter().enumerate() {
             for name in f.names() {
@@ -146,12 +155,20 @@ impl ParamStore {
 
     /// All parameters, in creation order (shallow clones sharing storage).
     pub fn named(&self) -> Vec<(String, Tensor)> {
-        self.params.borrow().iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
+        self.params
+            .borrow()
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect()
     }
 
     /// The parameter called `name`.
     pub fn get(&self, name: &str) -> Option<Tensor> {
-        self.params.borrow().iter().find(|(n, _)| n == name).map(|(_, t)| t.shallow_clone())
+        self.params
+            .borrow()
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t.shallow_clone())
     }
 
     /// Number of parameters (tensors).
@@ -171,7 +188,12 @@ impl ParamStore {
 
     /// Errors if the checkpoint holds tensors that no parameter took (another architecture).
     pub fn check_all_used(&self, ck: &Checkpoint) -> Result<()> {
-        let ours: BTreeSet<String> = self.params.borrow().iter().map(|(n, _)| n.clone()).collect();
+        let ours: BTreeSet<String> = self
+            .params
+            .borrow()
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect();
         let extra: Vec<&str> = ck.names().filter(|n| !ours.contains(*n)).collect();
         match extra.first() {
             None => Ok(()),
@@ -197,13 +219,26 @@ pub struct VarBuilder<'a> {
 impl<'a> VarBuilder<'a> {
     /// A root builder creating parameters of `kind` on `device` into `store`.
     pub fn new(source: Source<'a>, store: &'a ParamStore, kind: Kind, device: Device) -> Self {
-        VarBuilder { prefix: String::new(), source, store, kind, device }
+        VarBuilder {
+            prefix: String::new(),
+            source,
+            store,
+            kind,
+            device,
+        }
     }
 
     /// A builder for the child module `name`.
     pub fn pp(&self, name: impl std::fmt::Display) -> Self {
-        let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
-        VarBuilder { prefix, ..self.clone() }
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        };
+        VarBuilder {
+            prefix,
+            ..self.clone()
+        }
     }
 
     /// Parameter dtype.
@@ -218,21 +253,30 @@ impl<'a> VarBuilder<'a> {
 
     /// Creates (loads or initialises) the parameter `name` of shape `shape`.
     pub fn get(&self, name: &str, shape: &[i64], init: Init) -> Result<Tensor> {
-        let full = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
+        let full = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        };
         let value = match self.source {
             Source::Checkpoint(ck) => load_checked(ck, &full, shape)?,
             Source::Seeded(seed) => init_tensor(seed, &full, shape, init),
         };
-        let t = value.to_device(self.device).to_kind(self.kind).detach().set_requires_grad(true);
+        let t = value
+            .to_device(self.device)
+            .to_kind(self.kind)
+            .detach()
+            .set_requires_grad(true);
         self.store.push(full, &t);
         Ok(t)
     }
 }
 
 fn load_checked(ck: &Checkpoint, name: &str, shape: &[i64]) -> Result<Tensor> {
-    let found = ck
-        .shape(name)
-        .ok_or_else(|| Error::MissingTensor { source_desc: ck.describe().to_string(), name: name.to_string() })?;
+    let found = ck.shape(name).ok_or_else(|| Error::MissingTensor {
+        source_desc: ck.describe().to_string(),
+        name: name.to_string(),
+    })?;
     if found != shape {
         return Err(Error::ShapeMismatch {
             source_desc: ck.describe().to_string(),

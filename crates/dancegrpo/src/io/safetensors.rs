@@ -146,11 +146,18 @@ impl SafetensorsFile {
         // SAFETY: the map is read-only; a file truncated under us by another
         // process is the one hazard, as with every memory-mapped loader.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-        let (data_start, tensors, metadata) = parse_header(&mmap).map_err(|msg| Error::Safetensors {
-            path: path.clone(),
-            msg,
-        })?;
-        Ok(SafetensorsFile { path, mmap, data_start, tensors, metadata })
+        let (data_start, tensors, metadata) =
+            parse_header(&mmap).map_err(|msg| Error::Safetensors {
+                path: path.clone(),
+                msg,
+            })?;
+        Ok(SafetensorsFile {
+            path,
+            mmap,
+            data_start,
+            tensors,
+            metadata,
+        })
     }
 
     /// The file's path.
@@ -187,19 +194,33 @@ impl SafetensorsFile {
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
         let bytes = self.bytes(name)?;
         let info = &self.tensors[name];
-        Ok(Tensor::f_from_data_size(bytes, &info.shape, info.dtype.kind())?)
+        Ok(Tensor::f_from_data_size(
+            bytes,
+            &info.shape,
+            info.dtype.kind(),
+        )?)
     }
 }
 
-type Header = (usize, BTreeMap<String, TensorInfo>, BTreeMap<String, String>);
+type Header = (
+    usize,
+    BTreeMap<String, TensorInfo>,
+    BTreeMap<String, String>,
+);
 
 fn parse_header(buf: &[u8]) -> std::result::Result<Header, String> {
     if buf.len() < 8 {
-        return Err(format!("file is {} bytes, shorter than the 8-byte header length", buf.len()));
+        return Err(format!(
+            "file is {} bytes, shorter than the 8-byte header length",
+            buf.len()
+        ));
     }
     let n = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes")) as usize;
     if n > buf.len() - 8 {
-        return Err(format!("header length {n} exceeds the file size {} (truncated?)", buf.len()));
+        return Err(format!(
+            "header length {n} exceeds the file size {} (truncated?)",
+            buf.len()
+        ));
     }
     let json: serde_json::Value = serde_json::from_slice(&buf[8..8 + n])
         .map_err(|e| format!("header is not valid JSON: {e}"))?;
@@ -224,7 +245,9 @@ fn parse_header(buf: &[u8]) -> std::result::Result<Header, String> {
     Ok((8 + n, tensors, metadata))
 }
 
-fn parse_metadata(value: &serde_json::Value) -> std::result::Result<BTreeMap<String, String>, String> {
+fn parse_metadata(
+    value: &serde_json::Value,
+) -> std::result::Result<BTreeMap<String, String>, String> {
     let obj = value.as_object().ok_or("`__metadata__` is not an object")?;
     obj.iter()
         .map(|(k, v)| match v.as_str() {
@@ -236,14 +259,22 @@ fn parse_metadata(value: &serde_json::Value) -> std::result::Result<BTreeMap<Str
 
 fn parse_info(name: &str, value: &serde_json::Value) -> std::result::Result<TensorInfo, String> {
     let bad = |what: &str| format!("tensor `{name}`: {what}");
-    let dtype_s = value.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| bad("no dtype"))?;
-    let dtype = Dtype::parse(dtype_s).ok_or_else(|| bad(&format!("unsupported dtype {dtype_s}")))?;
+    let dtype_s = value
+        .get("dtype")
+        .and_then(|d| d.as_str())
+        .ok_or_else(|| bad("no dtype"))?;
+    let dtype =
+        Dtype::parse(dtype_s).ok_or_else(|| bad(&format!("unsupported dtype {dtype_s}")))?;
     let shape: Vec<i64> = value
         .get("shape")
         .and_then(|s| s.as_array())
         .ok_or_else(|| bad("no shape"))?
         .iter()
-        .map(|d| d.as_u64().map(|d| d as i64).ok_or_else(|| bad("shape entry is not an integer")))
+        .map(|d| {
+            d.as_u64()
+                .map(|d| d as i64)
+                .ok_or_else(|| bad("shape entry is not an integer"))
+        })
         .collect::<std::result::Result<_, _>>()?;
     let offs = value
         .get("data_offsets")
@@ -262,7 +293,11 @@ fn parse_info(name: &str, value: &serde_json::Value) -> std::result::Result<Tens
             numel * dtype.size() as i64
         )));
     }
-    Ok(TensorInfo { dtype, shape, range: b..e })
+    Ok(TensorInfo {
+        dtype,
+        shape,
+        range: b..e,
+    })
 }
 
 /// Writes `tensors` (any device, contiguous or not) to `path` atomically: the
@@ -275,14 +310,20 @@ pub fn write_safetensors(
     let path = path.as_ref();
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
-        header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("strings"));
+        header.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata).expect("strings"),
+        );
     }
     let mut cpu = Vec::with_capacity(tensors.len());
     let mut offset = 0usize;
     for (name, t) in tensors {
         let dtype = Dtype::from_kind(t.kind()).ok_or_else(|| Error::Safetensors {
             path: path.to_path_buf(),
-            msg: format!("tensor `{name}` has kind {:?}, which safetensors cannot store", t.kind()),
+            msg: format!(
+                "tensor `{name}` has kind {:?}, which safetensors cannot store",
+                t.kind()
+            ),
         })?;
         let t = t.to_device(tch::Device::Cpu).contiguous();
         let nbytes = t.numel() * dtype.size();
@@ -320,8 +361,15 @@ mod tests {
         let p = dir.join("a.safetensors");
         let a = Tensor::from_slice(&[1.5f32, -2.0, 3.25, 4.0]).reshape([2, 2]);
         let b = Tensor::from_slice(&[7i64, 8, 9]);
-        write_safetensors(&p, &[("a".into(), a.shallow_clone()), ("b".into(), b.shallow_clone())], &BTreeMap::new())
-            .unwrap();
+        write_safetensors(
+            &p,
+            &[
+                ("a".into(), a.shallow_clone()),
+                ("b".into(), b.shallow_clone()),
+            ],
+            &BTreeMap::new(),
+        )
+        .unwrap();
         let f = SafetensorsFile::open(&p).unwrap();
         assert_eq!(f.names().collect::<Vec<_>>(), vec!["a", "b"]);
         assert!(f.tensor("a").unwrap().equal(&a));
@@ -331,8 +379,14 @@ mod tests {
 
         let bytes = std::fs::read(&p).unwrap();
         std::fs::write(&p, &bytes[..bytes.len() - 5]).unwrap();
-        let err = SafetensorsFile::open(&p).err().expect("truncated file must fail").to_string();
-        assert!(err.contains("a.safetensors") && err.contains("truncated"), "{err}");
+        let err = SafetensorsFile::open(&p)
+            .err()
+            .expect("truncated file must fail")
+            .to_string();
+        assert!(
+            err.contains("a.safetensors") && err.contains("truncated"),
+            "{err}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

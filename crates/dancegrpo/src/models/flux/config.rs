@@ -79,11 +79,17 @@ impl FluxConfig {
         let value: serde_json::Value = read_json(path)?;
         if let Some(class) = value.get("_class_name").and_then(|c| c.as_str()) {
             if class != "FluxTransformer2DModel" {
-                return Err(Error::config(path, "_class_name", format!("`{class}` is not FluxTransformer2DModel")));
+                return Err(Error::config(
+                    path,
+                    "_class_name",
+                    format!("`{class}` is not FluxTransformer2DModel"),
+                ));
             }
         }
-        let cfg: FluxConfig = serde_json::from_value(value)
-            .map_err(|e| Error::Json { path: path.to_path_buf(), msg: e.to_string() })?;
+        let cfg: FluxConfig = serde_json::from_value(value).map_err(|e| Error::Json {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -91,17 +97,28 @@ impl FluxConfig {
     /// Checks values this implementation supports; `path` names the source in errors.
     pub fn validate(&self, path: &Path) -> Result<()> {
         if self.patch_size != 1 {
-            return Err(Error::config(path, "patch_size", format!("{} is unsupported (only 1)", self.patch_size)));
+            return Err(Error::config(
+                path,
+                "patch_size",
+                format!("{} is unsupported (only 1)", self.patch_size),
+            ));
         }
         if self.axes_dims_rope.iter().sum::<i64>() != self.attention_head_dim {
             return Err(Error::config(
                 path,
                 "axes_dims_rope",
-                format!("{:?} must sum to attention_head_dim {}", self.axes_dims_rope, self.attention_head_dim),
+                format!(
+                    "{:?} must sum to attention_head_dim {}",
+                    self.axes_dims_rope, self.attention_head_dim
+                ),
             ));
         }
         if self.axes_dims_rope.iter().any(|d| d % 2 != 0 || *d <= 0) {
-            return Err(Error::config(path, "axes_dims_rope", "every entry must be positive and even"));
+            return Err(Error::config(
+                path,
+                "axes_dims_rope",
+                "every entry must be positive and even",
+            ));
         }
         for (field, v) in [
             ("in_channels", self.in_channels),
@@ -146,7 +163,10 @@ impl FluxConfig {
 
     /// FLUX.1-schnell: as dev, without the guidance embedding.
     pub fn flux1_schnell() -> Self {
-        FluxConfig { guidance_embeds: false, ..Self::flux1_dev() }
+        FluxConfig {
+            guidance_embeds: false,
+            ..Self::flux1_dev()
+        }
     }
 
     /// A tiny configuration for tests and the CPU demo.

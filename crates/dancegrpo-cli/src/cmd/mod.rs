@@ -1,0 +1,5 @@
+//! One module per subcommand.
+
+pub mod align;
+pub mod demo;
+pub mod env;

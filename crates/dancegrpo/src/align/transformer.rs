@@ -1,0 +1,71 @@
+//! The `transformer` stage: every stored sampling call of the model, teacher
+//! forced from the stored latents, plus the first call's intermediate activations.
+
+use tch::{Device, Kind, Tensor};
+
+use super::{Case, Stage, StageAcc, StageReport};
+use crate::error::Result;
+use crate::models::flux::{FluxTransformer, Trace};
+use crate::models::{FlowInputs, VelocityModel};
+
+/// Relative tolerance of the stage (float32).
+pub const TOL: f64 = 1e-5;
+
+/// Runs the stage on `case`.
+pub fn run(case: &Case) -> Result<StageReport> {
+    let model =
+        FluxTransformer::from_dir(&case.dir().join("transformer"), Kind::Float, Device::Cpu)?;
+    let g = case.group_size()?;
+    let latents = case.expected("sample/latents")?; // (B, S+1, L, c)
+    let timesteps = case.expected("sample/timestep_input")?; // (B, S)
+    let want = case.expected("sample/model_output")?; // (B, S, L, c)
+    let text = case.input("prompt_embeds")?; // (P, Lt, d)
+    let pooled = case.input("pooled_prompt_embeds")?; // (P, p)
+    let (txt_ids, img_ids) = (case.input("txt_ids")?, case.input("img_ids")?);
+    let guidance = case.input("guidance")?; // (1,)
+    let (b_total, steps) = (want.size()[0], want.size()[1]);
+    let mut acc = StageAcc::new(Stage::Transformer, TOL);
+    let _guard = tch::no_grad_guard();
+    for b in 0..b_total {
+        let (t, p) = (text.narrow(0, b / g, 1), pooled.narrow(0, b / g, 1));
+        for i in 0..steps {
+            let z = latents.get(b).get(i).unsqueeze(0);
+            let ts = timesteps.get(b).narrow(0, i, 1);
+            let inputs = FlowInputs {
+                latents: &z,
+                timestep: &ts,
+                text: &t,
+                pooled: &p,
+                text_ids: &txt_ids,
+                image_ids: &img_ids,
+                guidance: model.config().guidance_embeds.then_some(&guidance),
+            };
+            let mut trace = Trace::new();
+            let v = if b == 0 && i == 0 {
+                model.forward_traced(&inputs, Some(&mut trace))?
+            } else {
+                model.velocity(&inputs)?
+            };
+            acc.compare(
+                format!("sample/model_output[{b},{i}]"),
+                &v.squeeze_dim(0),
+                &want.get(b).get(i),
+            );
+            compare_trace(case, &trace, &mut acc)?;
+        }
+    }
+    Ok(acc.finish())
+}
+
+fn compare_trace(case: &Case, trace: &Trace, acc: &mut StageAcc) -> Result<()> {
+    for key in case.expected_names("debug/transformer_first_call/") {
+        let module = key.trim_start_matches("debug/transformer_first_call/");
+        let reference = case.expected(&key)?;
+        match trace.get(module) {
+            Some(ours) => acc.compare(key.clone(), ours, &reference),
+            None if !trace.is_empty() => acc.compare(key.clone(), &Tensor::new(), &reference),
+            None => {}
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,142 @@
+//! FLUX conditioning embeddings: sinusoidal timestep features, the combined
+//! timestep / guidance / pooled-text embedding, and 3-axis rotary positions.
+
+use tch::{Kind, Tensor};
+
+use crate::error::Result;
+use crate::nn::Linear;
+use crate::weights::VarBuilder;
+
+/// Sinusoidal features of `t` (b,) -> (b, dim), diffusers' `get_timestep_embedding`
+/// with `flip_sin_to_cos=True`, `downscale_freq_shift=0`: `[cos | sin]`.
+pub fn timestep_features(t: &Tensor, dim: i64) -> Tensor {
+    let half = dim / 2;
+    let exponent = Tensor::arange(half, (Kind::Float, t.device())) * (-(10000f64).ln());
+    let exponent = exponent / half as f64;
+    let freqs = exponent.exp(); // (half,)
+    let args = t.unsqueeze(1).to_kind(Kind::Float) * freqs.unsqueeze(0); // (b, half)
+    let emb = Tensor::cat(&[args.sin(), args.cos()], -1);
+    let emb = Tensor::cat(&[emb.narrow(1, half, half), emb.narrow(1, 0, half)], -1);
+    if dim % 2 == 1 {
+        emb.constant_pad_nd([0, 1, 0, 0])
+    } else {
+        emb
+    }
+}
+
+/// `TimestepEmbedding`: linear -> SiLU -> linear (keys `linear_1`, `linear_2`).
+pub struct MlpEmbedder {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl MlpEmbedder {
+    /// Builds an embedder from `in_dim` features to `out_dim`.
+    pub fn new(vb: &VarBuilder, in_dim: i64, out_dim: i64) -> Result<Self> {
+        Ok(MlpEmbedder {
+            linear_1: Linear::new(&vb.pp("linear_1"), in_dim, out_dim, true)?,
+            linear_2: Linear::new(&vb.pp("linear_2"), out_dim, out_dim, true)?,
+        })
+    }
+
+    /// (b, in) -> (b, out)
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        self.linear_2.forward(&self.linear_1.forward(x).silu())
+    }
+}
+
+/// `CombinedTimestep[Guidance]TextProjEmbeddings`: `temb = mlp(t) [+ mlp(g)] + mlp(pooled)`.
+pub struct TimeTextEmbed {
+    timestep_embedder: MlpEmbedder,
+    guidance_embedder: Option<MlpEmbedder>,
+    text_embedder: MlpEmbedder,
+}
+
+impl TimeTextEmbed {
+    /// Builds the embedding of width `dim`; `guidance` adds `guidance_embedder`.
+    pub fn new(vb: &VarBuilder, dim: i64, pooled_dim: i64, guidance: bool) -> Result<Self> {
+        let timestep_embedder = MlpEmbedder::new(&vb.pp("timestep_embedder"), 256, dim)?;
+        let guidance_embedder = if guidance {
+            Some(MlpEmbedder::new(&vb.pp("guidance_embedder"), 256, dim)?)
+        } else {
+            None
+        };
+        let text_embedder = MlpEmbedder::new(&vb.pp("text_embedder"), pooled_dim, dim)?;
+        Ok(TimeTextEmbed {
+            timestep_embedder,
+            guidance_embedder,
+            text_embedder,
+        })
+    }
+
+    /// Whether the model expects a guidance value.
+    pub fn has_guidance(&self) -> bool {
+        self.guidance_embedder.is_some()
+    }
+
+    /// `timestep`, `guidance`: (b,) already multiplied by 1000; `pooled`: (b, p) -> (b, dim)
+    pub fn forward(&self, timestep: &Tensor, guidance: Option<&Tensor>, pooled: &Tensor) -> Tensor {
+        let kind = pooled.kind();
+        let t_emb = self
+            .timestep_embedder
+            .forward(&timestep_features(timestep, 256).to_kind(kind));
+        let tg_emb = match (&self.guidance_embedder, guidance) {
+            (Some(embedder), Some(g)) => {
+                t_emb + embedder.forward(&timestep_features(g, 256).to_kind(kind))
+            }
+            _ => t_emb,
+        };
+        tg_emb + self.text_embedder.forward(pooled)
+    }
+}
+
+/// Rotary tables `(cos, sin)`, each `(seq, head_dim)`, for the concatenated
+/// text-then-image position ids.
+pub struct Rope {
+    /// Cosines `(seq, head_dim)`, float32.
+    pub cos: Tensor,
+    /// Sines `(seq, head_dim)`, float32.
+    pub sin: Tensor,
+}
+
+impl Rope {
+    /// `FluxPosEmbed(theta=10000, axes_dim)` of `ids` `(seq, n_axes)`: frequencies
+    /// in float64, each repeated twice (interleaved pairs), cast to float32.
+    pub fn new(ids: &Tensor, axes_dims: &[i64]) -> Self {
+        let pos = ids.to_kind(Kind::Float);
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for (i, &dim) in axes_dims.iter().enumerate() {
+            let range = Tensor::arange_start_step(0, dim, 2, (Kind::Double, ids.device()));
+            let freqs = Tensor::pow_scalar(10000f64, &(range / dim as f64)).reciprocal(); // (dim/2,)
+            let angles = pos.select(1, i as i64).outer(&freqs); // (seq, dim/2) float64
+            cos.push(
+                angles
+                    .cos()
+                    .repeat_interleave_self_int(2, 1, None)
+                    .to_kind(Kind::Float),
+            );
+            sin.push(
+                angles
+                    .sin()
+                    .repeat_interleave_self_int(2, 1, None)
+                    .to_kind(Kind::Float),
+            );
+        }
+        Rope {
+            cos: Tensor::cat(&cos, -1),
+            sin: Tensor::cat(&sin, -1),
+        }
+    }
+
+    /// Rotates `x` `(b, heads, seq, head_dim)`: pairs `(re, im)` become
+    /// `(re cos - im sin, im cos + re sin)`, computed in float32.
+    pub fn apply(&self, x: &Tensor) -> Tensor {
+        let size = x.size();
+        let pairs = x.reshape([size[0], size[1], size[2], size[3] / 2, 2]);
+        let (re, im) = (pairs.select(-1, 0), pairs.select(-1, 1));
+        let rotated = Tensor::stack(&[im.neg(), re], -1).flatten(3, -1);
+        let cos = self.cos.unsqueeze(0).unsqueeze(0);
+        let sin = self.sin.unsqueeze(0).unsqueeze(0);
+        (x.to_kind(Kind::Float) * cos + rotated.to_kind(Kind::Float) * sin).to_kind(x.kind())
+    }
+}

@@ -1,0 +1,11 @@
+//! FLUX.1 transformer (`FluxTransformer2DModel` semantics), module tree mirroring
+//! the diffusers checkpoint keys.
+
+mod blocks;
+mod checkpoint;
+pub mod config;
+pub mod embeddings;
+pub mod model;
+
+pub use config::FluxConfig;
+pub use model::{FluxTransformer, Trace};

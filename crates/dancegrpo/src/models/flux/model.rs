@@ -1,0 +1,237 @@
+//! `FluxTransformer2DModel`: embeddings, double-stream blocks, single-stream
+//! blocks and the continuous AdaLN output head, with optional per-block
+//! activation checkpointing for training.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+
+use super::blocks::{DoubleBlock, SingleBlock};
+use super::config::FluxConfig;
+use super::embeddings::{Rope, TimeTextEmbed};
+use crate::error::{Error, Result};
+use crate::models::{ActivationCheckpointing, FlowInputs, VelocityModel};
+use crate::nn::{layer_norm, Linear};
+use crate::weights::{Checkpoint, ParamStore, Source, VarBuilder};
+
+/// Named intermediate activations of one forward pass (for alignment debugging).
+pub type Trace = BTreeMap<String, Tensor>;
+
+/// The FLUX.1 transformer (a velocity model over packed latent tokens).
+pub struct FluxTransformer {
+    config: FluxConfig,
+    time_text_embed: TimeTextEmbed,
+    context_embedder: Linear,
+    x_embedder: Linear,
+    transformer_blocks: Vec<DoubleBlock>,
+    single_transformer_blocks: Vec<SingleBlock>,
+    norm_out: Linear,
+    proj_out: Linear,
+    params: ParamStore,
+    checkpointing: ActivationCheckpointing,
+}
+
+/// Embedded inputs shared by all blocks.
+struct Embedded {
+    img: Tensor,  // (b, L, D)
+    txt: Tensor,  // (b, Lt, D)
+    temb: Tensor, // (b, D)
+}
+
+impl FluxTransformer {
+    /// Builds the model with parameters from `source`, of `kind` on `device`.
+    pub fn new(config: FluxConfig, source: Source, kind: Kind, device: Device) -> Result<Self> {
+        let params = ParamStore::new();
+        let vb = VarBuilder::new(source, &params, kind, device);
+        let (d, heads, hd) = (
+            config.inner_dim(),
+            config.num_attention_heads,
+            config.attention_head_dim,
+        );
+        let time_text_embed = TimeTextEmbed::new(
+            &vb.pp("time_text_embed"),
+            d,
+            config.pooled_projection_dim,
+            config.guidance_embeds,
+        )?;
+        let context_embedder = Linear::new(
+            &vb.pp("context_embedder"),
+            config.joint_attention_dim,
+            d,
+            true,
+        )?;
+        let x_embedder = Linear::new(&vb.pp("x_embedder"), config.in_channels, d, true)?;
+        let transformer_blocks = (0..config.num_layers)
+            .map(|i| DoubleBlock::new(&vb.pp("transformer_blocks").pp(i), d, heads, hd))
+            .collect::<Result<Vec<_>>>()?;
+        let single_transformer_blocks = (0..config.num_single_layers)
+            .map(|i| SingleBlock::new(&vb.pp("single_transformer_blocks").pp(i), d, heads, hd))
+            .collect::<Result<Vec<_>>>()?;
+        let norm_out = Linear::new(&vb.pp("norm_out").pp("linear"), d, 2 * d, true)?;
+        let proj_out = Linear::new(&vb.pp("proj_out"), d, config.out_channels(), true)?;
+        if let Source::Checkpoint(ck) = source {
+            params.check_all_used(ck)?;
+        }
+        Ok(FluxTransformer {
+            config,
+            time_text_embed,
+            context_embedder,
+            x_embedder,
+            transformer_blocks,
+            single_transformer_blocks,
+            norm_out,
+            proj_out,
+            params,
+            checkpointing: ActivationCheckpointing::Off,
+        })
+    }
+
+    /// Loads a diffusers `transformer/` directory (config.json + safetensors, single or sharded).
+    pub fn from_dir(dir: &Path, kind: Kind, device: Device) -> Result<Self> {
+        let config = FluxConfig::from_file(&dir.join("config.json"))?;
+        let ck = Checkpoint::open_dir(dir, "diffusion_pytorch_model")?;
+        Self::new(config, Source::Checkpoint(&ck), kind, device)
+    }
+
+    /// The architecture.
+    pub fn config(&self) -> &FluxConfig {
+        &self.config
+    }
+
+    /// Turns per-block activation checkpointing on or off for `velocity_backward`.
+    pub fn set_checkpointing(&mut self, mode: ActivationCheckpointing) {
+        self.checkpointing = mode;
+    }
+
+    fn check_inputs(&self, x: &FlowInputs) -> Result<()> {
+        let (h, t, p) = (x.latents.size(), x.text.size(), x.pooled.size());
+        let c = &self.config;
+        let ok = h.len() == 3
+            && t.len() == 3
+            && p.len() == 2
+            && h[2] == c.in_channels
+            && t[2] == c.joint_attention_dim
+            && p[1] == c.pooled_projection_dim
+            && t[0] == h[0]
+            && p[0] == h[0]
+            && x.text_ids.size() == [t[1], 3]
+            && x.image_ids.size() == [h[1], 3];
+        if !ok {
+            return Err(Error::Input(format!(
+                "FLUX inputs do not fit the model (in_channels {}, joint_attention_dim {}, pooled {}): latents {h:?}, text {t:?}, pooled {p:?}, text_ids {:?}, image_ids {:?}",
+                c.in_channels, c.joint_attention_dim, c.pooled_projection_dim, x.text_ids.size(), x.image_ids.size()
+            )));
+        }
+        if self.time_text_embed.has_guidance() && x.guidance.is_none() {
+            return Err(Error::Input(
+                "this FLUX model has a guidance embedding: a guidance value is required".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn embed(&self, x: &FlowInputs) -> Embedded {
+        let img = self.x_embedder.forward(x.latents);
+        let kind = img.kind();
+        let t = x.timestep.to_kind(kind) * 1000.0;
+        let g = x.guidance.map(|g| g.to_kind(kind) * 1000.0);
+        let temb = self.time_text_embed.forward(&t, g.as_ref(), x.pooled);
+        let txt = self.context_embedder.forward(x.text);
+        Embedded { img, txt, temb }
+    }
+
+    fn rope(&self, x: &FlowInputs) -> Rope {
+        let ids = Tensor::cat(&[x.text_ids, x.image_ids], 0);
+        Rope::new(&ids, &self.config.axes_dims_rope)
+    }
+
+    /// `AdaLayerNormContinuous` + `proj_out` on the image tokens of `x` (b, Lt + L, D).
+    fn head(&self, x: &Tensor, temb: &Tensor, lt: i64) -> (Tensor, Tensor) {
+        let img = x.narrow(1, lt, x.size()[1] - lt);
+        let emb = self
+            .norm_out
+            .forward(&temb.silu().to_kind(img.kind()))
+            .chunk(2, 1); // scale, shift
+        let normed = layer_norm(&img, 1e-6) * (emb[0].unsqueeze(1) + 1.0) + emb[1].unsqueeze(1);
+        let out = self.proj_out.forward(&normed);
+        (normed, out)
+    }
+
+    /// Forward pass recording the reference's debug activations into `trace`.
+    pub fn forward_traced(&self, x: &FlowInputs, mut trace: Option<&mut Trace>) -> Result<Tensor> {
+        self.check_inputs(x)?;
+        let mut rec = |name: String, t: &Tensor| {
+            if let Some(tr) = trace.as_deref_mut() {
+                tr.insert(name, t.detach().copy());
+            }
+        };
+        let e = self.embed(x);
+        rec("x_embedder".into(), &e.img);
+        rec("time_text_embed".into(), &e.temb);
+        rec("context_embedder".into(), &e.txt);
+        let rope = self.rope(x);
+        rec("pos_embed.0".into(), &rope.cos);
+        rec("pos_embed.1".into(), &rope.sin);
+        let (mut img, mut txt) = (e.img, e.txt);
+        for (i, block) in self.transformer_blocks.iter().enumerate() {
+            (txt, img) = block.forward(&img, &txt, &e.temb, &rope);
+            rec(format!("transformer_blocks.{i}.0"), &txt);
+            rec(format!("transformer_blocks.{i}.1"), &img);
+        }
+        let lt = txt.size()[1];
+        let mut h = Tensor::cat(&[txt, img], 1);
+        for (i, block) in self.single_transformer_blocks.iter().enumerate() {
+            h = block.forward(&h, &e.temb, &rope);
+            rec(format!("single_transformer_blocks.{i}"), &h);
+        }
+        let (normed, out) = self.head(&h, &e.temb, lt);
+        rec("norm_out".into(), &normed);
+        rec("proj_out".into(), &out);
+        Ok(out)
+    }
+}
+
+impl VelocityModel for FluxTransformer {
+    fn velocity(&self, inputs: &FlowInputs) -> Result<Tensor> {
+        self.forward_traced(inputs, None)
+    }
+
+    fn velocity_backward(
+        &self,
+        inputs: &FlowInputs,
+        loss_fn: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        match self.checkpointing {
+            ActivationCheckpointing::Off => {
+                let loss = loss_fn(&self.velocity(inputs)?)?;
+                loss.backward();
+                Ok(loss)
+            }
+            ActivationCheckpointing::PerBlock => {
+                super::checkpoint::backward_per_block(self, inputs, loss_fn)
+            }
+        }
+    }
+
+    fn parameters(&self) -> Vec<(String, Tensor)> {
+        self.params.named()
+    }
+}
+
+/// Access for the checkpointed backward pass (same module).
+impl FluxTransformer {
+    pub(super) fn parts(&self) -> (&[DoubleBlock], &[SingleBlock]) {
+        (&self.transformer_blocks, &self.single_transformer_blocks)
+    }
+
+    pub(super) fn embed_inputs(&self, x: &FlowInputs) -> Result<(Tensor, Tensor, Tensor, Rope)> {
+        self.check_inputs(x)?;
+        let e = self.embed(x);
+        Ok((e.img, e.txt, e.temb, self.rope(x)))
+    }
+
+    pub(super) fn output_head(&self, x: &Tensor, temb: &Tensor, lt: i64) -> Tensor {
+        self.head(x, temb, lt).1
+    }
+}

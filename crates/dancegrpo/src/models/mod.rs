@@ -1,0 +1,59 @@
+//! Models and the velocity-model trait the sampler and trainer are written against.
+
+pub mod flux;
+pub mod vae;
+
+use tch::Tensor;
+
+use crate::error::Result;
+
+/// Inputs of one velocity evaluation of a text-conditioned flow model.
+pub struct FlowInputs<'a> {
+    /// Packed latent tokens `(b, L, c)`.
+    pub latents: &'a Tensor,
+    /// Timesteps in [0, 1] `(b,)` (the model scales them as it needs).
+    pub timestep: &'a Tensor,
+    /// Text token embeddings `(b, Lt, d_text)`.
+    pub text: &'a Tensor,
+    /// Pooled text embedding `(b, d_pooled)`.
+    pub pooled: &'a Tensor,
+    /// Position ids of the text tokens `(Lt, 3)`.
+    pub text_ids: &'a Tensor,
+    /// Position ids of the latent tokens `(L, 3)`.
+    pub image_ids: &'a Tensor,
+    /// Guidance scale `(b,)` for guidance-distilled models.
+    pub guidance: Option<&'a Tensor>,
+}
+
+/// Whether a model recomputes activations block by block in its backward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActivationCheckpointing {
+    /// Keep every activation (fastest, most memory).
+    #[default]
+    Off,
+    /// Keep only block inputs; recompute each block during backward.
+    PerBlock,
+}
+
+/// A model predicting the flow velocity `v(x_t, t, c)`: all the sampler and the
+/// GRPO update need to know about a generator.
+pub trait VelocityModel {
+    /// The velocity for `inputs`, same shape as `inputs.latents`.
+    fn velocity(&self, inputs: &FlowInputs) -> Result<Tensor>;
+
+    /// Computes `loss_fn(velocity(inputs))` and back-propagates it into the
+    /// parameters' gradients (accumulating). Returns the loss.
+    fn velocity_backward(
+        &self,
+        inputs: &FlowInputs,
+        loss_fn: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let loss = loss_fn(&self.velocity(inputs)?)?;
+        loss.backward();
+        Ok(loss)
+    }
+
+    /// All parameters with their checkpoint names, in a stable order.
+    fn parameters(&self) -> Vec<(String, Tensor)>;
+}
