@@ -13,6 +13,7 @@ pub mod io;
 pub mod models;
 pub mod nn;
 pub mod rng;
+pub mod sampler;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -1,5 +1,6 @@
 //! File formats and safe writing.
 
 pub mod atomic;
+pub mod image;
 pub mod json;
 pub mod safetensors;
