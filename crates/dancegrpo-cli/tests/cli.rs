@@ -18,9 +18,15 @@ fn run(args: &[&str]) -> Output {
 fn case_dir() -> PathBuf {
     let root = std::env::var_os("DANCEGRPO_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures"));
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
+        });
     let case = root.join("public/flux_tiny_a");
-    assert!(case.join("case.json").is_file(), "fixture case missing at {}", case.display());
+    assert!(
+        case.join("case.json").is_file(),
+        "fixture case missing at {}",
+        case.display()
+    );
     case
 }
 
@@ -47,11 +53,20 @@ fn copy_dir(from: &Path, to: &Path) {
 #[test]
 fn align_json_passes_on_the_public_case() {
     let out = run(&["align", case_dir().to_str().unwrap(), "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["case"], "flux_tiny_a");
     assert_eq!(report["pass"], true);
-    let names: Vec<&str> = report["stages"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = report["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["transformer", "decode"]);
     for s in report["stages"].as_array().unwrap() {
         for key in ["worst", "rel_err", "abs_err", "tol", "pass"] {
@@ -65,7 +80,10 @@ fn align_json_passes_on_the_public_case() {
 fn align_table_and_exit_status_on_a_broken_model() {
     let out = run(&["align", case_dir().to_str().unwrap()]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && text.contains("transformer") && text.contains("PASS"), "{text}");
+    assert!(
+        out.status.success() && text.contains("transformer") && text.contains("PASS"),
+        "{text}"
+    );
 
     // A copy of the case whose transformer has one perturbed weight must fail the
     // transformer stage (and only it), with exit status 1.
@@ -77,7 +95,10 @@ fn align_table_and_exit_status_on_a_broken_model() {
         .names()
         .map(|n| {
             let t = file.tensor(n).unwrap();
-            (n.to_string(), if n == "proj_out.bias" { t + 1e-3 } else { t })
+            (
+                n.to_string(),
+                if n == "proj_out.bias" { t + 1e-3 } else { t },
+            )
         })
         .collect();
     drop(file);
@@ -98,7 +119,12 @@ fn align_reports_bad_arguments() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/case"));
     let out = run(&["align", case_dir().to_str().unwrap(), "--stages", "bogus"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("unknown stage `bogus`") && err.contains("end_to_end"), "{err}");
+    assert!(
+        !out.status.success()
+            && err.contains("unknown stage `bogus`")
+            && err.contains("end_to_end"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -106,7 +132,10 @@ fn env_reports_the_loaded_libtorch() {
     let out = run(&["env", "--json"]);
     assert!(out.status.success());
     let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(info["libtorch"].as_str().unwrap().starts_with("2.11.0"), "{info}");
+    assert!(
+        info["libtorch"].as_str().unwrap().starts_with("2.11.0"),
+        "{info}"
+    );
     assert_eq!(info["cuda_feature"], cfg!(feature = "cuda"));
     assert!(info["cuda_device_count"].as_i64().unwrap() >= 0);
 }
@@ -114,8 +143,20 @@ fn env_reports_the_loaded_libtorch() {
 #[test]
 fn demo_writes_a_png() {
     let dir = temp_dir("demo");
-    let out = run(&["demo", "--out", dir.to_str().unwrap(), "--steps", "3", "--images", "2"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(&[
+        "demo",
+        "--out",
+        dir.to_str().unwrap(),
+        "--steps",
+        "3",
+        "--images",
+        "2",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let png = std::fs::read(dir.join("samples.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     // width 2*64, height 64 in the IHDR chunk

@@ -14,7 +14,12 @@ fn transformer_and_decode_stages_pass_on_every_public_case() {
         let report = run_case(&case, &[Stage::Transformer, Stage::Decode]).unwrap();
         assert_eq!(report.stages.len(), 2);
         for s in &report.stages {
-            assert!(s.tol <= 1e-5, "{}: tolerance {} looser than 1e-5", s.name, s.tol);
+            assert!(
+                s.tol <= 1e-5,
+                "{}: tolerance {} looser than 1e-5",
+                s.name,
+                s.tol
+            );
             assert!(
                 s.pass && s.rel_err <= 1e-5,
                 "{} {}: worst {} rel {:e} abs {:e}",
@@ -25,10 +30,18 @@ fn transformer_and_decode_stages_pass_on_every_public_case() {
                 s.abs_err
             );
             // every sampling call and every debug activation was compared
-            assert!(s.tensors.len() > 4, "{}: only {} tensors compared", s.name, s.tensors.len());
+            assert!(
+                s.tensors.len() > 4,
+                "{}: only {} tensors compared",
+                s.name,
+                s.tensors.len()
+            );
         }
         let transformer = &report.stages[0];
-        assert!(transformer.tensors.iter().any(|t| t.name == "debug/transformer_first_call/proj_out"));
+        assert!(transformer
+            .tensors
+            .iter()
+            .any(|t| t.name == "debug/transformer_first_call/proj_out"));
         assert!(report.pass);
     }
 }
@@ -36,9 +49,11 @@ fn transformer_and_decode_stages_pass_on_every_public_case() {
 #[test]
 fn parameter_order_matches_the_reference_named_parameters() {
     for case in common::public_cases() {
-        let model = FluxTransformer::from_dir(&case.join("transformer"), Kind::Float, Device::Cpu).unwrap();
+        let model =
+            FluxTransformer::from_dir(&case.join("transformer"), Kind::Float, Device::Cpu).unwrap();
         let json: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(case.join("case.json")).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(case.join("case.json")).unwrap())
+                .unwrap();
         let reference: Vec<String> = json["tensors"]["expected.safetensors"]
             .as_object()
             .unwrap()
@@ -53,7 +68,8 @@ fn parameter_order_matches_the_reference_named_parameters() {
 #[test]
 fn saved_transformer_loads_back_exactly() {
     let case = &common::public_cases()[0];
-    let model = FluxTransformer::from_dir(&case.join("transformer"), Kind::Float, Device::Cpu).unwrap();
+    let model =
+        FluxTransformer::from_dir(&case.join("transformer"), Kind::Float, Device::Cpu).unwrap();
     let dir = common::temp_dir("save");
     model.save_dir(&dir).unwrap();
     let back = FluxTransformer::from_dir(&dir, Kind::Float, Device::Cpu).unwrap();

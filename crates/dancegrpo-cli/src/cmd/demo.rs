@@ -37,20 +37,38 @@ pub struct Args {
 
 /// Runs the demo and writes `samples.png` into the output directory.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::ensure!(args.size % 16 == 0 && args.size > 0, "--size must be a positive multiple of 16");
+    anyhow::ensure!(
+        args.size % 16 == 0 && args.size > 0,
+        "--size must be a positive multiple of 16"
+    );
     let start = Instant::now();
     let cfg = FluxConfig::tiny();
-    let model = FluxTransformer::new(cfg.clone(), Source::Seeded(args.seed), Kind::Float, Device::Cpu)?;
-    let vae = Vae::new(VaeConfig::tiny(), Source::Seeded(args.seed + 1), Kind::Float, Device::Cpu)?;
+    let model = FluxTransformer::new(
+        cfg.clone(),
+        Source::Seeded(args.seed),
+        Kind::Float,
+        Device::Cpu,
+    )?;
+    let vae = Vae::new(
+        VaeConfig::tiny(),
+        Source::Seeded(args.seed + 1),
+        Kind::Float,
+        Device::Cpu,
+    )?;
     let mut rng = Philox::new(args.seed, 1);
     let b = args.images;
     let text = rng.normal_tensor(&[b, 32, cfg.joint_attention_dim]);
     let pooled = rng.normal_tensor(&[b, cfg.pooled_projection_dim]);
     let latent = args.size / 8;
     let noise = rng.normal_tensor(&[b, 16, latent, latent]);
-    let settings = OdeSettings { steps: args.steps, shift: 3.0, guidance: Some(3.5) };
+    let settings = OdeSettings {
+        steps: args.steps,
+        shift: 3.0,
+        guidance: Some(3.5),
+    };
     let images = generate(&model, &vae, &text, &pooled, &noise, &settings)?;
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
     let path = args.out.join("samples.png");
     write_png(&path, &grid(&images, b.min(4)))?;
     let secs = start.elapsed().as_secs_f64();

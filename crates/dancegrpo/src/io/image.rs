@@ -13,7 +13,13 @@ pub fn write_png(path: &Path, image: &Tensor) -> Result<()> {
         .size3()
         .ok()
         .filter(|(_, _, c)| *c == 3)
-        .ok_or_else(|| Error::Input(format!("write_png {}: expected (H, W, 3), got {:?}", path.display(), image.size())))?;
+        .ok_or_else(|| {
+            Error::Input(format!(
+                "write_png {}: expected (H, W, 3), got {:?}",
+                path.display(),
+                image.size()
+            ))
+        })?;
     let _ = c;
     let data: Vec<u8> = Vec::try_from(image.to_kind(Kind::Uint8).contiguous().flatten(0, -1))?;
     write_atomic(path, |out| {
@@ -21,7 +27,9 @@ pub fn write_png(path: &Path, image: &Tensor) -> Result<()> {
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
         let mut writer = enc.write_header().map_err(std::io::Error::other)?;
-        writer.write_image_data(&data).map_err(std::io::Error::other)?;
+        writer
+            .write_image_data(&data)
+            .map_err(std::io::Error::other)?;
         writer.finish().map_err(std::io::Error::other)
     })
 }
@@ -32,9 +40,17 @@ pub fn grid(images: &Tensor, cols: i64) -> Tensor {
     let rows = (n + cols - 1) / cols;
     let pad = rows * cols - n;
     let all = if pad > 0 {
-        Tensor::cat(&[images.shallow_clone(), Tensor::zeros([pad, h, w, c], (images.kind(), images.device()))], 0)
+        Tensor::cat(
+            &[
+                images.shallow_clone(),
+                Tensor::zeros([pad, h, w, c], (images.kind(), images.device())),
+            ],
+            0,
+        )
     } else {
         images.shallow_clone()
     };
-    all.view([rows, cols, h, w, c]).permute([0, 2, 1, 3, 4]).reshape([rows * h, cols * w, c])
+    all.view([rows, cols, h, w, c])
+        .permute([0, 2, 1, 3, 4])
+        .reshape([rows * h, cols * w, c])
 }

@@ -36,7 +36,9 @@ pub fn generate(
     let schedule = Schedule::shifted(settings.steps, settings.shift);
     let txt_ids = packing::text_ids(text.size()[1], device);
     let img_ids = packing::image_ids(h, w, device);
-    let guidance = settings.guidance.map(|g| Tensor::full([b], g, (Kind::Float, device)));
+    let guidance = settings
+        .guidance
+        .map(|g| Tensor::full([b], g, (Kind::Float, device)));
     let mut z = packing::pack(noise)?; // (b, L, 64)
     let mut x0 = z.shallow_clone();
     for i in 0..schedule.steps() {

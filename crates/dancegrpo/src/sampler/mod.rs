@@ -1,7 +1,9 @@
-//! Sampling: the sigma schedule and the deterministic (ODE) Euler step.
+//! Sampling: the sigma schedule, the deterministic (ODE) Euler step and the
+//! Dance-SDE step with log-probabilities.
 
 pub mod generate;
 pub mod schedule;
+pub mod sde;
 
 pub use schedule::Schedule;
 

@@ -1,4 +1,5 @@
 //! Shared helpers of the integration tests.
+#![allow(dead_code)]
 
 use std::path::PathBuf;
 
@@ -8,7 +9,9 @@ use std::path::PathBuf;
 pub fn public_cases() -> Vec<PathBuf> {
     let root = std::env::var_os("DANCEGRPO_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures"));
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
+        });
     let public = root.join("public");
     let mut cases: Vec<PathBuf> = std::fs::read_dir(&public)
         .unwrap_or_else(|e| panic!("reference fixtures not found at {}: {e}", public.display()))
@@ -16,7 +19,11 @@ pub fn public_cases() -> Vec<PathBuf> {
         .filter(|p| p.join("case.json").is_file())
         .collect();
     cases.sort();
-    assert!(!cases.is_empty(), "no reference case under {}", public.display());
+    assert!(
+        !cases.is_empty(),
+        "no reference case under {}",
+        public.display()
+    );
     cases
 }
 

@@ -103,9 +103,18 @@ impl FluxTransformer {
         cfg["_diffusers_version"] = "0.32.0".into();
         let text = serde_json::to_string_pretty(&cfg).expect("json");
         crate::io::atomic::write_bytes_atomic(&dir.join("config.json"), text.as_bytes())?;
-        let params: Vec<(String, Tensor)> = self.params.named().into_iter().map(|(n, t)| (n, t.detach())).collect();
+        let params: Vec<(String, Tensor)> = self
+            .params
+            .named()
+            .into_iter()
+            .map(|(n, t)| (n, t.detach()))
+            .collect();
         let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-        crate::io::safetensors::write_safetensors(dir.join("diffusion_pytorch_model.safetensors"), &params, &meta)
+        crate::io::safetensors::write_safetensors(
+            dir.join("diffusion_pytorch_model.safetensors"),
+            &params,
+            &meta,
+        )
     }
 
     /// The architecture.
@@ -297,26 +306,44 @@ mod tests {
                 let _ = g.zero_();
             }
         }
-        model.velocity_backward(&flow(x), &mut |v| Ok((v * w).sum(Kind::Float))).unwrap();
-        model.parameters().into_iter().map(|(n, p)| (n, p.grad().copy())).collect()
+        let _loss = model
+            .velocity_backward(&flow(x), &mut |v| Ok((v * w).sum(Kind::Float)))
+            .unwrap();
+        model
+            .parameters()
+            .into_iter()
+            .map(|(n, p)| (n, p.grad().copy()))
+            .collect()
     }
 
     #[test]
     fn every_parameter_gets_a_gradient_and_checkpointing_matches() {
-        let cfg = FluxConfig { num_layers: 2, num_single_layers: 2, ..FluxConfig::tiny() };
-        let mut model = FluxTransformer::new(cfg.clone(), Source::Seeded(11), Kind::Float, Device::Cpu).unwrap();
+        let cfg = FluxConfig {
+            num_layers: 2,
+            num_single_layers: 2,
+            ..FluxConfig::tiny()
+        };
+        let mut model =
+            FluxTransformer::new(cfg.clone(), Source::Seeded(11), Kind::Float, Device::Cpu)
+                .unwrap();
         let x = inputs(&cfg, 2);
         let w = Philox::new(5, 0).normal_tensor(&[2, 16, cfg.in_channels]);
         let plain = grads(&model, &x, &w);
         for (name, g) in &plain {
-            assert!(g.defined() && g.abs().max().double_value(&[]) > 0.0, "no gradient reached {name}");
+            assert!(
+                g.defined() && g.abs().max().double_value(&[]) > 0.0,
+                "no gradient reached {name}"
+            );
         }
         model.set_checkpointing(ActivationCheckpointing::PerBlock);
         let ckpt = grads(&model, &x, &w);
         assert_eq!(plain.len(), ckpt.len());
         for ((name, a), (_, b)) in plain.iter().zip(&ckpt) {
             let (rel, _) = crate::align::errors(b, a);
-            assert!(rel < 1e-5, "{name}: checkpointed gradient differs (rel {rel:e})");
+            assert!(
+                rel < 1e-5,
+                "{name}: checkpointed gradient differs (rel {rel:e})"
+            );
         }
     }
 
@@ -325,9 +352,15 @@ mod tests {
         let cfg = FluxConfig::tiny();
         let model = FluxTransformer::new(cfg, Source::Seeded(1), Kind::Float, Device::Cpu).unwrap();
         let names: Vec<String> = model.parameters().into_iter().map(|(n, _)| n).collect();
-        assert_eq!(names[0], "time_text_embed.timestep_embedder.linear_1.weight");
+        assert_eq!(
+            names[0],
+            "time_text_embed.timestep_embedder.linear_1.weight"
+        );
         assert_eq!(names.last().unwrap(), "proj_out.bias");
-        let i = names.iter().position(|n| n == "transformer_blocks.0.attn.add_k_proj.weight").unwrap();
+        let i = names
+            .iter()
+            .position(|n| n == "transformer_blocks.0.attn.add_k_proj.weight")
+            .unwrap();
         assert_eq!(names[i + 4], "transformer_blocks.0.attn.add_q_proj.weight");
         assert_eq!(names.len(), 12 + 4 + 32 + 2 * 14 + 4);
     }
@@ -335,8 +368,11 @@ mod tests {
     #[test]
     fn bf16_forward_follows_f32() {
         let cfg = FluxConfig::tiny();
-        let f32m = FluxTransformer::new(cfg.clone(), Source::Seeded(2), Kind::Float, Device::Cpu).unwrap();
-        let bf16m = FluxTransformer::new(cfg.clone(), Source::Seeded(2), Kind::BFloat16, Device::Cpu).unwrap();
+        let f32m =
+            FluxTransformer::new(cfg.clone(), Source::Seeded(2), Kind::Float, Device::Cpu).unwrap();
+        let bf16m =
+            FluxTransformer::new(cfg.clone(), Source::Seeded(2), Kind::BFloat16, Device::Cpu)
+                .unwrap();
         let x = inputs(&cfg, 1);
         let a = tch::no_grad(|| f32m.velocity(&flow(&x))).unwrap();
         let xb = Inputs {
@@ -354,10 +390,14 @@ mod tests {
     #[test]
     fn mismatched_inputs_are_rejected() {
         let cfg = FluxConfig::tiny();
-        let model = FluxTransformer::new(cfg.clone(), Source::Seeded(2), Kind::Float, Device::Cpu).unwrap();
+        let model =
+            FluxTransformer::new(cfg.clone(), Source::Seeded(2), Kind::Float, Device::Cpu).unwrap();
         let mut x = inputs(&cfg, 1);
         x.text = Tensor::zeros([1, 8, 7], (Kind::Float, Device::Cpu));
         let err = model.velocity(&flow(&x)).err().unwrap().to_string();
-        assert!(err.contains("joint_attention_dim 32") && err.contains("text [1, 8, 7]"), "{err}");
+        assert!(
+            err.contains("joint_attention_dim 32") && err.contains("text [1, 8, 7]"),
+            "{err}"
+        );
     }
 }
