@@ -9,6 +9,7 @@
 
 pub mod align;
 pub mod error;
+pub mod grpo;
 pub mod io;
 pub mod models;
 pub mod nn;

@@ -47,6 +47,32 @@ fn transformer_and_decode_stages_pass_on_every_public_case() {
 }
 
 #[test]
+fn schedule_sampling_and_advantage_stages_pass_on_every_public_case() {
+    for case in common::public_cases() {
+        let report = run_case(
+            &case,
+            &[Stage::Schedule, Stage::Sampling, Stage::Advantages],
+        )
+        .unwrap();
+        for s in &report.stages {
+            assert!(
+                s.tol <= 1e-5 && s.pass && s.rel_err <= 1e-5,
+                "{} {}: {} rel {:e}",
+                report.case,
+                s.name,
+                s.worst,
+                s.rel_err
+            );
+        }
+        let sampling = &report.stages[1];
+        assert!(sampling
+            .tensors
+            .iter()
+            .any(|t| t.name.starts_with("sample/log_probs[")));
+    }
+}
+
+#[test]
 fn parameter_order_matches_the_reference_named_parameters() {
     for case in common::public_cases() {
         let model =

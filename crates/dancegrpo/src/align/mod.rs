@@ -5,8 +5,11 @@
 //! `||ours - ref||_2 / ||ref||_2` and a max absolute error, and the stage reports
 //! its worst tensor.
 
+mod advantages;
 mod case;
 mod decode;
+mod sampling;
+mod schedule;
 mod transformer;
 
 use std::path::Path;
@@ -85,7 +88,14 @@ impl Stage {
 
     /// Whether this build implements the stage.
     pub fn implemented(self) -> bool {
-        matches!(self, Stage::Transformer | Stage::Decode)
+        matches!(
+            self,
+            Stage::Schedule
+                | Stage::Transformer
+                | Stage::Sampling
+                | Stage::Decode
+                | Stage::Advantages
+        )
     }
 }
 
@@ -226,8 +236,11 @@ pub fn run_case(dir: &Path, stages: &[Stage]) -> Result<CaseReport> {
     let mut reports = Vec::new();
     for stage in wanted {
         let report = match stage {
+            Stage::Schedule => schedule::run(&case)?,
             Stage::Transformer => transformer::run(&case)?,
+            Stage::Sampling => sampling::run(&case)?,
             Stage::Decode => decode::run(&case)?,
+            Stage::Advantages => advantages::run(&case)?,
             other => {
                 return Err(crate::Error::Input(format!(
                     "align stage `{}` is not implemented yet",

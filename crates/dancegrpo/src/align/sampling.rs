@@ -1,0 +1,90 @@
+//! The `sampling` stage: every Dance-SDE step, each fed the stored latent (the
+//! velocity from our transformer, the noise from the recorded draws).
+
+use tch::{Device, Kind};
+
+use super::{Case, Stage, StageAcc, StageReport};
+use crate::error::Result;
+use crate::models::flux::FluxTransformer;
+use crate::models::vae::packing;
+use crate::models::{FlowInputs, VelocityModel};
+use crate::sampler::sde::{sde_step, Next};
+use crate::sampler::Schedule;
+
+/// Relative tolerance of the stage (float32).
+pub const TOL: f64 = 1e-5;
+
+/// Runs the stage on `case`.
+pub fn run(case: &Case) -> Result<StageReport> {
+    let model =
+        FluxTransformer::from_dir(&case.dir().join("transformer"), Kind::Float, Device::Cpu)?;
+    let (g, eta) = (case.group_size()?, case.hyper_f64("eta")?);
+    let latents = case.expected("sample/latents")?; // (B, S+1, L, c)
+    let (pred_x0, log_probs) = (
+        case.expected("sample/pred_x0")?,
+        case.expected("sample/log_probs")?,
+    );
+    let noise = case.input("sde_noise")?; // (B, S, L, c)
+    let (text, pooled) = (
+        case.input("prompt_embeds")?,
+        case.input("pooled_prompt_embeds")?,
+    );
+    let (txt_ids, img_ids, guidance) = (
+        case.input("txt_ids")?,
+        case.input("img_ids")?,
+        case.input("guidance")?,
+    );
+    let init = case.input("init_noise")?; // (n_draws, 16, h, w)
+    let s = Schedule::shifted(case.hyper_i64("sampling_steps")?, case.hyper_f64("shift")?);
+    let mut acc = StageAcc::new(Stage::Sampling, TOL);
+    let _guard = tch::no_grad_guard();
+    let (b_total, steps) = (log_probs.size()[0], log_probs.size()[1]);
+    for b in 0..b_total {
+        let draw = if init.size()[0] == 1 { 0 } else { b };
+        let z0 = packing::pack(&init.narrow(0, draw, 1))?;
+        acc.compare(
+            format!("sample/latents[{b},0]"),
+            &z0.squeeze_dim(0),
+            &latents.get(b).get(0),
+        );
+        let (t, p) = (text.narrow(0, b / g, 1), pooled.narrow(0, b / g, 1));
+        for i in 0..steps {
+            let z = latents.get(b).get(i).unsqueeze(0);
+            let ts = s.model_timestep(i, 1);
+            let inputs = FlowInputs {
+                latents: &z,
+                timestep: &ts,
+                text: &t,
+                pooled: &p,
+                text_ids: &txt_ids,
+                image_ids: &img_ids,
+                guidance: model.config().guidance_embeds.then_some(&guidance),
+            };
+            let v = model.velocity(&inputs)?;
+            let step = sde_step(
+                &v,
+                &z,
+                &s.sigmas,
+                i,
+                eta,
+                Next::Noise(&noise.get(b).get(i).unsqueeze(0)),
+            );
+            acc.compare(
+                format!("sample/latents[{b},{}]", i + 1),
+                &step.next.squeeze_dim(0),
+                &latents.get(b).get(i + 1),
+            );
+            acc.compare(
+                format!("sample/pred_x0[{b},{i}]"),
+                &step.pred_x0.squeeze_dim(0),
+                &pred_x0.get(b).get(i),
+            );
+            acc.compare(
+                format!("sample/log_probs[{b},{i}]"),
+                &step.log_prob,
+                &log_probs.get(b).narrow(0, i, 1),
+            );
+        }
+    }
+    Ok(acc.finish())
+}
