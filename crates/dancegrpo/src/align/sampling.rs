@@ -3,11 +3,12 @@
 
 use tch::{Device, Kind};
 
+use super::case::Conditioning;
 use super::{Case, Stage, StageAcc, StageReport};
 use crate::error::Result;
 use crate::models::flux::FluxTransformer;
 use crate::models::vae::packing;
-use crate::models::{FlowInputs, VelocityModel};
+use crate::models::VelocityModel;
 use crate::sampler::sde::{sde_step, Next};
 use crate::sampler::Schedule;
 
@@ -18,22 +19,14 @@ pub const TOL: f64 = 1e-5;
 pub fn run(case: &Case) -> Result<StageReport> {
     let model =
         FluxTransformer::from_dir(&case.dir().join("transformer"), Kind::Float, Device::Cpu)?;
-    let (g, eta) = (case.group_size()?, case.hyper_f64("eta")?);
+    let eta = case.hyper_f64("eta")?;
+    let cond = Conditioning::load(case, model.config().guidance_embeds)?;
     let latents = case.expected("sample/latents")?; // (B, S+1, L, c)
     let (pred_x0, log_probs) = (
         case.expected("sample/pred_x0")?,
         case.expected("sample/log_probs")?,
     );
     let noise = case.input("sde_noise")?; // (B, S, L, c)
-    let (text, pooled) = (
-        case.input("prompt_embeds")?,
-        case.input("pooled_prompt_embeds")?,
-    );
-    let (txt_ids, img_ids, guidance) = (
-        case.input("txt_ids")?,
-        case.input("img_ids")?,
-        case.input("guidance")?,
-    );
     let init = case.input("init_noise")?; // (n_draws, 16, h, w)
     let s = Schedule::shifted(case.hyper_i64("sampling_steps")?, case.hyper_f64("shift")?);
     let mut acc = StageAcc::new(Stage::Sampling, TOL);
@@ -47,20 +40,10 @@ pub fn run(case: &Case) -> Result<StageReport> {
             &z0.squeeze_dim(0),
             &latents.get(b).get(0),
         );
-        let (t, p) = (text.narrow(0, b / g, 1), pooled.narrow(0, b / g, 1));
         for i in 0..steps {
             let z = latents.get(b).get(i).unsqueeze(0);
             let ts = s.model_timestep(i, 1);
-            let inputs = FlowInputs {
-                latents: &z,
-                timestep: &ts,
-                text: &t,
-                pooled: &p,
-                text_ids: &txt_ids,
-                image_ids: &img_ids,
-                guidance: model.config().guidance_embeds.then_some(&guidance),
-            };
-            let v = model.velocity(&inputs)?;
+            let v = model.velocity(&cond.inputs(b, &z, &ts))?;
             let step = sde_step(
                 &v,
                 &z,

@@ -3,10 +3,11 @@
 
 use tch::{Device, Kind, Tensor};
 
+use super::case::Conditioning;
 use super::{Case, Stage, StageAcc, StageReport};
 use crate::error::Result;
 use crate::models::flux::{FluxTransformer, Trace};
-use crate::models::{FlowInputs, VelocityModel};
+use crate::models::VelocityModel;
 
 /// Relative tolerance of the stage (float32).
 pub const TOL: f64 = 1e-5;
@@ -15,31 +16,18 @@ pub const TOL: f64 = 1e-5;
 pub fn run(case: &Case) -> Result<StageReport> {
     let model =
         FluxTransformer::from_dir(&case.dir().join("transformer"), Kind::Float, Device::Cpu)?;
-    let g = case.group_size()?;
+    let cond = Conditioning::load(case, model.config().guidance_embeds)?;
     let latents = case.expected("sample/latents")?; // (B, S+1, L, c)
     let timesteps = case.expected("sample/timestep_input")?; // (B, S)
     let want = case.expected("sample/model_output")?; // (B, S, L, c)
-    let text = case.input("prompt_embeds")?; // (P, Lt, d)
-    let pooled = case.input("pooled_prompt_embeds")?; // (P, p)
-    let (txt_ids, img_ids) = (case.input("txt_ids")?, case.input("img_ids")?);
-    let guidance = case.input("guidance")?; // (1,)
     let (b_total, steps) = (want.size()[0], want.size()[1]);
     let mut acc = StageAcc::new(Stage::Transformer, TOL);
     let _guard = tch::no_grad_guard();
     for b in 0..b_total {
-        let (t, p) = (text.narrow(0, b / g, 1), pooled.narrow(0, b / g, 1));
         for i in 0..steps {
             let z = latents.get(b).get(i).unsqueeze(0);
             let ts = timesteps.get(b).narrow(0, i, 1);
-            let inputs = FlowInputs {
-                latents: &z,
-                timestep: &ts,
-                text: &t,
-                pooled: &p,
-                text_ids: &txt_ids,
-                image_ids: &img_ids,
-                guidance: model.config().guidance_embeds.then_some(&guidance),
-            };
+            let inputs = cond.inputs(b, &z, &ts);
             let mut trace = Trace::new();
             let v = if b == 0 && i == 0 {
                 model.forward_traced(&inputs, Some(&mut trace))?
