@@ -73,7 +73,15 @@ case "$cmd" in
         ;;
     test)
         setup
-        cargo test --workspace --release "$@"
+        log=$(mktemp)
+        set +e
+        cargo test --workspace --release --lib --bins --tests "$@" 2>&1 | tee "$log"
+        status=${PIPESTATUS[0]}
+        set -e
+        # One closing line over every test binary.
+        awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$log"
+        rm -f "$log"
+        exit "$status"
         ;;
     cargo) setup; cargo "$@" ;;
     *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
