@@ -74,14 +74,24 @@ fn align_json_passes_on_the_public_case() {
             "transformer",
             "sampling",
             "decode",
-            "advantages"
+            "advantages",
+            "train",
+            "grads",
+            "optimizer",
+            "end_to_end"
         ]
     );
     for s in report["stages"].as_array().unwrap() {
         for key in ["worst", "rel_err", "abs_err", "tol", "pass"] {
             assert!(s.get(key).is_some(), "stage lacks {key}: {s}");
         }
-        assert!(s["rel_err"].as_f64().unwrap() <= 1e-5);
+        let tol = if s["name"] == "end_to_end" {
+            1e-4
+        } else {
+            1e-5
+        };
+        assert!(s["tol"].as_f64().unwrap() <= tol, "{s}");
+        assert!(s["rel_err"].as_f64().unwrap() <= tol, "{s}");
     }
 }
 
@@ -125,11 +135,20 @@ fn align_table_and_exit_status_on_a_broken_model() {
             .unwrap()["pass"]
             .clone()
     };
-    // the velocity feeds the transformer and sampling stages; the others do not use the model
-    assert_eq!(pass_of("transformer"), false);
-    assert_eq!(pass_of("sampling"), false);
-    assert_eq!(pass_of("decode"), true);
-    assert_eq!(pass_of("schedule"), true);
+    // the velocity feeds the transformer, sampling and GRPO stages; the others do not use the model
+    for stage in [
+        "transformer",
+        "sampling",
+        "train",
+        "grads",
+        "optimizer",
+        "end_to_end",
+    ] {
+        assert_eq!(pass_of(stage), false, "{stage}");
+    }
+    for stage in ["schedule", "decode", "advantages"] {
+        assert_eq!(pass_of(stage), true, "{stage}");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -73,6 +73,61 @@ fn schedule_sampling_and_advantage_stages_pass_on_every_public_case() {
 }
 
 #[test]
+fn grpo_stages_pass_on_every_public_case() {
+    for case in common::public_cases() {
+        let stages = [
+            Stage::Train,
+            Stage::Grads,
+            Stage::Optimizer,
+            Stage::EndToEnd,
+        ];
+        let report = run_case(&case, &stages).unwrap();
+        let n_params =
+            FluxTransformer::from_dir(&case.join("transformer"), Kind::Float, Device::Cpu)
+                .unwrap()
+                .parameters()
+                .len();
+        for s in &report.stages {
+            let tol = if s.name == "end_to_end" { 1e-4 } else { 1e-5 };
+            assert!(
+                s.tol <= tol && s.pass && s.rel_err <= tol,
+                "{} {}: {} rel {:e} (tol {:e})",
+                report.case,
+                s.name,
+                s.worst,
+                s.rel_err,
+                s.tol
+            );
+            let count = |prefix: &str| {
+                s.tensors
+                    .iter()
+                    .filter(|t| t.name.starts_with(prefix))
+                    .count()
+            };
+            match s.name.as_str() {
+                "train" => {
+                    for key in [
+                        "train/new_log_probs",
+                        "train/ratio",
+                        "train/loss",
+                        "train/total_loss",
+                    ] {
+                        assert!(s.tensors.iter().any(|t| t.name == key), "train lacks {key}");
+                    }
+                }
+                "grads" => assert_eq!(count("grad_window0/"), n_params),
+                "optimizer" => {
+                    assert_eq!(count("params_after_step1/"), n_params);
+                    assert_eq!(count("params_after_final/"), n_params);
+                }
+                "end_to_end" => assert_eq!(count("params_after_final/"), n_params),
+                other => panic!("unexpected stage {other}"),
+            }
+        }
+    }
+}
+
+#[test]
 fn parameter_order_matches_the_reference_named_parameters() {
     for case in common::public_cases() {
         let model =

@@ -8,6 +8,7 @@ use tch::Tensor;
 use crate::error::{Error, Result};
 use crate::io::json::read_json;
 use crate::io::safetensors::SafetensorsFile;
+use crate::sampler::Conditioning;
 
 /// An opened reference case.
 pub struct Case {
@@ -119,55 +120,22 @@ impl Case {
     }
 }
 
-/// A case's stored transformer conditioning: per-prompt embeddings, position ids
-/// and guidance, handed out per sample (sample `b` uses prompt `b / G`).
-pub struct Conditioning {
-    texts: Vec<Tensor>,   // each (1, Lt, d)
-    pooleds: Vec<Tensor>, // each (1, p)
-    txt_ids: Tensor,
-    img_ids: Tensor,
-    guidance: Option<Tensor>,
-    group: i64,
-}
-
-impl Conditioning {
-    /// Loads the conditioning of `case`; `guidance` says whether the model takes it.
-    pub fn load(case: &Case, guidance: bool) -> Result<Self> {
-        let (text, pooled) = (
-            case.input("prompt_embeds")?,
-            case.input("pooled_prompt_embeds")?,
-        );
-        let prompts = text.size()[0];
-        Ok(Conditioning {
-            texts: (0..prompts).map(|p| text.narrow(0, p, 1)).collect(),
-            pooleds: (0..prompts).map(|p| pooled.narrow(0, p, 1)).collect(),
-            txt_ids: case.input("txt_ids")?,
-            img_ids: case.input("img_ids")?,
-            guidance: if guidance {
-                Some(case.input("guidance")?)
-            } else {
-                None
-            },
-            group: case.group_size()?,
-        })
-    }
-
-    /// Model inputs of sample `b` at latents `z` (1, L, c) and timestep `t` (1,).
-    pub fn inputs<'a>(
-        &'a self,
-        b: i64,
-        z: &'a Tensor,
-        t: &'a Tensor,
-    ) -> crate::models::FlowInputs<'a> {
-        let p = (b / self.group) as usize;
-        crate::models::FlowInputs {
-            latents: z,
-            timestep: t,
-            text: &self.texts[p],
-            pooled: &self.pooleds[p],
-            text_ids: &self.txt_ids,
-            image_ids: &self.img_ids,
-            guidance: self.guidance.as_ref(),
-        }
+impl Case {
+    /// The case's stored conditioning (prompt embeddings in trainer order, position
+    /// ids, guidance when the model takes it), sample `b` using prompt `b / G`.
+    pub fn conditioning(&self, guidance: bool) -> Result<Conditioning> {
+        let guidance = if guidance {
+            Some(self.input("guidance")?.double_value(&[0]))
+        } else {
+            None
+        };
+        Conditioning::new(
+            self.input("prompt_embeds")?,
+            self.input("pooled_prompt_embeds")?,
+            self.input("txt_ids")?,
+            self.input("img_ids")?,
+            guidance,
+            self.group_size()?,
+        )
     }
 }

@@ -8,8 +8,13 @@
 mod advantages;
 mod case;
 mod decode;
+mod end_to_end;
+mod grads;
+mod grpo;
+mod optimizer;
 mod sampling;
 mod schedule;
+mod train;
 mod transformer;
 
 use std::path::Path;
@@ -95,6 +100,10 @@ impl Stage {
                 | Stage::Sampling
                 | Stage::Decode
                 | Stage::Advantages
+                | Stage::Train
+                | Stage::Grads
+                | Stage::Optimizer
+                | Stage::EndToEnd
         )
     }
 }
@@ -244,6 +253,10 @@ pub fn run_case(dir: &Path, stages: &[Stage]) -> Result<CaseReport> {
             Stage::Sampling => sampling::run(&case)?,
             Stage::Decode => decode::run(&case)?,
             Stage::Advantages => advantages::run(&case)?,
+            Stage::Train => train::run(&case)?,
+            Stage::Grads => grads::run(&case)?,
+            Stage::Optimizer => optimizer::run(&case)?,
+            Stage::EndToEnd => end_to_end::run(&case)?,
             other => {
                 return Err(crate::Error::Input(format!(
                     "align stage `{}` is not implemented yet",

@@ -3,13 +3,12 @@
 
 use tch::{Device, Kind};
 
-use super::case::Conditioning;
 use super::{Case, Stage, StageAcc, StageReport};
 use crate::error::Result;
 use crate::models::flux::FluxTransformer;
 use crate::models::vae::packing;
 use crate::models::VelocityModel;
-use crate::sampler::sde::{sde_step, Next};
+use crate::sampler::sde::{sde_step, At, Next};
 use crate::sampler::Schedule;
 
 /// Relative tolerance of the stage (float32).
@@ -20,7 +19,7 @@ pub fn run(case: &Case) -> Result<StageReport> {
     let model =
         FluxTransformer::from_dir(&case.dir().join("transformer"), Kind::Float, Device::Cpu)?;
     let eta = case.hyper_f64("eta")?;
-    let cond = Conditioning::load(case, model.config().guidance_embeds)?;
+    let cond = case.conditioning(model.config().guidance_embeds)?;
     let latents = case.expected("sample/latents")?; // (B, S+1, L, c)
     let (pred_x0, log_probs) = (
         case.expected("sample/pred_x0")?,
@@ -43,12 +42,12 @@ pub fn run(case: &Case) -> Result<StageReport> {
         for i in 0..steps {
             let z = latents.get(b).get(i).unsqueeze(0);
             let ts = s.model_timestep(i, 1);
-            let v = model.velocity(&cond.inputs(b, &z, &ts))?;
+            let v = model.velocity(&cond.inputs(&cond.for_samples(&[b]), &z, &ts))?;
             let step = sde_step(
                 &v,
                 &z,
                 &s.sigmas,
-                i,
+                At::Step(i),
                 eta,
                 Next::Noise(&noise.get(b).get(i).unsqueeze(0)),
             );

@@ -3,7 +3,6 @@
 
 use tch::{Device, Kind, Tensor};
 
-use super::case::Conditioning;
 use super::{Case, Stage, StageAcc, StageReport};
 use crate::error::Result;
 use crate::models::flux::{FluxTransformer, Trace};
@@ -16,7 +15,7 @@ pub const TOL: f64 = 1e-5;
 pub fn run(case: &Case) -> Result<StageReport> {
     let model =
         FluxTransformer::from_dir(&case.dir().join("transformer"), Kind::Float, Device::Cpu)?;
-    let cond = Conditioning::load(case, model.config().guidance_embeds)?;
+    let cond = case.conditioning(model.config().guidance_embeds)?;
     let latents = case.expected("sample/latents")?; // (B, S+1, L, c)
     let timesteps = case.expected("sample/timestep_input")?; // (B, S)
     let want = case.expected("sample/model_output")?; // (B, S, L, c)
@@ -27,7 +26,8 @@ pub fn run(case: &Case) -> Result<StageReport> {
         for i in 0..steps {
             let z = latents.get(b).get(i).unsqueeze(0);
             let ts = timesteps.get(b).narrow(0, i, 1);
-            let inputs = cond.inputs(b, &z, &ts);
+            let sc = cond.for_samples(&[b]);
+            let inputs = cond.inputs(&sc, &z, &ts);
             let v = if b == 0 && i == 0 {
                 let mut trace = Trace::new();
                 let v = model.forward_traced(&inputs, Some(&mut trace))?;

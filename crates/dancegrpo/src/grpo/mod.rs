@@ -1,5 +1,17 @@
-//! GRPO maths over plain tensors: group-relative advantages.
+//! GRPO maths and the update: group-relative advantages, the clipped
+//! policy-ratio loss, gradient clipping with AdamW, learning-rate schedules and
+//! the per-iteration update loop.
 
 pub mod advantage;
+pub mod loss;
+pub mod lr;
+pub mod optim;
+pub mod update;
 
 pub use advantage::{advantages, Advantages, Grouping};
+pub use loss::{clipped_policy_loss, PolicyLoss};
+pub use lr::LrSchedule;
+pub use optim::{clip_grad_norm, AdamW, AdamWConfig};
+pub use update::{
+    grpo_update, NoObserver, Trainable, UpdateConfig, UpdateInputs, UpdateObserver, UpdateStats,
+};

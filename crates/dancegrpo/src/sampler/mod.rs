@@ -1,10 +1,16 @@
-//! Sampling: the sigma schedule, the deterministic (ODE) Euler step and the
-//! Dance-SDE step with log-probabilities.
+//! Sampling: the sigma schedule, the deterministic (ODE) Euler step, the
+//! Dance-SDE step with log-probabilities, the random draws and group rollouts.
 
+pub mod conditioning;
+pub mod draws;
 pub mod generate;
+pub mod rollout;
 pub mod schedule;
 pub mod sde;
 
+pub use conditioning::{Conditioning, SampleConditioning};
+pub use draws::{Draws, Recorded, Seeded};
+pub use rollout::{rollout, Rollout, RolloutSettings};
 pub use schedule::Schedule;
 
 use tch::Tensor;

@@ -19,8 +19,8 @@ pub struct SdeStep {
     /// Log-probability of `next` per sample `(b,)`, float32: the element mean of
     /// `-(next - mean)^2 / (2 std^2)` (no normalisation term, as the reference).
     pub log_prob: Tensor,
-    /// The step's standard deviation `eta * sqrt(sigma - sigma_next)` (float64).
-    pub std: f64,
+    /// The step's standard deviation `eta * sqrt(sigma - sigma_next)` (float64), per row.
+    pub std: Vec<f64>,
 }
 
 /// Where the next latent comes from.
@@ -31,38 +31,104 @@ pub enum Next<'a> {
     Given(&'a Tensor),
 }
 
-/// One Dance-SDE step from `sigmas[i]` to `sigmas[i + 1]` (`sigmas`: float32 `(S+1,)`).
-pub fn sde_step(v: &Tensor, z: &Tensor, sigmas: &Tensor, i: i64, eta: f64, next: Next) -> SdeStep {
-    let sigma = sigmas.get(i); // 0-d float32
-    let sigma_next = sigmas.get(i + 1);
-    let dsigma = &sigma_next - &sigma; // negative
+/// Which step each row of the batch takes.
+#[derive(Debug, Clone, Copy)]
+pub enum At<'a> {
+    /// Every row takes step `i` (sampling).
+    Step(i64),
+    /// Row `r` takes step `steps[r]` (training on a random subset of transitions).
+    Rows(&'a [i64]),
+}
+
+/// The scalars of a step: 0-d sigmas for a shared step, `(b, 1, 1)` for per-row steps.
+struct Sigmas {
+    sigma: Tensor,
+    sigma_next: Tensor,
+    std: Vec<f64>,
+    /// `float32(std)` and `float32(2 std^2)` per row, `(b, 1, 1)`; `None` for a shared step.
+    rows: Option<(Tensor, Tensor)>,
+}
+
+fn step_std(sigmas: &Tensor, i: i64, eta: f64) -> f64 {
+    let delta = (sigmas.get(i) - sigmas.get(i + 1)).double_value(&[]);
+    eta * delta.sqrt()
+}
+
+impl Sigmas {
+    fn new(sigmas: &Tensor, at: At, eta: f64, z: &Tensor) -> Sigmas {
+        match at {
+            At::Step(i) => Sigmas {
+                sigma: sigmas.get(i),
+                sigma_next: sigmas.get(i + 1),
+                std: vec![step_std(sigmas, i, eta)],
+                rows: None,
+            },
+            At::Rows(steps) => {
+                let dev = z.device();
+                let n = steps.len() as i64;
+                let idx = Tensor::from_slice(steps).to_device(sigmas.device());
+                let rows = |t: Tensor| t.view([n, 1, 1]).to_device(dev);
+                let std: Vec<f64> = steps.iter().map(|&i| step_std(sigmas, i, eta)).collect();
+                let f32s = |v: Vec<f32>| rows(Tensor::from_slice(&v));
+                let std_t = f32s(std.iter().map(|s| *s as f32).collect());
+                let var2 = f32s(std.iter().map(|s| (2.0 * (s * s)) as f32).collect());
+                Sigmas {
+                    sigma: rows(sigmas.index_select(0, &idx)),
+                    sigma_next: rows(sigmas.index_select(0, &(idx + 1))),
+                    std,
+                    rows: Some((std_t, var2)),
+                }
+            }
+        }
+    }
+}
+
+/// One Dance-SDE step from `sigmas[i]` to `sigmas[i + 1]` (`sigmas`: float32
+/// `(S+1,)`), `i` shared by the batch or given per row.
+pub fn sde_step(v: &Tensor, z: &Tensor, sigmas: &Tensor, at: At, eta: f64, next: Next) -> SdeStep {
+    let s = Sigmas::new(sigmas, at, eta, z);
+    let dsigma = &s.sigma_next - &s.sigma; // negative
     let mean = z + &dsigma * v;
-    let pred_x0 = z - &sigma * v;
-    let delta = (&sigma - &sigma_next).double_value(&[]);
-    let std = eta * delta.sqrt();
+    let pred_x0 = z - &s.sigma * v;
     // score = -(z - x0 (1 - sigma)) / sigma^2
-    let one_minus = sigma.neg() + 1.0;
-    let score = (z - &pred_x0 * &one_minus).neg() / sigma.pow_tensor_scalar(2);
+    let one_minus = s.sigma.neg() + 1.0;
+    let score = (z - &pred_x0 * &one_minus).neg() / s.sigma.pow_tensor_scalar(2);
     let mean = mean + (score * (-0.5 * (eta * eta))) * &dsigma;
-    let next = match next {
-        Next::Noise(noise) => &mean + noise * std,
-        Next::Given(t) => t.shallow_clone(),
+    let next = match (next, &s.rows) {
+        (Next::Noise(noise), None) => &mean + noise * s.std[0],
+        (Next::Noise(noise), Some((std, _))) => &mean + noise * std,
+        (Next::Given(t), _) => t.shallow_clone(),
     };
-    let log_prob = log_prob(&next, &mean, std);
+    let log_prob = match &s.rows {
+        None => log_prob(&next, &mean, s.std[0]),
+        Some((_, var2)) => log_prob_rows(&next, &mean, var2),
+    };
     SdeStep {
         next,
         pred_x0,
         log_prob,
-        std,
+        std: s.std,
     }
+}
+
+fn squared_error(x: &Tensor, mean: &Tensor) -> Tensor {
+    let diff = x.detach().to_kind(Kind::Float) - mean.to_kind(Kind::Float);
+    diff.pow_tensor_scalar(2).neg()
+}
+
+fn mean_per_row(t: Tensor) -> Tensor {
+    let dims: Vec<i64> = (1..t.dim() as i64).collect();
+    t.mean_dim(dims.as_slice(), false, None)
 }
 
 /// `mean over all but dim 0 of -(x - mean)^2 / (2 std^2)`, in float32.
 pub fn log_prob(x: &Tensor, mean: &Tensor, std: f64) -> Tensor {
-    let diff = x.detach().to_kind(Kind::Float) - mean.to_kind(Kind::Float);
-    let lp = diff.pow_tensor_scalar(2).neg() / (2.0 * (std * std));
-    let dims: Vec<i64> = (1..lp.dim() as i64).collect();
-    lp.mean_dim(dims.as_slice(), false, None)
+    mean_per_row(squared_error(x, mean) / (2.0 * (std * std)))
+}
+
+/// [`log_prob`] with a per-row divisor `float32(2 std^2)` `(b, 1, 1)`.
+fn log_prob_rows(x: &Tensor, mean: &Tensor, var2: &Tensor) -> Tensor {
+    mean_per_row(squared_error(x, mean) / var2)
 }
 
 #[cfg(test)]
@@ -78,8 +144,15 @@ mod tests {
         let z = rng.normal_tensor(&[2, 4, 8]);
         let v = rng.normal_tensor(&[2, 4, 8]);
         let noise = rng.normal_tensor(&[2, 4, 8]);
-        let at_mean = sde_step(&v, &z, &s.sigmas, 1, 0.3, Next::Noise(&noise.zeros_like()));
-        let off = sde_step(&v, &z, &s.sigmas, 1, 0.3, Next::Noise(&noise));
+        let at_mean = sde_step(
+            &v,
+            &z,
+            &s.sigmas,
+            At::Step(1),
+            0.3,
+            Next::Noise(&noise.zeros_like()),
+        );
+        let off = sde_step(&v, &z, &s.sigmas, At::Step(1), 0.3, Next::Noise(&noise));
         assert_eq!(
             Vec::<f32>::try_from(&at_mean.log_prob).unwrap(),
             vec![0.0, 0.0]
@@ -101,7 +174,33 @@ mod tests {
             assert!((*a as f64 - b).abs() < 1e-5, "{a} vs {b}");
         }
         // evaluating the sampled latent gives the same log-prob
-        let again = sde_step(&v, &z, &s.sigmas, 1, 0.3, Next::Given(&off.next));
+        let again = sde_step(&v, &z, &s.sigmas, At::Step(1), 0.3, Next::Given(&off.next));
         assert!(again.log_prob.equal(&off.log_prob));
+    }
+
+    #[test]
+    fn per_row_steps_match_shared_steps_bitwise() {
+        let s = Schedule::shifted(6, 3.0);
+        let mut rng = Philox::new(2, 1);
+        let z = rng.normal_tensor(&[3, 4, 8]);
+        let v = rng.normal_tensor(&[3, 4, 8]);
+        let next = rng.normal_tensor(&[3, 4, 8]);
+        let steps = [4i64, 0, 2];
+        let rows = sde_step(&v, &z, &s.sigmas, At::Rows(&steps), 0.7, Next::Given(&next));
+        for (r, &i) in steps.iter().enumerate() {
+            let r = r as i64;
+            let one = |t: &Tensor| t.narrow(0, r, 1);
+            let shared = sde_step(
+                &one(&v),
+                &one(&z),
+                &s.sigmas,
+                At::Step(i),
+                0.7,
+                Next::Given(&one(&next)),
+            );
+            assert!(shared.log_prob.equal(&one(&rows.log_prob)));
+            assert!(shared.pred_x0.equal(&one(&rows.pred_x0)));
+            assert_eq!(shared.std[0], rows.std[r as usize]);
+        }
     }
 }

@@ -1,0 +1,227 @@
+//! Shared set-up of the GRPO stages (`train`, `grads`, `optimizer`,
+//! `end_to_end`): the case's model, conditioning, schedule, recorded draws and
+//! update settings, and an observer that records what the update did.
+
+use std::collections::BTreeMap;
+
+use tch::{Device, Kind, Tensor};
+
+use super::Case;
+use crate::error::{Error, Result};
+use crate::grpo::update::TransitionBatch;
+use crate::grpo::{AdamW, AdamWConfig, LrSchedule, Trainable, UpdateConfig, UpdateObserver};
+use crate::models::flux::FluxTransformer;
+use crate::sampler::{Conditioning, Recorded, Rollout, Schedule};
+
+/// Everything a GRPO stage needs from a case.
+pub(super) struct GrpoCase {
+    pub model: FluxTransformer,
+    pub cond: Conditioning,
+    pub schedule: Schedule,
+    pub draws: Recorded,
+    pub cfg: UpdateConfig,
+    pub adam: AdamWConfig,
+}
+
+impl GrpoCase {
+    pub fn load(case: &Case) -> Result<Self> {
+        let model =
+            FluxTransformer::from_dir(&case.dir().join("transformer"), Kind::Float, Device::Cpu)?;
+        let cond = case.conditioning(model.config().guidance_embeds)?;
+        let schedule =
+            Schedule::shifted(case.hyper_i64("sampling_steps")?, case.hyper_f64("shift")?);
+        let draws = Recorded::new(
+            case.input("init_noise")?,
+            case.input("sde_noise")?,
+            case.input("perms")?,
+        )?;
+        let betas = case
+            .hyper("adam_betas")?
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let beta = |i: usize| betas.get(i).and_then(|b| b.as_f64());
+        let (Some(b1), Some(b2)) = (beta(0), beta(1)) else {
+            return Err(Error::config(
+                case.dir().join("case.json"),
+                "hyperparameters.adam_betas",
+                "want two numbers",
+            ));
+        };
+        let adam = AdamWConfig {
+            betas: (b1, b2),
+            eps: case.hyper_f64("adam_eps")?,
+            weight_decay: case.hyper_f64("weight_decay")?,
+        };
+        let cfg = update_config(case)?;
+        Ok(GrpoCase {
+            model,
+            cond,
+            schedule,
+            draws,
+            cfg,
+            adam,
+        })
+    }
+
+    /// A fresh optimizer over the model's parameters.
+    pub fn optimizer(&self) -> AdamW {
+        let params: Vec<Tensor> = crate::models::VelocityModel::parameters(&self.model)
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect();
+        AdamW::new(self.adam, &params)
+    }
+}
+
+fn update_config(case: &Case) -> Result<UpdateConfig> {
+    let scheduler = case.hyper("lr_scheduler")?.as_str().unwrap_or_default();
+    if scheduler != "constant_with_warmup" {
+        return Err(Error::config(
+            case.dir().join("case.json"),
+            "hyperparameters.lr_scheduler",
+            format!("`{scheduler}` is not supported (constant_with_warmup is)"),
+        ));
+    }
+    Ok(UpdateConfig {
+        eta: case.hyper_f64("eta")?,
+        clip_range: case.hyper_f64("clip_range")?,
+        timestep_fraction: case.hyper_f64("timestep_fraction")?,
+        trainable: Trainable::AllButLast,
+        grad_accum: case.hyper_i64("gradient_accumulation_steps")?,
+        max_grad_norm: case.hyper_f64("max_grad_norm")?,
+        learning_rate: case.hyper_f64("learning_rate")?,
+        lr_schedule: LrSchedule::ConstantWithWarmup {
+            warmup_steps: case.hyper_i64("lr_warmup_steps")? as u64,
+        },
+    })
+}
+
+/// The stored rollout (`sample/latents`, `sample/log_probs`), one sample per model batch as the reference.
+pub(super) fn stored_rollout(case: &Case) -> Result<Rollout> {
+    let latents = case.expected("sample/latents")?;
+    let log_probs = case.expected("sample/log_probs")?;
+    let pred_x0 = case.expected("sample/pred_x0")?;
+    let b = latents.size()[0];
+    let last = pred_x0.size()[1] - 1;
+    Ok(Rollout {
+        latents,
+        log_probs,
+        pred_x0: pred_x0.select(1, last),
+        batches: (0..b).map(|s| vec![s]).collect(),
+    })
+}
+
+/// Records every trained transition, the first window's gradients and the
+/// parameters after each optimizer step; optionally replaces the parameters
+/// after step 1 with the reference's (teacher forcing of later windows).
+#[derive(Default)]
+pub(super) struct Recorder {
+    /// `name -> (b, k) -> tensor` for the `train/*` tensors.
+    pub train: BTreeMap<String, BTreeMap<(i64, i64), Tensor>>,
+    /// Accumulated gradients before the first optimizer step.
+    pub grads0: Vec<(String, Tensor)>,
+    /// Parameters after each step.
+    pub params_after: Vec<Vec<(String, Tensor)>>,
+    /// Parameters to load after step 1.
+    pub force_after_step1: Option<Vec<Tensor>>,
+}
+
+impl Recorder {
+    /// The recorded `train/<name>` as a `(B, T, ..)` tensor.
+    pub fn stacked(&self, name: &str) -> Tensor {
+        let Some(rows) = self.train.get(name) else {
+            return Tensor::new();
+        };
+        let b_max = rows.keys().map(|(b, _)| *b).max().unwrap_or(0);
+        let per_b: Vec<Tensor> = (0..=b_max)
+            .map(|b| {
+                let ks: Vec<Tensor> = rows
+                    .range((b, i64::MIN)..(b + 1, i64::MIN))
+                    .map(|(_, t)| t.shallow_clone())
+                    .collect();
+                Tensor::stack(&ks, 0)
+            })
+            .collect();
+        Tensor::stack(&per_b, 0)
+    }
+
+    fn put(&mut self, name: &str, b: i64, k: i64, t: Tensor) {
+        self.train
+            .entry(name.to_string())
+            .or_default()
+            .insert((b, k), t);
+    }
+}
+
+fn copy_named(params: &[(String, Tensor)], grad: bool) -> Vec<(String, Tensor)> {
+    params
+        .iter()
+        .map(|(n, p)| {
+            (
+                n.clone(),
+                if grad {
+                    p.grad().copy()
+                } else {
+                    p.detach().copy()
+                },
+            )
+        })
+        .collect()
+}
+
+impl UpdateObserver for Recorder {
+    fn transitions(&mut self, x: &TransitionBatch) -> Result<()> {
+        for &r in x.active {
+            let (b, k) = (x.samples[r as usize], x.k);
+            let row = |t: &Tensor| t.get(r).detach().copy();
+            let j = x.steps[r as usize];
+            self.put("sigma_index", b, k, Tensor::from(j));
+            self.put("timestep_input", b, k, row(x.timestep_input));
+            self.put("latents", b, k, row(x.latents));
+            self.put("next_latents", b, k, row(x.next_latents));
+            self.put("model_output", b, k, row(x.model_output));
+            self.put("old_log_probs", b, k, row(x.old_log_probs));
+            self.put("new_log_probs", b, k, row(x.new_log_probs));
+            self.put("log_ratio", b, k, row(&(x.new_log_probs - x.old_log_probs)));
+            self.put("ratio", b, k, row(&x.terms.ratio));
+            self.put("ratio_clamped", b, k, row(&x.terms.ratio_clamped));
+            self.put("unclipped_loss", b, k, row(&x.terms.unclipped));
+            self.put("clipped_loss", b, k, row(&x.terms.clipped));
+            self.put("loss", b, k, row(&x.terms.loss));
+        }
+        Ok(())
+    }
+
+    fn before_step(&mut self, step: u64, params: &[(String, Tensor)]) -> Result<()> {
+        if step == 1 {
+            self.grads0 = copy_named(params, true);
+        }
+        Ok(())
+    }
+
+    fn after_step(&mut self, step: u64, params: &[(String, Tensor)]) -> Result<()> {
+        self.params_after.push(copy_named(params, false));
+        if step == 1 {
+            if let Some(forced) = &self.force_after_step1 {
+                let _guard = tch::no_grad_guard();
+                for ((_, p), f) in params.iter().zip(forced) {
+                    p.shallow_clone().copy_(f);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The case's `params_after_step1/<name>` for every parameter, in model order.
+pub(super) fn stored_params(
+    case: &Case,
+    prefix: &str,
+    names: &[(String, Tensor)],
+) -> Result<Vec<Tensor>> {
+    names
+        .iter()
+        .map(|(n, _)| case.expected(&format!("{prefix}/{n}")))
+        .collect()
+}

@@ -1,0 +1,101 @@
+//! The clipped policy-ratio objective of GRPO (PPO-style, per transition).
+
+use tch::Tensor;
+
+/// The terms of the clipped objective for a batch of transitions, each `(n,)` float32.
+#[derive(Debug)]
+pub struct PolicyLoss {
+    /// `exp(new_log_prob - old_log_prob)`.
+    pub ratio: Tensor,
+    /// `ratio` clamped to `[1 - clip, 1 + clip]`.
+    pub ratio_clamped: Tensor,
+    /// `-A * ratio`.
+    pub unclipped: Tensor,
+    /// `-A * ratio_clamped`.
+    pub clipped: Tensor,
+    /// `max(unclipped, clipped) / scale` per transition: the value back-propagated.
+    pub loss: Tensor,
+}
+
+/// The reference's loss per transition `(n,)`:
+/// `max(-A * r, -A * clamp(r, 1 - clip, 1 + clip)) / scale` with
+/// `r = exp(new_log_prob - old_log_prob)`; `advantages` are already clamped and
+/// `scale` is `gradient_accumulation * trained_transitions`.
+pub fn clipped_policy_loss(
+    new_log_prob: &Tensor,
+    old_log_prob: &Tensor,
+    advantages: &Tensor,
+    clip_range: f64,
+    scale: f64,
+) -> PolicyLoss {
+    let ratio = (new_log_prob - old_log_prob).exp();
+    let ratio_clamped = ratio.clamp(1.0 - clip_range, 1.0 + clip_range);
+    let neg_adv = advantages.neg();
+    let unclipped = &neg_adv * &ratio;
+    let clipped = &neg_adv * &ratio_clamped;
+    // one transition per sample: the reference's mean over a batch of 1 is the element itself
+    let loss = unclipped.maximum(&clipped) / scale;
+    PolicyLoss {
+        ratio,
+        ratio_clamped,
+        unclipped,
+        clipped,
+        loss,
+    }
+}
+
+/// Whether the clipped branch is active for each transition (`|ratio - 1| > clip`).
+pub fn clipped_mask(ratio: &Tensor, clip_range: f64) -> Tensor {
+    (ratio - 1.0).abs().gt(clip_range)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    fn t(v: &[f32]) -> Tensor {
+        Tensor::from_slice(v)
+    }
+
+    #[test]
+    fn ratio_one_gives_minus_mean_advantage() {
+        let adv = t(&[1.5, -0.5, 0.25, -1.25]);
+        let lp = t(&[-0.3, -0.7, -0.1, -2.0]);
+        let out = clipped_policy_loss(&lp, &lp, &adv, 1e-4, 1.0);
+        assert!(out
+            .ratio
+            .equal(&Tensor::ones([4], (Kind::Float, tch::Device::Cpu))));
+        assert_eq!(out.loss.mean(Kind::Float).double_value(&[]), 0.0);
+        let got: Vec<f32> = Vec::try_from(&out.loss).unwrap();
+        assert_eq!(got, vec![-1.5, 0.5, -0.25, 1.25]);
+        // the gradient of the loss with respect to the new log-prob at ratio 1 is -A
+        let lp_leaf = lp.detach().set_requires_grad(true);
+        let out = clipped_policy_loss(&lp_leaf, &lp, &adv, 1e-4, 2.0);
+        out.loss.sum(Kind::Float).backward();
+        let g: Vec<f32> = Vec::try_from(&lp_leaf.grad()).unwrap();
+        assert_eq!(g, vec![-0.75, 0.25, -0.125, 0.625]);
+    }
+
+    #[test]
+    fn clipping_engages_outside_the_range() {
+        // ratio e^0.5 ~ 1.65 with clip 0.2: a positive advantage is capped at 1.2,
+        // a negative one keeps the unclipped (pessimistic) value
+        let old = t(&[0.0, 0.0, 0.0]);
+        let new = t(&[0.5, 0.5, 0.1]).set_requires_grad(true);
+        let adv = t(&[1.0, -1.0, 1.0]);
+        let out = clipped_policy_loss(&new, &old, &adv, 0.2, 1.0);
+        let loss: Vec<f32> = Vec::try_from(&out.loss.detach()).unwrap();
+        let r = 0.5f32.exp();
+        assert!((loss[0] + 1.2).abs() < 1e-6, "{loss:?}");
+        assert!((loss[1] - r).abs() < 1e-6);
+        assert!((loss[2] + 0.1f32.exp()).abs() < 1e-6);
+        let mask: Vec<bool> = Vec::try_from(&clipped_mask(&out.ratio, 0.2)).unwrap();
+        assert_eq!(mask, vec![true, true, false]);
+        out.loss.sum(Kind::Float).backward();
+        let g: Vec<f32> = Vec::try_from(&new.grad()).unwrap();
+        // clipped branch wins for sample 0: no gradient
+        assert_eq!(g[0], 0.0);
+        assert!((g[1] - r).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,385 @@
+//! The GRPO update over one iteration's rollouts: per sample, a random subset of
+//! its transitions is re-evaluated with gradients, the clipped policy-ratio loss
+//! is back-propagated at once (one graph alive at a time), and every
+//! `grad_accum` samples the gradients are clipped and AdamW steps.
+//!
+//! Transitions are recomputed in exactly the model batches the rollout used
+//! (same samples, same rows), so in the first accumulation window the new
+//! log-probabilities equal the rollout's bit for bit and every ratio is exactly 1.
+
+use tch::{Kind, Tensor};
+
+use super::loss::{clipped_mask, clipped_policy_loss, PolicyLoss};
+use super::lr::LrSchedule;
+use super::optim::{clip_grad_norm, AdamW};
+use crate::error::{Error, Result};
+use crate::models::VelocityModel;
+use crate::sampler::sde::{sde_step, At, Next};
+use crate::sampler::{Conditioning, Draws, Rollout, Schedule};
+
+/// Which transitions of a trajectory may be trained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trainable {
+    /// `0 ..= S-2`: the last transition is never trained (the reference, default).
+    #[default]
+    AllButLast,
+    /// All `S` transitions.
+    All,
+}
+
+/// Settings of the update.
+#[derive(Debug, Clone, Copy)]
+pub struct UpdateConfig {
+    /// SDE noise level (must be the rollout's).
+    pub eta: f64,
+    /// PPO clip range of the ratio.
+    pub clip_range: f64,
+    /// Fraction of the trainable transitions trained per sample, in (0, 1].
+    pub timestep_fraction: f64,
+    /// Which transitions are trainable.
+    pub trainable: Trainable,
+    /// Samples per optimizer step.
+    pub grad_accum: i64,
+    /// Total gradient-norm bound.
+    pub max_grad_norm: f64,
+    /// Base learning rate.
+    pub learning_rate: f64,
+    /// Learning-rate schedule (over optimizer steps).
+    pub lr_schedule: LrSchedule,
+}
+
+impl UpdateConfig {
+    /// `(trainable transitions n, trained per sample T = int(n * fraction))` for `steps` steps.
+    pub fn trained(&self, steps: i64) -> Result<(i64, i64)> {
+        let f = self.timestep_fraction;
+        if !(f > 0.0 && f <= 1.0) {
+            return Err(Error::Input(format!(
+                "timestep_fraction must be in (0, 1], got {f}"
+            )));
+        }
+        let n = match self.trainable {
+            Trainable::AllButLast => steps - 1,
+            Trainable::All => steps,
+        };
+        let t = (n as f64 * f) as i64; // Python int(): truncation
+        if t < 1 {
+            return Err(Error::Input(format!(
+                "timestep_fraction {f} of {n} trainable transitions trains none (int({n} * {f}) = 0)"
+            )));
+        }
+        if self.grad_accum < 1 {
+            return Err(Error::Input(format!(
+                "gradient_accumulation_steps must be >= 1, got {}",
+                self.grad_accum
+            )));
+        }
+        Ok((n, t))
+    }
+}
+
+/// One model batch of re-evaluated transitions, handed to an [`UpdateObserver`].
+pub struct TransitionBatch<'a> {
+    /// The samples of the batch (rows).
+    pub samples: &'a [i64],
+    /// Rows that belong to the current accumulation window (only they contribute).
+    pub active: &'a [i64],
+    /// Position `k` in each sample's permutation.
+    pub k: i64,
+    /// The transition `j` of each row.
+    pub steps: &'a [i64],
+    /// The timestep fed to the model `(n,)`.
+    pub timestep_input: &'a Tensor,
+    /// `z_j` and `z_{j+1}` `(n, L, c)`.
+    pub latents: &'a Tensor,
+    /// See `latents`.
+    pub next_latents: &'a Tensor,
+    /// The velocity with the current parameters `(n, L, c)`.
+    pub model_output: &'a Tensor,
+    /// Rollout log-probabilities `(n,)`.
+    pub old_log_probs: &'a Tensor,
+    /// Recomputed log-probabilities `(n,)`.
+    pub new_log_probs: &'a Tensor,
+    /// The loss terms `(n,)`.
+    pub terms: &'a PolicyLoss,
+}
+
+/// Hooks into the update (alignment, debugging); every method defaults to nothing.
+pub trait UpdateObserver {
+    /// After each batch of transitions has been back-propagated.
+    fn transitions(&mut self, _batch: &TransitionBatch) -> Result<()> {
+        Ok(())
+    }
+    /// Before optimizer step `step` (1-based), with the accumulated, unclipped gradients.
+    fn before_step(&mut self, _step: u64, _params: &[(String, Tensor)]) -> Result<()> {
+        Ok(())
+    }
+    /// After optimizer step `step` (the parameters may be inspected or replaced).
+    fn after_step(&mut self, _step: u64, _params: &[(String, Tensor)]) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// An observer that does nothing.
+pub struct NoObserver;
+impl UpdateObserver for NoObserver {}
+
+/// What an update did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct UpdateStats {
+    /// Sum of the per-transition losses in the reference's order (its `total_loss`).
+    pub total_loss: f64,
+    /// Per-transition losses `[b][k]`.
+    pub losses: Vec<Vec<f32>>,
+    /// Gradient norm before clipping, per optimizer step.
+    pub grad_norms: Vec<f32>,
+    /// Learning rate of each optimizer step.
+    pub lrs: Vec<f64>,
+    /// Mean, min and max policy ratio over trained transitions.
+    pub ratio_mean: f64,
+    /// See `ratio_mean`.
+    pub ratio_min: f64,
+    /// See `ratio_mean`.
+    pub ratio_max: f64,
+    /// Share of trained transitions with `|ratio - 1| > clip_range`.
+    pub clip_fraction: f64,
+    /// Trained transitions.
+    pub transitions: usize,
+    /// Samples after the last full accumulation window: trained but never stepped
+    /// (the reference's behaviour when `B % grad_accum != 0`).
+    pub unstepped_samples: i64,
+}
+
+/// Everything the update reads.
+pub struct UpdateInputs<'a> {
+    /// The rollouts (trajectories, log-probs, model batches).
+    pub rollout: &'a Rollout,
+    /// Clamped advantages `(B,)`.
+    pub advantages: &'a Tensor,
+    /// The conditioning the rollout used.
+    pub cond: &'a Conditioning,
+    /// The rollout's schedule.
+    pub schedule: &'a Schedule,
+    /// The iteration's random draws (permutations).
+    pub draws: &'a dyn Draws,
+}
+
+/// Runs the GRPO update of one iteration on `model` with `optimizer`.
+pub fn grpo_update(
+    model: &dyn VelocityModel,
+    optimizer: &mut AdamW,
+    inputs: &UpdateInputs,
+    cfg: &UpdateConfig,
+    observer: &mut dyn UpdateObserver,
+) -> Result<UpdateStats> {
+    let b_total = inputs.rollout.latents.size()[0];
+    let (n, t) = cfg.trained(inputs.schedule.steps())?;
+    if inputs.advantages.size() != [b_total] {
+        return Err(Error::Input(format!(
+            "{} advantages for {b_total} samples",
+            inputs.advantages.size().first().copied().unwrap_or(0)
+        )));
+    }
+    let perms = (0..b_total)
+        .map(|b| Ok(inputs.draws.permutation(b, n)?[..t as usize].to_vec()))
+        .collect::<Result<Vec<_>>>()?;
+    let named = model.parameters();
+    let params: Vec<Tensor> = named.iter().map(|(_, p)| p.shallow_clone()).collect();
+    zero_grads(&params);
+    let mut run = Run {
+        model,
+        inputs,
+        cfg,
+        perms,
+        t,
+        stats: UpdateStats {
+            losses: vec![vec![0.0; t as usize]; b_total as usize],
+            ratio_min: f64::INFINITY,
+            ratio_max: f64::NEG_INFINITY,
+            unstepped_samples: b_total % cfg.grad_accum,
+            ..Default::default()
+        },
+        ratio_sum: 0.0,
+        clipped: 0,
+    };
+    let windows = b_total / cfg.grad_accum;
+    for samples in &inputs.rollout.batches {
+        for w in window_ids(samples, cfg.grad_accum) {
+            let active: Vec<i64> = (0..samples.len() as i64)
+                .filter(|&r| samples[r as usize] / cfg.grad_accum == w)
+                .collect();
+            for k in 0..t {
+                run.transitions(samples, &active, k, observer)?;
+            }
+            let last_of_window = (w + 1) * cfg.grad_accum - 1;
+            if w < windows && samples.contains(&last_of_window) {
+                run.optimizer_step(optimizer, &named, &params, observer)?;
+            }
+        }
+    }
+    Ok(run.finish())
+}
+
+/// The distinct accumulation windows of `samples`, in order.
+fn window_ids(samples: &[i64], grad_accum: i64) -> Vec<i64> {
+    let mut ids: Vec<i64> = samples.iter().map(|b| b / grad_accum).collect();
+    ids.dedup();
+    ids
+}
+
+fn zero_grads(params: &[Tensor]) {
+    for p in params {
+        if p.grad().defined() {
+            p.shallow_clone().zero_grad();
+        }
+    }
+}
+
+/// State of one update while it runs.
+struct Run<'a> {
+    model: &'a dyn VelocityModel,
+    inputs: &'a UpdateInputs<'a>,
+    cfg: &'a UpdateConfig,
+    perms: Vec<Vec<i64>>,
+    t: i64,
+    stats: UpdateStats,
+    ratio_sum: f64,
+    clipped: usize,
+}
+
+impl Run<'_> {
+    /// Re-evaluates transition `k` of every sample of one model batch and
+    /// back-propagates the loss of the `active` rows.
+    fn transitions(
+        &mut self,
+        samples: &[i64],
+        active: &[i64],
+        k: i64,
+        observer: &mut dyn UpdateObserver,
+    ) -> Result<()> {
+        let inp = self.inputs;
+        let steps: Vec<i64> = samples
+            .iter()
+            .map(|&b| self.perms[b as usize][k as usize])
+            .collect();
+        let device = inp.rollout.latents.device();
+        let pick = |offset: i64| {
+            let rows: Vec<Tensor> = samples
+                .iter()
+                .zip(&steps)
+                .map(|(&b, &j)| inp.rollout.latents.get(b).get(j + offset))
+                .collect();
+            Tensor::stack(&rows, 0) // (n, L, c)
+        };
+        let (z, z_next) = (pick(0), pick(1));
+        let idx = |v: &[i64]| Tensor::from_slice(v).to_device(device);
+        let old_lp = inp.rollout.log_probs.index_select(0, &idx(samples));
+        let old_lp = old_lp
+            .gather(1, &idx(&steps).unsqueeze(1), false)
+            .squeeze_dim(1); // (n,)
+        let adv = inp.advantages.index_select(0, &idx(samples));
+        let ts = inp
+            .schedule
+            .timestep_ints
+            .index_select(0, &Tensor::from_slice(&steps));
+        let ts = (ts.to_kind(Kind::Float) / 1000.0).to_device(device); // (n,)
+        let sc = inp.cond.for_samples(samples);
+        let scale = (self.cfg.grad_accum * self.t) as f64;
+        let all_active = active.len() == samples.len();
+        let active_idx = idx(active);
+        let mut kept: Option<(Tensor, Tensor, PolicyLoss)> = None;
+        let (eta, clip) = (self.cfg.eta, self.cfg.clip_range);
+        let _loss = self
+            .model
+            .velocity_backward(&inp.cond.inputs(&sc, &z, &ts), &mut |v| {
+                let step = sde_step(
+                    v,
+                    &z,
+                    &inp.schedule.sigmas,
+                    At::Rows(&steps),
+                    eta,
+                    Next::Given(&z_next),
+                );
+                let terms = clipped_policy_loss(&step.log_prob, &old_lp, &adv, clip, scale);
+                let loss = if all_active {
+                    terms.loss.sum(Kind::Float)
+                } else {
+                    terms.loss.index_select(0, &active_idx).sum(Kind::Float)
+                };
+                kept = Some((v.detach(), step.log_prob.detach(), terms));
+                Ok(loss)
+            })?;
+        let (v, new_lp, terms) = kept.expect("the loss function ran");
+        self.record(samples, active, k, &terms)?;
+        observer.transitions(&TransitionBatch {
+            samples,
+            active,
+            k,
+            steps: &steps,
+            timestep_input: &ts,
+            latents: &z,
+            next_latents: &z_next,
+            model_output: &v,
+            old_log_probs: &old_lp,
+            new_log_probs: &new_lp,
+            terms: &terms,
+        })
+    }
+
+    /// Adds the active rows' losses and ratios to the statistics.
+    fn record(
+        &mut self,
+        samples: &[i64],
+        active: &[i64],
+        k: i64,
+        terms: &PolicyLoss,
+    ) -> Result<()> {
+        let loss: Vec<f32> = Vec::try_from(&terms.loss.detach().to_device(tch::Device::Cpu))?;
+        let ratio: Vec<f32> = Vec::try_from(&terms.ratio.detach().to_device(tch::Device::Cpu))?;
+        let clipped: Vec<bool> = Vec::try_from(
+            &clipped_mask(&terms.ratio.detach(), self.cfg.clip_range).to_device(tch::Device::Cpu),
+        )?;
+        for &r in active {
+            let (r, b) = (r as usize, samples[r as usize] as usize);
+            self.stats.losses[b][k as usize] = loss[r];
+            let x = ratio[r] as f64;
+            self.ratio_sum += x;
+            self.stats.ratio_min = self.stats.ratio_min.min(x);
+            self.stats.ratio_max = self.stats.ratio_max.max(x);
+            self.clipped += clipped[r] as usize;
+            self.stats.transitions += 1;
+        }
+        Ok(())
+    }
+
+    /// Clips, steps AdamW at the scheduled learning rate and zeroes the gradients.
+    fn optimizer_step(
+        &mut self,
+        optimizer: &mut AdamW,
+        named: &[(String, Tensor)],
+        params: &[Tensor],
+        observer: &mut dyn UpdateObserver,
+    ) -> Result<()> {
+        let step = optimizer.steps() + 1;
+        observer.before_step(step, named)?;
+        let norm = clip_grad_norm(params, self.cfg.max_grad_norm);
+        let lr = self
+            .cfg
+            .lr_schedule
+            .lr(self.cfg.learning_rate, optimizer.steps());
+        optimizer.step(params, lr);
+        zero_grads(params);
+        self.stats.grad_norms.push(norm.double_value(&[]) as f32);
+        self.stats.lrs.push(lr);
+        observer.after_step(step, named)
+    }
+
+    fn finish(mut self) -> UpdateStats {
+        // the reference sums `loss.item()` sample by sample, transition by transition
+        self.stats.total_loss = self.stats.losses.iter().flatten().map(|&l| l as f64).sum();
+        let n = self.stats.transitions.max(1) as f64;
+        self.stats.ratio_mean = self.ratio_sum / n;
+        self.stats.clip_fraction = self.clipped as f64 / n;
+        self.stats
+    }
+}

@@ -1,0 +1,140 @@
+//! Rollout of groups: `G` samples per prompt drawn with the Dance-SDE sampler,
+//! every transition stored with its log-probability, in batches of any size.
+
+use tch::{Device, Tensor};
+
+use super::sde::{sde_step, At, Next};
+use super::{Conditioning, Draws, Schedule};
+use crate::error::Result;
+use crate::models::vae::{packing, to_uint8, Vae};
+use crate::models::VelocityModel;
+
+/// How a rollout is run.
+#[derive(Debug, Clone, Copy)]
+pub struct RolloutSettings {
+    /// SDE noise level `eta`.
+    pub eta: f64,
+    /// Samples per model call (any size; the update recomputes in the same batches).
+    pub batch: i64,
+}
+
+/// The stored trajectories of one iteration's samples.
+#[derive(Debug)]
+pub struct Rollout {
+    /// Latents `z_0 .. z_S` of every sample `(B, S+1, L, c)`.
+    pub latents: Tensor,
+    /// Log-probability of every transition `(B, S)`, float32.
+    pub log_probs: Tensor,
+    /// The last step's predicted x0 `(B, L, c)` (what the reference decodes).
+    pub pred_x0: Tensor,
+    /// The sample indices of each model batch, in order (the update reuses them).
+    pub batches: Vec<Vec<i64>>,
+}
+
+/// Splits samples `0..n` into consecutive batches of `batch`.
+pub fn batches(n: i64, batch: i64) -> Vec<Vec<i64>> {
+    let batch = batch.max(1);
+    (0..n)
+        .step_by(batch as usize)
+        .map(|s| (s..(s + batch).min(n)).collect())
+        .collect()
+}
+
+/// Samples every sample of `cond` from its initial noise with the SDE sampler
+/// (under `no_grad`), latent shape `latent = [c, h, w]`, on `device`.
+pub fn rollout(
+    model: &dyn VelocityModel,
+    cond: &Conditioning,
+    draws: &dyn Draws,
+    schedule: &Schedule,
+    latent: [i64; 3],
+    settings: &RolloutSettings,
+    device: Device,
+) -> Result<Rollout> {
+    let _guard = tch::no_grad_guard();
+    let chunks = batches(cond.samples(), settings.batch);
+    let (mut latents, mut log_probs, mut x0s) = (Vec::new(), Vec::new(), Vec::new());
+    for samples in &chunks {
+        let (z, lp, x0) = rollout_batch(
+            model,
+            cond,
+            draws,
+            schedule,
+            latent,
+            samples,
+            settings.eta,
+            device,
+        )?;
+        latents.push(z);
+        log_probs.push(lp);
+        x0s.push(x0);
+    }
+    Ok(Rollout {
+        latents: Tensor::cat(&latents, 0),
+        log_probs: Tensor::cat(&log_probs, 0),
+        pred_x0: Tensor::cat(&x0s, 0),
+        batches: chunks,
+    })
+}
+
+/// One batch of samples through all steps: `(latents (n, S+1, L, c), log_probs (n, S), x0 (n, L, c))`.
+#[allow(clippy::too_many_arguments)]
+fn rollout_batch(
+    model: &dyn VelocityModel,
+    cond: &Conditioning,
+    draws: &dyn Draws,
+    schedule: &Schedule,
+    latent: [i64; 3],
+    samples: &[i64],
+    eta: f64,
+    device: Device,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let n = samples.len() as i64;
+    let sc = cond.for_samples(samples);
+    let noise0 = samples
+        .iter()
+        .map(|&b| draws.init_noise(b, &latent))
+        .collect::<Result<Vec<_>>>()?;
+    let mut z = packing::pack(&Tensor::cat(&noise0, 0).to_device(device))?; // (n, L, c)
+    let token_shape = [z.size()[1], z.size()[2]];
+    let (mut zs, mut lps) = (vec![z.shallow_clone()], Vec::new());
+    let mut x0 = z.shallow_clone();
+    for i in 0..schedule.steps() {
+        let t = schedule.model_timestep(i, n).to_device(device);
+        let v = model.velocity(&cond.inputs(&sc, &z, &t))?;
+        let noise = samples
+            .iter()
+            .map(|&b| draws.sde_noise(b, i, &token_shape))
+            .collect::<Result<Vec<_>>>()?;
+        let noise = Tensor::cat(&noise, 0).to_device(device);
+        let step = sde_step(
+            &v,
+            &z,
+            &schedule.sigmas,
+            At::Step(i),
+            eta,
+            Next::Noise(&noise),
+        );
+        z = step.next;
+        x0 = step.pred_x0;
+        zs.push(z.shallow_clone());
+        lps.push(step.log_prob);
+    }
+    Ok((Tensor::stack(&zs, 1), Tensor::stack(&lps, 1), x0))
+}
+
+/// Decodes predicted x0 `(B, L, c)` of latent size `h x w` to images, `batch`
+/// at a time: float images `(B, 3, 8h, 8w)` in [-1, 1] (unclamped) and uint8
+/// `(B, 8h, 8w, 3)`.
+pub fn decode(vae: &Vae, x0: &Tensor, h: i64, w: i64, batch: i64) -> Result<(Tensor, Tensor)> {
+    let _guard = tch::no_grad_guard();
+    let (mut images, mut bytes) = (Vec::new(), Vec::new());
+    for samples in batches(x0.size()[0], batch) {
+        let part = x0.narrow(0, samples[0], samples.len() as i64);
+        let z = vae.denormalize(&packing::unpack(&part, h, w)?);
+        let image = vae.decode(&z, None);
+        bytes.push(to_uint8(&image));
+        images.push(image);
+    }
+    Ok((Tensor::cat(&images, 0), Tensor::cat(&bytes, 0)))
+}
