@@ -13,6 +13,7 @@ pub mod grpo;
 pub mod io;
 pub mod models;
 pub mod nn;
+pub mod rewards;
 pub mod rng;
 pub mod sampler;
 pub mod weights;

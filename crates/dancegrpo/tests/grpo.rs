@@ -166,3 +166,175 @@ fn first_update_ratios_are_exactly_one_for_any_rollout_batch() {
         assert_eq!(ro.log_probs.size(), [PROMPTS * G, STEPS]);
     }
 }
+
+/// A reward for tests: mean brightness, failing on samples listed in `fail`.
+struct Brightness {
+    fail: Vec<usize>,
+}
+
+impl dancegrpo::rewards::Reward for Brightness {
+    fn name(&self) -> &str {
+        "brightness"
+    }
+    fn score(
+        &mut self,
+        batch: &dancegrpo::rewards::RewardBatch,
+    ) -> dancegrpo::Result<Vec<dancegrpo::rewards::Score>> {
+        use dancegrpo::rewards::Score;
+        assert_eq!(batch.prompts.len() as i64, batch.images.size()[0]);
+        Ok((0..batch.images.size()[0])
+            .map(|b| {
+                if self.fail.contains(&(b as usize)) {
+                    Score::Failed("test failure".into())
+                } else {
+                    let m = batch.images.get(b).to_kind(Kind::Float).mean(Kind::Float);
+                    Score::Value(m.double_value(&[]) as f32 / 255.0)
+                }
+            })
+            .collect())
+    }
+}
+
+#[test]
+fn an_iteration_reports_rewards_failures_and_stage_times() {
+    use dancegrpo::grpo::{run_iteration, IterationConfig, IterationInputs, NoObserver};
+    use dancegrpo::models::vae::{Vae, VaeConfig};
+    let m = model(ActivationCheckpointing::Off);
+    let vae = Vae::new(
+        VaeConfig::tiny(),
+        Source::Seeded(6),
+        Kind::Float,
+        Device::Cpu,
+    )
+    .unwrap();
+    let cond = conditioning();
+    let schedule = Schedule::shifted(STEPS, 3.0);
+    let draws = draws();
+    let prompts = vec!["a".to_string(), "b".to_string()];
+    let inputs = IterationInputs {
+        cond: &cond,
+        prompts: &prompts,
+        draws: &draws,
+        schedule: &schedule,
+        latent: [16, 8, 8],
+    };
+    let cfg = IterationConfig {
+        rollout: RolloutSettings { eta: 0.3, batch: 4 },
+        decode_batch: 2,
+        grouping: Grouping::PerPrompt { size: G },
+        adv_clip_max: 5.0,
+        update: config(4),
+    };
+    let params: Vec<Tensor> = m.parameters().into_iter().map(|(_, p)| p).collect();
+    let before: Vec<Tensor> = params.iter().map(|p| p.detach().copy()).collect();
+    let mut opt = AdamW::new(AdamWConfig::default(), &params);
+    let mut reward = Brightness { fail: vec![5] };
+    let it = run_iteration(
+        &m,
+        &vae,
+        &mut reward,
+        &mut opt,
+        &inputs,
+        &cfg,
+        &mut NoObserver,
+    )
+    .unwrap();
+    let r = &it.report;
+    assert_eq!(it.images.size(), [8, 64, 64, 3]);
+    assert_eq!(r.rewards.len(), 8);
+    assert!(r.rewards[5].is_nan() && r.rewards[..5].iter().all(|x| x.is_finite()));
+    assert_eq!((r.failed_rewards, r.skipped_groups), (1, 1));
+    // the first group's advantages are normalised: mean 0, unbiased std 1 (the skipped group is all 0)
+    assert!(r.advantage.mean.abs() < 1e-6, "{:?}", r.advantage);
+    assert_eq!(r.update.grad_norms.len(), 2);
+    assert_eq!(r.update.transitions, 8 * 3);
+    assert!(r.update.ratio_min <= 1.0 && r.update.ratio_max >= 1.0);
+    assert!(r.seconds.rollout > 0.0 && r.seconds.update > 0.0);
+    let moved = params
+        .iter()
+        .zip(&before)
+        .filter(|(p, b)| !p.detach().equal(b))
+        .count();
+    assert!(moved > params.len() / 2, "only {moved} parameters moved");
+}
+
+#[test]
+fn bad_update_inputs_are_rejected_with_the_field() {
+    let m = model(ActivationCheckpointing::Off);
+    let cond = conditioning();
+    let schedule = Schedule::shifted(STEPS, 3.0);
+    let draws = draws();
+    let settings = RolloutSettings { eta: 0.3, batch: 8 };
+    let ro = rollout(
+        &m,
+        &cond,
+        &draws,
+        &schedule,
+        [16, 8, 8],
+        &settings,
+        Device::Cpu,
+    )
+    .unwrap();
+    let params: Vec<Tensor> = m.parameters().into_iter().map(|(_, p)| p).collect();
+    let mut opt = AdamW::new(AdamWConfig::default(), &params);
+    let adv = Tensor::zeros([8], (Kind::Float, Device::Cpu));
+    let run = |cfg: UpdateConfig, adv: &Tensor, opt: &mut AdamW| {
+        let inputs = UpdateInputs {
+            rollout: &ro,
+            advantages: adv,
+            cond: &cond,
+            schedule: &schedule,
+            draws: &draws,
+        };
+        grpo_update(&m, opt, &inputs, &cfg, &mut dancegrpo::grpo::NoObserver)
+            .unwrap_err()
+            .to_string()
+    };
+    for f in [0.0, 1.5, -0.1, f64::NAN] {
+        let err = run(
+            UpdateConfig {
+                timestep_fraction: f,
+                ..config(2)
+            },
+            &adv,
+            &mut opt,
+        );
+        assert!(err.contains("timestep_fraction"), "{err}");
+    }
+    let err = run(
+        UpdateConfig {
+            timestep_fraction: 0.1,
+            ..config(2)
+        },
+        &adv,
+        &mut opt,
+    );
+    assert!(err.contains("trains none"), "{err}");
+    let err = run(config(0), &adv, &mut opt);
+    assert!(err.contains("gradient_accumulation_steps"), "{err}");
+    let short = Tensor::zeros([5], (Kind::Float, Device::Cpu));
+    let err = run(config(2), &short, &mut opt);
+    assert!(err.contains("5 advantages for 8 samples"), "{err}");
+    // recorded draws with the wrong latent shape name the tensor and both shapes
+    let rec = dancegrpo::sampler::Recorded::new(
+        Tensor::zeros([1, 16, 4, 4], (Kind::Float, Device::Cpu)),
+        Tensor::zeros([8, STEPS, 4, 64], (Kind::Float, Device::Cpu)),
+        Tensor::zeros([8, STEPS - 1], (Kind::Int64, Device::Cpu)),
+    )
+    .unwrap();
+    let err = rollout(
+        &m,
+        &cond,
+        &rec,
+        &schedule,
+        [16, 8, 8],
+        &settings,
+        Device::Cpu,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("init_noise") && err.contains("[16, 8, 8]") && err.contains("[16, 4, 4]"),
+        "{err}"
+    );
+}

@@ -3,12 +3,14 @@
 //! the per-iteration update loop.
 
 pub mod advantage;
+pub mod iteration;
 pub mod loss;
 pub mod lr;
 pub mod optim;
 pub mod update;
 
 pub use advantage::{advantages, Advantages, Grouping};
+pub use iteration::{run_iteration, Iteration, IterationConfig, IterationInputs, IterationReport};
 pub use loss::{clipped_policy_loss, PolicyLoss};
 pub use lr::LrSchedule;
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig};

@@ -1,0 +1,45 @@
+//! Rewards: one trait for every scorer of (image, prompt) pairs.
+//!
+//! A reward never turns a failure into a number: each item is either a score
+//! or a recorded failure, and the GRPO advantages skip groups with a failure.
+
+use tch::Tensor;
+
+use crate::error::Result;
+
+/// A batch to score: images straight from the VAE and their prompts.
+pub struct RewardBatch<'a> {
+    /// uint8 images `(B, H, W, 3)` (what the reference's reward models consume).
+    pub images: &'a Tensor,
+    /// One prompt per image.
+    pub prompts: &'a [String],
+}
+
+/// The outcome for one item.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Score {
+    /// A score.
+    Value(f32),
+    /// The reward could not score the item (why).
+    Failed(String),
+}
+
+/// A reward model.
+pub trait Reward {
+    /// Short name used in logs and metrics (e.g. `hpsv2`, `jpeg`).
+    fn name(&self) -> &str;
+    /// Scores every item of `batch`, in order.
+    fn score(&mut self, batch: &RewardBatch) -> Result<Vec<Score>>;
+}
+
+/// Scores as a float32 tensor `(B,)`, failures as NaN (which the advantages skip).
+pub fn scores_to_tensor(scores: &[Score]) -> Tensor {
+    let v: Vec<f32> = scores
+        .iter()
+        .map(|s| match s {
+            Score::Value(x) => *x,
+            Score::Failed(_) => f32::NAN,
+        })
+        .collect();
+    Tensor::from_slice(&v)
+}
