@@ -20,6 +20,8 @@ enum Command {
     Align(cmd::align::Args),
     /// Run the built-in tiny pipeline end to end (no downloads, CPU).
     Demo(cmd::demo::Args),
+    /// GRPO training from a config (or the built-in tiny default).
+    Train(cmd::train::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -28,6 +30,7 @@ fn main() -> std::process::ExitCode {
         Command::Env(a) => cmd::env::run(a),
         Command::Align(a) => cmd::align::run(a),
         Command::Demo(a) => cmd::demo::run(a),
+        Command::Train(a) => cmd::train::run(a),
     };
     match result {
         Ok(code) => code,

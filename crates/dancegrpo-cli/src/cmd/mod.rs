@@ -3,3 +3,4 @@
 pub mod align;
 pub mod demo;
 pub mod env;
+pub mod train;

@@ -30,7 +30,7 @@ pub struct IterationConfig {
 }
 
 /// Seconds per stage.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StageSeconds {
     /// SDE sampling of every sample.
     pub rollout: f64,
@@ -43,7 +43,7 @@ pub struct StageSeconds {
 }
 
 /// Mean, standard deviation (unbiased), min and max of the finite values.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Summary {
     /// Mean.
     pub mean: f64,

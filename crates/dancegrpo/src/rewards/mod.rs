@@ -3,6 +3,9 @@
 //! A reward never turns a failure into a number: each item is either a score
 //! or a recorded failure, and the GRPO advantages skip groups with a failure.
 
+pub mod combine;
+pub mod jpeg;
+
 use tch::Tensor;
 
 use crate::error::Result;

@@ -1,0 +1,246 @@
+//! `dancegrpo train` end to end: exact resume after SIGKILL, partial
+//! checkpoints, checkpoint layout, and configuration errors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dancegrpo::io::safetensors::SafetensorsFile;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_dancegrpo"))
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("dancegrpo-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+const RUN: [&str; 8] = [
+    "--threads",
+    "1",
+    "--set",
+    "run.iterations=9",
+    "--set",
+    "run.checkpoint_every=2",
+    "--set",
+    "run.keep_checkpoints=0",
+];
+
+fn train(out: &Path, extra: &[&str]) -> Output {
+    let out = bin()
+        .args(["train", "--out", out.to_str().unwrap()])
+        .args(RUN)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// metrics.jsonl without the wall-clock fields.
+fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let o = v.as_object_mut().unwrap();
+            o.remove("seconds");
+            o.remove("images_per_second");
+            v
+        })
+        .collect()
+}
+
+fn final_weights(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let path = dir.join("checkpoints/iter-000009/transformer/diffusion_pytorch_model.safetensors");
+    let f = SafetensorsFile::open(&path).unwrap();
+    f.names()
+        .map(|n| (n.to_string(), f.bytes(n).unwrap().to_vec()))
+        .collect()
+}
+
+fn assert_same_run(a: &Path, b: &Path) {
+    assert_eq!(metrics(a), metrics(b), "metrics differ");
+    assert_eq!(metrics(a).len(), 9);
+    assert!(final_weights(a) == final_weights(b), "final weights differ");
+    let opt =
+        |d: &Path| std::fs::read(d.join("checkpoints/iter-000009/optimizer.safetensors")).unwrap();
+    assert!(opt(a) == opt(b), "optimizer state differs");
+    assert_eq!(
+        std::fs::read_to_string(a.join("rewards.txt")).unwrap(),
+        std::fs::read_to_string(b.join("rewards.txt")).unwrap()
+    );
+}
+
+#[test]
+fn sigkill_and_resume_reproduce_an_uninterrupted_run_bit_for_bit() {
+    let root = temp_dir("kill");
+    let clean = root.join("clean");
+    train(&clean, &[]);
+    // checkpoint layout: diffusers transformer directory + optimizer + state
+    let ck = clean.join("checkpoints/iter-000009");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ck.join("transformer/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["_class_name"], "FluxTransformer2DModel");
+    assert!(final_weights(&clean)
+        .iter()
+        .any(|(n, _)| n == "transformer_blocks.0.attn.to_q.weight"));
+    assert!(ck.join("state.json").is_file() && clean.join("config.toml").is_file());
+
+    let killed = root.join("killed");
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    let mut kills = 0;
+    for attempt in 0..20u64 {
+        let resume = killed.join("checkpoints").is_dir()
+            && std::fs::read_dir(killed.join("checkpoints"))
+                .unwrap()
+                .any(|e| e.unwrap().path().join("state.json").is_file());
+        let mut cmd = bin();
+        cmd.args(["train", "--out", killed.to_str().unwrap()])
+            .args(RUN);
+        if resume {
+            cmd.arg("--resume");
+        }
+        let mut child = cmd
+            .stderr(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let delay = 250
+            + (nanos
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(attempt * 1442695040888963407)
+                >> 33)
+                % 900;
+        std::thread::sleep(Duration::from_millis(delay));
+        match child.try_wait().unwrap() {
+            Some(status) => {
+                assert!(status.success(), "run {attempt} failed");
+                break;
+            }
+            None => {
+                child.kill().unwrap(); // SIGKILL
+                child.wait().unwrap();
+                kills += 1;
+                eprintln!("killed attempt {attempt} after {delay} ms");
+            }
+        }
+    }
+    // finish whatever is left (from scratch if no checkpoint was completed)
+    let mut cmd = bin();
+    cmd.args(["train", "--out", killed.to_str().unwrap()])
+        .args(RUN);
+    if dancegrpo::train::checkpoint::latest(&killed.join("checkpoints")).is_some() {
+        cmd.arg("--resume");
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{kills} kills");
+    assert_same_run(&clean, &killed);
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn a_half_written_checkpoint_is_ignored_on_resume() {
+    let root = temp_dir("partial");
+    let clean = root.join("clean");
+    train(&clean, &[]);
+    // run 5 iterations, then make its last checkpoint look interrupted: a
+    // temporary directory and a final-named one without state.json
+    let part = root.join("part");
+    train(&part, &["--set", "run.iterations=5"]);
+    let ck = part.join("checkpoints");
+    std::fs::remove_file(ck.join("iter-000005/state.json")).unwrap();
+    std::fs::write(ck.join("iter-000005/optimizer.safetensors"), "garbage").unwrap();
+    std::fs::create_dir_all(ck.join(".iter-000006.tmp/transformer")).unwrap();
+    std::fs::write(ck.join(".iter-000006.tmp/transformer/config.json"), "{").unwrap();
+    // the resume starts from iteration 4; metrics of iteration 5 are dropped and redone
+    let out = bin()
+        .args(["train", "--out", part.to_str().unwrap(), "--resume"])
+        .args(RUN)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("resumed after iteration 4"), "{err}");
+    assert_same_run(&clean, &part);
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn configuration_and_run_directory_errors_name_the_problem() {
+    let root = temp_dir("errors");
+    let check = |args: &[&str], want: &[&str]| {
+        let out = bin()
+            .arg("train")
+            .args(args)
+            .args(["--threads", "1"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        for w in want {
+            assert!(err.contains(w), "{args:?}: `{w}` not in {err}");
+        }
+    };
+    let out = root.join("run");
+    let o = out.to_str().unwrap();
+    check(
+        &["--out", o, "--set", "sampler.bogus=1"],
+        &["sampler", "unknown field `bogus`"],
+    );
+    check(
+        &["--out", o, "--set", "optim.learning_rate=\"fast\""],
+        &["optim.learning_rate", "invalid type"],
+    );
+    check(
+        &["--out", o, "--set", "grpo.timestep_fraction=1.5"],
+        &["grpo.timestep_fraction", "(0, 1]"],
+    );
+    check(
+        &["--out", o, "--set", "sampler.height=50"],
+        &["sampler.height", "multiple of 16"],
+    );
+    check(
+        &["--out", o, "--set", "optim.gradient_accumulation=5"],
+        &["optim.gradient_accumulation", "16 samples"],
+    );
+    let cfg = root.join("bad.toml");
+    std::fs::write(&cfg, "[model]\nkind = \"tiny\"\nseed = 0\n[data]\nkind = \"synthetic\"\nprompts = 4\nseed = 0\n[[rewards]]\nkind = \"jpeg\"\nobjective = \"sharpness\"\n").unwrap();
+    check(
+        &["--out", o, "--config", cfg.to_str().unwrap()],
+        &["rewards[0]", "sharpness"],
+    );
+    check(
+        &["--out", o, "--config", "/nonexistent/run.toml"],
+        &["/nonexistent/run.toml"],
+    );
+    check(&["--out", o, "--resume"], &["no complete checkpoint"]);
+    // a finished run refuses a fresh start in the same directory
+    train(&out, &["--set", "run.iterations=2"]);
+    check(&["--out", o], &["already holds checkpoint", "--resume"]);
+    // an unwritable output directory
+    let file = root.join("not-a-dir");
+    std::fs::write(&file, "x").unwrap();
+    check(
+        &["--out", file.join("run").to_str().unwrap()],
+        &["not-a-dir"],
+    );
+    std::fs::remove_dir_all(&root).unwrap();
+}

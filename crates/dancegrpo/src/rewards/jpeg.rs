@@ -1,0 +1,117 @@
+//! JPEG compressibility and incompressibility: a model-free reward, the encoded
+//! size of the image at a fixed JPEG quality (as DDPO and Flow-GRPO define it).
+
+use tch::{Device, Kind, Tensor};
+
+use super::{Reward, RewardBatch, Score};
+use crate::error::{Error, Result};
+
+/// Which direction is rewarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JpegObjective {
+    /// Smaller files score higher: `-size_kb`.
+    Compressibility,
+    /// Larger files score higher: `+size_kb`.
+    Incompressibility,
+}
+
+/// The JPEG size reward.
+#[derive(Debug, Clone)]
+pub struct JpegReward {
+    objective: JpegObjective,
+    quality: u8,
+}
+
+impl JpegReward {
+    /// A reward with `objective` at JPEG `quality` (1..=100; DDPO uses 95).
+    pub fn new(objective: JpegObjective, quality: u8) -> Result<Self> {
+        if !(1..=100).contains(&quality) {
+            return Err(Error::Input(format!(
+                "JPEG quality must be in 1..=100, got {quality}"
+            )));
+        }
+        Ok(JpegReward { objective, quality })
+    }
+
+    /// The JPEG size in bytes of one uint8 image `(H, W, 3)`.
+    pub fn encoded_size(&self, image: &Tensor) -> Result<usize> {
+        let s = image.size();
+        if s.len() != 3 || s[2] != 3 || image.kind() != Kind::Uint8 {
+            return Err(Error::Input(format!(
+                "JPEG reward wants uint8 (H, W, 3) images, got {:?} {:?}",
+                image.kind(),
+                s
+            )));
+        }
+        let (h, w) = (s[0] as u16, s[1] as u16);
+        let pixels = image.to_device(Device::Cpu).contiguous();
+        let n = pixels.numel();
+        let mut data = vec![0u8; n];
+        pixels.copy_data_u8(&mut data, n);
+        let mut out = Vec::new();
+        jpeg_encoder::Encoder::new(&mut out, self.quality)
+            .encode(&data, w, h, jpeg_encoder::ColorType::Rgb)
+            .map_err(|e| Error::Input(format!("JPEG encoding failed: {e}")))?;
+        Ok(out.len())
+    }
+}
+
+impl Reward for JpegReward {
+    fn name(&self) -> &str {
+        match self.objective {
+            JpegObjective::Compressibility => "jpeg_compressibility",
+            JpegObjective::Incompressibility => "jpeg_incompressibility",
+        }
+    }
+
+    fn score(&mut self, batch: &RewardBatch) -> Result<Vec<Score>> {
+        let n = batch.images.size().first().copied().unwrap_or(0);
+        (0..n)
+            .map(|b| {
+                let kb = self.encoded_size(&batch.images.get(b))? as f32 / 1000.0;
+                Ok(Score::Value(match self.objective {
+                    JpegObjective::Compressibility => -kb,
+                    JpegObjective::Incompressibility => kb,
+                }))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Philox;
+
+    #[test]
+    fn flat_images_are_more_compressible_than_noise() {
+        let flat = Tensor::full([32, 48, 3], 128, (Kind::Uint8, Device::Cpu));
+        let noise = (Philox::new(1, 0).normal_tensor(&[32, 48, 3]) * 60.0 + 128.0)
+            .clamp(0.0, 255.0)
+            .to_kind(Kind::Uint8);
+        let images = Tensor::stack(&[flat, noise], 0);
+        let prompts = vec![String::new(), String::new()];
+        let batch = RewardBatch {
+            images: &images,
+            prompts: &prompts,
+        };
+        let mut r = JpegReward::new(JpegObjective::Compressibility, 95).unwrap();
+        let s = r.score(&batch).unwrap();
+        let (Score::Value(flat), Score::Value(noisy)) = (&s[0], &s[1]) else {
+            panic!("{s:?}")
+        };
+        assert!(flat > noisy && *flat < 0.0, "{flat} vs {noisy}");
+        let mut inc = JpegReward::new(JpegObjective::Incompressibility, 95).unwrap();
+        assert_eq!(inc.score(&batch).unwrap()[0], Score::Value(-flat));
+        let rgba = Tensor::zeros([1, 8, 8, 4], (Kind::Uint8, Device::Cpu));
+        let err = r
+            .score(&RewardBatch {
+                images: &rgba,
+                prompts: &prompts[..1],
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("(H, W, 3)"), "{err}");
+        assert!(JpegReward::new(JpegObjective::Compressibility, 0).is_err());
+    }
+}

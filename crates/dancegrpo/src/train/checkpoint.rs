@@ -1,0 +1,172 @@
+//! Training checkpoints: the transformer in the diffusers layout, the optimizer
+//! state and the trainer state, written into a temporary directory and renamed
+//! into place, so a crash mid-write leaves the previous checkpoint intact.
+//!
+//! ```text
+//! <run>/checkpoints/iter-000040/
+//!     transformer/config.json, diffusion_pytorch_model.safetensors
+//!     optimizer.safetensors      exp_avg.<param>, exp_avg_sq.<param>
+//!     state.json                 written last: marks the checkpoint complete
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::Kind;
+
+use crate::error::{Error, Result};
+use crate::grpo::AdamW;
+use crate::io::atomic::write_bytes_atomic;
+use crate::io::safetensors::{write_safetensors, SafetensorsFile};
+use crate::models::flux::FluxTransformer;
+use crate::models::VelocityModel;
+
+/// What a checkpoint records besides tensors.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainState {
+    /// Completed iterations.
+    pub iteration: u64,
+    /// Optimizer steps taken.
+    pub optimizer_steps: u64,
+    /// Next position in the data stream.
+    pub data_position: u64,
+    /// The first iteration's mean reward (for progress reports).
+    pub first_reward: Option<f64>,
+}
+
+/// The directory name of the checkpoint after `iteration`.
+pub fn checkpoint_name(iteration: u64) -> String {
+    format!("iter-{iteration:06}")
+}
+
+/// Writes a checkpoint of `model`, `optimizer` and `state` under `root`.
+pub fn save(
+    root: &Path,
+    model: &FluxTransformer,
+    optimizer: &AdamW,
+    state: &TrainState,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
+    let name = checkpoint_name(state.iteration);
+    let tmp = root.join(format!(".{name}.tmp"));
+    let done = root.join(&name);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    model.save_dir(&tmp.join("transformer"))?;
+    let names: Vec<String> = model.parameters().into_iter().map(|(n, _)| n).collect();
+    let (m, v) = optimizer.moments();
+    let mut tensors = Vec::with_capacity(2 * names.len());
+    for (n, (m, v)) in names.iter().zip(m.iter().zip(v)) {
+        tensors.push((format!("exp_avg.{n}"), m.shallow_clone()));
+        tensors.push((format!("exp_avg_sq.{n}"), v.shallow_clone()));
+    }
+    let meta = BTreeMap::from([("step".to_string(), optimizer.steps().to_string())]);
+    write_safetensors(tmp.join("optimizer.safetensors"), &tensors, &meta)?;
+    let json = serde_json::to_string_pretty(state).expect("serialisable state");
+    write_bytes_atomic(&tmp.join("state.json"), json.as_bytes())?;
+    if done.exists() {
+        std::fs::remove_dir_all(&done).map_err(|e| Error::io(&done, e))?;
+    }
+    std::fs::rename(&tmp, &done).map_err(|e| Error::io(&done, e))?;
+    sync_dir(root);
+    Ok(done)
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(f) = std::fs::File::open(dir) {
+        let _ = f.sync_all();
+    }
+}
+
+/// The newest complete checkpoint under `root` (one with a `state.json`), if any.
+pub fn latest(root: &Path) -> Option<PathBuf> {
+    let entries = std::fs::read_dir(root).ok()?;
+    entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("iter-"))
+                && p.join("state.json").is_file()
+        })
+        .max()
+}
+
+/// Removes all but the newest `keep` complete checkpoints (0 keeps all).
+pub fn prune(root: &Path, keep: usize) -> Result<()> {
+    if keep == 0 {
+        return Ok(());
+    }
+    let mut all: Vec<PathBuf> = std::fs::read_dir(root)
+        .map_err(|e| Error::io(root, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("iter-"))
+        })
+        .collect();
+    all.sort();
+    let n = all.len().saturating_sub(keep);
+    for old in &all[..n] {
+        std::fs::remove_dir_all(old).map_err(|e| Error::io(old, e))?;
+    }
+    Ok(())
+}
+
+/// Reads the trainer state of checkpoint `dir`.
+pub fn load_state(dir: &Path) -> Result<TrainState> {
+    crate::io::json::read_json(&dir.join("state.json"))
+}
+
+/// Loads the optimizer moments of checkpoint `dir` into `optimizer` (parameter names from `model`).
+pub fn load_optimizer(dir: &Path, model: &FluxTransformer, optimizer: &mut AdamW) -> Result<()> {
+    let path = dir.join("optimizer.safetensors");
+    let file = SafetensorsFile::open(&path)?;
+    let step: u64 = file
+        .metadata()
+        .get("step")
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| Error::Safetensors {
+            path: path.clone(),
+            msg: "metadata lacks the optimizer `step`".into(),
+        })?;
+    let (mut m, mut v) = (Vec::new(), Vec::new());
+    for (name, p) in model.parameters() {
+        let kind = p.kind();
+        m.push(
+            file.tensor(&format!("exp_avg.{name}"))?
+                .to_kind(kind)
+                .to_device(p.device()),
+        );
+        v.push(
+            file.tensor(&format!("exp_avg_sq.{name}"))?
+                .to_kind(kind)
+                .to_device(p.device()),
+        );
+    }
+    optimizer.restore(m, v, step)
+}
+
+/// Copies the weights of the checkpoint's `transformer/` into `model` (same architecture).
+pub fn load_weights(dir: &Path, model: &FluxTransformer) -> Result<()> {
+    let saved = FluxTransformer::from_dir(&dir.join("transformer"), Kind::Float, tch::Device::Cpu)?;
+    let _guard = tch::no_grad_guard();
+    for ((name, p), (_, s)) in model.parameters().into_iter().zip(saved.parameters()) {
+        if p.size() != s.size() {
+            return Err(Error::Input(format!(
+                "checkpoint {}: {name} has shape {:?}, the model {:?}",
+                dir.display(),
+                s.size(),
+                p.size()
+            )));
+        }
+        p.shallow_clone()
+            .copy_(&s.to_kind(p.kind()).to_device(p.device()));
+    }
+    Ok(())
+}

@@ -1,0 +1,386 @@
+//! The training configuration: one TOML file (plus `key=value` overrides),
+//! validated at start with errors that name the field, and written resolved
+//! into the run directory. Defaults are the reference's FLUX recipe.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::grpo::{LrSchedule, Trainable};
+use crate::models::ActivationCheckpointing;
+use crate::rewards::jpeg::JpegObjective;
+use crate::sampler::draws::{InitNoise, NoisePrecision};
+
+/// Where the base model comes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ModelSource {
+    /// A FLUX.1 directory in the diffusers layout (`transformer/`, `vae/`).
+    Dir {
+        /// The model directory.
+        path: PathBuf,
+    },
+    /// The built-in tiny FLUX and VAE, seeded (no download; for demos and tests).
+    Tiny {
+        /// Seed of the weights.
+        seed: u64,
+    },
+}
+
+/// Where the prompts come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum DataSource {
+    /// Seeded synthetic prompt embeddings for the tiny model (no text encoders).
+    Synthetic {
+        /// Number of distinct prompts.
+        prompts: u64,
+        /// Seed of the embeddings.
+        seed: u64,
+    },
+}
+
+/// One reward and its weight.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RewardSpec {
+    /// JPEG size at a fixed quality.
+    Jpeg {
+        /// Which direction is rewarded.
+        objective: JpegObjective,
+        /// JPEG quality.
+        #[serde(default = "default_jpeg_quality")]
+        quality: u8,
+        /// Weight in the combined reward.
+        #[serde(default = "one")]
+        weight: f64,
+    },
+}
+
+fn default_jpeg_quality() -> u8 {
+    95
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// The SDE sampler used for rollouts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SamplerConfig {
+    /// Image height in pixels (a multiple of 16).
+    pub height: i64,
+    /// Image width in pixels (a multiple of 16).
+    pub width: i64,
+    /// Denoising steps.
+    pub steps: i64,
+    /// SDE noise level.
+    pub eta: f64,
+    /// Schedule shift.
+    pub shift: f64,
+    /// Samples per prompt (G).
+    pub group_size: i64,
+    /// How the initial noise is shared.
+    pub init_noise: InitNoise,
+    /// Precision of the initial noise.
+    pub noise_precision: NoisePrecision,
+    /// Guidance value fed to guidance-distilled models.
+    pub guidance: f64,
+    /// Samples per model call in rollouts.
+    pub rollout_batch: i64,
+    /// Images per VAE call.
+    pub decode_batch: i64,
+}
+
+impl Default for SamplerConfig {
+    fn default() -> Self {
+        SamplerConfig {
+            height: 720,
+            width: 720,
+            steps: 16,
+            eta: 0.3,
+            shift: 3.0,
+            group_size: 12,
+            init_noise: InitNoise::SharedPerIteration,
+            noise_precision: NoisePrecision::Bf16,
+            guidance: 3.5,
+            rollout_batch: 1,
+            decode_batch: 1,
+        }
+    }
+}
+
+/// Advantage normalisation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdvantageGrouping {
+    /// Per prompt group (the reference's `use_group`).
+    PerPrompt,
+    /// Over the whole batch.
+    Global,
+}
+
+/// The GRPO objective.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpoConfig {
+    /// Fraction of the trainable transitions trained per sample.
+    pub timestep_fraction: f64,
+    /// Which transitions are trainable.
+    pub trainable: Trainable,
+    /// PPO clip range.
+    pub clip_range: f64,
+    /// Advantage clamp.
+    pub adv_clip_max: f64,
+    /// Advantage normalisation.
+    pub grouping: AdvantageGrouping,
+}
+
+impl Default for GrpoConfig {
+    fn default() -> Self {
+        GrpoConfig {
+            timestep_fraction: 0.6,
+            trainable: Trainable::AllButLast,
+            clip_range: 1e-4,
+            adv_clip_max: 5.0,
+            grouping: AdvantageGrouping::PerPrompt,
+        }
+    }
+}
+
+/// Optimizer and schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimConfig {
+    /// Base learning rate.
+    pub learning_rate: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+    /// Adam betas.
+    pub betas: (f64, f64),
+    /// Adam epsilon.
+    pub eps: f64,
+    /// Gradient-norm bound.
+    pub max_grad_norm: f64,
+    /// Samples per optimizer step (per process).
+    pub gradient_accumulation: i64,
+    /// Learning-rate schedule.
+    pub lr_schedule: LrSchedule,
+    /// Per-block activation checkpointing in the update.
+    pub activation_checkpointing: ActivationCheckpointing,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            learning_rate: 1e-5,
+            weight_decay: 1e-4,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            max_grad_norm: 1.0,
+            gradient_accumulation: 12,
+            lr_schedule: LrSchedule::default(),
+            activation_checkpointing: ActivationCheckpointing::PerBlock,
+        }
+    }
+}
+
+/// Length, cadence and seeds of the run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    /// Seed of every random draw (data order, noise, permutations).
+    pub seed: u64,
+    /// Iterations to train.
+    pub iterations: u64,
+    /// Prompts per iteration over all processes.
+    pub prompts_per_iteration: i64,
+    /// Write a checkpoint every this many iterations (and at the end).
+    pub checkpoint_every: u64,
+    /// Write a rollout image grid every this many iterations (0: never).
+    pub image_every: u64,
+    /// Keep this many newest checkpoints (0: all).
+    pub keep_checkpoints: usize,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            seed: 42,
+            iterations: 300,
+            prompts_per_iteration: 2,
+            checkpoint_every: 40,
+            image_every: 10,
+            keep_checkpoints: 0,
+        }
+    }
+}
+
+/// The whole training configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// The base model.
+    pub model: ModelSource,
+    /// The prompts.
+    pub data: DataSource,
+    /// Rewards with weights.
+    pub rewards: Vec<RewardSpec>,
+    /// Rollout sampler.
+    #[serde(default)]
+    pub sampler: SamplerConfig,
+    /// GRPO objective.
+    #[serde(default)]
+    pub grpo: GrpoConfig,
+    /// Optimizer.
+    #[serde(default)]
+    pub optim: OptimConfig,
+    /// Run length and cadence.
+    #[serde(default)]
+    pub run: RunConfig,
+}
+
+/// Quantities derived from the global configuration for a number of processes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Derived {
+    /// Processes.
+    pub world_size: i64,
+    /// Prompts each process handles per iteration.
+    pub prompts_per_process: i64,
+    /// Samples (`prompts * G`) per process per iteration.
+    pub samples_per_process: i64,
+    /// Samples per iteration over all processes.
+    pub samples_per_iteration: i64,
+    /// Optimizer steps per iteration.
+    pub optimizer_steps_per_iteration: i64,
+    /// Samples whose gradients make one optimizer step, over all processes.
+    pub effective_batch: i64,
+}
+
+fn field_err(origin: &Path, field: &str, msg: impl Into<String>) -> Error {
+    Error::config(origin, field, msg)
+}
+
+impl TrainConfig {
+    /// The built-in tiny CPU run (`dancegrpo train` with no config): the seeded
+    /// tiny FLUX, synthetic prompts and JPEG compressibility, a few minutes on 2 cores.
+    pub fn tiny_demo() -> Self {
+        TrainConfig {
+            model: ModelSource::Tiny { seed: 0 },
+            data: DataSource::Synthetic {
+                prompts: 16,
+                seed: 0,
+            },
+            rewards: vec![RewardSpec::Jpeg {
+                objective: JpegObjective::Compressibility,
+                quality: 95,
+                weight: 1.0,
+            }],
+            sampler: SamplerConfig {
+                height: 64,
+                width: 64,
+                steps: 8,
+                group_size: 8,
+                rollout_batch: 8,
+                decode_batch: 8,
+                ..SamplerConfig::default()
+            },
+            grpo: GrpoConfig {
+                clip_range: 0.2,
+                ..GrpoConfig::default()
+            },
+            optim: OptimConfig {
+                learning_rate: 3e-4,
+                gradient_accumulation: 16,
+                activation_checkpointing: ActivationCheckpointing::Off,
+                ..OptimConfig::default()
+            },
+            run: RunConfig {
+                seed: 0,
+                iterations: 40,
+                prompts_per_iteration: 2,
+                checkpoint_every: 10,
+                image_every: 10,
+                keep_checkpoints: 2,
+            },
+        }
+    }
+
+    /// Reads `path` (TOML), applies `overrides` (`section.key=value`, the value
+    /// parsed as TOML, else taken as a string) and validates.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let value: toml::Value = toml::from_str(&text).map_err(|e| Error::Json {
+            path: path.to_path_buf(),
+            msg: format!("TOML: {e}"),
+        })?;
+        Self::from_value(value, overrides, path)
+    }
+
+    /// This configuration with `overrides` applied, validated (`origin` names it in errors).
+    pub fn with_overrides(&self, overrides: &[String], origin: &Path) -> Result<Self> {
+        let value = toml::Value::try_from(self).expect("serialisable config");
+        Self::from_value(value, overrides, origin)
+    }
+
+    fn from_value(mut value: toml::Value, overrides: &[String], origin: &Path) -> Result<Self> {
+        for o in overrides {
+            apply_override(&mut value, o, origin)?;
+        }
+        let cfg: TrainConfig = serde_path_to_error::deserialize(value).map_err(|e| {
+            let field = e.path().to_string();
+            field_err(origin, &field, e.into_inner().to_string())
+        })?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    /// The configuration as TOML (what is written into the run directory).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("serialisable config")
+    }
+
+    /// Per-process quantities for `world_size` processes.
+    pub fn derived(&self, world_size: i64) -> Derived {
+        let prompts = self.run.prompts_per_iteration / world_size.max(1);
+        let samples = prompts * self.sampler.group_size;
+        Derived {
+            world_size,
+            prompts_per_process: prompts,
+            samples_per_process: samples,
+            samples_per_iteration: samples * world_size,
+            optimizer_steps_per_iteration: samples / self.optim.gradient_accumulation.max(1),
+            effective_batch: self.optim.gradient_accumulation * world_size,
+        }
+    }
+}
+
+/// Sets `key=value` in `root` (nested tables created as needed).
+fn apply_override(root: &mut toml::Value, spec: &str, origin: &Path) -> Result<()> {
+    let (key, raw) = spec
+        .split_once('=')
+        .ok_or_else(|| field_err(origin, spec, "an override is `section.key=value`"))?;
+    let key = key.trim();
+    let raw = raw.trim();
+    let parsed = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let parts: Vec<&str> = key.split('.').collect();
+    let mut node = root;
+    for part in &parts[..parts.len() - 1] {
+        let table = node
+            .as_table_mut()
+            .ok_or_else(|| field_err(origin, key, "not a table"))?;
+        node = table
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    }
+    let table = node
+        .as_table_mut()
+        .ok_or_else(|| field_err(origin, key, "not a table"))?;
+    table.insert(parts[parts.len() - 1].to_string(), parsed);
+    Ok(())
+}

@@ -1,0 +1,163 @@
+//! What a run writes for the user: `metrics.jsonl` (one JSON object per
+//! iteration), `rewards.txt` (the reference's reward log: one mean reward per
+//! line), the reward curve PNG and image grids, written by a background thread
+//! so training never waits on the disk.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Sender};
+use std::thread::JoinHandle;
+
+use serde::Serialize;
+use tch::Tensor;
+
+use crate::error::{Error, Result};
+use crate::grpo::iteration::{IterationReport, Summary};
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct Metrics {
+    /// Iteration (1-based).
+    pub iteration: u64,
+    /// Combined reward summary.
+    pub reward_mean: f64,
+    /// See `reward_mean`.
+    pub reward_std: f64,
+    /// Per-reward means (name, mean).
+    pub rewards: Vec<(String, f64)>,
+    /// Items whose reward failed.
+    pub failed_rewards: usize,
+    /// Share of groups whose rewards were all equal.
+    pub zero_variance_group_share: f64,
+    /// Advantage summary (after clamping).
+    pub advantage: Summary,
+    /// Advantages changed by the clamp.
+    pub clamped_advantages: usize,
+    /// Sum of the per-transition losses.
+    pub loss: f64,
+    /// Ratio mean, min, max.
+    pub ratio_mean: f64,
+    /// See `ratio_mean`.
+    pub ratio_min: f64,
+    /// See `ratio_mean`.
+    pub ratio_max: f64,
+    /// Share of transitions outside the clip range.
+    pub clip_fraction: f64,
+    /// Grad norm (before clipping) of the last optimizer step.
+    pub grad_norm: f64,
+    /// Learning rate of the last optimizer step.
+    pub lr: f64,
+    /// Seconds per stage (not reproducible: left out of run comparisons).
+    pub seconds: crate::grpo::iteration::StageSeconds,
+    /// Sampled images per second over the whole iteration.
+    pub images_per_second: f64,
+}
+
+impl Metrics {
+    /// The metrics of iteration `iteration` from its report and per-reward means.
+    pub fn new(
+        iteration: u64,
+        r: &IterationReport,
+        rewards: Vec<(String, f64)>,
+        groups: usize,
+    ) -> Self {
+        let s = &r.seconds;
+        let total = s.rollout + s.decode + s.reward + s.update;
+        Metrics {
+            iteration,
+            reward_mean: r.reward.mean,
+            reward_std: r.reward.std,
+            rewards,
+            failed_rewards: r.failed_rewards,
+            zero_variance_group_share: r.zero_variance_groups as f64 / groups.max(1) as f64,
+            advantage: r.advantage.clone(),
+            clamped_advantages: r.clamped_advantages,
+            loss: r.update.total_loss,
+            ratio_mean: r.update.ratio_mean,
+            ratio_min: r.update.ratio_min,
+            ratio_max: r.update.ratio_max,
+            clip_fraction: r.update.clip_fraction,
+            grad_norm: r.update.grad_norms.last().copied().unwrap_or(0.0) as f64,
+            lr: r.update.lrs.last().copied().unwrap_or(0.0),
+            seconds: s.clone(),
+            images_per_second: r.rewards.len() as f64 / total.max(1e-9),
+        }
+    }
+}
+
+/// Appends one line to `path` and flushes it to disk.
+pub fn append_line(path: &Path, line: &str) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    writeln!(f, "{line}").map_err(|e| Error::io(path, e))?;
+    f.sync_data().map_err(|e| Error::io(path, e))
+}
+
+/// Keeps the first `lines` lines of `path` (after a resume: drop what the
+/// interrupted run wrote past its last checkpoint).
+pub fn truncate_lines(path: &Path, lines: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text.lines().take(lines).map(|l| format!("{l}\n")).collect();
+    crate::io::atomic::write_bytes_atomic(path, kept.as_bytes())
+}
+
+/// A PNG to write off the training thread.
+struct Job {
+    path: PathBuf,
+    image: Tensor, // (H, W, 3) uint8 on the CPU
+}
+
+/// Writes PNGs on a background thread; [`ImageWriter::finish`] waits for all of them.
+pub struct ImageWriter {
+    tx: Option<Sender<Job>>,
+    handle: Option<JoinHandle<Result<()>>>,
+}
+
+impl ImageWriter {
+    /// Starts the writer thread.
+    pub fn start() -> Self {
+        let (tx, rx) = channel::<Job>();
+        let handle = std::thread::spawn(move || -> Result<()> {
+            for job in rx {
+                crate::io::image::write_png(&job.path, &job.image)?;
+            }
+            Ok(())
+        });
+        ImageWriter {
+            tx: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    /// Queues `image` (uint8 `(H, W, 3)`) to be written to `path`.
+    pub fn write(&self, path: PathBuf, image: Tensor) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Job {
+                path,
+                image: image.to_device(tch::Device::Cpu).contiguous(),
+            });
+        }
+    }
+
+    /// Waits until everything queued is written; reports the first error.
+    pub fn finish(&mut self) -> Result<()> {
+        self.tx.take();
+        match self.handle.take() {
+            Some(h) => h
+                .join()
+                .map_err(|_| Error::Input("the image writer thread panicked".into()))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for ImageWriter {
+    fn drop(&mut self) {
+        let _ = self.finish();
+    }
+}

@@ -1,0 +1,13 @@
+//! The trainer: configuration, data order, checkpoints with exact resume,
+//! metrics and plots, and the training loop.
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod metrics;
+pub mod plot;
+pub mod trainer;
+mod validate;
+
+pub use config::TrainConfig;
+pub use trainer::{Progress, Resume, Trainer};

@@ -1,0 +1,58 @@
+//! Validation of a [`TrainConfig`]: every rule names the field it checks.
+
+use std::path::Path;
+
+use super::config::{AdvantageGrouping, TrainConfig};
+use crate::error::{Error, Result};
+
+type Rule<'a> = (&'a str, bool, String);
+
+impl TrainConfig {
+    /// Checks every field; the error names the first offending one (`origin` is the file).
+    pub fn validate(&self, origin: &Path) -> Result<()> {
+        let (s, g, o, r) = (&self.sampler, &self.grpo, &self.optim, &self.run);
+        let samples = r.prompts_per_iteration * s.group_size;
+        let rules: Vec<Rule> = vec![
+            ("rewards", !self.rewards.is_empty(), "at least one reward is needed".into()),
+            ("sampler.height", s.height > 0 && s.height % 16 == 0, format!("must be a positive multiple of 16, got {}", s.height)),
+            ("sampler.width", s.width > 0 && s.width % 16 == 0, format!("must be a positive multiple of 16, got {}", s.width)),
+            ("sampler.steps", s.steps >= 2, format!("must be >= 2, got {}", s.steps)),
+            ("sampler.eta", s.eta >= 0.0 && s.eta.is_finite(), format!("must be >= 0, got {}", s.eta)),
+            ("sampler.shift", s.shift > 0.0, format!("must be > 0, got {}", s.shift)),
+            ("sampler.group_size", s.group_size >= 2 || g.grouping == AdvantageGrouping::Global, format!("per-prompt advantages need >= 2 samples per prompt, got {}", s.group_size)),
+            ("sampler.rollout_batch", s.rollout_batch >= 1, format!("must be >= 1, got {}", s.rollout_batch)),
+            ("sampler.decode_batch", s.decode_batch >= 1, format!("must be >= 1, got {}", s.decode_batch)),
+            ("grpo.timestep_fraction", g.timestep_fraction > 0.0 && g.timestep_fraction <= 1.0, format!("must be in (0, 1], got {}", g.timestep_fraction)),
+            ("grpo.clip_range", g.clip_range > 0.0, format!("must be > 0, got {}", g.clip_range)),
+            ("grpo.adv_clip_max", g.adv_clip_max > 0.0, format!("must be > 0, got {}", g.adv_clip_max)),
+            ("optim.learning_rate", o.learning_rate > 0.0, format!("must be > 0, got {}", o.learning_rate)),
+            ("optim.betas", (0.0..1.0).contains(&o.betas.0) && (0.0..1.0).contains(&o.betas.1), format!("must be in [0, 1), got {:?}", o.betas)),
+            ("optim.max_grad_norm", o.max_grad_norm > 0.0, format!("must be > 0, got {}", o.max_grad_norm)),
+            ("optim.gradient_accumulation", o.gradient_accumulation >= 1 && samples % o.gradient_accumulation.max(1) == 0,
+                format!("must divide the {samples} samples of an iteration (prompts_per_iteration x group_size), got {}", o.gradient_accumulation)),
+            ("run.iterations", r.iterations >= 1, "must be >= 1".into()),
+            ("run.prompts_per_iteration", r.prompts_per_iteration >= 1, format!("must be >= 1, got {}", r.prompts_per_iteration)),
+            ("run.checkpoint_every", r.checkpoint_every >= 1, "must be >= 1".into()),
+        ];
+        for (field, ok, msg) in rules {
+            if !ok {
+                return Err(Error::config(origin, field, msg));
+            }
+        }
+        let n = match g.trainable {
+            crate::grpo::Trainable::AllButLast => s.steps - 1,
+            crate::grpo::Trainable::All => s.steps,
+        };
+        if ((n as f64) * g.timestep_fraction) as i64 == 0 {
+            return Err(Error::config(
+                origin,
+                "grpo.timestep_fraction",
+                format!(
+                    "int({n} trainable steps x {}) = 0: no transition would be trained",
+                    g.timestep_fraction
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
