@@ -3,6 +3,8 @@
 //! A reward never turns a failure into a number: each item is either a score
 //! or a recorded failure, and the GRPO advantages skip groups with a failure.
 
+pub mod hps;
+
 use tch::Tensor;
 
 use crate::error::Result;
