@@ -114,7 +114,7 @@ pub fn read_torch_pt(path: &Path) -> Result<Vec<(String, Tensor)>> {
             sd.unwrap_or_else(|| value.clone())
         }
         other => return Err(err(format!(
-            "the pickled object is a {}, expected a dict of tensors or {{\"state_dict\": {{...}}}}",
+            "the pickled object has type {}, expected a dict of tensors or {{\"state_dict\": {{...}}}}",
             other.type_name()
         ))),
     };
@@ -187,13 +187,15 @@ impl Rebuilder<'_> {
             );
         }
         let Value::Dict(d) = v else {
-            return Err(format!("`{prefix}` is a {}, expected a dict", v.type_name()).into());
+            return Err(format!("`{prefix}` has type {}, expected a dict", v.type_name()).into());
         };
         for (k, v) in d.borrow().iter() {
             let Value::Str(k) = k else {
-                return Err(
-                    format!("a key of `{prefix}` is a {}, expected str", k.type_name()).into(),
-                );
+                return Err(format!(
+                    "a key of `{prefix}` has type {}, expected str",
+                    k.type_name()
+                )
+                .into());
             };
             let name = if prefix.is_empty() {
                 k.clone()
@@ -216,7 +218,7 @@ impl Rebuilder<'_> {
 
     fn tensor(&mut self, v: &Value) -> std::result::Result<Tensor, Failure> {
         let Value::Object { callable, args, .. } = v else {
-            return Err(format!("is a {}, expected a tensor", v.type_name()).into());
+            return Err(format!("has type {}, expected a tensor", v.type_name()).into());
         };
         match callable.as_str() {
             "torch._utils._rebuild_parameter" | "torch._utils._rebuild_parameter_with_state" => {
@@ -240,7 +242,7 @@ impl Rebuilder<'_> {
     fn storage(&mut self, v: &Value) -> std::result::Result<Tensor, Failure> {
         let Value::Persistent(pid) = v else {
             return Err(format!(
-                "tensor storage is a {}, expected a persistent id",
+                "tensor storage has type {}, expected a persistent id",
                 v.type_name()
             )
             .into());
@@ -295,7 +297,10 @@ impl Rebuilder<'_> {
 fn int(v: &Value, what: &str) -> std::result::Result<i64, String> {
     match v {
         Value::Int(i) => Ok(*i),
-        other => Err(format!("{what} is a {}, expected int", other.type_name())),
+        other => Err(format!(
+            "{what} has type {}, expected int",
+            other.type_name()
+        )),
     }
 }
 
@@ -303,7 +308,7 @@ fn ints(v: &Value, what: &str) -> std::result::Result<Vec<i64>, String> {
     match v {
         Value::Tuple(items) => items.iter().map(|i| int(i, what)).collect(),
         other => Err(format!(
-            "{what} is a {}, expected a tuple",
+            "{what} has type {}, expected a tuple",
             other.type_name()
         )),
     }

@@ -19,10 +19,15 @@ use crate::models::open_clip::OpenClip;
 /// Turns a prompt into `context_length` token ids (`open_clip.tokenize` semantics).
 pub type TokenizeFn = Box<dyn Fn(&str) -> Result<Vec<i64>>>;
 
-/// OpenAI CLIP normalisation mean (RGB).
-pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-/// OpenAI CLIP normalisation standard deviation (RGB).
-pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+/// OpenAI CLIP normalisation mean (RGB), as the Python floats of the reference
+/// (rounded to float32 when applied, like `torch.as_tensor(mean, dtype=float32)`).
+pub const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
+/// OpenAI CLIP normalisation standard deviation (RGB), as Python floats.
+pub const CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
+
+fn as_f32(v: [f64; 3]) -> [f32; 3] {
+    v.map(|x| x as f32)
+}
 
 /// Checks that `images` is a uint8 `(B, H, W, 3)` tensor and returns `(B, H, W)`.
 fn image_dims(images: &Tensor) -> Result<(i64, i64, i64)> {
@@ -70,10 +75,10 @@ pub fn preprocess(images_u8: &Tensor, size: i64) -> Result<Tensor> {
         let (pw, ph) = (size - nw, size - nh);
         x = x.constant_pad_nd([pw / 2, pw - pw / 2, ph / 2, ph - ph / 2]);
     }
-    let mean = Tensor::from_slice(&CLIP_MEAN)
+    let mean = Tensor::from_slice(&as_f32(CLIP_MEAN))
         .to_device(device)
         .view([3, 1, 1]);
-    let std = Tensor::from_slice(&CLIP_STD)
+    let std = Tensor::from_slice(&as_f32(CLIP_STD))
         .to_device(device)
         .view([3, 1, 1]);
     Ok((x - mean) / std)
@@ -227,7 +232,7 @@ mod tests {
     use super::*;
 
     fn normalized(v: f32, c: usize) -> f32 {
-        (v / 255.0 - CLIP_MEAN[c]) / CLIP_STD[c]
+        (v / 255.0 - CLIP_MEAN[c] as f32) / CLIP_STD[c] as f32
     }
 
     #[test]
@@ -247,7 +252,7 @@ mod tests {
         let x = preprocess(&img, 4).unwrap();
         assert_eq!(x.size(), [1, 3, 4, 4]);
         for c in 0..3 {
-            let band = (0.0 - CLIP_MEAN[c]) / CLIP_STD[c];
+            let band = (0.0 - CLIP_MEAN[c] as f32) / CLIP_STD[c] as f32;
             let inside = normalized(200.0, c);
             for col in 0..4 {
                 assert_eq!(x.double_value(&[0, c as i64, 0, col]) as f32, band);

@@ -105,7 +105,7 @@ impl ResBlock {
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Tensor {
         let mut a = self.attention(&self.ln_1.forward(x), mask);
         if let Some(g) = &self.ls_1 {
-            a = a * g;
+            a *= g;
         }
         let x = x + a;
         let h = self.c_fc.forward(&self.ln_2.forward(&x));
@@ -116,7 +116,7 @@ impl ResBlock {
         };
         let mut m = self.c_proj.forward(&h);
         if let Some(g) = &self.ls_2 {
-            m = m * g;
+            m *= g;
         }
         x + m
     }
