@@ -74,6 +74,7 @@ fn align_json_passes_on_the_public_case() {
             "transformer",
             "sampling",
             "decode",
+            "reward",
             "advantages",
             "train",
             "grads",
@@ -146,7 +147,7 @@ fn align_table_and_exit_status_on_a_broken_model() {
     ] {
         assert_eq!(pass_of(stage), false, "{stage}");
     }
-    for stage in ["schedule", "decode", "advantages"] {
+    for stage in ["schedule", "decode", "reward", "advantages"] {
         assert_eq!(pass_of(stage), true, "{stage}");
     }
     std::fs::remove_dir_all(&dir).unwrap();

@@ -31,6 +31,23 @@ pub enum Error {
         /// What was wrong.
         msg: String,
     },
+    /// A PyTorch `.pt` checkpoint is malformed, refers to something not allowed
+    /// (its pickle is interpreted, never executed) or has an unsupported layout.
+    #[error("{path}: torch checkpoint: {msg}")]
+    TorchCheckpoint {
+        /// The `.pt` file.
+        path: PathBuf,
+        /// What was wrong.
+        msg: String,
+    },
+    /// A checkpoint lacks a whole part of a model (e.g. a tower of a CLIP model).
+    #[error("{source_desc}: {msg}")]
+    IncompleteCheckpoint {
+        /// The checkpoint concerned.
+        source_desc: String,
+        /// What is missing.
+        msg: String,
+    },
     /// A tensor a model needs is absent from its checkpoint.
     #[error("{source_desc}: missing tensor `{name}`")]
     MissingTensor {

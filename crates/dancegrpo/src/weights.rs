@@ -32,11 +32,13 @@ pub enum Init {
 }
 
 /// A set of safetensors files forming one checkpoint (a single file, or shards
-/// listed by an `*.safetensors.index.json`).
+/// listed by an `*.safetensors.index.json`), or named tensors already in memory
+/// (e.g. read from a PyTorch `.pt` file).
 pub struct Checkpoint {
     desc: String,
     files: Vec<SafetensorsFile>,
     index: BTreeMap<String, usize>,
+    memory: BTreeMap<String, Tensor>,
 }
 
 impl Checkpoint {
@@ -98,7 +100,38 @@ impl Checkpoint {
                 index.entry(name.to_string()).or_insert(i);
             }
         }
-        Ok(Checkpoint { desc, files, index })
+        Ok(Checkpoint {
+            desc,
+            files,
+            index,
+            memory: BTreeMap::new(),
+        })
+    }
+
+    /// A checkpoint of named CPU tensors held in memory (`desc` names their origin
+    /// in errors). A repeated name is an error.
+    pub fn from_tensors(desc: String, tensors: Vec<(String, Tensor)>) -> Result<Self> {
+        let mut memory = BTreeMap::new();
+        for (name, t) in tensors {
+            if memory.insert(name.clone(), t).is_some() {
+                return Err(Error::Input(format!(
+                    "{desc}: tensor `{name}` appears twice"
+                )));
+            }
+        }
+        Ok(Checkpoint {
+            desc,
+            files: Vec::new(),
+            index: BTreeMap::new(),
+            memory,
+        })
+    }
+
+    /// Reads a PyTorch `torch.save` checkpoint (zip format) without executing
+    /// its pickle; see [`crate::io::torch_pt::read_torch_pt`].
+    pub fn open_torch_pt(path: &Path) -> Result<Self> {
+        let tensors = crate::io::torch_pt::read_torch_pt(path)?;
+        Self::from_tensors(path.display().to_string(), tensors)
     }
 
     /// A human-readable description (the directory or file).
@@ -108,11 +141,17 @@ impl Checkpoint {
 
     /// All tensor names.
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.index.keys().map(String::as_str)
+        self.index
+            .keys()
+            .chain(self.memory.keys())
+            .map(String::as_str)
     }
 
     /// Tensor `name` as a CPU tensor of its stored dtype.
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        if let Some(t) = self.memory.get(name) {
+            return Ok(t.copy());
+        }
         let i = *self.index.get(name).ok_or_else(|| Error::MissingTensor {
             source_desc: self.desc.clone(),
             name: name.to_string(),
@@ -122,6 +161,9 @@ impl Checkpoint {
 
     /// The stored shape of `name`, if present.
     pub fn shape(&self, name: &str) -> Option<Vec<i64>> {
+        if let Some(t) = self.memory.get(name) {
+            return Some(t.size());
+        }
         let i = *self.index.get(name)?;
         self.files[i].info(name).map(|i| i.shape.clone())
     }

@@ -12,6 +12,7 @@ mod end_to_end;
 mod grads;
 mod grpo;
 mod optimizer;
+mod reward;
 mod sampling;
 mod schedule;
 mod train;
@@ -99,6 +100,7 @@ impl Stage {
                 | Stage::Transformer
                 | Stage::Sampling
                 | Stage::Decode
+                | Stage::Reward
                 | Stage::Advantages
                 | Stage::Train
                 | Stage::Grads
@@ -252,6 +254,7 @@ pub fn run_case(dir: &Path, stages: &[Stage]) -> Result<CaseReport> {
             Stage::Transformer => transformer::run(&case)?,
             Stage::Sampling => sampling::run(&case)?,
             Stage::Decode => decode::run(&case)?,
+            Stage::Reward => reward::run(&case)?,
             Stage::Advantages => advantages::run(&case)?,
             Stage::Train => train::run(&case)?,
             Stage::Grads => grads::run(&case)?,

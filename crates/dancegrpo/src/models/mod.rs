@@ -1,6 +1,7 @@
 //! Models and the velocity-model trait the sampler and trainer are written against.
 
 pub mod flux;
+pub mod open_clip;
 pub mod vae;
 
 use tch::Tensor;

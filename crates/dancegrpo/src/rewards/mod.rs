@@ -5,6 +5,7 @@
 
 pub mod combine;
 pub mod jpeg;
+pub mod hps;
 
 use tch::Tensor;
 

@@ -1,0 +1,97 @@
+//! The `reward` stage: the HPSv2 transform of the stored `decode/image_uint8`,
+//! image features of the stored `reward/pixel_values`, text features of the stored
+//! `reward/input_ids`, and the rewards, with the open_clip model loaded once from
+//! the HPSv2 `.pt` checkpoint and once from safetensors (tensor names end in
+//! ` (pt)` / ` (safetensors)`); the two loads must give bit-identical weights.
+
+use tch::{Device, Kind, Tensor};
+
+use super::{errors, Case, Stage, StageAcc, StageReport, TensorCheck};
+use crate::error::{Error, Result};
+use crate::models::open_clip::{OpenClip, OpenClipConfig};
+use crate::rewards::hps::{cosine, l2_normalize, preprocess, HpsReward};
+
+/// Relative tolerance of the stage (float32).
+pub const TOL: f64 = 1e-6;
+
+/// The HPSv2 checkpoint file name of the reward directory.
+pub const PT_FILE: &str = "HPS_v2.1_compressed.pt";
+/// The safetensors file name of the reward directory.
+pub const SAFETENSORS_FILE: &str = "open_clip_model.safetensors";
+
+/// Runs the stage on `case`.
+pub fn run(case: &Case) -> Result<StageReport> {
+    let dir = case.dir().join("reward");
+    let config = OpenClipConfig::from_dir(&dir)?;
+    let from_pt = OpenClip::load(config.clone(), &dir.join(PT_FILE), Kind::Float, Device::Cpu)?;
+    let from_st = OpenClip::load(
+        config,
+        &dir.join(SAFETENSORS_FILE),
+        Kind::Float,
+        Device::Cpu,
+    )?;
+
+    let images = case.expected("decode/image_uint8")?; // (B, H, W, 3)
+    let pixels = case.expected("reward/pixel_values")?; // (B, 3, R, R)
+    let ids = case.expected("reward/input_ids")?; // (B, 77)
+    let img_ref = case.expected("reward/image_features")?;
+    let txt_ref = case.expected("reward/text_features")?;
+    let rewards_ref = case.expected("rewards")?;
+    let b = images.size()[0];
+
+    let mut acc = StageAcc::new(Stage::Reward, TOL);
+    let _guard = tch::no_grad_guard();
+    acc.compare(
+        "reward/pixel_values",
+        &preprocess(&images, from_pt.image_size())?,
+        &pixels,
+    );
+    acc.push(weights_check(&from_pt, &from_st));
+
+    for (suffix, model) in [("pt", from_pt), ("safetensors", from_st)] {
+        // One item per model call, as the reference.
+        let mut img = Vec::new();
+        let mut txt = Vec::new();
+        for i in 0..b {
+            img.push(l2_normalize(&model.encode_image(&pixels.narrow(0, i, 1))?));
+            txt.push(l2_normalize(&model.encode_text(&ids.narrow(0, i, 1))?));
+        }
+        let (img, txt) = (Tensor::cat(&img, 0), Tensor::cat(&txt, 0));
+        acc.compare(format!("reward/image_features ({suffix})"), &img, &img_ref);
+        acc.compare(format!("reward/text_features ({suffix})"), &txt, &txt_ref);
+        acc.compare(
+            format!("rewards ({suffix})"),
+            &cosine(&img, &txt),
+            &rewards_ref,
+        );
+        // The whole reward from the uint8 images (transform included).
+        let tokenize = Box::new(|_: &str| -> Result<Vec<i64>> {
+            Err(Error::Input("the align stage feeds stored ids".into()))
+        });
+        let reward = HpsReward::new(model, tokenize);
+        acc.compare(
+            format!("rewards from image_uint8 ({suffix})"),
+            &reward.score_ids(&images, &ids)?,
+            &rewards_ref,
+        );
+    }
+    Ok(acc.finish())
+}
+
+/// Every parameter loaded from the `.pt` must equal (bit for bit) its safetensors twin.
+fn weights_check(a: &OpenClip, b: &OpenClip) -> TensorCheck {
+    let (pa, pb) = (a.parameters(), b.parameters());
+    let (mut rel, mut abs, mut identical) = (0.0f64, 0.0f64, pa.len() == pb.len());
+    for ((na, ta), (nb, tb)) in pa.iter().zip(&pb) {
+        identical &= na == nb && ta.size() == tb.size() && ta.equal(tb);
+        let (r, x) = errors(ta, tb);
+        rel = rel.max(r);
+        abs = abs.max(x);
+    }
+    TensorCheck {
+        name: "weights: .pt vs safetensors (bit-identical)".into(),
+        rel_err: rel,
+        abs_err: abs,
+        pass: identical,
+    }
+}
