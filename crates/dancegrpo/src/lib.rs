@@ -16,6 +16,7 @@ pub mod nn;
 pub mod rewards;
 pub mod rng;
 pub mod sampler;
+pub mod text;
 pub mod weights;
 
 pub use error::{Error, Result};
