@@ -11,13 +11,19 @@ use dancegrpo::text::{batch_ids, ClipTokenizer, Encoding, Padding, T5Tokenizer};
 fn case_strings(case: &Path, key: &str) -> Vec<String> {
     let text = std::fs::read_to_string(case.join("case.json")).unwrap();
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let list = json[key].as_array().unwrap_or_else(|| panic!("case.json has no `{key}`"));
-    list.iter().map(|v| v.as_str().unwrap().to_string()).collect()
+    let list = json[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("case.json has no `{key}`"));
+    list.iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect()
 }
 
 fn expected_rows(file: &Path, name: &str) -> Vec<Vec<i64>> {
     let t = SafetensorsFile::open(file).unwrap().tensor(name).unwrap();
-    (0..t.size()[0]).map(|i| Vec::<i64>::try_from(&t.get(i)).unwrap()).collect()
+    (0..t.size()[0])
+        .map(|i| Vec::<i64>::try_from(&t.get(i)).unwrap())
+        .collect()
 }
 
 fn assert_rows(encodings: &[Encoding], expected: &[Vec<i64>], what: &str) {
@@ -27,7 +33,10 @@ fn assert_rows(encodings: &[Encoding], expected: &[Vec<i64>], what: &str) {
         assert_eq!(&e.ids, want, "{what}: row {i}");
     }
     let t = batch_ids(encodings).unwrap();
-    assert_eq!(t.size(), vec![expected.len() as i64, expected[0].len() as i64]);
+    assert_eq!(
+        t.size(),
+        vec![expected.len() as i64, expected[0].len() as i64]
+    );
 }
 
 #[test]
@@ -35,11 +44,20 @@ fn clip_ids_match_the_reference() {
     for case in common::public_cases() {
         let tok = ClipTokenizer::from_dir(&case.join("text_encoders/tokenizer")).unwrap();
         let prompts = case_strings(&case, "prompts (dataset order)");
-        let enc: Vec<Encoding> = prompts.iter().map(|p| tok.encode_default(p).unwrap()).collect();
-        let want = expected_rows(&case.join("text_encoders/expected.safetensors"), "clip_input_ids");
+        let enc: Vec<Encoding> = prompts
+            .iter()
+            .map(|p| tok.encode_default(p).unwrap())
+            .collect();
+        let want = expected_rows(
+            &case.join("text_encoders/expected.safetensors"),
+            "clip_input_ids",
+        );
         assert_rows(&enc, &want, &format!("{} clip", case.display()));
         // The explicit form gives the same ids.
-        assert_eq!(tok.encode(&prompts[0], 77, Padding::EndOfText).unwrap(), enc[0]);
+        assert_eq!(
+            tok.encode(&prompts[0], 77, Padding::EndOfText).unwrap(),
+            enc[0]
+        );
     }
 }
 
@@ -48,10 +66,16 @@ fn t5_ids_match_the_reference() {
     for case in common::public_cases() {
         let tok = T5Tokenizer::from_dir(&case.join("text_encoders/tokenizer_2")).unwrap();
         let prompts = case_strings(&case, "prompts (dataset order)");
-        let want = expected_rows(&case.join("text_encoders/expected.safetensors"), "t5_input_ids");
+        let want = expected_rows(
+            &case.join("text_encoders/expected.safetensors"),
+            "t5_input_ids",
+        );
         let len = want[0].len();
         assert_eq!(tok.max_length(), len);
-        let enc: Vec<Encoding> = prompts.iter().map(|p| tok.encode(p, len).unwrap()).collect();
+        let enc: Vec<Encoding> = prompts
+            .iter()
+            .map(|p| tok.encode(p, len).unwrap())
+            .collect();
         assert_rows(&enc, &want, &format!("{} t5", case.display()));
     }
 }
@@ -61,7 +85,8 @@ fn reward_ids_match_the_reference_from_json_and_from_open_clip_merges() {
     for case in common::public_cases() {
         let captions = case_strings(&case, "sample_captions");
         let want = expected_rows(&case.join("expected.safetensors"), "reward/input_ids");
-        let from_json = ClipTokenizer::from_tokenizer_json(&case.join("reward/tokenizer.json")).unwrap();
+        let from_json =
+            ClipTokenizer::from_tokenizer_json(&case.join("reward/tokenizer.json")).unwrap();
         assert_eq!(from_json.padding(), Padding::Zero);
         let gz = case.join("reward/bpe_simple_vocab_16e6.txt.gz");
         let from_gz = ClipTokenizer::from_open_clip_bpe(&gz).unwrap();
@@ -108,9 +133,15 @@ fn clip_long_prompt_is_truncated_keeping_the_end_token() {
     assert_ne!(e.ids[75], 49407);
     assert!(e.truncated);
     // Exactly 75 tokens fit: "a" is one token, so 75 of them are not truncated.
-    let fits = tok.encode(&"a ".repeat(75), 77, Padding::EndOfText).unwrap();
+    let fits = tok
+        .encode(&"a ".repeat(75), 77, Padding::EndOfText)
+        .unwrap();
     assert!(!fits.truncated);
-    assert!(tok.encode(&"a ".repeat(76), 77, Padding::EndOfText).unwrap().truncated);
+    assert!(
+        tok.encode(&"a ".repeat(76), 77, Padding::EndOfText)
+            .unwrap()
+            .truncated
+    );
 }
 
 #[test]
@@ -164,7 +195,10 @@ fn t5_unknown_characters_fuse_into_one_unk() {
 #[test]
 fn t5_collapses_runs_of_spaces() {
     let tok = t5();
-    assert_eq!(tok.tokenize("a   fox").unwrap(), tok.tokenize("a fox").unwrap());
+    assert_eq!(
+        tok.tokenize("a   fox").unwrap(),
+        tok.tokenize("a fox").unwrap()
+    );
 }
 
 #[test]
@@ -173,9 +207,15 @@ fn missing_tokenizer_files_are_named() {
     let err = ClipTokenizer::from_dir(&dir).err().unwrap().to_string();
     assert!(err.contains("tokenizer.json"), "{err}");
     let err = T5Tokenizer::from_dir(&dir).err().unwrap().to_string();
-    assert!(err.contains("tokenizer.json") && err.contains("spiece.model"), "{err}");
+    assert!(
+        err.contains("tokenizer.json") && err.contains("spiece.model"),
+        "{err}"
+    );
     let gz = dir.join("bpe_simple_vocab_16e6.txt.gz");
-    let err = ClipTokenizer::from_open_clip_bpe(&gz).err().unwrap().to_string();
+    let err = ClipTokenizer::from_open_clip_bpe(&gz)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("bpe_simple_vocab_16e6.txt.gz"), "{err}");
 }
 
@@ -184,8 +224,14 @@ fn malformed_tokenizer_json_names_file_and_field() {
     let dir = common::temp_dir("tok-malformed");
     let path = dir.join("tokenizer.json");
     std::fs::write(&path, "{ not json").unwrap();
-    let err = ClipTokenizer::from_tokenizer_json(&path).err().unwrap().to_string();
-    assert!(err.contains("tokenizer.json") && err.contains("invalid JSON"), "{err}");
+    let err = ClipTokenizer::from_tokenizer_json(&path)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("tokenizer.json") && err.contains("invalid JSON"),
+        "{err}"
+    );
 
     let case = &common::public_cases()[0];
     let src = case.join("text_encoders/tokenizer_2/tokenizer.json");
@@ -193,11 +239,23 @@ fn malformed_tokenizer_json_names_file_and_field() {
         serde_json::from_str(&std::fs::read_to_string(src).unwrap()).unwrap();
     json["model"]["vocab"][5] = serde_json::json!(["▁x", "high"]);
     std::fs::write(&path, json.to_string()).unwrap();
-    let err = T5Tokenizer::from_tokenizer_json(&path).err().unwrap().to_string();
-    assert!(err.contains("tokenizer.json") && err.contains("model.vocab") && err.contains("entry 5"), "{err}");
+    let err = T5Tokenizer::from_tokenizer_json(&path)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("tokenizer.json") && err.contains("model.vocab") && err.contains("entry 5"),
+        "{err}"
+    );
 
     json["model"]["type"] = serde_json::json!("WordPiece");
     std::fs::write(&path, json.to_string()).unwrap();
-    let err = T5Tokenizer::from_tokenizer_json(&path).err().unwrap().to_string();
-    assert!(err.contains("model.type") && err.contains("WordPiece"), "{err}");
+    let err = T5Tokenizer::from_tokenizer_json(&path)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("model.type") && err.contains("WordPiece"),
+        "{err}"
+    );
 }

@@ -96,7 +96,12 @@ mod tests {
         let toks = vec![("<a>".to_string(), 1), ("<a><b>".to_string(), 2)];
         assert_eq!(
             split("x<a><b>y<a>", &toks),
-            vec![Segment::Text("x"), Segment::Token(2), Segment::Text("y"), Segment::Token(1)]
+            vec![
+                Segment::Text("x"),
+                Segment::Token(2),
+                Segment::Text("y"),
+                Segment::Token(1)
+            ]
         );
         assert_eq!(split("", &toks), vec![]);
         assert_eq!(split("é", &[]), vec![Segment::Text("é")]);

@@ -5,68 +5,83 @@
 //! * of `ftfy.fix_text` only the character-level fixers are implemented (HTML
 //!   entities, C1 controls as Windows-1252, Latin ligatures, full/half width forms,
 //!   curly quotes, line breaks, terminal escapes, control characters, NFC); its
-//!   mojibake repair (`fix_encoding`, e.g. `cafÃ©` -> `café`) is not;
-//! * named HTML entities are a subset of HTML5's 2231 (see [`ENTITIES`]); numeric
-//!   references follow Python's `html.unescape` exactly.
+//!   mojibake repair (`fix_encoding`, e.g. `cafÃ©` -> `café`) is not.
+//!
+//! HTML unescaping follows Python's `html.unescape` (and ftfy's stricter variant)
+//! exactly, with the HTML5 entity table (`html5_entities.tsv`: the 2231 names of
+//! the WHATWG list, `;` included where required, and their code points).
+
+use std::collections::HashMap;
 
 use regex::Regex;
 use unicode_normalization::UnicodeNormalization;
 
-/// Whether a named entity also decodes without its `;` (HTML5 "legacy" names).
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Semicolon {
-    Optional,
-    Required,
-}
-
-use Semicolon::{Optional as O, Required as R};
-
-/// Named HTML entities known to the cleaner (a subset of `html.entities.html5`).
-const ENTITIES: &[(&str, &str, Semicolon)] = &[
-    ("amp", "&", O), ("lt", "<", O), ("gt", ">", O), ("quot", "\"", O), ("apos", "'", R),
-    ("AMP", "&", O), ("LT", "<", O), ("GT", ">", O), ("QUOT", "\"", O), ("COPY", "©", O),
-    ("REG", "®", O), ("nbsp", "\u{a0}", O), ("copy", "©", O), ("reg", "®", O),
-    ("trade", "™", R), ("hellip", "…", R), ("mdash", "—", R), ("ndash", "–", R),
-    ("lsquo", "‘", R), ("rsquo", "’", R), ("ldquo", "“", R), ("rdquo", "”", R),
-    ("laquo", "«", O), ("raquo", "»", O), ("deg", "°", O), ("times", "×", O),
-    ("divide", "÷", O), ("euro", "€", R), ("pound", "£", O), ("yen", "¥", O),
-    ("cent", "¢", O), ("sect", "§", O), ("para", "¶", O), ("middot", "·", O),
-    ("bull", "•", R), ("iexcl", "¡", O), ("iquest", "¿", O), ("plusmn", "±", O),
-    ("micro", "µ", O), ("frac12", "½", O), ("frac14", "¼", O), ("frac34", "¾", O),
-    ("sup2", "²", O), ("acute", "´", O), ("shy", "\u{ad}", O), ("eacute", "é", O),
-    ("egrave", "è", O), ("ecirc", "ê", O), ("aacute", "á", O), ("agrave", "à", O),
-    ("acirc", "â", O), ("auml", "ä", O), ("ouml", "ö", O), ("uuml", "ü", O),
-    ("szlig", "ß", O), ("ntilde", "ñ", O), ("ccedil", "ç", O), ("oacute", "ó", O),
-    ("iacute", "í", O), ("uacute", "ú", O), ("Eacute", "É", O), ("Auml", "Ä", O),
-    ("Ouml", "Ö", O), ("Uuml", "Ü", O), ("Ntilde", "Ñ", O), ("hearts", "♥", R),
-    ("star", "☆", R), ("larr", "←", R), ("rarr", "→", R),
-];
+/// The HTML5 named character references: `name[;]<TAB>hex code points`.
+const HTML5_ENTITIES: &str = include_str!("html5_entities.tsv");
 
 /// Windows-1252 for 0x80..=0x9F (undefined bytes map to themselves), as used by
 /// `html.unescape` for `&#128;`.. and by ftfy's `fix_c1_controls`.
 const CP1252: [char; 32] = [
-    '€', '\u{81}', '‚', 'ƒ', '„', '…', '†', '‡', 'ˆ', '‰', 'Š', '‹', 'Œ', '\u{8d}', 'Ž',
-    '\u{8f}', '\u{90}', '‘', '’', '“', '”', '•', '–', '—', '˜', '™', 'š', '›', 'œ', '\u{9d}',
-    'ž', 'Ÿ',
+    '€', '\u{81}', '‚', 'ƒ', '„', '…', '†', '‡', 'ˆ', '‰', 'Š', '‹', 'Œ', '\u{8d}', 'Ž', '\u{8f}',
+    '\u{90}', '‘', '’', '“', '”', '•', '–', '—', '˜', '™', 'š', '›', 'œ', '\u{9d}', 'ž', 'Ÿ',
 ];
 
 /// open_clip's `_clean_lower` (`whitespace_clean(basic_clean(text)).lower()`).
 pub(crate) struct OpenClipCleaner {
     ansi: Regex,
+    /// Python's `html.entities.html5`: name (with `;` where required) -> text.
+    html5: HashMap<String, String>,
+    /// ftfy's entity table: `&name;` -> text, plus all-caps variants.
+    ftfy: HashMap<String, String>,
 }
 
 impl OpenClipCleaner {
     /// A cleaner (compiles its one regex).
     pub fn new() -> Self {
-        OpenClipCleaner {
+        let html5: HashMap<String, String> = HTML5_ENTITIES
+            .lines()
+            .filter_map(|line| {
+                let (name, points) = line.split_once('\t')?;
+                let text = points
+                    .split(' ')
+                    .map(|h| u32::from_str_radix(h, 16).ok().and_then(char::from_u32))
+                    .collect::<Option<String>>()?;
+                Some((name.to_string(), text))
+            })
+            .collect();
+        let mut cleaner = OpenClipCleaner {
             ansi: Regex::new(r"\x1b\[(?:\d|;)*[a-zA-Z]").expect("static regex"),
+            html5,
+            ftfy: HashMap::new(),
+        };
+        cleaner.ftfy = cleaner.ftfy_entities();
+        cleaner
+    }
+
+    /// ftfy's `HTML_ENTITIES`: every `&name;`, and for lowercase names the
+    /// all-caps form (mapping to the uppercased text) when Python's
+    /// `html.unescape` leaves that form unchanged.
+    fn ftfy_entities(&self) -> HashMap<String, String> {
+        let mut out = HashMap::new();
+        for (name, text) in &self.html5 {
+            if !name.ends_with(';') {
+                continue;
+            }
+            out.insert(format!("&{name}"), text.clone());
+            if *name == name.to_lowercase() {
+                let upper = format!("&{}", name.to_uppercase());
+                if self.html_unescape(&upper) == upper {
+                    out.insert(upper, text.to_uppercase());
+                }
+            }
         }
+        out
     }
 
     /// Cleans `text` as open_clip does before BPE.
     pub fn clean(&self, text: &str) -> String {
         let fixed = self.fix_text(text);
-        let unescaped = html_unescape(&html_unescape(&fixed));
+        let unescaped = self.html_unescape(&self.html_unescape(&fixed));
         let collapsed = unescaped
             .split(py_space)
             .filter(|w| !w.is_empty())
@@ -98,7 +113,11 @@ impl OpenClipCleaner {
     }
 
     fn fix_once(&self, text: &str, html: bool) -> String {
-        let mut s = if html { ftfy_unescape(text) } else { text.to_string() };
+        let mut s = if html {
+            self.ftfy_unescape(text)
+        } else {
+            text.to_string()
+        };
         s = s.chars().flat_map(fix_char).collect();
         s = s
             .replace("\r\n", "\n")
@@ -154,56 +173,72 @@ fn py_space(c: char) -> bool {
     c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
 }
 
-/// ftfy's `unescape_html`: only `&name;` / `&#..;` (1 to 24 alphanumerics), named
-/// ones also in all caps for lowercase names.
-fn ftfy_unescape(text: &str) -> String {
-    replace_refs(text, |rest| {
-        let body_len = rest[1..]
-            .bytes()
-            .take_while(|b| b.is_ascii_alphanumeric() || *b == b'#')
-            .count();
-        let body = &rest[1..1 + body_len];
-        let hash = usize::from(body.starts_with('#'));
-        let name = &body[hash..];
-        if !(1..=24).contains(&name.len())
-            || name.contains('#')
-            || rest.as_bytes().get(1 + body_len) != Some(&b';')
-        {
+impl OpenClipCleaner {
+    /// ftfy's `unescape_html`: `&#?[0-9A-Za-z]{1,24};` replaced when it is in
+    /// ftfy's table, or numeric and decoded by `html.unescape`.
+    fn ftfy_unescape(&self, text: &str) -> String {
+        replace_refs(text, |rest| {
+            let b = rest.as_bytes();
+            let hash = usize::from(b.get(1) == Some(&b'#'));
+            let n = b[1 + hash..]
+                .iter()
+                .take_while(|c| c.is_ascii_alphanumeric())
+                .count();
+            if !(1..=24).contains(&n) || b.get(1 + hash + n) != Some(&b';') {
+                return None;
+            }
+            let whole = &rest[..2 + hash + n];
+            if let Some(v) = self.ftfy.get(whole) {
+                return Some((v.clone(), whole.len()));
+            }
+            if hash == 0 {
+                return None;
+            }
+            let out = self.html_unescape(whole);
+            (!out.contains(';')).then_some((out, whole.len()))
+        })
+    }
+
+    /// Python's `html.unescape`.
+    pub fn html_unescape(&self, text: &str) -> String {
+        if !text.contains('&') {
+            return text.to_string();
+        }
+        replace_refs(text, |rest| {
+            if rest.as_bytes().get(1) == Some(&b'#') {
+                numeric_ref(rest)
+            } else {
+                self.named_ref(rest)
+            }
+        })
+    }
+
+    /// `&name;` (or the longest entity name that is a proper prefix) as Python's
+    /// `html.unescape`.
+    fn named_ref(&self, rest: &str) -> Option<(String, usize)> {
+        let body_len: usize = rest[1..]
+            .chars()
+            .take_while(|c| !matches!(c, '\t' | '\n' | '\u{c}' | ' ' | '<' | '&' | '#' | ';'))
+            .take(32)
+            .map(char::len_utf8)
+            .sum();
+        if body_len == 0 {
             return None;
         }
-        let whole = &rest[..body_len + 2];
-        if hash == 1 {
-            let out = html_unescape(whole);
-            return (!out.contains(';')).then_some((out, whole.len()));
+        let semi = rest[1 + body_len..].starts_with(';');
+        // `s` is the name plus its `;` if any, as Python's match group.
+        let s = &rest[1..1 + body_len + usize::from(semi)];
+        if let Some(v) = self.html5.get(s) {
+            return Some((v.clone(), 1 + s.len()));
         }
-        let value = named(name).map(str::to_string).or_else(|| {
-            let lower = name.to_lowercase();
-            (name == name.to_uppercase() && named(name).is_none())
-                .then(|| named(&lower).map(str::to_uppercase))
-                .flatten()
-        })?;
-        Some((value, whole.len()))
-    })
-}
-
-fn named(name: &str) -> Option<&'static str> {
-    ENTITIES.iter().find(|(n, _, _)| *n == name).map(|(_, v, _)| *v)
-}
-
-/// Python's `html.unescape` (numeric references exactly, named ones from
-/// [`ENTITIES`]).
-pub(crate) fn html_unescape(text: &str) -> String {
-    if !text.contains('&') {
-        return text.to_string();
+        let bounds: Vec<usize> = s.char_indices().map(|(i, _)| i).collect();
+        (2..bounds.len()).rev().find_map(|x| {
+            let prefix = &s[..bounds[x]];
+            self.html5
+                .get(prefix)
+                .map(|v| (v.clone(), 1 + prefix.len()))
+        })
     }
-    replace_refs(text, |rest| {
-        let b = rest.as_bytes();
-        if b.get(1) == Some(&b'#') {
-            numeric_ref(rest)
-        } else {
-            named_ref(rest)
-        }
-    })
 }
 
 /// Runs `decode` at every `&`; `decode` returns the replacement and how many bytes
@@ -258,63 +293,36 @@ fn numeric_ref(rest: &str) -> Option<(String, usize)> {
     Some((value, used))
 }
 
-/// `&name;` (or a legacy `&name` prefix) as Python's `html.unescape`.
-fn named_ref(rest: &str) -> Option<(String, usize)> {
-    let body_len: usize = rest[1..]
-        .chars()
-        .take_while(|c| !matches!(c, '\t' | '\n' | '\u{c}' | ' ' | '<' | '&' | '#' | ';'))
-        .take(32)
-        .map(char::len_utf8)
-        .sum();
-    if body_len == 0 {
-        return None;
-    }
-    let body = &rest[1..1 + body_len];
-    let semi = rest[1 + body_len..].starts_with(';');
-    if semi {
-        if let Some(v) = named(body) {
-            return Some((v.to_string(), body_len + 2));
-        }
-    } else if let Some(v) = legacy(body) {
-        return Some((v.to_string(), body_len + 1));
-    }
-    // The longest legacy name (no `;`) that is a proper prefix of at least 2 chars.
-    let bounds: Vec<usize> = body
-        .char_indices()
-        .map(|(i, _)| i)
-        .chain([body.len()])
-        .collect();
-    let s_chars = bounds.len() - 1 + usize::from(semi);
-    (2..s_chars)
-        .rev()
-        .find_map(|x| legacy(&body[..bounds[x]]).map(|v| (v.to_string(), 1 + bounds[x])))
-}
-
-/// A named entity that also decodes without `;`.
-fn legacy(name: &str) -> Option<&'static str> {
-    ENTITIES
-        .iter()
-        .find(|(e, _, s)| *e == name && *s == Semicolon::Optional)
-        .map(|(_, v, _)| *v)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn html_unescape_matches_python() {
+        let c = OpenClipCleaner::new();
+        let html_unescape = |t: &str| c.html_unescape(t);
         assert_eq!(html_unescape("a &amp; b &lt;c&gt;"), "a & b <c>");
         assert_eq!(html_unescape("&amp;amp;"), "&amp;");
         assert_eq!(html_unescape("&#65;&#x42;&#X43&#128;&#0;"), "ABC€\u{fffd}");
-        assert_eq!(html_unescape("&ampfoo &notanentity; &#;"), "&foo &notanentity; &#;");
-        assert_eq!(html_unescape("&#xD800;&#1114112;&#1;x"), "\u{fffd}\u{fffd}x");
+        assert_eq!(
+            html_unescape("&ampfoo &notanentity; &#;"),
+            "&foo ¬anentity; &#;"
+        );
+        assert_eq!(
+            html_unescape("&#xD800;&#1114112;&#1;x"),
+            "\u{fffd}\u{fffd}x"
+        );
+        assert_eq!(html_unescape("&not &notit; &notin; &spades;"), "¬ ¬it; ∉ ♠");
+        assert_eq!(c.ftfy_unescape("&EACUTE; &eacute &Eacute;"), "É &eacute É");
     }
 
     #[test]
     fn open_clip_clean_fixes_quotes_width_and_whitespace() {
         let c = OpenClipCleaner::new();
-        assert_eq!(c.clean("  It’s a  “ＴＥＳＴ”\n\tof &amp;amp; ﬁsh  "), "it's a \"test\" of & fish");
+        assert_eq!(
+            c.clean("  It’s a  “ＴＥＳＴ”\n\tof &amp;amp; ﬁsh  "),
+            "it's a \"test\" of & fish"
+        );
         assert_eq!(c.clean("ΟΔΟΣ"), "οδος");
         assert_eq!(c.clean("\u{1b}[31mred\u{1b}[0m\u{1c}x"), "redx");
     }

@@ -22,7 +22,8 @@ const CLIP_MERGES: usize = 49152 - 256 - 2;
 const SUFFIX: &str = "</w>";
 /// open_clip's pre-tokenization pattern (special tokens first, case-insensitive
 /// where Python's `re.IGNORECASE` can matter on lowercased text).
-const OPEN_CLIP_PATTERN: &str = r"(?i:<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d)|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+";
+const OPEN_CLIP_PATTERN: &str =
+    r"(?i:<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d)|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+";
 /// HF CLIP's pre-tokenization pattern (used for `vocab.json` + `merges.txt`).
 const HF_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
@@ -35,7 +36,11 @@ pub(crate) fn bytes_to_unicode() -> Vec<(u8, char)> {
         .map(|b| (b, char::from(b)))
         .collect();
     let others = (0..=255u8).filter(|&b| !printable(b));
-    map.extend(others.zip(256u32..).map(|(b, c)| (b, char::from_u32(c).expect("valid"))));
+    map.extend(
+        others
+            .zip(256u32..)
+            .map(|(b, c)| (b, char::from_u32(c).expect("valid"))),
+    );
     map
 }
 
@@ -101,13 +106,21 @@ impl ClipTokenizer {
         let model = root.get("model", "model")?;
         let kind = model.get("type", "model.type")?.str()?;
         if kind != "BPE" {
-            return Err(Error::config(path, "model.type", format!("expected BPE, found {kind}")));
+            return Err(Error::config(
+                path,
+                "model.type",
+                format!("expected BPE, found {kind}"),
+            ));
         }
         check_bpe_options(model)?;
         let vocab = parse_vocab(model.get("vocab", "model.vocab")?)?;
         let merges = parse_merges(model.get("merges", "model.merges")?)?;
         let unk = match model.opt("unk_token", "model.unk_token") {
-            Some(f) => Some(*vocab.get(f.str()?).ok_or_else(|| f.error("not in the vocab"))?),
+            Some(f) => Some(
+                *vocab
+                    .get(f.str()?)
+                    .ok_or_else(|| f.error("not in the vocab"))?,
+            ),
             None => None,
         };
         let normalizer = match root.opt("normalizer", "normalizer") {
@@ -142,9 +155,10 @@ impl ClipTokenizer {
         let text = std::fs::read_to_string(merges_path).map_err(|e| Error::io(merges_path, e))?;
         let merges = merges_from_lines(&text, merges_path)?;
         let id = |t: &str| {
-            vocab.get(t).map(|&i| i as i64).ok_or_else(|| {
-                Error::config(vocab_path, t, "special token missing from the vocab")
-            })
+            vocab
+                .get(t)
+                .map(|&i| i as i64)
+                .ok_or_else(|| Error::config(vocab_path, t, "special token missing from the vocab"))
         };
         let (start, end) = (id("<|startoftext|>")?, id("<|endoftext|>")?);
         let lower = Normalizer::Lowercase;
@@ -159,7 +173,10 @@ impl ClipTokenizer {
         ]);
         let added = AddedTokens {
             raw: Vec::new(),
-            normalized: vec![("<|startoftext|>".into(), start), ("<|endoftext|>".into(), end)],
+            normalized: vec![
+                ("<|startoftext|>".into(), start),
+                ("<|endoftext|>".into(), end),
+            ],
         };
         let split = Regex::new(HF_PATTERN).expect("static regex");
         let frontend = Frontend::Hf {
@@ -183,7 +200,10 @@ impl ClipTokenizer {
             .read_to_string(&mut text)
             .map_err(|e| Error::io(gz, e))?;
         let merges = merges_from_lines(&text, gz)?;
-        let bytes: Vec<String> = bytes_to_unicode().iter().map(|(_, c)| c.to_string()).collect();
+        let bytes: Vec<String> = bytes_to_unicode()
+            .iter()
+            .map(|(_, c)| c.to_string())
+            .collect();
         let mut tokens: Vec<String> = bytes.clone();
         tokens.extend(bytes.iter().map(|b| format!("{b}{SUFFIX}")));
         tokens.extend(merges.iter().map(|(a, b)| format!("{a}{b}")));
@@ -223,7 +243,11 @@ impl ClipTokenizer {
         for (rank, (a, b)) in merges.iter().enumerate() {
             let id = |t: &str| {
                 vocab.get(t).copied().ok_or_else(|| {
-                    Error::config(path, "merges", format!("merge `{a} {b}`: `{t}` is not in the vocab"))
+                    Error::config(
+                        path,
+                        "merges",
+                        format!("merge `{a} {b}`: `{t}` is not in the vocab"),
+                    )
                 })
             };
             let merged = id(&format!("{a}{b}"))?;
@@ -344,14 +368,24 @@ impl ClipTokenizer {
 fn check_bpe_options(model: Field<'_>) -> Result<()> {
     let suffix = model.opt("end_of_word_suffix", "model.end_of_word_suffix");
     if suffix.map(|f| f.str()).transpose()? != Some(SUFFIX) {
-        return Err(Error::config(model.path, "model.end_of_word_suffix", "expected \"</w>\""));
+        return Err(Error::config(
+            model.path,
+            "model.end_of_word_suffix",
+            "expected \"</w>\"",
+        ));
     }
-    if let Some(p) = model.opt("continuing_subword_prefix", "model.continuing_subword_prefix") {
+    if let Some(p) = model.opt(
+        "continuing_subword_prefix",
+        "model.continuing_subword_prefix",
+    ) {
         if !p.str()?.is_empty() {
             return Err(p.error("a continuing-subword prefix is not supported"));
         }
     }
-    for (key, name) in [("byte_fallback", "model.byte_fallback"), ("ignore_merges", "model.ignore_merges")] {
+    for (key, name) in [
+        ("byte_fallback", "model.byte_fallback"),
+        ("ignore_merges", "model.ignore_merges"),
+    ] {
         if let Some(f) = model.opt(key, name) {
             if f.bool()? {
                 return Err(f.error("not supported (expected false)"));
@@ -359,7 +393,11 @@ fn check_bpe_options(model: Field<'_>) -> Result<()> {
         }
     }
     if model.opt("dropout", "model.dropout").is_some() {
-        return Err(Error::config(model.path, "model.dropout", "BPE dropout is not supported"));
+        return Err(Error::config(
+            model.path,
+            "model.dropout",
+            "BPE dropout is not supported",
+        ));
     }
     Ok(())
 }
@@ -387,7 +425,9 @@ fn parse_merges(field: Field<'_>) -> Result<Vec<(String, String)>> {
         .enumerate()
         .map(|(i, v)| {
             let pair = match v {
-                Value::String(s) => s.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())),
+                Value::String(s) => s
+                    .split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string())),
                 Value::Array(a) if a.len() == 2 => match (a[0].as_str(), a[1].as_str()) {
                     (Some(x), Some(y)) => Some((x.to_string(), y.to_string())),
                     _ => None,
@@ -399,10 +439,11 @@ fn parse_merges(field: Field<'_>) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
-/// Merges from a text file: skip the header line, take the next 48894 lines, each
-/// split on whitespace into two symbols.
+/// Merges from a text file: skip the header line, take the next 48894 lines (or
+/// all, ignoring trailing line breaks), each split on whitespace into two symbols.
 fn merges_from_lines(text: &str, path: &Path) -> Result<Vec<(String, String)>> {
-    text.split('\n')
+    text.trim_end_matches(['\n', '\r'])
+        .split('\n')
         .skip(1)
         .take(CLIP_MERGES)
         .enumerate()
@@ -410,7 +451,11 @@ fn merges_from_lines(text: &str, path: &Path) -> Result<Vec<(String, String)>> {
             let parts: Vec<&str> = line.split_whitespace().collect();
             match parts.as_slice() {
                 [a, b] => Ok((a.to_string(), b.to_string())),
-                _ => Err(Error::config(path, &format!("line {}", i + 2), format!("`{line}` is not a merge pair"))),
+                _ => Err(Error::config(
+                    path,
+                    &format!("line {}", i + 2),
+                    format!("`{line}` is not a merge pair"),
+                )),
             }
         })
         .collect()
@@ -433,7 +478,10 @@ fn parse_pre_tokenizer(field: Field<'_>) -> Result<Regex> {
         && split["invert"] == true
         && byte_level["type"] == "ByteLevel"
         && byte_level["add_prefix_space"] != true;
-    let pattern = split["pattern"]["Regex"].as_str().filter(|_| ok).ok_or_else(unsupported)?;
+    let pattern = split["pattern"]["Regex"]
+        .as_str()
+        .filter(|_| ok)
+        .ok_or_else(unsupported)?;
     Regex::new(pattern)
         .map_err(|e| field.error(format!("split pattern `{pattern}` does not compile: {e}")))
 }
@@ -463,7 +511,10 @@ fn parse_padding(root: Field<'_>, end: i64) -> Result<(usize, Padding)> {
         let len = root
             .opt("truncation", "truncation")
             .and_then(|t| t.opt("max_length", "truncation.max_length"));
-        return Ok((len.map(|f| f.u64()).transpose()?.unwrap_or(77) as usize, Padding::EndOfText));
+        return Ok((
+            len.map(|f| f.u64()).transpose()?.unwrap_or(77) as usize,
+            Padding::EndOfText,
+        ));
     };
     let fixed = pad
         .get("strategy", "padding.strategy")?
@@ -475,7 +526,11 @@ fn parse_padding(root: Field<'_>, end: i64) -> Result<(usize, Padding)> {
         0 => Padding::Zero,
         id if id == end => Padding::EndOfText,
         id => {
-            return Err(Error::config(root.path, "padding.pad_id", format!("{id}: expected 0 or the end id {end}")))
+            return Err(Error::config(
+                root.path,
+                "padding.pad_id",
+                format!("{id}: expected 0 or the end id {end}"),
+            ))
         }
     };
     Ok((fixed, padding))
@@ -484,6 +539,53 @@ fn parse_padding(root: Field<'_>, end: i64) -> Result<(usize, Padding)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tokenizer over the byte symbols plus merges `h e`, `l o</w>`, `he lo</w>`,
+    /// `l l`, written as `vocab.json` + `merges.txt`.
+    fn tiny() -> ClipTokenizer {
+        let dir = std::env::temp_dir().join(format!("dancegrpo-clip-tiny-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut tokens: Vec<String> = bytes_to_unicode()
+            .iter()
+            .map(|(_, c)| c.to_string())
+            .collect();
+        let words: Vec<String> = tokens.iter().map(|t| format!("{t}</w>")).collect();
+        tokens.extend(words);
+        for t in [
+            "he",
+            "lo</w>",
+            "helo</w>",
+            "ll",
+            "<|startoftext|>",
+            "<|endoftext|>",
+        ] {
+            tokens.push(t.to_string());
+        }
+        let vocab: serde_json::Map<String, Value> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), Value::from(i)))
+            .collect();
+        std::fs::write(dir.join("vocab.json"), Value::Object(vocab).to_string()).unwrap();
+        std::fs::write(
+            dir.join("merges.txt"),
+            "#version: 0.2\nh e\nl o</w>\nhe lo</w>\nl l\n",
+        )
+        .unwrap();
+        ClipTokenizer::from_dir(&dir).unwrap()
+    }
+
+    #[test]
+    fn bpe_applies_merges_by_rank() {
+        let tok = tiny();
+        // 512 = "he", 513 = "lo</w>", 514 = "helo</w>", 515 = "ll"; "a</w>" = 256 + 64.
+        assert_eq!(tok.tokenize("HeLo a"), vec![514, 256 + 64]);
+        // "hello": h e l l o</w> -> he l l o</w> -> he l lo</w> (rank 1 before "l l").
+        assert_eq!(tok.tokenize("hello"), vec![512, 75, 513]);
+        let e = tok.encode("helo", 5, Padding::Zero).unwrap();
+        assert_eq!(e.ids, vec![516, 514, 517, 0, 0]);
+        assert_eq!(tok.special_ids(), (516, 517));
+    }
 
     #[test]
     fn byte_map_is_gpt2s() {

@@ -27,7 +27,11 @@ impl<'a> Field<'a> {
 
     /// A configuration error about this field.
     pub fn error(&self, msg: impl Into<String>) -> Error {
-        let name = if self.name.is_empty() { "<root>" } else { self.name };
+        let name = if self.name.is_empty() {
+            "<root>"
+        } else {
+            self.name
+        };
         Error::config(self.path, name, msg)
     }
 
@@ -58,9 +62,12 @@ impl<'a> Field<'a> {
 
     /// The value as a non-negative integer.
     pub fn u64(&self) -> Result<u64> {
-        self.value
-            .as_u64()
-            .ok_or_else(|| self.error(format!("expected an unsigned integer, found {}", self.value)))
+        self.value.as_u64().ok_or_else(|| {
+            self.error(format!(
+                "expected an unsigned integer, found {}",
+                self.value
+            ))
+        })
     }
 
     /// The value as a boolean.
@@ -77,7 +84,7 @@ impl<'a> Field<'a> {
             .ok_or_else(|| self.error("expected an array"))
     }
 
-    /// Element `i` of an array value, under the same field name.
+    /// An element of this (array) field, reported under the same field name.
     pub fn item(&self, value: &'a Value) -> Field<'a> {
         Field {
             path: self.path,

@@ -11,8 +11,8 @@
 //! stacks encodings into the int64 id tensor the text encoders take.
 
 mod added;
-pub mod clip;
 mod clean;
+pub mod clip;
 mod config;
 mod normalize;
 mod spiece;
@@ -58,7 +58,10 @@ pub fn batch_ids(encodings: &[Encoding]) -> Result<Tensor> {
             encodings[bad].ids.len()
         )));
     }
-    let flat: Vec<i64> = encodings.iter().flat_map(|e| e.ids.iter().copied()).collect();
+    let flat: Vec<i64> = encodings
+        .iter()
+        .flat_map(|e| e.ids.iter().copied())
+        .collect();
     Ok(Tensor::from_slice(&flat).view([encodings.len() as i64, len as i64]))
 }
 

@@ -63,14 +63,21 @@ impl Normalizer {
             "Lowercase" => Normalizer::Lowercase,
             "Sequence" => {
                 let items = field.get("normalizers", "normalizer.normalizers")?;
-                let steps = items.array()?.iter().map(|v| Normalizer::parse(items.item(v)));
+                let steps = items
+                    .array()?
+                    .iter()
+                    .map(|v| Normalizer::parse(items.item(v)));
                 Normalizer::Sequence(steps.collect::<Result<_>>()?)
             }
             "Replace" => Self::parse_replace(field)?,
             "Strip" => {
                 let side = |key, name| -> Result<Side> {
                     let on = field.opt(key, name).map(|f| f.bool()).transpose()?;
-                    Ok(if on.unwrap_or(true) { Side::Strip } else { Side::Keep })
+                    Ok(if on.unwrap_or(true) {
+                        Side::Strip
+                    } else {
+                        Side::Keep
+                    })
                 };
                 Normalizer::Strip {
                     left: side("strip_left", "normalizer.strip_left")?,
@@ -83,7 +90,10 @@ impl Normalizer {
 
     fn parse_replace(field: Field<'_>) -> Result<Self> {
         let pattern = field.get("pattern", "normalizer.pattern")?;
-        let content = field.get("content", "normalizer.content")?.str()?.to_string();
+        let content = field
+            .get("content", "normalizer.content")?
+            .str()?
+            .to_string();
         let source = if let Some(re) = pattern.opt("Regex", "normalizer.pattern.Regex") {
             re.str()?.to_string()
         } else if let Some(lit) = pattern.opt("String", "normalizer.pattern.String") {
@@ -157,7 +167,12 @@ mod tests {
 
     #[test]
     fn unsupported_normalizer_is_named() {
-        let err = parse(json!({"type": "Precompiled"})).unwrap_err().to_string();
-        assert!(err.contains("t.json") && err.contains("Precompiled"), "{err}");
+        let err = parse(json!({"type": "Precompiled"}))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("t.json") && err.contains("Precompiled"),
+            "{err}"
+        );
     }
 }

@@ -104,7 +104,9 @@ pub(crate) fn parse_model(buf: &[u8]) -> Result<Model, String> {
         match field? {
             (1, Value::Bytes(b)) => {
                 let i = model.pieces.len();
-                model.pieces.push(parse_piece(b).map_err(|e| format!("pieces[{i}]: {e}"))?);
+                model
+                    .pieces
+                    .push(parse_piece(b).map_err(|e| format!("pieces[{i}]: {e}"))?);
             }
             (2, Value::Bytes(b)) => {
                 for f in (Fields { buf: b }) {
@@ -145,7 +147,7 @@ fn parse_piece(buf: &[u8]) -> Result<Piece, String> {
                     t => return Err(format!("unknown piece type {t}")),
                 }
             }
-            (_, Value::Fixed64) | _ => {}
+            _ => {}
         }
     }
     Ok(piece)

@@ -67,7 +67,10 @@ impl T5Tokenizer {
             Self::from_spiece(&model)
         } else {
             let msg = "no T5 tokenizer (tokenizer.json or spiece.model)";
-            Err(Error::io(json, std::io::Error::new(std::io::ErrorKind::NotFound, msg)))
+            Err(Error::io(
+                json,
+                std::io::Error::new(std::io::ErrorKind::NotFound, msg),
+            ))
         }
     }
 
@@ -78,11 +81,17 @@ impl T5Tokenizer {
         let model = root.get("model", "model")?;
         let kind = model.get("type", "model.type")?.str()?;
         if kind != "Unigram" {
-            return Err(Error::config(path, "model.type", format!("expected Unigram, found {kind}")));
+            return Err(Error::config(
+                path,
+                "model.type",
+                format!("expected Unigram, found {kind}"),
+            ));
         }
         let pieces = parse_pieces(model.get("vocab", "model.vocab")?)?;
         let unk_id = match model.opt("unk_id", "model.unk_id") {
-            Some(f) => Some(f.u64()? as u32).filter(|&u| (u as usize) < pieces.len()).map(Ok),
+            Some(f) => Some(f.u64()? as u32)
+                .filter(|&u| (u as usize) < pieces.len())
+                .map(Ok),
             None => None,
         }
         .transpose()
@@ -122,12 +131,19 @@ impl T5Tokenizer {
     /// normalization map is replaced by NFKC and no `<extra_id_*>` tokens are added.
     pub fn from_spiece(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let model = spiece::parse_model(&bytes).map_err(|msg| Error::config(path, "ModelProto", msg))?;
+        let model =
+            spiece::parse_model(&bytes).map_err(|msg| Error::config(path, "ModelProto", msg))?;
         let find = |name: &str| model.pieces.iter().position(|p| p.piece == name);
-        let unk_id = model.pieces.iter().position(|p| p.kind == spiece::PieceType::Unknown);
+        let unk_id = model
+            .pieces
+            .iter()
+            .position(|p| p.kind == spiece::PieceType::Unknown);
         let mut added = AddedTokens::default();
         for (i, p) in model.pieces.iter().enumerate() {
-            if matches!(p.kind, spiece::PieceType::Control | spiece::PieceType::Unknown) {
+            if matches!(
+                p.kind,
+                spiece::PieceType::Control | spiece::PieceType::Unknown
+            ) {
                 added.raw.push((p.piece.clone(), i as i64));
             }
         }
@@ -143,11 +159,22 @@ impl T5Tokenizer {
             true => ByteFallback::Bytes,
             false => ByteFallback::Unknown,
         };
-        let pieces: Vec<(String, f64)> =
-            model.pieces.iter().map(|p| (p.piece.clone(), f64::from(p.score))).collect();
-        let mut tok = Self::build(pieces, unk_id.map(|u| u as u32), byte_fallback, normalizer, added)?;
-        tok.eos = find("</s>").ok_or_else(|| Error::config(path, "pieces", "no `</s>` piece"))? as i64;
-        tok.pad = find("<pad>").ok_or_else(|| Error::config(path, "pieces", "no `<pad>` piece"))? as i64;
+        let pieces: Vec<(String, f64)> = model
+            .pieces
+            .iter()
+            .map(|p| (p.piece.clone(), f64::from(p.score)))
+            .collect();
+        let mut tok = Self::build(
+            pieces,
+            unk_id.map(|u| u as u32),
+            byte_fallback,
+            normalizer,
+            added,
+        )?;
+        tok.eos =
+            find("</s>").ok_or_else(|| Error::config(path, "pieces", "no `</s>` piece"))? as i64;
+        tok.pad =
+            find("<pad>").ok_or_else(|| Error::config(path, "pieces", "no `<pad>` piece"))? as i64;
         Ok(tok)
     }
 
@@ -161,7 +188,11 @@ impl T5Tokenizer {
         let min_score = pieces.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
         let max_piece_len = pieces.iter().map(|p| p.0.len()).max().unwrap_or(0);
         // HF builds its map with later duplicates winning.
-        let ids = pieces.iter().enumerate().map(|(i, p)| (p.0.clone(), i as u32)).collect();
+        let ids = pieces
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.0.clone(), i as u32))
+            .collect();
         Ok(T5Tokenizer {
             scores: pieces.into_iter().map(|p| p.1).collect(),
             ids,
@@ -323,7 +354,9 @@ impl T5Tokenizer {
             }
         }
         let unk = self.unk_id.ok_or_else(|| {
-            Error::Input(format!("T5 tokenizer: `{text}` is not in the vocab and there is no unk id"))
+            Error::Input(format!(
+                "T5 tokenizer: `{text}` is not in the vocab and there is no unk id"
+            ))
         })?;
         ids.push(unk as i64);
         Ok(())
@@ -393,5 +426,83 @@ fn parse_eos(field: Field<'_>) -> Result<i64> {
     match ids.as_array().map(Vec::as_slice) {
         Some([id]) => id.as_i64().ok_or_else(bad),
         _ => Err(bad()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn fixture_json() -> PathBuf {
+        let root = std::env::var_os("DANCEGRPO_FIXTURES").map_or_else(
+            || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures"),
+            PathBuf::from,
+        );
+        root.join("public/flux_tiny_a/text_encoders/tokenizer_2/tokenizer.json")
+    }
+
+    /// A tokenizer from in-memory pieces (unk id 0), as a spiece model.
+    fn from_pieces(pieces: &[(&str, f32, u64)], name: &str) -> T5Tokenizer {
+        let dir = std::env::temp_dir().join(format!("dancegrpo-t5-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("spiece.model");
+        std::fs::write(&path, spiece::encode_model(pieces)).unwrap();
+        T5Tokenizer::from_dir(&dir).unwrap()
+    }
+
+    #[test]
+    fn viterbi_prefers_the_best_total_score() {
+        let pieces = [
+            ("<unk>", 0.0, 2),
+            ("</s>", 0.0, 3),
+            ("<pad>", 0.0, 3),
+            ("▁", -3.0, 1),
+            ("▁ab", -5.0, 1),
+            ("▁a", -1.0, 1),
+            ("b", -1.0, 1),
+            ("c", -1.0, 1),
+        ];
+        let tok = from_pieces(&pieces, "viterbi");
+        // "▁a" + "b" = -2 beats "▁ab" = -5.
+        assert_eq!(tok.tokenize("ab").unwrap(), vec![5, 6]);
+        // Unknown "xy" fuses into one unk (id 0); "</s>" in the text is the control id.
+        assert_eq!(tok.tokenize("axyc</s>").unwrap(), vec![5, 0, 7, 1]);
+        let e = tok.encode("ab ab ab", 4).unwrap();
+        assert_eq!((e.ids, e.truncated), (vec![5, 6, 5, 1], true));
+        assert_eq!(tok.encode("c", 3).unwrap().ids, vec![3, 7, 1]);
+    }
+
+    #[test]
+    fn spiece_model_matches_tokenizer_json() {
+        let json = T5Tokenizer::from_tokenizer_json(&fixture_json()).unwrap();
+        let text = std::fs::read_to_string(fixture_json()).unwrap();
+        let v: Value = serde_json::from_str(&text).unwrap();
+        let vocab = v["model"]["vocab"].as_array().unwrap();
+        let pieces: Vec<(&str, f32, u64)> = vocab
+            .iter()
+            .map(|p| {
+                let piece = p[0].as_str().unwrap();
+                let kind = match piece {
+                    "<unk>" => 2,
+                    "<pad>" | "</s>" => 3,
+                    _ => 1,
+                };
+                (piece, p[1].as_f64().unwrap() as f32, kind)
+            })
+            .collect();
+        let sp = from_pieces(&pieces, "fixture");
+        assert_eq!(sp.special_ids(), (1, 0));
+        for text in [
+            "a photo of a red fox sitting in the snow",
+            "  Ünïcode 狐狸 </s> x  y",
+            "",
+        ] {
+            assert_eq!(
+                sp.encode(text, 32).unwrap(),
+                json.encode(text, 32).unwrap(),
+                "{text:?}"
+            );
+        }
     }
 }
