@@ -248,6 +248,15 @@ fn malformed_tokenizer_json_names_file_and_field() {
         "{err}"
     );
 
+    json["model"]["vocab"][5] = serde_json::json!(["▁x", -3.0]);
+    json["model"]["unk_id"] = serde_json::json!(999);
+    std::fs::write(&path, json.to_string()).unwrap();
+    let err = T5Tokenizer::from_tokenizer_json(&path)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("model.unk_id") && err.contains("999"), "{err}");
+
     json["model"]["type"] = serde_json::json!("WordPiece");
     std::fs::write(&path, json.to_string()).unwrap();
     let err = T5Tokenizer::from_tokenizer_json(&path)

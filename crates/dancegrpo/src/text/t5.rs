@@ -89,13 +89,12 @@ impl T5Tokenizer {
         }
         let pieces = parse_pieces(model.get("vocab", "model.vocab")?)?;
         let unk_id = match model.opt("unk_id", "model.unk_id") {
-            Some(f) => Some(f.u64()? as u32)
-                .filter(|&u| (u as usize) < pieces.len())
-                .map(Ok),
+            Some(f) => match f.u64()? {
+                u if (u as usize) < pieces.len() => Some(u as u32),
+                u => return Err(f.error(format!("{u} is outside the vocab of {}", pieces.len()))),
+            },
             None => None,
-        }
-        .transpose()
-        .map_err(|()| Error::config(path, "model.unk_id", "out of the vocab"))?;
+        };
         let fallback = model.opt("byte_fallback", "model.byte_fallback");
         let byte_fallback = match fallback.map(|f| f.bool()).transpose()? {
             Some(true) => ByteFallback::Bytes,
