@@ -17,6 +17,7 @@ pub mod rewards;
 pub mod rng;
 pub mod sampler;
 pub mod train;
+pub mod text;
 pub mod weights;
 
 pub use error::{Error, Result};
