@@ -16,8 +16,8 @@ pub mod nn;
 pub mod rewards;
 pub mod rng;
 pub mod sampler;
-pub mod train;
 pub mod text;
+pub mod train;
 pub mod weights;
 
 pub use error::{Error, Result};

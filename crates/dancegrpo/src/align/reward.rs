@@ -10,6 +10,7 @@ use super::{errors, Case, Stage, StageAcc, StageReport, TensorCheck};
 use crate::error::{Error, Result};
 use crate::models::open_clip::{OpenClip, OpenClipConfig};
 use crate::rewards::hps::{cosine, l2_normalize, preprocess, HpsReward};
+use crate::text::{batch_ids, ClipTokenizer, Padding};
 
 /// Relative tolerance of the stage (float32).
 pub const TOL: f64 = 1e-6;
@@ -18,6 +19,48 @@ pub const TOL: f64 = 1e-6;
 pub const PT_FILE: &str = "HPS_v2.1_compressed.pt";
 /// The safetensors file name of the reward directory.
 pub const SAFETENSORS_FILE: &str = "open_clip_model.safetensors";
+
+/// The captions of the case's samples (`case.json["sample_captions"]`).
+fn sample_captions(case: &Case) -> Result<Vec<String>> {
+    let path = case.dir().join("case.json");
+    let json: serde_json::Value = crate::io::json::read_json(&path)?;
+    json["sample_captions"]
+        .as_array()
+        .and_then(|a| a.iter().map(|c| c.as_str().map(str::to_string)).collect())
+        .ok_or_else(|| Error::config(path, "sample_captions", "want a list of strings"))
+}
+
+/// Token ids of the captions, from `tokenizer.json` and from open_clip's merges
+/// file, each required to equal the stored `reward/input_ids` exactly.
+fn token_checks(case: &Case, dir: &std::path::Path, acc: &mut StageAcc) -> Result<()> {
+    let want = case.expected("reward/input_ids")?;
+    let captions = sample_captions(case)?;
+    let sources = [
+        (
+            "tokenizer.json",
+            ClipTokenizer::from_tokenizer_json(&dir.join("tokenizer.json"))?,
+        ),
+        (
+            "bpe_simple_vocab_16e6.txt.gz",
+            ClipTokenizer::from_open_clip_bpe(&dir.join("bpe_simple_vocab_16e6.txt.gz"))?,
+        ),
+    ];
+    for (name, tok) in sources {
+        let enc = captions
+            .iter()
+            .map(|c| tok.encode(c, 77, Padding::Zero))
+            .collect::<Result<Vec<_>>>()?;
+        let ids = batch_ids(&enc)?;
+        let (rel, abs) = errors(&ids, &want);
+        acc.push(TensorCheck {
+            name: format!("reward/input_ids ({name}, exact)"),
+            rel_err: rel,
+            abs_err: abs,
+            pass: ids.size() == want.size() && ids.equal(&want),
+        });
+    }
+    Ok(())
+}
 
 /// Runs the stage on `case`.
 pub fn run(case: &Case) -> Result<StageReport> {
@@ -48,6 +91,8 @@ pub fn run(case: &Case) -> Result<StageReport> {
     );
     acc.push(weights_check(&from_pt, &from_st));
 
+    token_checks(case, &dir, &mut acc)?;
+
     for (suffix, model) in [("pt", from_pt), ("safetensors", from_st)] {
         // One item per model call, as the reference.
         let mut img = Vec::new();
@@ -64,14 +109,18 @@ pub fn run(case: &Case) -> Result<StageReport> {
             &cosine(&img, &txt),
             &rewards_ref,
         );
-        // The whole reward from the uint8 images (transform included).
-        let tokenize = Box::new(|_: &str| -> Result<Vec<i64>> {
-            Err(Error::Input("the align stage feeds stored ids".into()))
+        // The whole reward from the uint8 images and the captions (transform
+        // and tokenizer included).
+        let tokenizer = ClipTokenizer::from_dir(&dir)?;
+        let tokenize = Box::new(move |text: &str| -> Result<Vec<i64>> {
+            Ok(tokenizer.encode(text, 77, Padding::Zero)?.ids)
         });
         let reward = HpsReward::new(model, tokenize);
+        let captions = sample_captions(case)?;
+        let ours = reward.score_ids(&images, &reward.tokenize(&captions)?)?;
         acc.compare(
-            format!("rewards from image_uint8 ({suffix})"),
-            &reward.score_ids(&images, &ids)?,
+            format!("rewards from image_uint8 and captions ({suffix})"),
+            &ours,
             &rewards_ref,
         );
     }

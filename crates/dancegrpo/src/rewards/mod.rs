@@ -4,8 +4,8 @@
 //! or a recorded failure, and the GRPO advantages skip groups with a failure.
 
 pub mod combine;
-pub mod jpeg;
 pub mod hps;
+pub mod jpeg;
 
 use tch::Tensor;
 
