@@ -18,8 +18,10 @@ enum Command {
     Env(cmd::env::Args),
     /// Compare our pipeline with a reference case, stage by stage.
     Align(cmd::align::Args),
-    /// Run the built-in tiny pipeline end to end (no downloads, CPU).
+    /// The built-in tiny GRPO run on the CPU (no downloads): the reward must rise.
     Demo(cmd::demo::Args),
+    /// Generate images (deterministic ODE sampling) from a run's checkpoint.
+    Generate(cmd::generate::Args),
     /// GRPO training from a config (or the built-in tiny default).
     Train(cmd::train::Args),
 }
@@ -30,6 +32,7 @@ fn main() -> std::process::ExitCode {
         Command::Env(a) => cmd::env::run(a),
         Command::Align(a) => cmd::align::run(a),
         Command::Demo(a) => cmd::demo::run(a),
+        Command::Generate(a) => cmd::generate::run(a),
         Command::Train(a) => cmd::train::run(a),
     };
     match result {

@@ -182,26 +182,81 @@ fn env_reports_the_loaded_libtorch() {
 }
 
 #[test]
-fn demo_writes_a_png() {
+fn demo_reward_rises_and_generate_reads_its_checkpoints() {
+    // the README's first command, as shipped: the reward must rise by >= 1 kB
     let dir = temp_dir("demo");
-    let out = run(&[
-        "demo",
-        "--out",
-        dir.to_str().unwrap(),
-        "--steps",
-        "3",
-        "--images",
-        "2",
-    ]);
+    let out = run(&["demo", "--out", dir.to_str().unwrap(), "--threads", "2"]);
+    let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "{}",
+        "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let png = std::fs::read(dir.join("samples.png")).unwrap();
-    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
-    // width 2*64, height 64 in the IHDR chunk
-    assert_eq!(u32::from_be_bytes(png[16..20].try_into().unwrap()), 128);
-    assert_eq!(u32::from_be_bytes(png[20..24].try_into().unwrap()), 64);
+    let rewards: Vec<f64> = std::fs::read_to_string(dir.join("rewards.txt"))
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    assert_eq!(rewards.len(), 150);
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let rise = mean(&rewards[140..]) - mean(&rewards[..10]);
+    assert!(rise >= 1.0, "reward rose by {rise}");
+    let eval: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("eval.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(eval.len(), 2);
+    let (before, after) = (
+        eval[0]["reward_mean"].as_f64().unwrap(),
+        eval[1]["reward_mean"].as_f64().unwrap(),
+    );
+    assert!(after > before + 1.0, "eval {before} -> {after}");
+    for f in [
+        "reward_curve.png",
+        "eval/iter-000000.png",
+        "eval/iter-000150.png",
+        "metrics.jsonl",
+        "config.toml",
+    ] {
+        assert!(dir.join(f).is_file(), "{f} missing");
+    }
+    // generate from the newest checkpoint and from the base model: same images as eval
+    let png = dir.join("gen.png");
+    for (ck, want) in [(None, after), (Some("base"), before)] {
+        let mut args = vec![
+            "generate",
+            "--run",
+            dir.to_str().unwrap(),
+            "--out",
+            png.to_str().unwrap(),
+        ];
+        if let Some(c) = ck {
+            args.extend(["--checkpoint", c]);
+        }
+        let out = run(&args);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bytes = std::fs::read(&png).unwrap();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+        // generate uses other noise than eval: compare loosely with the eval reward
+        let got: f64 = text
+            .split("mean reward ")
+            .nth(1)
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            (got - want).abs() < 0.6 * (after - before),
+            "{ck:?}: {got} vs eval {want}"
+        );
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }

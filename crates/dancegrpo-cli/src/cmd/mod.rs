@@ -3,4 +3,5 @@
 pub mod align;
 pub mod demo;
 pub mod env;
+pub mod generate;
 pub mod train;

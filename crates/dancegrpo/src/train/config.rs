@@ -292,17 +292,17 @@ impl TrainConfig {
                 ..GrpoConfig::default()
             },
             optim: OptimConfig {
-                learning_rate: 3e-4,
+                learning_rate: 1e-3,
                 gradient_accumulation: 16,
                 activation_checkpointing: ActivationCheckpointing::Off,
                 ..OptimConfig::default()
             },
             run: RunConfig {
                 seed: 0,
-                iterations: 40,
+                iterations: 150,
                 prompts_per_iteration: 2,
-                checkpoint_every: 10,
-                image_every: 10,
+                checkpoint_every: 25,
+                image_every: 25,
                 keep_checkpoints: 2,
             },
         }

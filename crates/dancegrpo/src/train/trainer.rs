@@ -381,7 +381,8 @@ fn iteration_config(cfg: &TrainConfig) -> IterationConfig {
     }
 }
 
-fn build_models(cfg: &TrainConfig, device: Device) -> Result<(FluxTransformer, Vae)> {
+/// The transformer and VAE a configuration names (base weights), on `device`.
+pub fn build_models(cfg: &TrainConfig, device: Device) -> Result<(FluxTransformer, Vae)> {
     let (mut model, vae) = match &cfg.model {
         ModelSource::Tiny { seed } => (
             FluxTransformer::new(
@@ -406,7 +407,8 @@ fn build_models(cfg: &TrainConfig, device: Device) -> Result<(FluxTransformer, V
     Ok((model, vae))
 }
 
-fn build_prompts(cfg: &TrainConfig, model: &FluxTransformer) -> Result<Box<dyn PromptSet>> {
+/// The prompt set a configuration names.
+pub fn build_prompts(cfg: &TrainConfig, model: &FluxTransformer) -> Result<Box<dyn PromptSet>> {
     match &cfg.data {
         DataSource::Synthetic { prompts, seed } => {
             if *prompts == 0 {
@@ -423,7 +425,8 @@ fn build_prompts(cfg: &TrainConfig, model: &FluxTransformer) -> Result<Box<dyn P
     }
 }
 
-fn build_rewards(cfg: &TrainConfig) -> Result<WeightedSum> {
+/// The weighted rewards a configuration names.
+pub fn build_rewards(cfg: &TrainConfig) -> Result<WeightedSum> {
     let parts = cfg
         .rewards
         .iter()
