@@ -244,3 +244,31 @@ fn configuration_and_run_directory_errors_name_the_problem() {
     );
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+#[test]
+fn rollout_batch_1_and_g_give_bit_identical_runs() {
+    let root = temp_dir("batch");
+    let run_with = |batch: &str| {
+        let dir = root.join(format!("b{batch}"));
+        let rollout = format!("sampler.rollout_batch={batch}");
+        train(
+            &dir,
+            &[
+                "--set",
+                &rollout,
+                "--set",
+                "optim.update_batching=\"per_sample\"",
+                "--set",
+                "optim.gradient_accumulation=8",
+                "--set",
+                "run.image_every=9",
+            ],
+        );
+        dir
+    };
+    let (one, group) = (run_with("1"), run_with("8"));
+    assert_same_run(&one, &group);
+    let png = |d: &Path| std::fs::read(d.join("images/iter-000009.png")).unwrap();
+    assert!(png(&one) == png(&group), "rollout images differ");
+    std::fs::remove_dir_all(&root).unwrap();
+}

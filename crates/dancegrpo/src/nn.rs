@@ -28,8 +28,23 @@ impl Linear {
     }
 
     /// Applies the layer to the last dimension of `x`.
+    ///
+    /// A 2-d input `(b, in)` is applied row by row: BLAS takes a matrix-vector
+    /// path for one row and a matrix-matrix path for several, which round
+    /// differently, so batching per-sample vectors (time embeddings,
+    /// modulations) would make a sample's result depend on the batch size.
+    /// Row by row, every sample gets the bits it gets alone (and as the
+    /// reference's batch-1 calls get).
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+        match x.size().as_slice() {
+            [b, _] if *b > 1 => {
+                let rows: Vec<Tensor> = (0..*b)
+                    .map(|i| x.narrow(0, i, 1).linear(&self.weight, self.bias.as_ref()))
+                    .collect();
+                Tensor::cat(&rows, 0)
+            }
+            _ => x.linear(&self.weight, self.bias.as_ref()),
+        }
     }
 }
 

@@ -101,15 +101,23 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// One status line per iteration on stderr (overwritten on a terminal).
+/// One status line per iteration on stderr, overwritten in place on a terminal;
+/// elsewhere (logs) a line every tenth of the run.
 pub fn print_progress(p: &Progress) {
+    use std::io::IsTerminal;
+    let terminal = std::io::stderr().is_terminal();
+    let every = (p.total / 10).max(1);
+    if !terminal && p.iteration % every != 0 && p.iteration != p.total {
+        return;
+    }
     let m = p.metrics;
     let left = (p.total - p.iteration) as f64 * p.seconds_per_iteration;
     let width = 20;
     let filled = (p.iteration as usize * width) / p.total.max(1) as usize;
     let bar: String = "#".repeat(filled) + &"-".repeat(width - filled);
+    let (start, end) = if terminal { ("\r", "   ") } else { ("", "\n") };
     eprint!(
-        "\r[{bar}] {}/{} reward {:+.4} (first {:+.4}) loss {:+.2e} grad {:.3} clip {:.2} {:.2}s/it ETA {:.0}s   ",
+        "{start}[{bar}] {}/{} reward {:+.4} (first {:+.4}) loss {:+.2e} grad {:.3} clip {:.2} {:.2}s/it ETA {:.0}s{end}",
         p.iteration, p.total, m.reward_mean, p.first_reward, m.loss, m.grad_norm, m.clip_fraction,
         p.seconds_per_iteration, left
     );

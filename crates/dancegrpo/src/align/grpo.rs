@@ -9,7 +9,9 @@ use tch::{Device, Kind, Tensor};
 use super::Case;
 use crate::error::{Error, Result};
 use crate::grpo::update::TransitionBatch;
-use crate::grpo::{AdamW, AdamWConfig, LrSchedule, Trainable, UpdateConfig, UpdateObserver};
+use crate::grpo::{
+    AdamW, AdamWConfig, LrSchedule, Trainable, UpdateBatching, UpdateConfig, UpdateObserver,
+};
 use crate::models::flux::FluxTransformer;
 use crate::sampler::{Conditioning, Recorded, Rollout, Schedule};
 
@@ -94,6 +96,7 @@ fn update_config(case: &Case) -> Result<UpdateConfig> {
         lr_schedule: LrSchedule::ConstantWithWarmup {
             warmup_steps: case.hyper_i64("lr_warmup_steps")? as u64,
         },
+        batching: UpdateBatching::PerSample,
     })
 }
 

@@ -15,5 +15,6 @@ pub use loss::{clipped_policy_loss, PolicyLoss};
 pub use lr::LrSchedule;
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig};
 pub use update::{
-    grpo_update, NoObserver, Trainable, UpdateConfig, UpdateInputs, UpdateObserver, UpdateStats,
+    grpo_update, NoObserver, Trainable, UpdateBatching, UpdateConfig, UpdateInputs, UpdateObserver,
+    UpdateStats,
 };

@@ -28,6 +28,21 @@ pub enum Trainable {
     All,
 }
 
+/// Which model batches the update recomputes transitions in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdateBatching {
+    /// The rollout's own batches (same samples, same rows): the first window's
+    /// ratios are exactly 1 on any device, even where kernels round differently
+    /// for different batch shapes (default).
+    #[default]
+    Rollout,
+    /// One sample at a time, in sample order, as the reference: with a
+    /// batch-invariant model (ours on the CPU) weights and metrics are then
+    /// bit-identical whatever the rollout batch.
+    PerSample,
+}
+
 /// Settings of the update.
 #[derive(Debug, Clone, Copy)]
 pub struct UpdateConfig {
@@ -47,6 +62,8 @@ pub struct UpdateConfig {
     pub learning_rate: f64,
     /// Learning-rate schedule (over optimizer steps).
     pub lr_schedule: LrSchedule,
+    /// Model batches of the recomputation.
+    pub batching: UpdateBatching,
 }
 
 impl UpdateConfig {
@@ -203,7 +220,11 @@ pub fn grpo_update(
         clipped: 0,
     };
     let windows = b_total / cfg.grad_accum;
-    for samples in &inputs.rollout.batches {
+    let chunks = match cfg.batching {
+        UpdateBatching::Rollout => inputs.rollout.batches.clone(),
+        UpdateBatching::PerSample => (0..b_total).map(|b| vec![b]).collect(),
+    };
+    for samples in &chunks {
         for w in window_ids(samples, cfg.grad_accum) {
             let active: Vec<i64> = (0..samples.len() as i64)
                 .filter(|&r| samples[r as usize] / cfg.grad_accum == w)

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::grpo::{LrSchedule, Trainable};
+use crate::grpo::{LrSchedule, Trainable, UpdateBatching};
 use crate::models::ActivationCheckpointing;
 use crate::rewards::jpeg::JpegObjective;
 use crate::sampler::draws::{InitNoise, NoisePrecision};
@@ -170,6 +170,8 @@ pub struct OptimConfig {
     pub lr_schedule: LrSchedule,
     /// Per-block activation checkpointing in the update.
     pub activation_checkpointing: ActivationCheckpointing,
+    /// Model batches the update recomputes transitions in.
+    pub update_batching: UpdateBatching,
 }
 
 impl Default for OptimConfig {
@@ -183,6 +185,7 @@ impl Default for OptimConfig {
             gradient_accumulation: 12,
             lr_schedule: LrSchedule::default(),
             activation_checkpointing: ActivationCheckpointing::PerBlock,
+            update_batching: UpdateBatching::Rollout,
         }
     }
 }

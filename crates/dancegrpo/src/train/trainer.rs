@@ -377,6 +377,7 @@ fn iteration_config(cfg: &TrainConfig) -> IterationConfig {
             max_grad_norm: cfg.optim.max_grad_norm,
             learning_rate: cfg.optim.learning_rate,
             lr_schedule: cfg.optim.lr_schedule,
+            batching: cfg.optim.update_batching,
         },
     }
 }
