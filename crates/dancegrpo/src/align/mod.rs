@@ -14,6 +14,7 @@ mod grpo;
 mod optimizer;
 mod sampling;
 mod schedule;
+mod text_encoding;
 mod train;
 mod transformer;
 
@@ -95,7 +96,8 @@ impl Stage {
     pub fn implemented(self) -> bool {
         matches!(
             self,
-            Stage::Schedule
+            Stage::TextEncoding
+                | Stage::Schedule
                 | Stage::Transformer
                 | Stage::Sampling
                 | Stage::Decode
@@ -248,6 +250,7 @@ pub fn run_case(dir: &Path, stages: &[Stage]) -> Result<CaseReport> {
     let mut reports = Vec::new();
     for stage in wanted {
         let report = match stage {
+            Stage::TextEncoding => text_encoding::run(&case)?,
             Stage::Schedule => schedule::run(&case)?,
             Stage::Transformer => transformer::run(&case)?,
             Stage::Sampling => sampling::run(&case)?,

@@ -1,6 +1,8 @@
 //! Models and the velocity-model trait the sampler and trainer are written against.
 
+pub mod clip_text;
 pub mod flux;
+pub mod t5;
 pub mod vae;
 
 use tch::Tensor;
