@@ -205,10 +205,12 @@ impl T5FeedForward {
 
     /// Applies the layer to `x (…, d)`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let mut h = activation(self.act, &self.wi_0.forward(x));
-        if let Some(wi_1) = &self.wi_1 {
-            h = h * wi_1.forward(x);
-        }
+        let act = activation(self.act, &self.wi_0.forward(x));
+        // out of place: the activation's output may be saved for backward
+        let mut h = match &self.wi_1 {
+            Some(wi_1) => act * wi_1.forward(x),
+            None => act,
+        };
         if h.kind() != self.wo.weight.kind() {
             h = h.to_kind(self.wo.weight.kind());
         }
@@ -274,5 +276,76 @@ impl T5Block {
             .attention
             .forward(&self.attn_norm.forward(x), position_bias);
         &h + self.ff.forward(&self.ff_norm.forward(&h))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn buckets(rel: &[i64], bidirectional: bool) -> Vec<i64> {
+        let t = relative_position_bucket(&Tensor::from_slice(rel), bidirectional, 32, 128);
+        Vec::<i64>::try_from(t).unwrap()
+    }
+
+    #[test]
+    fn t5_bidirectional_buckets_match_hand_computed_values() {
+        // 16 buckets per direction, 8 exact; beyond 8: 8 + int(ln(n/8)/ln(16)*8), capped at 15;
+        // keys after the query (positive) add 16.
+        let rel = [
+            0, 1, -1, 7, -7, 8, -8, -15, -16, 16, -31, -32, -64, 63, -100, -128, 128, -1000, 1000,
+        ];
+        let want = [
+            0, 17, 1, 23, 7, 24, 8, 9, 10, 26, 11, 12, 14, 29, 15, 15, 31, 15, 31,
+        ];
+        assert_eq!(buckets(&rel, true), want);
+    }
+
+    #[test]
+    fn t5_unidirectional_buckets_match_hand_computed_values() {
+        // only keys before the query count: 32 buckets, 16 exact, then ln(n/16)/ln(8)*16.
+        let rel = [0, 5, -1, -15, -16, -31, -64, -100, -128, -1000];
+        let want = [0, 0, 1, 15, 16, 21, 26, 30, 31, 31];
+        assert_eq!(buckets(&rel, false), want);
+    }
+
+    #[test]
+    fn t5_encoder_bucket_matrix_is_key_minus_query() {
+        let b = encoder_buckets(3, 4, 32, 128);
+        let want = Tensor::from_slice(&[0i64, 17, 18, 19, 1, 0, 17, 18, 2, 1, 0, 17]).view([3, 4]);
+        assert!(b.equal(&want));
+    }
+
+    #[test]
+    fn t5_layer_norm_is_rms_without_mean_subtraction() {
+        // x = [3, 4] (mean of squares 12.5), eps 0, weight [1, 2] -> [3, 8] / sqrt(12.5)
+        let norm = T5LayerNorm::from_weight(Tensor::from_slice(&[1.0f32, 2.0]), 0.0);
+        let y = norm.forward(&Tensor::from_slice(&[3.0f32, 4.0]).view([1, 2]));
+        let s = 12.5f64.sqrt();
+        let want = Tensor::from_slice(&[(3.0 / s) as f32, (8.0 / s) as f32]).view([1, 2]);
+        assert!(y.allclose(&want, 1e-6, 1e-7, false), "{y}");
+        // eps enters under the root: x = [0, 0] gives 0, x = [1, 1] with eps 3 gives 1/2
+        let norm = T5LayerNorm::from_weight(Tensor::from_slice(&[1.0f32, 1.0]), 3.0);
+        let y = norm.forward(&Tensor::from_slice(&[1.0f32, 1.0, 0.0, 0.0]).view([2, 2]));
+        let want = Tensor::from_slice(&[0.5f32, 0.5, 0.0, 0.0]).view([2, 2]);
+        assert!(y.allclose(&want, 1e-6, 1e-7, false), "{y}");
+    }
+
+    #[test]
+    fn t5_layer_norm_in_bf16_keeps_the_weight_dtype() {
+        let norm = T5LayerNorm::from_weight(Tensor::ones([4], (Kind::BFloat16, Device::Cpu)), 1e-6);
+        let x = Tensor::from_slice(&[1.0f32, -2.0, 3.0, 0.5]).to_kind(Kind::BFloat16);
+        assert_eq!(norm.forward(&x).kind(), Kind::BFloat16);
+    }
+
+    #[test]
+    fn t5_gelu_new_is_the_tanh_approximation() {
+        let x = Tensor::from_slice(&[-3.0f32, -1.0, 0.0, 0.5, 2.0]);
+        let ours = gelu_new(&x);
+        let torch_tanh = x.gelu("tanh");
+        assert!(ours.allclose(&torch_tanh, 1e-6, 1e-6, false));
+        // gelu_new(2) / 2 = 0.5 * (1 + tanh(sqrt(2/pi) * (2 + 0.044715 * 8)))
+        let g1 = 0.5 * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * 2.35772).tanh());
+        assert!((ours.double_value(&[4]) / 2.0 - g1).abs() < 1e-6);
     }
 }

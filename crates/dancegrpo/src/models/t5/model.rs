@@ -136,13 +136,15 @@ impl T5Encoder {
         let Some(first) = self.blocks.first() else {
             return Ok(self.final_layer_norm.forward(&h));
         };
-        let mut bias = first.attention().compute_bias(l, l);
-        if let Some(m) = attention_mask {
-            let kind = self.kind();
-            let m = m.to_device(self.device()).to_kind(kind).view([b, 1, 1, l]);
-            let min = finfo_min(kind);
-            bias = bias + (m.ones_like() - m) * min;
-        }
+        let bias = first.attention().compute_bias(l, l);
+        let bias = match attention_mask {
+            None => bias,
+            Some(m) => {
+                let kind = self.kind();
+                let m = m.to_device(self.device()).to_kind(kind).view([b, 1, 1, l]);
+                bias + (m.ones_like() - m) * finfo_min(kind)
+            }
+        };
         for block in &self.blocks {
             h = block.forward(&h, &bias);
         }
