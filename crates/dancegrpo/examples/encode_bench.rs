@@ -6,7 +6,9 @@
 //!
 //! Encodes `prompts` random prompts of `seq` tokens in batches of `batch` and prints
 //! prompts/s and the process's peak resident memory (`VmHWM`). Run one
-//! configuration per process: the peak is a high-water mark.
+//! configuration per process: the peak is a high-water mark. On a loaded machine
+//! keep `threads` at or below the free cores: oversubscribed intra-op threads make
+//! tiny models two orders of magnitude slower.
 
 use std::time::Instant;
 
