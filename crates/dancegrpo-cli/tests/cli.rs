@@ -70,6 +70,7 @@ fn align_json_passes_on_the_public_case() {
     assert_eq!(
         names,
         [
+            "text_encoding",
             "schedule",
             "transformer",
             "sampling",

@@ -230,13 +230,26 @@ impl ParamStore {
 
     /// Errors if the checkpoint holds tensors that no parameter took (another architecture).
     pub fn check_all_used(&self, ck: &Checkpoint) -> Result<()> {
+        self.check_all_used_except(ck, |_| false)
+    }
+
+    /// As [`ParamStore::check_all_used`], tolerating the tensors for which `ignore` is true
+    /// (buffers such as `position_ids`, parts of a larger model such as a T5 decoder).
+    pub fn check_all_used_except(
+        &self,
+        ck: &Checkpoint,
+        ignore: impl Fn(&str) -> bool,
+    ) -> Result<()> {
         let ours: BTreeSet<String> = self
             .params
             .borrow()
             .iter()
             .map(|(n, _)| n.clone())
             .collect();
-        let extra: Vec<&str> = ck.names().filter(|n| !ours.contains(*n)).collect();
+        let extra: Vec<&str> = ck
+            .names()
+            .filter(|n| !ours.contains(*n) && !ignore(n))
+            .collect();
         match extra.first() {
             None => Ok(()),
             Some(e) => Err(Error::UnexpectedTensors {

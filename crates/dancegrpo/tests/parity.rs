@@ -161,3 +161,33 @@ fn saved_transformer_loads_back_exactly() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn text_encoding_stage_passes_on_every_public_case() {
+    for case in common::public_cases() {
+        let report = run_case(&case, &[Stage::TextEncoding]).unwrap();
+        let s = &report.stages[0];
+        assert_eq!(s.name, "text_encoding");
+        assert!(
+            s.tol <= 1e-5 && s.pass && s.rel_err <= 1e-5,
+            "{} {}: worst {} rel {:e} abs {:e}",
+            report.case,
+            s.name,
+            s.worst,
+            s.rel_err,
+            s.abs_err
+        );
+        for name in [
+            "clip_last_hidden_state[0]",
+            "pooled_prompt_embeds[0]",
+            "prompt_embeds[0]",
+            "text_ids",
+        ] {
+            assert!(
+                s.tensors.iter().any(|t| t.name == name),
+                "{}: {name} not compared",
+                report.case
+            );
+        }
+    }
+}

@@ -15,6 +15,7 @@ mod optimizer;
 mod reward;
 mod sampling;
 mod schedule;
+mod text_encoding;
 mod train;
 mod transformer;
 
@@ -96,7 +97,8 @@ impl Stage {
     pub fn implemented(self) -> bool {
         matches!(
             self,
-            Stage::Schedule
+            Stage::TextEncoding
+                | Stage::Schedule
                 | Stage::Transformer
                 | Stage::Sampling
                 | Stage::Decode
@@ -250,6 +252,7 @@ pub fn run_case(dir: &Path, stages: &[Stage]) -> Result<CaseReport> {
     let mut reports = Vec::new();
     for stage in wanted {
         let report = match stage {
+            Stage::TextEncoding => text_encoding::run(&case)?,
             Stage::Schedule => schedule::run(&case)?,
             Stage::Transformer => transformer::run(&case)?,
             Stage::Sampling => sampling::run(&case)?,
@@ -260,12 +263,6 @@ pub fn run_case(dir: &Path, stages: &[Stage]) -> Result<CaseReport> {
             Stage::Grads => grads::run(&case)?,
             Stage::Optimizer => optimizer::run(&case)?,
             Stage::EndToEnd => end_to_end::run(&case)?,
-            other => {
-                return Err(crate::Error::Input(format!(
-                    "align stage `{}` is not implemented yet",
-                    other.name()
-                )))
-            }
         };
         reports.push(report);
     }

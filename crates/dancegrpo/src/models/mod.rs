@@ -1,7 +1,9 @@
 //! Models and the velocity-model trait the sampler and trainer are written against.
 
+pub mod clip_text;
 pub mod flux;
 pub mod open_clip;
+pub mod t5;
 pub mod vae;
 
 use tch::Tensor;
