@@ -24,6 +24,9 @@ enum Command {
     Generate(cmd::generate::Args),
     /// GRPO training from a config (or the built-in tiny default).
     Train(cmd::train::Args),
+    /// Benchmarks that print figures.
+    #[command(subcommand)]
+    Bench(cmd::bench::Bench),
 }
 
 fn main() -> std::process::ExitCode {
@@ -34,6 +37,7 @@ fn main() -> std::process::ExitCode {
         Command::Demo(a) => cmd::demo::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Train(a) => cmd::train::run(a),
+        Command::Bench(b) => cmd::bench::run(b),
     };
     match result {
         Ok(code) => code,

@@ -261,3 +261,39 @@ fn demo_reward_rises_and_generate_reads_its_checkpoints() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn bench_train_prints_stage_times_and_a_json_line() {
+    let out = run(&[
+        "bench",
+        "train",
+        case_dir().to_str().unwrap(),
+        "--iterations",
+        "1",
+        "--warmup",
+        "0",
+        "--threads",
+        "1",
+        "--rollout-batch",
+        "4",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let json: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    for key in [
+        "rollout",
+        "decode",
+        "reward",
+        "update",
+        "seconds_per_iteration",
+    ] {
+        assert!(json[key].as_f64().unwrap() > 0.0, "{key}: {json}");
+    }
+    assert_eq!(json["case"], "flux_tiny_a");
+    assert_eq!(json["rollout_batch"], 4);
+    assert!(json["peak_rss_mib"].as_f64().unwrap() > 10.0);
+}

@@ -1,6 +1,8 @@
 //! One module per subcommand.
 
 pub mod align;
+pub mod bench;
+pub mod bench_train;
 pub mod demo;
 pub mod env;
 pub mod generate;

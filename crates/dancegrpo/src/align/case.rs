@@ -124,16 +124,22 @@ impl Case {
     /// The case's stored conditioning (prompt embeddings in trainer order, position
     /// ids, guidance when the model takes it), sample `b` using prompt `b / G`.
     pub fn conditioning(&self, guidance: bool) -> Result<Conditioning> {
+        self.conditioning_on(guidance, tch::Device::Cpu)
+    }
+
+    /// [`Self::conditioning`] on `device`.
+    pub fn conditioning_on(&self, guidance: bool, device: tch::Device) -> Result<Conditioning> {
         let guidance = if guidance {
             Some(self.input("guidance")?.double_value(&[0]))
         } else {
             None
         };
+        let on = |name: &str| -> Result<Tensor> { Ok(self.input(name)?.to_device(device)) };
         Conditioning::new(
-            self.input("prompt_embeds")?,
-            self.input("pooled_prompt_embeds")?,
-            self.input("txt_ids")?,
-            self.input("img_ids")?,
+            on("prompt_embeds")?,
+            on("pooled_prompt_embeds")?,
+            on("txt_ids")?,
+            on("img_ids")?,
             guidance,
             self.group_size()?,
         )

@@ -15,21 +15,32 @@ use crate::grpo::{
 use crate::models::flux::FluxTransformer;
 use crate::sampler::{Conditioning, Recorded, Rollout, Schedule};
 
-/// Everything a GRPO stage needs from a case.
-pub(super) struct GrpoCase {
+/// Everything a GRPO iteration needs from a case (the align stages and `bench train`).
+pub struct GrpoCase {
+    /// The case's transformer (f32, CPU).
     pub model: FluxTransformer,
+    /// The batch's prompt conditioning.
     pub cond: Conditioning,
+    /// The sampling schedule.
     pub schedule: Schedule,
+    /// The recorded random draws.
     pub draws: Recorded,
+    /// The update settings from `case.json`.
     pub cfg: UpdateConfig,
+    /// AdamW settings from `case.json`.
     pub adam: AdamWConfig,
 }
 
 impl GrpoCase {
+    /// Loads the case's model, conditioning, schedule, draws and settings (f32, CPU).
     pub fn load(case: &Case) -> Result<Self> {
-        let model =
-            FluxTransformer::from_dir(&case.dir().join("transformer"), Kind::Float, Device::Cpu)?;
-        let cond = case.conditioning(model.config().guidance_embeds)?;
+        Self::load_on(case, Kind::Float, Device::Cpu)
+    }
+
+    /// [`Self::load`] with the model in `kind` and model and conditioning on `device`.
+    pub fn load_on(case: &Case, kind: Kind, device: Device) -> Result<Self> {
+        let model = FluxTransformer::from_dir(&case.dir().join("transformer"), kind, device)?;
+        let cond = case.conditioning_on(model.config().guidance_embeds, device)?;
         let schedule =
             Schedule::shifted(case.hyper_i64("sampling_steps")?, case.hyper_f64("shift")?);
         let draws = Recorded::new(

@@ -25,6 +25,7 @@ use serde::Serialize;
 use tch::{Kind, Tensor};
 
 pub use case::Case;
+pub use grpo::GrpoCase;
 
 use crate::error::Result;
 
