@@ -272,3 +272,69 @@ fn rollout_batch_1_and_g_give_bit_identical_runs() {
     assert!(png(&one) == png(&group), "rollout images differ");
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+#[test]
+fn lora_runs_save_adapters_and_resume_exactly() {
+    let root = temp_dir("lora");
+    let lora = ["--set", "optim.lora.rank=4", "--set", "optim.lora.alpha=8"];
+    let run = |dir: &Path, iterations: &str, resume: bool| {
+        let mut cmd = bin();
+        cmd.args(["train", "--out", dir.to_str().unwrap(), "--threads", "1"])
+            .args(lora)
+            .args([
+                "--set",
+                &format!("run.iterations={iterations}"),
+                "--set",
+                "run.checkpoint_every=2",
+            ]);
+        if resume {
+            cmd.arg("--resume");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let (whole, split) = (root.join("whole"), root.join("split"));
+    run(&whole, "4", false);
+    run(&split, "2", false);
+    run(&split, "4", true);
+    let ck = |d: &Path| d.join("checkpoints/iter-000004");
+    for f in [
+        "lora.safetensors",
+        "pytorch_lora_weights.safetensors",
+        "optimizer.safetensors",
+    ] {
+        assert!(
+            std::fs::read(ck(&whole).join(f)).unwrap()
+                == std::fs::read(ck(&split).join(f)).unwrap(),
+            "{f} differs after resume"
+        );
+    }
+    assert_eq!(metrics(&whole), metrics(&split));
+    assert!(
+        !ck(&whole).join("transformer").exists(),
+        "a LoRA checkpoint holds only adapters"
+    );
+    let diffusers =
+        SafetensorsFile::open(ck(&whole).join("pytorch_lora_weights.safetensors")).unwrap();
+    let names: Vec<&str> = diffusers.names().collect();
+    assert!(
+        names.contains(&"transformer.transformer_blocks.0.attn.to_q.lora_A.weight"),
+        "{names:?}"
+    );
+    assert!(names
+        .iter()
+        .all(|n| n.starts_with("transformer.") && n.contains(".lora_")));
+    // the adapters moved, and only they are in the optimizer state
+    let native = SafetensorsFile::open(ck(&whole).join("lora.safetensors")).unwrap();
+    let b = native
+        .tensor("transformer_blocks.0.attn.to_q.lora_B.weight")
+        .unwrap();
+    assert!(b.abs().sum(tch::Kind::Float).double_value(&[]) > 0.0);
+    let opt = SafetensorsFile::open(ck(&whole).join("optimizer.safetensors")).unwrap();
+    assert!(opt.names().all(|n| n.contains(".lora_")));
+    std::fs::remove_dir_all(&root).unwrap();
+}

@@ -2,17 +2,34 @@
 //! as its PyTorch counterpart (`F.linear`, `F.layer_norm`, `F.group_norm`,
 //! `F.conv2d`) so results agree bit for bit with the reference.
 
+use std::cell::OnceCell;
+use std::rc::Rc;
+
 use tch::Tensor;
 
 use crate::error::Result;
 use crate::weights::{Init, VarBuilder};
 
-/// `nn.Linear`: `y = x W^T + b`, weight `[out, in]`.
+/// A low-rank adapter on a linear layer: `y += (x A^T) B^T * scale`.
+pub struct Lora {
+    /// Down projection `[rank, in]`.
+    pub a: Tensor,
+    /// Up projection `[out, rank]` (zero at initialisation).
+    pub b: Tensor,
+    /// `alpha / rank`.
+    pub scale: f64,
+}
+
+/// Where a layer's adapter goes once attached (shared with the model's registry).
+pub type LoraSlot = Rc<OnceCell<Lora>>;
+
+/// `nn.Linear`: `y = x W^T + b`, weight `[out, in]`, with an optional LoRA adapter.
 pub struct Linear {
     /// Weight `[out, in]`.
     pub weight: Tensor,
     /// Optional bias `[out]`.
     pub bias: Option<Tensor>,
+    lora: LoraSlot,
 }
 
 impl Linear {
@@ -24,7 +41,27 @@ impl Linear {
         } else {
             None
         };
-        Ok(Linear { weight, bias })
+        Ok(Self::from_parts(vb, weight, bias))
+    }
+
+    /// A layer from already-built tensors (registered under `vb`'s prefix).
+    pub fn from_parts(vb: &VarBuilder, weight: Tensor, bias: Option<Tensor>) -> Self {
+        let lora = LoraSlot::default();
+        vb.register_linear(&lora);
+        Linear { weight, bias, lora }
+    }
+
+    /// The attached adapter, if any.
+    pub fn lora(&self) -> Option<&Lora> {
+        self.lora.get()
+    }
+
+    fn forward_one(&self, x: &Tensor) -> Tensor {
+        let y = x.linear(&self.weight, self.bias.as_ref());
+        match self.lora.get() {
+            Some(l) => y + x.linear(&l.a, None::<Tensor>).linear(&l.b, None::<Tensor>) * l.scale,
+            None => y,
+        }
     }
 
     /// Applies the layer to the last dimension of `x`.
@@ -39,11 +76,11 @@ impl Linear {
         match x.size().as_slice() {
             [b, _] if *b > 1 => {
                 let rows: Vec<Tensor> = (0..*b)
-                    .map(|i| x.narrow(0, i, 1).linear(&self.weight, self.bias.as_ref()))
+                    .map(|i| self.forward_one(&x.narrow(0, i, 1)))
                     .collect();
                 Tensor::cat(&rows, 0)
             }
-            _ => x.linear(&self.weight, self.bias.as_ref()),
+            _ => self.forward_one(x),
         }
     }
 }

@@ -183,6 +183,7 @@ pub enum Source<'a> {
 #[derive(Default)]
 pub struct ParamStore {
     params: RefCell<Vec<(String, Tensor)>>,
+    linears: RefCell<Vec<(String, crate::nn::LoraSlot)>>,
 }
 
 impl ParamStore {
@@ -193,6 +194,21 @@ impl ParamStore {
 
     fn push(&self, name: String, t: &Tensor) {
         self.params.borrow_mut().push((name, t.shallow_clone()));
+    }
+
+    /// Records the LoRA slot of the linear layer `name` (module path, e.g. `transformer_blocks.0.attn.to_q`).
+    pub fn register_linear(&self, name: String, slot: &crate::nn::LoraSlot) {
+        self.linears.borrow_mut().push((name, slot.clone()));
+    }
+
+    /// Every registered linear layer's name and LoRA slot, in creation order.
+    pub fn linears(&self) -> Vec<(String, crate::nn::LoraSlot)> {
+        self.linears.borrow().clone()
+    }
+
+    /// Adds a parameter created outside a [`VarBuilder`] (adapters).
+    pub fn insert(&self, name: String, t: &Tensor) {
+        self.push(name, t);
     }
 
     /// All parameters, in creation order (shallow clones sharing storage).
@@ -294,6 +310,11 @@ impl<'a> VarBuilder<'a> {
             prefix,
             ..self.clone()
         }
+    }
+
+    /// Registers the LoRA slot of the linear layer built under this prefix.
+    pub fn register_linear(&self, slot: &crate::nn::LoraSlot) {
+        self.store.register_linear(self.prefix.clone(), slot);
     }
 
     /// Parameter dtype.

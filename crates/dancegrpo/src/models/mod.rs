@@ -2,6 +2,7 @@
 
 pub mod clip_text;
 pub mod flux;
+pub mod lora;
 pub mod open_clip;
 pub mod t5;
 pub mod vae;

@@ -56,7 +56,7 @@ pub fn save(
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    model.save_dir(&tmp.join("transformer"))?;
+    save_weights(&tmp, model)?;
     let names: Vec<String> = model.parameters().into_iter().map(|(n, _)| n).collect();
     let (m, v) = optimizer.moments();
     let mut tensors = Vec::with_capacity(2 * names.len());
@@ -152,11 +152,49 @@ pub fn load_optimizer(dir: &Path, model: &FluxTransformer, optimizer: &mut AdamW
     optimizer.restore(m, v, step)
 }
 
-/// Copies the weights of the checkpoint's `transformer/` into `model` (same architecture).
+/// The trained weights: the whole `transformer/` (diffusers layout), or with
+/// LoRA the adapters (`lora.safetensors`, our names, for resuming) and
+/// `pytorch_lora_weights.safetensors` (diffusers layout, for loading elsewhere).
+fn save_weights(dir: &Path, model: &FluxTransformer) -> Result<()> {
+    match model.lora() {
+        None => model.save_dir(&dir.join("transformer")),
+        Some((adapters, cfg)) => {
+            let tensors: Vec<(String, tch::Tensor)> = adapters
+                .named()
+                .into_iter()
+                .map(|(n, t)| (n, t.detach()))
+                .collect();
+            let meta = BTreeMap::from([(
+                "lora".to_string(),
+                serde_json::to_string(cfg).expect("json"),
+            )]);
+            write_safetensors(dir.join("lora.safetensors"), &tensors, &meta)?;
+            crate::models::lora::save_diffusers(
+                &dir.join("pytorch_lora_weights.safetensors"),
+                adapters,
+                cfg,
+            )
+        }
+    }
+}
+
+/// Copies the trained weights of checkpoint `dir` into `model` (same architecture;
+/// `transformer/`, or `lora.safetensors` when the model carries adapters).
 pub fn load_weights(dir: &Path, model: &FluxTransformer) -> Result<()> {
-    let saved = FluxTransformer::from_dir(&dir.join("transformer"), Kind::Float, tch::Device::Cpu)?;
+    let saved: Vec<(String, tch::Tensor)> = if model.lora().is_some() {
+        let path = dir.join("lora.safetensors");
+        let file = SafetensorsFile::open(&path)?;
+        model
+            .parameters()
+            .iter()
+            .map(|(n, _)| Ok((n.clone(), file.tensor(n)?)))
+            .collect::<Result<_>>()?
+    } else {
+        FluxTransformer::from_dir(&dir.join("transformer"), Kind::Float, tch::Device::Cpu)?
+            .parameters()
+    };
     let _guard = tch::no_grad_guard();
-    for ((name, p), (_, s)) in model.parameters().into_iter().zip(saved.parameters()) {
+    for ((name, p), (_, s)) in model.parameters().into_iter().zip(saved) {
         if p.size() != s.size() {
             return Err(Error::Input(format!(
                 "checkpoint {}: {name} has shape {:?}, the model {:?}",

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::grpo::{LrSchedule, Trainable, UpdateBatching};
+use crate::models::lora::LoraConfig;
 use crate::models::ActivationCheckpointing;
 use crate::rewards::jpeg::JpegObjective;
 use crate::sampler::draws::{InitNoise, NoisePrecision};
@@ -172,6 +173,9 @@ pub struct OptimConfig {
     pub activation_checkpointing: ActivationCheckpointing,
     /// Model batches the update recomputes transitions in.
     pub update_batching: UpdateBatching,
+    /// Train LoRA adapters instead of every weight (absent: full fine-tune).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraConfig>,
 }
 
 impl Default for OptimConfig {
@@ -186,6 +190,7 @@ impl Default for OptimConfig {
             lr_schedule: LrSchedule::default(),
             activation_checkpointing: ActivationCheckpointing::PerBlock,
             update_batching: UpdateBatching::Rollout,
+            lora: None,
         }
     }
 }

@@ -405,6 +405,9 @@ pub fn build_models(cfg: &TrainConfig, device: Device) -> Result<(FluxTransforme
         ),
     };
     model.set_checkpointing(cfg.optim.activation_checkpointing);
+    if let Some(lora) = &cfg.optim.lora {
+        model.attach_lora(lora, cfg.run.seed)?;
+    }
     Ok((model, vae))
 }
 

@@ -11,6 +11,7 @@ use super::blocks::{DoubleBlock, SingleBlock};
 use super::config::FluxConfig;
 use super::embeddings::{Rope, TimeTextEmbed};
 use crate::error::{Error, Result};
+use crate::models::lora::LoraConfig;
 use crate::models::{ActivationCheckpointing, FlowInputs, VelocityModel};
 use crate::nn::{layer_norm, Linear};
 use crate::weights::{Checkpoint, ParamStore, Source, VarBuilder};
@@ -29,6 +30,7 @@ pub struct FluxTransformer {
     norm_out: Linear,
     proj_out: Linear,
     params: ParamStore,
+    adapters: Option<(ParamStore, LoraConfig)>,
     checkpointing: ActivationCheckpointing,
 }
 
@@ -83,6 +85,7 @@ impl FluxTransformer {
             norm_out,
             proj_out,
             params,
+            adapters: None,
             checkpointing: ActivationCheckpointing::Off,
         })
     }
@@ -120,6 +123,32 @@ impl FluxTransformer {
     /// The architecture.
     pub fn config(&self) -> &FluxConfig {
         &self.config
+    }
+
+    /// Attaches LoRA adapters (A seeded from `seed`, B zero) and freezes the base
+    /// weights: from then on [`VelocityModel::parameters`] lists only the
+    /// adapters. Returns how many layers were adapted.
+    pub fn attach_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<usize> {
+        if self.adapters.is_some() {
+            return Err(Error::Input("LoRA adapters are already attached".into()));
+        }
+        let adapters = ParamStore::new();
+        let n = crate::models::lora::attach(&self.params, &adapters, cfg, seed)?;
+        for (_, p) in self.params.named() {
+            let _ = p.set_requires_grad(false);
+        }
+        self.adapters = Some((adapters, cfg.clone()));
+        Ok(n)
+    }
+
+    /// The adapters and their configuration, when attached.
+    pub fn lora(&self) -> Option<(&ParamStore, &LoraConfig)> {
+        self.adapters.as_ref().map(|(a, c)| (a, c))
+    }
+
+    /// The base weights (all of them, whatever is being trained).
+    pub fn base_parameters(&self) -> Vec<(String, Tensor)> {
+        self.params.named()
     }
 
     /// Turns per-block activation checkpointing on or off for `velocity_backward`.
@@ -238,7 +267,10 @@ impl VelocityModel for FluxTransformer {
     }
 
     fn parameters(&self) -> Vec<(String, Tensor)> {
-        self.params.named()
+        match &self.adapters {
+            Some((adapters, _)) => adapters.named(),
+            None => self.params.named(),
+        }
     }
 }
 
@@ -399,5 +431,40 @@ mod tests {
             err.contains("joint_attention_dim 32") && err.contains("text [1, 8, 7]"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn lora_starts_as_the_identity_and_trains_only_adapters() {
+        let cfg = FluxConfig::tiny();
+        let mut model =
+            FluxTransformer::new(cfg.clone(), Source::Seeded(2), Kind::Float, Device::Cpu).unwrap();
+        let x = inputs(&cfg, 2);
+        let before = tch::no_grad(|| model.velocity(&flow(&x))).unwrap();
+        let lcfg = LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            ..LoraConfig::default()
+        };
+        let n = model.attach_lora(&lcfg, 7).unwrap();
+        // double block: 8 attention + 4 feed-forward; each single block: q, k, v, proj_mlp
+        assert_eq!(n, 12 + 2 * 4);
+        let after = tch::no_grad(|| model.velocity(&flow(&x))).unwrap();
+        assert!(
+            before.equal(&after),
+            "B = 0: the adapted model equals the base"
+        );
+        let names: Vec<String> = model.parameters().into_iter().map(|(n, _)| n).collect();
+        assert!(names.iter().all(|n| n.contains(".lora_")), "{names:?}");
+        assert!(names.contains(&"transformer_blocks.0.attn.to_q.lora_A.weight".to_string()));
+        let w = Tensor::ones_like(&before);
+        let g = grads(&model, &x, &w);
+        // B gets a gradient (A's is zero while B is zero)
+        assert!(g.iter().any(|(n, t)| n.ends_with("lora_B.weight")
+            && t.abs().sum(Kind::Float).double_value(&[]) > 0.0));
+        assert!(model
+            .base_parameters()
+            .iter()
+            .all(|(_, p)| !p.requires_grad()));
+        assert!(model.attach_lora(&lcfg, 7).is_err());
     }
 }

@@ -82,10 +82,8 @@ pub fn encoder_buckets(q_len: i64, k_len: i64, num_buckets: i64, max_distance: i
 }
 
 fn linear_no_bias(vb: &VarBuilder, in_dim: i64, out_dim: i64, std: f64) -> Result<Linear> {
-    Ok(Linear {
-        weight: vb.get("weight", &[out_dim, in_dim], Init::Normal(std))?,
-        bias: None,
-    })
+    let weight = vb.get("weight", &[out_dim, in_dim], Init::Normal(std))?;
+    Ok(Linear::from_parts(vb, weight, None))
 }
 
 /// `T5Attention` of an encoder (`layer.0.SelfAttention`): projections without
