@@ -66,7 +66,7 @@ pub fn attach(
     cfg: &LoraConfig,
     seed: u64,
 ) -> Result<usize> {
-    if cfg.rank < 1 || !(cfg.alpha > 0.0) {
+    if cfg.rank < 1 || cfg.alpha.is_nan() || cfg.alpha <= 0.0 {
         return Err(Error::Input(format!(
             "LoRA needs rank >= 1 and alpha > 0, got rank {} alpha {}",
             cfg.rank, cfg.alpha
