@@ -276,7 +276,14 @@ fn rollout_batch_1_and_g_give_bit_identical_runs() {
 #[test]
 fn lora_runs_save_adapters_and_resume_exactly() {
     let root = temp_dir("lora");
-    let lora = ["--set", "optim.lora.rank=4", "--set", "optim.lora.alpha=8"];
+    let lora = [
+        "--set",
+        "optim.lora.rank=4",
+        "--set",
+        "optim.lora.alpha=8",
+        "--set",
+        "optim.ema.decay=0.9",
+    ];
     let run = |dir: &Path, iterations: &str, resume: bool| {
         let mut cmd = bin();
         cmd.args(["train", "--out", dir.to_str().unwrap(), "--threads", "1"])
@@ -336,5 +343,12 @@ fn lora_runs_save_adapters_and_resume_exactly() {
     assert!(b.abs().sum(tch::Kind::Float).double_value(&[]) > 0.0);
     let opt = SafetensorsFile::open(ck(&whole).join("optimizer.safetensors")).unwrap();
     assert!(opt.names().all(|n| n.contains(".lora_")));
+    // the EMA of the adapters lags behind them
+    let ema = SafetensorsFile::open(ck(&whole).join("ema.safetensors")).unwrap();
+    let e = ema
+        .tensor("transformer_blocks.0.attn.to_q.lora_B.weight")
+        .unwrap();
+    let (en, bn) = (e.norm().double_value(&[]), b.norm().double_value(&[]));
+    assert!(en > 0.0 && en < bn, "ema {en} vs weights {bn}");
     std::fs::remove_dir_all(&root).unwrap();
 }

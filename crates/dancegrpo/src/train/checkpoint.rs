@@ -6,6 +6,7 @@
 //! <run>/checkpoints/iter-000040/
 //!     transformer/config.json, diffusion_pytorch_model.safetensors
 //!     optimizer.safetensors      exp_avg.<param>, exp_avg_sq.<param>
+//!     ema.safetensors            the moving average (when enabled)
 //!     state.json                 written last: marks the checkpoint complete
 //! ```
 
@@ -41,11 +42,12 @@ pub fn checkpoint_name(iteration: u64) -> String {
     format!("iter-{iteration:06}")
 }
 
-/// Writes a checkpoint of `model`, `optimizer` and `state` under `root`.
+/// Writes a checkpoint of `model`, `optimizer`, `ema` and `state` under `root`.
 pub fn save(
     root: &Path,
     model: &FluxTransformer,
     optimizer: &AdamW,
+    ema: Option<&super::ema::Ema>,
     state: &TrainState,
 ) -> Result<PathBuf> {
     std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
@@ -66,6 +68,9 @@ pub fn save(
     }
     let meta = BTreeMap::from([("step".to_string(), optimizer.steps().to_string())]);
     write_safetensors(tmp.join("optimizer.safetensors"), &tensors, &meta)?;
+    if let Some(ema) = ema {
+        ema.save(&tmp.join("ema.safetensors"))?;
+    }
     let json = serde_json::to_string_pretty(state).expect("serialisable state");
     write_bytes_atomic(&tmp.join("state.json"), json.as_bytes())?;
     if done.exists() {

@@ -176,6 +176,9 @@ pub struct OptimConfig {
     /// Train LoRA adapters instead of every weight (absent: full fine-tune).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraConfig>,
+    /// Keep an exponential moving average of the trained weights (absent: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ema: Option<super::ema::EmaConfig>,
 }
 
 impl Default for OptimConfig {
@@ -191,6 +194,7 @@ impl Default for OptimConfig {
             activation_checkpointing: ActivationCheckpointing::PerBlock,
             update_batching: UpdateBatching::Rollout,
             lora: None,
+            ema: None,
         }
     }
 }

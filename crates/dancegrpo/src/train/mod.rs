@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod ema;
 pub mod metrics;
 pub mod plot;
 pub mod trainer;

@@ -9,6 +9,7 @@ use tch::{Device, Kind, Tensor};
 use super::checkpoint::{self, TrainState};
 use super::config::{AdvantageGrouping, DataSource, ModelSource, RewardSpec, TrainConfig};
 use super::data::{stack, DataOrder, PromptSet, SyntheticPrompts};
+use super::ema::Ema;
 use super::metrics::{append_line, truncate_lines, ImageWriter, Metrics};
 use super::plot::line_plot;
 use crate::error::{Error, Result};
@@ -62,6 +63,7 @@ pub struct Trainer {
     schedule: Schedule,
     state: TrainState,
     writer: ImageWriter,
+    ema: Option<Ema>,
 }
 
 impl Trainer {
@@ -84,6 +86,10 @@ impl Trainer {
                 first_reward: None,
             },
             writer: ImageWriter::start(),
+            ema: match &cfg.optim.ema {
+                Some(e) => Some(Ema::new(e, &model.parameters())?),
+                None => None,
+            },
             cfg,
             dir: dir.to_path_buf(),
             device,
@@ -122,6 +128,9 @@ impl Trainer {
         checkpoint::load_weights(ckpt, &self.model)?;
         checkpoint::load_optimizer(ckpt, &self.model, &mut self.optimizer)?;
         self.state = checkpoint::load_state(ckpt)?;
+        if let Some(ema) = &mut self.ema {
+            ema.load(&ckpt.join("ema.safetensors"))?;
+        }
         let n = self.state.iteration as usize;
         truncate_lines(&self.dir.join("metrics.jsonl"), n)?;
         truncate_lines(&self.dir.join("rewards.txt"), n)?;
@@ -215,6 +224,9 @@ impl Trainer {
             &icfg,
             &mut NoObserver,
         )?;
+        if let Some(ema) = &mut self.ema {
+            ema.update(&self.model.parameters());
+        }
         self.state.iteration += 1;
         self.state.data_position += p;
         self.state.optimizer_steps = self.optimizer.steps();
@@ -261,7 +273,8 @@ impl Trainer {
 
     fn save(&mut self) -> Result<()> {
         let root = self.dir.join("checkpoints");
-        checkpoint::save(&root, &self.model, &self.optimizer, &self.state)?;
+        let ema = self.ema.as_ref();
+        checkpoint::save(&root, &self.model, &self.optimizer, ema, &self.state)?;
         checkpoint::prune(&root, self.cfg.run.keep_checkpoints)?;
         self.write_curve()
     }
