@@ -24,6 +24,9 @@ enum Command {
     Generate(cmd::generate::Args),
     /// GRPO training from a config (or the built-in tiny default).
     Train(cmd::train::Args),
+    /// Encode a prompts file with the FLUX text encoders into an embedding
+    /// dataset (resumable), or convert the reference's preprocessed directory.
+    Preprocess(cmd::preprocess::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -34,6 +37,7 @@ fn main() -> std::process::ExitCode {
         Command::Demo(a) => cmd::demo::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Train(a) => cmd::train::run(a),
+        Command::Preprocess(a) => cmd::preprocess::run(a),
     };
     match result {
         Ok(code) => code,

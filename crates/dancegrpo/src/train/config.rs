@@ -39,6 +39,11 @@ pub enum DataSource {
         /// Seed of the embeddings.
         seed: u64,
     },
+    /// A dataset written by `dancegrpo preprocess` (see [`crate::data`]).
+    Dataset {
+        /// The dataset directory.
+        path: PathBuf,
+    },
 }
 
 /// One reward and its weight.
