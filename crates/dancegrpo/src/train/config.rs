@@ -389,6 +389,12 @@ fn apply_override(root: &mut toml::Value, spec: &str, origin: &Path) -> Result<(
     let table = node
         .as_table_mut()
         .ok_or_else(|| field_err(origin, key, "not a table"))?;
-    table.insert(parts[parts.len() - 1].to_string(), parsed);
+    let last = parts[parts.len() - 1];
+    // Another variant of a tagged section (`data.kind=dataset`) starts from an
+    // empty table: the old variant's fields do not belong to it.
+    if last == "kind" && parts.len() > 1 && table.get("kind") != Some(&parsed) {
+        table.clear();
+    }
+    table.insert(last.to_string(), parsed);
     Ok(())
 }
