@@ -464,3 +464,122 @@ fn check_same_input(path: &Path, stored: &DatasetInfo, now: &DatasetInfo) -> Res
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::format::{EmbedDtype, FORMAT_NAME, FORMAT_VERSION};
+    use crate::data::EmbeddingDataset;
+    use crate::train::data::PromptSet;
+    use tch::{Device, Kind};
+
+    fn info(prompts: u64) -> DatasetInfo {
+        DatasetInfo {
+            format: FORMAT_NAME.into(),
+            version: FORMAT_VERSION,
+            source: DatasetSource::Reference {
+                dir: "/nowhere".into(),
+                index_hash: "0".into(),
+            },
+            prompts,
+            shard_size: 2,
+            text_len: 3,
+            text_dim: 4,
+            pooled_dim: 2,
+            dtype: EmbedDtype::Bf16,
+            counts: None,
+            complete: false,
+        }
+    }
+
+    fn rows(start: u64, n: u64) -> (Tensor, Tensor, Vec<ManifestEntry>) {
+        let opts = (Kind::Float, Device::Cpu);
+        let t = (Tensor::arange_start(start as i64 * 12, (start + n) as i64 * 12, opts) * 0.1)
+            .view([n as i64, 3, 4])
+            .to_kind(Kind::BFloat16);
+        let p = Tensor::arange_start(start as i64 * 2, (start + n) as i64 * 2, opts)
+            .view([n as i64, 2])
+            .to_kind(Kind::BFloat16);
+        let e = (start..start + n)
+            .map(|i| ManifestEntry {
+                index: i,
+                prompt: format!("p{i}"),
+                shard: i / 2,
+                offset: i % 2,
+                truncated_clip: None,
+                truncated_t5: Some(i == 3),
+            })
+            .collect();
+        (t, p, e)
+    }
+
+    fn ok(_: u64, _: &str) -> Result<()> {
+        Ok(())
+    }
+
+    #[test]
+    fn write_read_resume_and_refuse_incomplete() {
+        let dir = std::env::temp_dir().join(format!("dg-data-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let (mut w, start) = DatasetWriter::start(&dir, info(5), &mut ok).unwrap();
+        assert_eq!(start, WriterStart::Fresh);
+        for k in 0..2 {
+            let (t, p, e) = rows(k * 2, 2);
+            w.write_shard(&t, &p, &e).unwrap();
+        }
+        // wrong row count for the last shard is refused before anything is written
+        let (t, p, e) = rows(4, 2);
+        assert!(w.write_shard(&t, &p, &e).is_err());
+        drop(w);
+        let e = EmbeddingDataset::open(&dir).err().unwrap().to_string();
+        assert!(
+            e.contains("incomplete") && e.contains("2 of 3 shards"),
+            "{e}"
+        );
+
+        // a torn shard 1 file and a half line: resume keeps shard 0 only
+        let m = dir.join(MANIFEST_FILE);
+        let text = fs::read_to_string(&m).unwrap();
+        assert_eq!(text.lines().count(), 4);
+        fs::write(&m, text.clone() + r#"{"index":4,"pro"#).unwrap();
+        let shard1 = fs::read(dir.join(shard_name(1))).unwrap();
+        fs::write(dir.join(shard_name(1)), &shard1[..shard1.len() / 2]).unwrap();
+        let (mut w, start) = DatasetWriter::start(&dir, info(5), &mut ok).unwrap();
+        assert_eq!(start, WriterStart::Resumed { shards: 1 });
+        assert_eq!(w.next_index(), 2);
+        assert!(!dir.join(shard_name(1)).exists());
+        for (k, n) in [(1, 2), (2, 1)] {
+            let (t, p, e) = rows(k * 2, n);
+            w.write_shard(&t, &p, &e).unwrap();
+        }
+        let done = w.finish(0, 0).unwrap();
+        assert_eq!(done.counts.as_ref().unwrap().truncated_t5, 1);
+        assert_eq!(fs::read_to_string(&m).unwrap(), {
+            let all: String = (0..5).map(|i| rows(i, 1).2[0].to_line()).collect();
+            all
+        });
+
+        let ds = EmbeddingDataset::open(&dir).unwrap();
+        assert_eq!(ds.len(), 5);
+        for i in 0..5 {
+            let e = ds.get(i).unwrap();
+            let (t, p, _) = rows(i, 1);
+            assert!(
+                e.text.equal(&t.get(0)) && e.pooled.equal(&p.get(0)),
+                "row {i}"
+            );
+            assert_eq!(e.caption, format!("p{i}"));
+        }
+        assert!(ds.get(5).is_err());
+        drop(ds);
+
+        // a complete dataset with a shard missing is named
+        fs::remove_file(dir.join(shard_name(2))).unwrap();
+        let e = EmbeddingDataset::open(&dir).err().unwrap().to_string();
+        assert!(
+            e.contains("shard-00002.safetensors") && e.contains("missing"),
+            "{e}"
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
