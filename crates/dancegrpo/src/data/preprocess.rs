@@ -314,6 +314,9 @@ pub fn convert_reference(
 
 type ShardRows = (Tensor, Tensor, Vec<(String, Option<bool>, Option<bool>)>);
 
+/// Makes the rows of the indices in a range, reporting rows done so far.
+type MakeShard<'a> = dyn FnMut(std::ops::Range<u64>, &mut dyn FnMut(u64)) -> Result<ShardRows> + 'a;
+
 /// Writes the remaining shards, each made by `make(range of indices)`.
 fn run_shards(
     mut writer: DatasetWriter,
@@ -322,7 +325,7 @@ fn run_shards(
     (skipped_empty, skipped_cjk): (u64, u64),
     lines: &[usize],
     progress: &mut dyn FnMut(&Progress),
-    make: &mut dyn FnMut(std::ops::Range<u64>, &mut dyn FnMut(u64)) -> Result<ShardRows>,
+    make: &mut MakeShard<'_>,
 ) -> Result<PreprocessReport> {
     let t0 = Instant::now();
     let total = writer.info().prompts;
