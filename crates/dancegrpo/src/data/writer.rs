@@ -72,7 +72,7 @@ impl DatasetWriter {
                 let entries: Vec<_> = fs::read_dir(dir)
                     .map_err(|e| Error::io(dir, e))?
                     .filter_map(|e| e.ok())
-                    .filter(|e| !e.file_name().to_string_lossy().starts_with(".shard-"))
+                    .filter(|e| !is_temporary(&e.file_name().to_string_lossy()))
                     .collect();
                 if let Some(e) = entries.first() {
                     return Err(Error::io(
@@ -104,6 +104,10 @@ impl DatasetWriter {
             ..stored.clone()
         };
         let manifest_path = dir.join(MANIFEST_FILE);
+        // A crash right after the first dataset.json may leave no manifest yet.
+        if !manifest_path.exists() && !stored.complete {
+            write_bytes_atomic(&manifest_path, b"")?;
+        }
         let bytes = fs::read(&manifest_path).map_err(|e| Error::io(&manifest_path, e))?;
         let (entries, bad) = parse_manifest(&manifest_path, &bytes, &w.info);
         if let Some(msg) = &bad {
@@ -305,13 +309,17 @@ impl DatasetWriter {
             return Ok(());
         };
         for e in rd.filter_map(|e| e.ok()) {
-            let name = e.file_name().to_string_lossy().to_string();
-            if name.starts_with('.') && name.contains(".tmp-") {
+            if is_temporary(&e.file_name().to_string_lossy()) {
                 fs::remove_file(e.path()).map_err(|err| Error::io(e.path(), err))?;
             }
         }
         Ok(())
     }
+}
+
+/// A temporary file of an atomic write (`.NAME.tmp-PID`).
+fn is_temporary(name: &str) -> bool {
+    name.starts_with('.') && name.contains(".tmp-")
 }
 
 /// Fails, naming the setting, when `stored` (from `path`) was made with
@@ -572,6 +580,18 @@ mod tests {
         }
         assert!(ds.get(5).is_err());
         drop(ds);
+
+        // a crash right after the first dataset.json: no manifest yet, a temporary file
+        let dir2 = dir.with_extension("early");
+        let _ = fs::remove_dir_all(&dir2);
+        drop(DatasetWriter::start(&dir2, info(5), &mut ok).unwrap());
+        fs::remove_file(dir2.join(MANIFEST_FILE)).unwrap();
+        fs::write(dir2.join(".manifest.jsonl.tmp-7"), b"x").unwrap();
+        let (w, start) = DatasetWriter::start(&dir2, info(5), &mut ok).unwrap();
+        assert_eq!(start, WriterStart::Resumed { shards: 0 });
+        assert_eq!(w.next_index(), 0);
+        assert!(!dir2.join(".manifest.jsonl.tmp-7").exists());
+        fs::remove_dir_all(&dir2).unwrap();
 
         // a complete dataset with a shard missing is named
         fs::remove_file(dir.join(shard_name(2))).unwrap();
