@@ -624,7 +624,7 @@ fn the_trainer_trains_on_a_dataset_and_refuses_a_half_written_one() {
     assert!(e.contains("dataset.json"), "{e}");
     // embeddings of another width than the model's
     let refdir = dir.join("ref");
-    write_reference(&refdir, 2, 6, 8, 4);
+    let _ = write_reference(&refdir, 2, 6, 8, 4);
     let wide = dir.join("wide");
     ok(run(&["--from-reference", s(&refdir), "--out", s(&wide)]));
     let e = fails(train(&wide, &dir.join("run4")));
