@@ -27,6 +27,9 @@ enum Command {
     /// Benchmarks that print figures.
     #[command(subcommand)]
     Bench(cmd::bench::Bench),
+    /// Encode a prompts file with the FLUX text encoders into an embedding
+    /// dataset (resumable), or convert the reference's preprocessed directory.
+    Preprocess(cmd::preprocess::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -38,6 +41,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Train(a) => cmd::train::run(a),
         Command::Bench(b) => cmd::bench::run(b),
+        Command::Preprocess(a) => cmd::preprocess::run(a),
     };
     match result {
         Ok(code) => code,

@@ -8,6 +8,7 @@
 //! numbers).
 
 pub mod align;
+pub mod data;
 pub mod error;
 pub mod grpo;
 pub mod io;

@@ -6,4 +6,5 @@ pub mod bench_train;
 pub mod demo;
 pub mod env;
 pub mod generate;
+pub mod preprocess;
 pub mod train;

@@ -62,6 +62,59 @@ fn elem_size(kind: Kind) -> usize {
 /// nested dicts flattened with `.`; a `module.` prefix shared by every key is
 /// removed. Tensors are contiguous CPU tensors of their stored dtype.
 pub fn read_torch_pt(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    let mut out = read_archive(path, |value, rebuild| {
+        let top = match value {
+            Value::Dict(d) => {
+                let sd = d.borrow().iter().find_map(|(k, v)| match (k, v) {
+                    (Value::Str(k), Value::Dict(_)) if k == "state_dict" => Some(v.clone()),
+                    _ => None,
+                });
+                sd.unwrap_or_else(|| value.clone())
+            }
+            other => return Err(format!(
+                "the pickled object has type {}, expected a dict of tensors or {{\"state_dict\": {{...}}}}",
+                other.type_name()
+            )
+            .into()),
+        };
+        let mut out = Vec::new();
+        rebuild.collect("", &top, 0, &mut out)?;
+        Ok(out)
+    })?;
+    if out.is_empty() {
+        return Err(Error::TorchCheckpoint {
+            path: path.to_path_buf(),
+            msg: "the checkpoint holds no tensors".into(),
+        });
+    }
+    if out.iter().all(|(n, _)| n.starts_with("module.")) {
+        for (n, _) in out.iter_mut() {
+            *n = n["module.".len()..].to_string();
+        }
+    }
+    Ok(out)
+}
+
+/// Reads a `torch.save(tensor, path)` file: the pickled object must be one bare
+/// tensor (views of a larger storage included, as `torch.save(batch[i])` writes
+/// them). Returns a contiguous CPU tensor of the stored dtype.
+pub fn read_torch_pt_tensor(path: &Path) -> Result<Tensor> {
+    read_archive(path, |value, rebuild| match value {
+        Value::Object { .. } => rebuild.tensor(value),
+        other => Err(format!(
+            "the pickled object has type {}, expected a single tensor",
+            other.type_name()
+        )
+        .into()),
+    })
+}
+
+/// Opens the zip archive of `path`, checks its byte order, unpickles `data.pkl`
+/// with the allow-list, and hands the object and a tensor rebuilder to `f`.
+fn read_archive<T>(
+    path: &Path,
+    f: impl FnOnce(&Value, &mut Rebuilder<'_>) -> std::result::Result<T, Failure>,
+) -> Result<T> {
     let err = |msg: String| Error::TorchCheckpoint {
         path: path.to_path_buf(),
         msg,
@@ -105,35 +158,10 @@ pub fn read_torch_pt(path: &Path) -> Result<Vec<(String, Tensor)>> {
         storages: HashMap::new(),
         read_storage: &mut |key: &str| read(&format!("{root}data/{key}")),
     };
-    let top = match &value {
-        Value::Dict(d) => {
-            let sd = d.borrow().iter().find_map(|(k, v)| match (k, v) {
-                (Value::Str(k), Value::Dict(_)) if k == "state_dict" => Some(v.clone()),
-                _ => None,
-            });
-            sd.unwrap_or_else(|| value.clone())
-        }
-        other => return Err(err(format!(
-            "the pickled object has type {}, expected a dict of tensors or {{\"state_dict\": {{...}}}}",
-            other.type_name()
-        ))),
-    };
-    let mut out = Vec::new();
-    rebuild
-        .collect("", &top, 0, &mut out)
-        .map_err(|e| match e {
-            Failure::Msg(m) => err(m),
-            Failure::Other(e) => e,
-        })?;
-    if out.is_empty() {
-        return Err(err("the checkpoint holds no tensors".into()));
-    }
-    if out.iter().all(|(n, _)| n.starts_with("module.")) {
-        for (n, _) in out.iter_mut() {
-            *n = n["module.".len()..].to_string();
-        }
-    }
-    Ok(out)
+    f(&value, &mut rebuild).map_err(|e| match e {
+        Failure::Msg(m) => err(m),
+        Failure::Other(e) => e,
+    })
 }
 
 enum Failure {
@@ -294,6 +322,118 @@ impl Rebuilder<'_> {
     }
 }
 
+/// The storage class `torch.save` names for a dtype.
+fn storage_name(kind: Kind) -> Option<&'static str> {
+    Some(match kind {
+        Kind::Float => "FloatStorage",
+        Kind::Double => "DoubleStorage",
+        Kind::Half => "HalfStorage",
+        Kind::BFloat16 => "BFloat16Storage",
+        Kind::Int64 => "LongStorage",
+        Kind::Int => "IntStorage",
+        Kind::Int16 => "ShortStorage",
+        Kind::Int8 => "CharStorage",
+        Kind::Uint8 => "ByteStorage",
+        Kind::Bool => "BoolStorage",
+        _ => return None,
+    })
+}
+
+/// Writes what `torch.save(tensor, path)` writes for a contiguous tensor (zip
+/// format, protocol-2 pickle of `_rebuild_tensor_v2`); `torch.load` reads it back
+/// (also with `weights_only=True`). Written atomically.
+pub fn write_torch_pt_tensor(path: &Path, tensor: &Tensor) -> Result<()> {
+    let t = tensor.to_device(tch::Device::Cpu).contiguous();
+    let size = t.size();
+    let mut stride = vec![1i64; size.len()];
+    for d in (0..size.len().saturating_sub(1)).rev() {
+        stride[d] = stride[d + 1] * size[d + 1].max(1);
+    }
+    write_torch_pt_view(path, &t.flatten(0, -1), 0, &size, &stride)
+}
+
+/// Writes `torch.save(view)` for a view `(offset, size, stride)` of the 1-d
+/// `storage`: the whole storage is saved, as PyTorch does for a slice such as
+/// `batch[i]`. Written atomically.
+pub fn write_torch_pt_view(
+    path: &Path,
+    storage: &Tensor,
+    offset: i64,
+    size: &[i64],
+    stride: &[i64],
+) -> Result<()> {
+    let err = |msg: String| Error::TorchCheckpoint {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let storage = storage.to_device(tch::Device::Cpu).contiguous();
+    if storage.dim() != 1 {
+        return Err(err(format!(
+            "storage must be 1-d, got {:?}",
+            storage.size()
+        )));
+    }
+    let kind = storage.kind();
+    let class = storage_name(kind).ok_or_else(|| err(format!("dtype {kind:?} unsupported")))?;
+    let numel = storage.numel();
+    // the view must lie inside the storage
+    let _ = strided(&storage, offset, size, stride).map_err(err)?;
+
+    let mut p: Vec<u8> = vec![0x80, 2];
+    let global =
+        |p: &mut Vec<u8>, m: &str, n: &str| p.extend_from_slice(format!("c{m}\n{n}\n").as_bytes());
+    let string = |p: &mut Vec<u8>, s: &str| {
+        p.push(b'X');
+        p.extend((s.len() as u32).to_le_bytes());
+        p.extend(s.as_bytes());
+    };
+    let long = |p: &mut Vec<u8>, v: i64| {
+        p.extend([0x8a, 8]);
+        p.extend(v.to_le_bytes());
+    };
+    global(&mut p, "torch._utils", "_rebuild_tensor_v2");
+    p.extend(b"((");
+    string(&mut p, "storage");
+    global(&mut p, "torch", class);
+    string(&mut p, "0");
+    string(&mut p, "cpu");
+    long(&mut p, numel as i64);
+    p.extend(b"tQ");
+    long(&mut p, offset);
+    p.push(b'(');
+    for &s in size {
+        long(&mut p, s);
+    }
+    p.extend(b"t(");
+    for &s in stride {
+        long(&mut p, s);
+    }
+    p.push(b't');
+    p.push(0x89); // requires_grad = False
+    global(&mut p, "collections", "OrderedDict");
+    p.extend(b")RtR.");
+
+    let mut data = vec![0u8; numel * kind.elt_size_in_bytes()];
+    storage.copy_data_u8(&mut data, numel);
+    crate::io::atomic::write_atomic(path, |w| {
+        let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let opts =
+            zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Stored);
+        let to_io = |e: zip::result::ZipError| std::io::Error::other(e.to_string());
+        for (name, bytes) in [
+            ("archive/data.pkl", p.as_slice()),
+            ("archive/byteorder", b"little".as_slice()),
+            ("archive/data/0", data.as_slice()),
+            ("archive/version", b"3\n".as_slice()),
+        ] {
+            zip.start_file(name, opts).map_err(to_io)?;
+            std::io::Write::write_all(&mut zip, bytes)?;
+        }
+        let bytes = zip.finish().map_err(to_io)?.into_inner();
+        w.write_all(&bytes)
+    })
+}
+
 fn int(v: &Value, what: &str) -> std::result::Result<i64, String> {
     match v {
         Value::Int(i) => Ok(*i),
@@ -354,4 +494,51 @@ fn strided(
         Tensor::f_empty(size, (storage.kind(), tch::Device::Cpu)).map_err(|e| e.to_string())?;
     out.f_copy_(&view).map_err(|e| e.to_string())?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("dg-pt-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn bare_tensor_round_trips_in_every_dtype() {
+        let dir = temp("bare");
+        let path = dir.join("t.pt");
+        let base = Tensor::arange(12, (Kind::Float, tch::Device::Cpu)).view([3, 4]) - 5.5;
+        for kind in [Kind::Float, Kind::BFloat16, Kind::Half, Kind::Int64] {
+            let t = base.to_kind(kind);
+            write_torch_pt_tensor(&path, &t).unwrap();
+            let back = read_torch_pt_tensor(&path).unwrap();
+            assert_eq!(back.kind(), kind);
+            assert_eq!(back.size(), [3, 4]);
+            assert!(back.equal(&t), "{kind:?}");
+        }
+        // a dict checkpoint is not a bare tensor, and a bare tensor is not a dict
+        let e = read_torch_pt(&path).unwrap_err().to_string();
+        assert!(e.contains("expected a dict"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_row_of_a_batch_is_read_from_its_offset() {
+        // torch.save(batch[1]) for a (3, 2, 2) batch saves the whole storage
+        let dir = temp("view");
+        let path = dir.join("row.pt");
+        let batch = Tensor::arange(12, (Kind::Float, tch::Device::Cpu));
+        write_torch_pt_view(&path, &batch, 4, &[2, 2], &[2, 1]).unwrap();
+        let t = read_torch_pt_tensor(&path).unwrap();
+        assert_eq!(
+            Vec::<f32>::try_from(&t.flatten(0, -1)).unwrap(),
+            [4., 5., 6., 7.]
+        );
+        // a view past the storage is refused when writing
+        assert!(write_torch_pt_view(&path, &batch, 10, &[2, 2], &[2, 1]).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

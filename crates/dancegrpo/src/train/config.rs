@@ -40,6 +40,11 @@ pub enum DataSource {
         /// Seed of the embeddings.
         seed: u64,
     },
+    /// A dataset written by `dancegrpo preprocess` (see [`crate::data`]).
+    Dataset {
+        /// The dataset directory.
+        path: PathBuf,
+    },
 }
 
 /// One reward and its weight.
@@ -393,6 +398,12 @@ fn apply_override(root: &mut toml::Value, spec: &str, origin: &Path) -> Result<(
     let table = node
         .as_table_mut()
         .ok_or_else(|| field_err(origin, key, "not a table"))?;
-    table.insert(parts[parts.len() - 1].to_string(), parsed);
+    let last = parts[parts.len() - 1];
+    // Another variant of a tagged section (`data.kind=dataset`) starts from an
+    // empty table: the old variant's fields do not belong to it.
+    if last == "kind" && parts.len() > 1 && table.get("kind") != Some(&parsed) {
+        table.clear();
+    }
+    table.insert(last.to_string(), parsed);
     Ok(())
 }

@@ -439,6 +439,28 @@ pub fn build_prompts(cfg: &TrainConfig, model: &FluxTransformer) -> Result<Box<d
                 pooled_dim: model.config().pooled_projection_dim,
             }))
         }
+        DataSource::Dataset { path } => {
+            let data = crate::data::EmbeddingDataset::open(path)
+                .map_err(|e| Error::config("config", "data.path", e.to_string()))?;
+            let (info, cfg) = (data.info(), model.config());
+            if info.text_dim != cfg.joint_attention_dim
+                || info.pooled_dim != cfg.pooled_projection_dim
+            {
+                return Err(Error::config(
+                    "config",
+                    "data.path",
+                    format!(
+                        "{}: embeddings of width {} (text) and {} (pooled) do not fit the model's joint_attention_dim {} and pooled_projection_dim {}",
+                        path.display(),
+                        info.text_dim,
+                        info.pooled_dim,
+                        cfg.joint_attention_dim,
+                        cfg.pooled_projection_dim
+                    ),
+                ));
+            }
+            Ok(Box::new(data))
+        }
     }
 }
 

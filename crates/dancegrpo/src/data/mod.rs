@@ -1,0 +1,19 @@
+//! Prompt-embedding datasets: the FLUX text encoders run once over a prompts
+//! file ([`preprocess`]), or the reference's `.pt` files converted
+//! ([`convert_reference`]); the trainer reads the result ([`EmbeddingDataset`],
+//! a [`crate::train::data::PromptSet`]). Layout in [`format`].
+
+pub mod encode;
+pub mod format;
+pub mod preprocess;
+pub mod prompts;
+pub mod reader;
+pub mod reference;
+pub mod writer;
+
+pub use encode::FluxTextEncoder;
+pub use format::{DatasetInfo, EmbedDtype, ManifestEntry};
+pub use preprocess::{
+    convert_reference, preprocess, ConvertOptions, PreprocessOptions, PreprocessReport, Progress,
+};
+pub use reader::EmbeddingDataset;
