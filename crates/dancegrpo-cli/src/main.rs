@@ -24,6 +24,10 @@ enum Command {
     Generate(cmd::generate::Args),
     /// GRPO training from a config (or the built-in tiny default).
     Train(cmd::train::Args),
+    /// Score image files with a reward (jpeg, hpsv2, clip, pickscore, remote).
+    Score(cmd::score::Args),
+    /// Benchmarks (`bench rewards`: images per second of each reward).
+    Bench(cmd::bench::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -34,6 +38,8 @@ fn main() -> std::process::ExitCode {
         Command::Demo(a) => cmd::demo::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Train(a) => cmd::train::run(a),
+        Command::Score(a) => cmd::score::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
     };
     match result {
         Ok(code) => code,
