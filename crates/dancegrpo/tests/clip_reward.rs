@@ -63,7 +63,10 @@ impl Reference {
     }
 
     fn ln(&self, x: &Tensor, name: &str) -> Tensor {
-        let (w, b) = (self.t(&format!("{name}.weight")), self.t(&format!("{name}.bias")));
+        let (w, b) = (
+            self.t(&format!("{name}.weight")),
+            self.t(&format!("{name}.bias")),
+        );
         let mean = x.mean_dim(-1, true, Kind::Float);
         let var = (x - &mean).square().mean_dim(-1, true, Kind::Float);
         (x - mean) / (var + 1e-5).sqrt() * w + b
@@ -90,10 +93,21 @@ impl Reference {
             let mask = Tensor::ones([l, l], (Kind::Bool, Device::Cpu)).triu(1);
             s = s.masked_fill(&mask, f64::NEG_INFINITY);
         }
-        let o = s.softmax(-1, Kind::Float).matmul(&v).permute([0, 2, 1, 3]).reshape([b, l, d]);
+        let o = s
+            .softmax(-1, Kind::Float)
+            .matmul(&v)
+            .permute([0, 2, 1, 3])
+            .reshape([b, l, d]);
         let x = x + self.lin(&o, &format!("{p}.self_attn.out_proj"));
-        let m = self.lin(&self.ln(&x, &format!("{p}.layer_norm2")), &format!("{p}.mlp.fc1"));
-        let m = if quick { &m * (&m * 1.702).sigmoid() } else { m.gelu("none") };
+        let m = self.lin(
+            &self.ln(&x, &format!("{p}.layer_norm2")),
+            &format!("{p}.mlp.fc1"),
+        );
+        let m = if quick {
+            &m * (&m * 1.702).sigmoid()
+        } else {
+            m.gelu("none")
+        };
         &x + self.lin(&m, &format!("{p}.mlp.fc2"))
     }
 
@@ -101,18 +115,36 @@ impl Reference {
         let vc = &self.cfg.vision_config;
         let mean = Tensor::from_slice(&CLIP_MEAN.map(|x| x as f32)).view([1, 3, 1, 1]);
         let std = Tensor::from_slice(&CLIP_STD.map(|x| x as f32)).view([1, 3, 1, 1]);
-        let x = (images_u8.permute([0, 3, 1, 2]).to_kind(Kind::Double) / 255.0).to_kind(Kind::Float);
+        let x =
+            (images_u8.permute([0, 3, 1, 2]).to_kind(Kind::Double) / 255.0).to_kind(Kind::Float);
         let x = (x - mean) / std;
         let w = self.t("vision_model.embeddings.patch_embedding.weight");
-        let p = x.conv2d(&w, None::<Tensor>, [vc.patch_size, vc.patch_size], [0, 0], [1, 1], 1);
+        let p = x.conv2d(
+            &w,
+            None::<Tensor>,
+            [vc.patch_size, vc.patch_size],
+            [0, 0],
+            [1, 1],
+            1,
+        );
         let b = p.size()[0];
         let p = p.flatten(2, -1).transpose(1, 2);
-        let cls = self.t("vision_model.embeddings.class_embedding").view([1, 1, -1]).repeat([b, 1, 1]);
-        let mut h = Tensor::cat(&[cls, p], 1) + self.t("vision_model.embeddings.position_embedding.weight");
+        let cls = self
+            .t("vision_model.embeddings.class_embedding")
+            .view([1, 1, -1])
+            .repeat([b, 1, 1]);
+        let mut h =
+            Tensor::cat(&[cls, p], 1) + self.t("vision_model.embeddings.position_embedding.weight");
         h = self.ln(&h, "vision_model.pre_layrnorm");
         for i in 0..vc.num_hidden_layers {
             let p = format!("vision_model.encoder.layers.{i}");
-            h = self.layer(&h, &p, vc.num_attention_heads, false, vc.hidden_act == "quick_gelu");
+            h = self.layer(
+                &h,
+                &p,
+                vc.num_attention_heads,
+                false,
+                vc.hidden_act == "quick_gelu",
+            );
         }
         let pooled = self.ln(&h.select(1, 0), "vision_model.post_layernorm");
         self.lin(&pooled, "visual_projection")
@@ -121,11 +153,22 @@ impl Reference {
     fn text(&self, ids: &Tensor) -> Tensor {
         let tc = &self.cfg.text_config;
         let l = ids.size()[1];
-        let mut h = self.t("text_model.embeddings.token_embedding.weight").index_select(0, &ids.flatten(0, -1)).view([ids.size()[0], l, -1])
-            + self.t("text_model.embeddings.position_embedding.weight").narrow(0, 0, l);
+        let mut h = self
+            .t("text_model.embeddings.token_embedding.weight")
+            .index_select(0, &ids.flatten(0, -1))
+            .view([ids.size()[0], l, -1])
+            + self
+                .t("text_model.embeddings.position_embedding.weight")
+                .narrow(0, 0, l);
         for i in 0..tc.num_hidden_layers {
             let p = format!("text_model.encoder.layers.{i}");
-            h = self.layer(&h, &p, tc.num_attention_heads, true, tc.hidden_act == "quick_gelu");
+            h = self.layer(
+                &h,
+                &p,
+                tc.num_attention_heads,
+                true,
+                tc.hidden_act == "quick_gelu",
+            );
         }
         h = self.ln(&h, "text_model.final_layer_norm");
         // the first end-of-text token (49407) of each row
@@ -137,7 +180,8 @@ impl Reference {
     fn cosines(&self, images_u8: &Tensor, ids: &Tensor) -> Vec<f32> {
         let norm = |x: Tensor| &x / x.norm_scalaropt_dim(2.0, [-1i64].as_slice(), true);
         let (i, t) = (norm(self.image(images_u8)), norm(self.text(ids)));
-        Vec::<f32>::try_from((i * t).sum_dim_intlist([-1i64].as_slice(), false, Kind::Float)).unwrap()
+        Vec::<f32>::try_from((i * t).sum_dim_intlist([-1i64].as_slice(), false, Kind::Float))
+            .unwrap()
     }
 }
 
@@ -215,7 +259,10 @@ fn clip_loading_errors_name_the_problem() {
     let text_only = keep(&|n: &str| !n.starts_with("vision_model."));
     let extra = {
         let mut all = keep(&|_| true);
-        all.push(("vision_model.bogus.weight".into(), Tensor::zeros([2], (Kind::Float, Device::Cpu))));
+        all.push((
+            "vision_model.bogus.weight".into(),
+            Tensor::zeros([2], (Kind::Float, Device::Cpu)),
+        ));
         all
     };
     drop(st);
@@ -223,14 +270,21 @@ fn clip_loading_errors_name_the_problem() {
         write_safetensors(dir.join("model.safetensors"), tensors, &BTreeMap::new()).unwrap()
     };
     write(&text_only);
-    let e = ClipModel::from_dir(&dir, Kind::Float, Device::Cpu).err().unwrap().to_string();
+    let e = ClipModel::from_dir(&dir, Kind::Float, Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("lacks the vision tower"), "{e}");
     write(&extra);
-    let e = ClipModel::from_dir(&dir, Kind::Float, Device::Cpu).err().unwrap().to_string();
+    let e = ClipModel::from_dir(&dir, Kind::Float, Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("vision_model.bogus.weight"), "{e}");
     // an unsupported activation, a wrong model type
     let cfg_path = dir.join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["vision_config"]["hidden_act"] = "swish".into();
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let e = ClipConfig::from_file(&cfg_path).unwrap_err().to_string();
@@ -250,13 +304,30 @@ fn clip_rewards_reject_bad_batches() {
     let mut r = ClipScoreReward::from_dir(&dir, ClipScoreScale::Cosine, Device::Cpu).unwrap();
     let prompts = vec!["a".to_string()];
     let rgba = Tensor::zeros([1, 32, 32, 4], (Kind::Uint8, Device::Cpu));
-    let e = r.score(&RewardBatch { images: &rgba, prompts: &prompts }).unwrap_err().to_string();
+    let e = r
+        .score(&RewardBatch {
+            images: &rgba,
+            prompts: &prompts,
+        })
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("(B, H, W, 3)"), "{e}");
     let two = Tensor::zeros([2, 32, 32, 3], (Kind::Uint8, Device::Cpu));
-    let e = r.score(&RewardBatch { images: &two, prompts: &prompts }).unwrap_err().to_string();
+    let e = r
+        .score(&RewardBatch {
+            images: &two,
+            prompts: &prompts,
+        })
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("2 images but 1 prompts"), "{e}");
     // a non-square image of another size is resized and cropped, not rejected
     let wide = Tensor::full([1, 40, 90, 3], 100, (Kind::Uint8, Device::Cpu));
-    let s = r.score(&RewardBatch { images: &wide, prompts: &prompts }).unwrap();
+    let s = r
+        .score(&RewardBatch {
+            images: &wide,
+            prompts: &prompts,
+        })
+        .unwrap();
     assert!(matches!(s[0], Score::Value(_)), "{s:?}");
 }

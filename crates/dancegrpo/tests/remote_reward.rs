@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dancegrpo::io::image::read_image;
-use dancegrpo::rewards::remote::{base64_decode, LoopbackServer, RemoteConfig, RemoteReward, Reply};
+use dancegrpo::rewards::remote::{
+    base64_decode, LoopbackServer, RemoteConfig, RemoteReward, Reply,
+};
 use dancegrpo::rewards::{Reward, RewardBatch, Score};
 use tch::{Device, Kind, Tensor};
 
@@ -83,7 +85,8 @@ fn failing_twice_then_answering_gives_the_scores_after_two_retries() {
             .iter()
             .map(|b64| {
                 let png = base64_decode(b64.as_str().unwrap()).unwrap();
-                let path = std::env::temp_dir().join(format!("dancegrpo-remote-{}-{i}.png", std::process::id()));
+                let path = std::env::temp_dir()
+                    .join(format!("dancegrpo-remote-{}-{i}.png", std::process::id()));
                 std::fs::write(&path, png).unwrap();
                 let t = read_image(&path).unwrap();
                 let _ = std::fs::remove_file(&path);
@@ -106,7 +109,10 @@ fn failing_twice_then_answering_gives_the_scores_after_two_retries() {
     let (s, took) = score(&mut r);
     assert_eq!(s[0], Score::Value(0.25));
     assert_eq!(s[1], Score::Value(-1.5));
-    assert!(matches!(&s[2], Score::Failed(w) if w.contains("nsfw")), "{s:?}");
+    assert!(
+        matches!(&s[2], Score::Failed(w) if w.contains("nsfw")),
+        "{s:?}"
+    );
     assert_eq!(r.last_attempts(), 3);
     assert_eq!(server.requests(), 3);
     // backoff 20 ms then 40 ms
@@ -132,7 +138,10 @@ fn a_dead_service_fails_every_item_within_the_retry_budget() {
     let (s, took) = score(&mut r);
     all_failed(&s, "3 attempt(s)");
     assert_eq!(r.last_attempts(), 3);
-    assert!(took < r.config().worst_case() + Duration::from_secs(1), "took {took:?}");
+    assert!(
+        took < r.config().worst_case() + Duration::from_secs(1),
+        "took {took:?}"
+    );
 }
 
 #[test]
@@ -152,7 +161,11 @@ fn malformed_replies_fail_the_batch_without_retrying() {
 
     let bad = LoopbackServer::start(|i, _| match i {
         0 => Reply::ok("<html>".into()),
-        _ => Reply { status: 404, body: "no such route".into(), delay: Duration::ZERO },
+        _ => Reply {
+            status: 404,
+            body: "no such route".into(),
+            delay: Duration::ZERO,
+        },
     })
     .unwrap();
     let mut r = client(&bad.url(), 2000, 3, 10);
@@ -164,12 +177,21 @@ fn malformed_replies_fail_the_batch_without_retrying() {
 #[test]
 fn bad_configs_and_inputs_are_errors() {
     let mut cfg = RemoteConfig::new("https://example.com/x", 1.0, 0);
-    assert!(RemoteReward::new(cfg.clone()).err().unwrap().to_string().contains("http://"));
+    assert!(RemoteReward::new(cfg.clone())
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("http://"));
     cfg.url = "http://127.0.0.1:9/x".into();
     cfg.timeout = Duration::ZERO;
     assert!(RemoteReward::new(cfg).is_err());
     let mut r = client("http://127.0.0.1:9/x", 100, 0, 0);
     let rgba = Tensor::zeros([1, 4, 4, 4], (Kind::Uint8, Device::Cpu));
     let p = vec!["a".to_string()];
-    assert!(r.score(&RewardBatch { images: &rgba, prompts: &p }).is_err());
+    assert!(r
+        .score(&RewardBatch {
+            images: &rgba,
+            prompts: &p
+        })
+        .is_err());
 }

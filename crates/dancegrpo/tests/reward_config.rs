@@ -82,21 +82,37 @@ reward_mixing = "advantage"
 #[test]
 fn bad_reward_values_name_their_field() {
     let dir = common::temp_dir("reward-config-bad");
-    let err = |rewards: &str, overrides: &[&str]| load(&dir, rewards, overrides).unwrap_err().to_string();
+    let err =
+        |rewards: &str, overrides: &[&str]| load(&dir, rewards, overrides).unwrap_err().to_string();
     let remote = "[[rewards]]\nkind = \"remote\"\nurl = \"http://127.0.0.1:1/x\"\n";
-    let e = err(remote, &["rewards=[{kind=\"remote\", url=\"http://h/x\", timeout_s=0.0}]"]);
-    assert!(e.contains("rewards[0].timeout_s") && e.contains("> 0"), "{e}");
+    let e = err(
+        remote,
+        &["rewards=[{kind=\"remote\", url=\"http://h/x\", timeout_s=0.0}]"],
+    );
+    assert!(
+        e.contains("rewards[0].timeout_s") && e.contains("> 0"),
+        "{e}"
+    );
     let e = err("[[rewards]]\nkind = \"remote\"\nurl = \"ftp://h/x\"\n", &[]);
     assert!(e.contains("rewards[0].url"), "{e}");
     let e = err("[[rewards]]\nkind = \"hpsv2\"\n", &[]);
     assert!(e.contains("rewards[0]") && e.contains("path"), "{e}");
     let e = err("[[rewards]]\nkind = \"aesthetic\"\npath = \"/x\"\n", &[]);
     assert!(e.contains("rewards[0]") && e.contains("aesthetic"), "{e}");
-    let e = err(&format!("{remote}[grpo]\nreward_mixing = \"product\"\n"), &[]);
+    let e = err(
+        &format!("{remote}[grpo]\nreward_mixing = \"product\"\n"),
+        &[],
+    );
     assert!(e.contains("grpo.reward_mixing"), "{e}");
-    let e = err("[[rewards]]\nkind = \"pickscore\"\npath = \"/x\"\nweight = \"heavy\"\n", &[]);
+    let e = err(
+        "[[rewards]]\nkind = \"pickscore\"\npath = \"/x\"\nweight = \"heavy\"\n",
+        &[],
+    );
     // (serde buffers a tagged entry, so the path stops at the entry; the message names the value)
-    assert!(e.contains("rewards[0]") && e.contains("\"heavy\", expected f64"), "{e}");
+    assert!(
+        e.contains("rewards[0]") && e.contains("\"heavy\", expected f64"),
+        "{e}"
+    );
     // a directory that does not exist: the error names the field and the directory
     let cfg = load(
         &dir,
@@ -105,7 +121,10 @@ fn bad_reward_values_name_their_field() {
     )
     .unwrap();
     let e = build_rewards(&cfg, Device::Cpu).err().unwrap().to_string();
-    assert!(e.contains("rewards[1].path") && e.contains("/no/such/hps"), "{e}");
+    assert!(
+        e.contains("rewards[1].path") && e.contains("/no/such/hps"),
+        "{e}"
+    );
 }
 
 #[test]
