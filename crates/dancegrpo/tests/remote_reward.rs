@@ -71,9 +71,12 @@ fn slow_service_times_out_quickly() {
     assert_eq!(server.requests(), 2);
 }
 
+/// What the server saw in one request: the prompts, and per image (height, width, one pixel).
+type Seen = (Vec<String>, Vec<Vec<i64>>);
+
 #[test]
 fn failing_twice_then_answering_gives_the_scores_after_two_retries() {
-    let seen: Arc<Mutex<Vec<(Vec<String>, Vec<Vec<i64>>)>>> = Arc::default();
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
     let log = seen.clone();
     let server = LoopbackServer::start(move |i, body| {
         let v: serde_json::Value = serde_json::from_slice(body).unwrap();
