@@ -24,12 +24,13 @@ enum Command {
     Generate(cmd::generate::Args),
     /// GRPO training from a config (or the built-in tiny default).
     Train(cmd::train::Args),
-    /// Benchmarks that print figures.
-    #[command(subcommand)]
-    Bench(cmd::bench::Bench),
     /// Encode a prompts file with the FLUX text encoders into an embedding
     /// dataset (resumable), or convert the reference's preprocessed directory.
     Preprocess(cmd::preprocess::Args),
+    /// Score image files with a reward (jpeg, hpsv2, clip, pickscore, remote).
+    Score(cmd::score::Args),
+    /// Benchmarks that print figures (`bench rewards`, `bench train CASE_DIR`).
+    Bench(cmd::bench::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -40,8 +41,9 @@ fn main() -> std::process::ExitCode {
         Command::Demo(a) => cmd::demo::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Train(a) => cmd::train::run(a),
-        Command::Bench(b) => cmd::bench::run(b),
         Command::Preprocess(a) => cmd::preprocess::run(a),
+        Command::Score(a) => cmd::score::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
     };
     match result {
         Ok(code) => code,

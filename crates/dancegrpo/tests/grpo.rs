@@ -223,6 +223,7 @@ fn an_iteration_reports_rewards_failures_and_stage_times() {
         decode_batch: 2,
         grouping: Grouping::PerPrompt { size: G },
         adv_clip_max: 5.0,
+        mixing: dancegrpo::grpo::RewardMixing::Reward,
         update: config(4),
     };
     let params: Vec<Tensor> = m.parameters().into_iter().map(|(_, p)| p).collect();

@@ -1,17 +1,182 @@
 //! `dancegrpo bench`: benchmarks that print figures (never timed tests).
+//! `bench rewards`: images per second of each reward on tiny seeded models (no
+//! downloads), printed as a table and one JSON line; `bench train`: see
+//! [`super::bench_train`].
 
 use std::process::ExitCode;
+use std::time::Instant;
 
-/// The benchmarks.
+use dancegrpo::models::clip::{ClipConfig, ClipModel, ImageProcessor};
+use dancegrpo::models::open_clip::{OpenClip, OpenClipConfig};
+use dancegrpo::rewards::clip_score::{ClipScoreReward, ClipScoreScale, ClipScorer};
+use dancegrpo::rewards::hps::{HpsReward, TokenizeFn};
+use dancegrpo::rewards::jpeg::{JpegObjective, JpegReward};
+use dancegrpo::rewards::pickscore::PickScoreReward;
+use dancegrpo::rewards::remote::{LoopbackServer, RemoteConfig, RemoteReward};
+use dancegrpo::rewards::{Reward, RewardBatch, Score};
+use dancegrpo::rng::Philox;
+use dancegrpo::weights::Source;
+use tch::{Device, Kind};
+
+/// `dancegrpo bench ...`.
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    what: What,
+}
+
 #[derive(clap::Subcommand)]
-pub enum Bench {
+enum What {
+    /// Images per second of each reward on tiny seeded models.
+    Rewards(RewardsArgs),
     /// Full GRPO iterations on a case directory, timed per stage.
     Train(super::bench_train::Args),
 }
 
-/// Runs a benchmark.
-pub fn run(bench: Bench) -> anyhow::Result<ExitCode> {
-    match bench {
-        Bench::Train(a) => super::bench_train::run(a),
+#[derive(clap::Args)]
+struct RewardsArgs {
+    /// Images per batch.
+    #[arg(long, default_value_t = 16)]
+    images: i64,
+    /// Image side in pixels (square images).
+    #[arg(long, default_value_t = 256)]
+    size: i64,
+    /// Timed batches per reward (after one warm-up batch).
+    #[arg(long, default_value_t = 3)]
+    repeats: u32,
+    /// Device for the reward models: `cpu` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// libtorch CPU threads (1 by default: tiny models on a shared machine
+    /// spend more time in OpenMP barriers than computing with more).
+    #[arg(long, default_value_t = 1)]
+    threads: i32,
+}
+
+/// Runs `dancegrpo bench`.
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    match args.what {
+        What::Rewards(a) => rewards(a),
+        What::Train(a) => super::bench_train::run(a),
     }
+}
+
+/// A stand-in tokenizer for the tiny models (no tokenizer files): start id,
+/// the prompt's bytes, end id, then `pad`, `len` ids in all.
+fn byte_tokenizer(len: usize, pad: i64) -> TokenizeFn {
+    Box::new(move |text: &str| {
+        let mut ids = vec![49406i64];
+        ids.extend(text.bytes().take(len - 2).map(i64::from));
+        ids.push(49407);
+        ids.resize(len, pad);
+        Ok(ids)
+    })
+}
+
+fn tiny_clip(device: Device) -> anyhow::Result<ClipScorer> {
+    let cfg = ClipConfig::tiny();
+    let size = cfg.vision_config.image_size;
+    let model = ClipModel::new(cfg, Source::Seeded(0), Kind::Float, device)?;
+    Ok(ClipScorer::new(
+        model,
+        ImageProcessor::clip_default(size),
+        byte_tokenizer(77, 49407),
+    ))
+}
+
+fn rewards(a: RewardsArgs) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(a.images >= 1, "--images must be >= 1");
+    anyhow::ensure!(a.size >= 8, "--size must be >= 8");
+    tch::set_num_threads(a.threads.max(1));
+    let device = super::train::parse_device(&a.device)?;
+    let images = (Philox::new(7, 0).normal_tensor(&[a.images, a.size, a.size, 3]) * 60.0 + 128.0)
+        .clamp(0.0, 255.0)
+        .to_kind(Kind::Uint8)
+        .to_device(device);
+    let prompts: Vec<String> = (0..a.images)
+        .map(|i| format!("a photo of thing number {i}"))
+        .collect();
+    let server = LoopbackServer::echo()?;
+    let hps = OpenClip::new(
+        OpenClipConfig::tiny(),
+        Source::Seeded(0),
+        Kind::Float,
+        device,
+    )?;
+    let mut remote_cfg = RemoteConfig::new(&server.url(), 30.0, 0);
+    remote_cfg.backoff = std::time::Duration::ZERO;
+    let mut list: Vec<(&str, Box<dyn Reward>)> = vec![
+        (
+            "jpeg (q95)",
+            Box::new(JpegReward::new(JpegObjective::Compressibility, 95)?),
+        ),
+        (
+            "hpsv2 (tiny open_clip, 56 px)",
+            Box::new(HpsReward::new(hps, byte_tokenizer(77, 0))),
+        ),
+        (
+            "clip_score (tiny HF CLIP, 32 px)",
+            Box::new(ClipScoreReward::new(
+                tiny_clip(device)?,
+                ClipScoreScale::Cosine,
+            )),
+        ),
+        (
+            "pickscore (tiny HF CLIP, 32 px)",
+            Box::new(PickScoreReward::new(tiny_clip(device)?)),
+        ),
+        (
+            "remote (loopback echo, PNG+base64)",
+            Box::new(RemoteReward::new(remote_cfg)?),
+        ),
+    ];
+    let batch = RewardBatch {
+        images: &images,
+        prompts: &prompts,
+    };
+    println!(
+        "{} images of {}x{} per batch, {} timed batches, device {:?}, {} threads",
+        a.images,
+        a.size,
+        a.size,
+        a.repeats,
+        device,
+        tch::get_num_threads()
+    );
+    println!("{:<36} {:>10} {:>12}", "reward", "s/batch", "images/s");
+    let mut results = Vec::new();
+    for (label, reward) in &mut list {
+        let warm = reward.score(&batch)?;
+        if let Some(Score::Failed(why)) = warm.iter().find(|s| matches!(s, Score::Failed(_))) {
+            anyhow::bail!("{label}: {why}");
+        }
+        let start = Instant::now();
+        for _ in 0..a.repeats.max(1) {
+            reward.score(&batch)?;
+        }
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+        let per_batch = start.elapsed().as_secs_f64() / a.repeats.max(1) as f64;
+        let ips = a.images as f64 / per_batch;
+        println!("{label:<36} {per_batch:>10.4} {ips:>12.1}");
+        results.push(serde_json::json!({
+            "reward": reward.name(),
+            "label": label,
+            "seconds_per_batch": per_batch,
+            "images_per_second": ips,
+        }));
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "rewards",
+            "images": a.images,
+            "size": a.size,
+            "device": format!("{device:?}"),
+            "threads": tch::get_num_threads(),
+            "results": results,
+        })
+    );
+    Ok(ExitCode::SUCCESS)
 }

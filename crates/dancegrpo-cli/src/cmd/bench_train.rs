@@ -2,22 +2,20 @@
 //! the fixture layout (its transformer, VAE, HPSv2-style reward model, prompt
 //! embeddings and `case.json` hyper-parameters), timed per stage.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use dancegrpo::align::{Case, GrpoCase};
 use dancegrpo::grpo::{
-    run_iteration, AdamW, Grouping, IterationConfig, IterationInputs, NoObserver,
+    run_iteration, AdamW, Grouping, IterationConfig, IterationInputs, NoObserver, RewardMixing,
 };
-use dancegrpo::models::open_clip::OpenClip;
 use dancegrpo::models::vae::Vae;
 use dancegrpo::models::{ActivationCheckpointing, VelocityModel};
 use dancegrpo::rewards::hps::HpsReward;
 use dancegrpo::sampler::draws::{InitNoise, NoisePrecision};
 use dancegrpo::sampler::rollout::RolloutSettings;
 use dancegrpo::sampler::Seeded;
-use dancegrpo::text::{ClipTokenizer, Padding};
 use tch::{Kind, Tensor};
 
 /// Arguments of `dancegrpo bench train`.
@@ -54,16 +52,6 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-fn hps_reward(dir: &Path, device: tch::Device) -> anyhow::Result<HpsReward> {
-    let model = OpenClip::from_dir(dir, Kind::Float, device)?;
-    let tokenizer = ClipTokenizer::from_dir(dir)?;
-    let context = model.context_length() as usize;
-    Ok(HpsReward::new(
-        model,
-        Box::new(move |text: &str| Ok(tokenizer.encode(text, context, Padding::Zero)?.ids)),
-    ))
-}
-
 fn batch_captions(case: &Case) -> anyhow::Result<Vec<String>> {
     let path = case.dir().join("case.json");
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
@@ -86,7 +74,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         g.model.set_checkpointing(ActivationCheckpointing::PerBlock);
     }
     let vae = Vae::from_dir(&case.dir().join("vae"), Kind::Float, device)?;
-    let mut reward = hps_reward(&case.dir().join("reward"), device)?;
+    let mut reward = HpsReward::from_dir(&case.dir().join("reward"), device)?;
     let captions = batch_captions(&case)?;
     let init = case.input("init_noise")?.size();
     let params: Vec<Tensor> = g.model.parameters().into_iter().map(|(_, p)| p).collect();
@@ -105,6 +93,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         decode_batch: 1,
         grouping,
         adv_clip_max: case.hyper_f64("adv_clip_max")?,
+        mixing: RewardMixing::Reward,
         update: g.cfg,
     };
     let mut times: Vec<[f64; 4]> = Vec::new();

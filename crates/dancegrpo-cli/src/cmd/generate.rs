@@ -85,7 +85,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     )?;
     let secs = start.elapsed().as_secs_f64();
     let captions: Vec<String> = entries.iter().map(|e| e.caption.clone()).collect();
-    let mut reward = build_rewards(&cfg)?;
+    let mut reward = build_rewards(&cfg, device)?;
     let scores = reward.score(&RewardBatch {
         images: &images,
         prompts: &captions,

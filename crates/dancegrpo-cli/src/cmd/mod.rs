@@ -7,4 +7,5 @@ pub mod demo;
 pub mod env;
 pub mod generate;
 pub mod preprocess;
+pub mod score;
 pub mod train;

@@ -17,6 +17,18 @@ pub enum Grouping {
     Global,
 }
 
+/// How several rewards are combined into one advantage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RewardMixing {
+    /// Weighted sum of the scores, then one advantage (the default).
+    #[default]
+    Reward,
+    /// One advantage per reward (each normalised on its own), then their
+    /// weighted sum, then the clamp ([`mixed_advantages`]).
+    Advantage,
+}
+
 /// Advantages before and after clamping, and how many groups were skipped.
 #[derive(Debug)]
 pub struct Advantages {
@@ -69,9 +81,93 @@ pub fn advantages(rewards: &Tensor, grouping: Grouping, clip: f64) -> Result<Adv
     })
 }
 
+/// Advantage-level mixing of `parts` (weight, rewards `(B,)`): each part's
+/// advantages as [`advantages`] computes them (unclamped), summed with the
+/// weights, then clamped to `+-clip`. An item that failed (NaN) in any part
+/// counts as failed in every part, so its group is skipped in all of them.
+pub fn mixed_advantages(
+    parts: &[(f64, Tensor)],
+    grouping: Grouping,
+    clip: f64,
+) -> Result<Advantages> {
+    let first = &parts
+        .first()
+        .ok_or_else(|| Error::Input("advantage mixing: no rewards".into()))?
+        .1;
+    let failed = parts
+        .iter()
+        .map(|(_, r)| r.isnan())
+        .reduce(|a, b| a.logical_or(&b))
+        .expect("at least one part");
+    let mut raw = first.zeros_like();
+    let mut skipped_groups = 0;
+    for (weight, r) in parts {
+        if r.size() != first.size() {
+            return Err(Error::Input(format!(
+                "advantage mixing: rewards of shapes {:?} and {:?}",
+                first.size(),
+                r.size()
+            )));
+        }
+        let a = advantages(&r.masked_fill(&failed, f64::NAN), grouping, f64::INFINITY)?;
+        skipped_groups = a.skipped_groups;
+        raw += a.raw * *weight;
+    }
+    let clamped = raw.clamp(-clip, clip);
+    Ok(Advantages {
+        raw,
+        clamped,
+        skipped_groups,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn advantage_mixing_matches_hand_computed_values() {
+        // Group of 2: rewards (1, 3) -> mean 2, unbiased std sqrt(2):
+        // advantages (-1/sqrt 2, 1/sqrt 2) whatever the scale of the reward.
+        // Part A (weight 1): (1, 3) and (5, 5)      -> (-0.70711, 0.70711), (0, 0)
+        // Part B (weight 0.5): (10, 0) and (2, 4)   -> (0.70711, -0.70711), (-0.70711, 0.70711)
+        let a = Tensor::from_slice(&[1.0f32, 3.0, 5.0, 5.0]);
+        let b = Tensor::from_slice(&[10.0f32, 0.0, 2.0, 4.0]);
+        let m = mixed_advantages(
+            &[(1.0, a.shallow_clone()), (0.5, b.shallow_clone())],
+            Grouping::PerPrompt { size: 2 },
+            5.0,
+        )
+        .unwrap();
+        let h = std::f32::consts::FRAC_1_SQRT_2;
+        let want = [-h + 0.5 * h, h - 0.5 * h, -0.5 * h, 0.5 * h];
+        let got = Vec::<f32>::try_from(&m.raw).unwrap();
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{got:?} vs {want:?}");
+        }
+        // Reward-level mixing of the same numbers: (6, 3) and (6, 7) -> (+h, -h), (-h, +h).
+        let r = advantages(&(&a + &b * 0.5), Grouping::PerPrompt { size: 2 }, 5.0).unwrap();
+        let got_r = Vec::<f32>::try_from(&r.raw).unwrap();
+        assert!((got_r[0] - h).abs() < 1e-6 && (got_r[2] + h).abs() < 1e-6);
+        // The clamp applies to the sum; a failure in one part skips the group in all.
+        let clamped = mixed_advantages(
+            &[(4.0, a.shallow_clone()), (4.0, b.shallow_clone())],
+            Grouping::PerPrompt { size: 2 },
+            1.0,
+        )
+        .unwrap();
+        assert_eq!(Vec::<f32>::try_from(&clamped.clamped).unwrap()[3], 1.0);
+        let b_nan = Tensor::from_slice(&[10.0f32, 0.0, f32::NAN, 4.0]);
+        let m = mixed_advantages(
+            &[(1.0, a), (0.5, b_nan)],
+            Grouping::PerPrompt { size: 2 },
+            5.0,
+        )
+        .unwrap();
+        assert_eq!(m.skipped_groups, 1);
+        assert_eq!(Vec::<f32>::try_from(&m.raw).unwrap()[2..], [0.0, 0.0]);
+        assert!(mixed_advantages(&[], Grouping::Global, 5.0).is_err());
+    }
 
     #[test]
     fn groups_have_zero_mean_unit_std_and_equal_rewards_give_zero() {

@@ -6,11 +6,11 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 use super::update::{grpo_update, UpdateConfig, UpdateInputs, UpdateObserver, UpdateStats};
-use super::{advantages, AdamW, Grouping};
+use super::{advantages, mixed_advantages, AdamW, Grouping, RewardMixing};
 use crate::error::{Error, Result};
 use crate::models::vae::Vae;
 use crate::models::VelocityModel;
-use crate::rewards::{scores_to_tensor, Reward, RewardBatch, Score};
+use crate::rewards::{scores_to_tensor, Reward, RewardBatch, RewardPart, Score};
 use crate::sampler::rollout::{decode, rollout, RolloutSettings};
 use crate::sampler::{Conditioning, Draws, Schedule};
 
@@ -25,6 +25,9 @@ pub struct IterationConfig {
     pub grouping: Grouping,
     /// Advantage clamp.
     pub adv_clip_max: f64,
+    /// How the parts of a combined reward ([`Reward::last_parts`]) make the
+    /// advantages: their weighted score sum, or their weighted advantages.
+    pub mixing: RewardMixing,
     /// The update.
     pub update: UpdateConfig,
 }
@@ -160,7 +163,23 @@ pub fn run_iteration(
     seconds.reward = lap(clock, device);
     let clock = Instant::now();
     let rewards = scores_to_tensor(&scores);
-    let adv = advantages(&rewards, cfg.grouping, cfg.adv_clip_max)?;
+    let adv = match cfg.mixing {
+        RewardMixing::Reward => advantages(&rewards, cfg.grouping, cfg.adv_clip_max)?,
+        RewardMixing::Advantage => {
+            let parts = reward.last_parts().unwrap_or_else(|| {
+                vec![RewardPart {
+                    name: reward.name().to_string(),
+                    weight: 1.0,
+                    scores: scores.clone(),
+                }]
+            });
+            let parts: Vec<(f64, Tensor)> = parts
+                .iter()
+                .map(|p| (p.weight, scores_to_tensor(&p.scores)))
+                .collect();
+            mixed_advantages(&parts, cfg.grouping, cfg.adv_clip_max)?
+        }
+    };
     let update_inputs = UpdateInputs {
         rollout: &ro,
         advantages: &adv.clamped.to_device(device),

@@ -9,7 +9,7 @@ pub mod lr;
 pub mod optim;
 pub mod update;
 
-pub use advantage::{advantages, Advantages, Grouping};
+pub use advantage::{advantages, mixed_advantages, Advantages, Grouping, RewardMixing};
 pub use iteration::{run_iteration, Iteration, IterationConfig, IterationInputs, IterationReport};
 pub use loss::{clipped_policy_loss, PolicyLoss};
 pub use lr::LrSchedule;

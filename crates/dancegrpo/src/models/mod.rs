@@ -1,5 +1,6 @@
 //! Models and the velocity-model trait the sampler and trainer are written against.
 
+pub mod clip;
 pub mod clip_text;
 pub mod flux;
 pub mod lora;

@@ -1,8 +1,8 @@
 //! Several rewards with weights, combined at reward level (weighted sum of the
 //! scores, then advantages); the per-reward scores of the last batch are kept
-//! for metrics.
+//! for metrics and for advantage-level mixing ([`Reward::last_parts`]).
 
-use super::{Reward, RewardBatch, Score};
+use super::{Reward, RewardBatch, RewardPart, Score};
 use crate::error::Result;
 
 /// A weighted sum of rewards; an item fails if any reward fails on it.
@@ -23,6 +23,11 @@ impl WeightedSum {
     /// Each reward's name and scores of the last scored batch.
     pub fn last_scores(&self) -> &[(String, Vec<Score>)] {
         &self.last
+    }
+
+    /// The rewards and their weights.
+    pub fn parts(&self) -> impl Iterator<Item = (&dyn Reward, f64)> {
+        self.parts.iter().map(|(r, w)| (&**r, *w))
     }
 }
 
@@ -47,5 +52,19 @@ impl Reward for WeightedSum {
             self.last.push((reward.name().to_string(), scores));
         }
         Ok(total)
+    }
+
+    fn last_parts(&self) -> Option<Vec<RewardPart>> {
+        Some(
+            self.last
+                .iter()
+                .zip(&self.parts)
+                .map(|((name, scores), (_, weight))| RewardPart {
+                    name: name.clone(),
+                    weight: *weight,
+                    scores: scores.clone(),
+                })
+                .collect(),
+        )
     }
 }

@@ -110,6 +110,43 @@ impl HpsReward {
         }
     }
 
+    /// Loads an HPSv2 directory: the open_clip config (`model_config.json` or
+    /// `open_clip_config.json`), the weights (`open_clip_model.safetensors`, else
+    /// `HPS_v2.1_compressed.pt`, else `open_clip_pytorch_model.bin`, `.pt`/`.bin`
+    /// read without executing pickle) and the tokenizer (`tokenizer.json`,
+    /// `vocab.json` + `merges.txt` or `bpe_simple_vocab_16e6.txt.gz`; ids padded
+    /// with 0 as `open_clip.tokenize`).
+    pub fn from_dir(dir: &std::path::Path, device: tch::Device) -> Result<Self> {
+        let config = crate::models::open_clip::OpenClipConfig::from_dir(dir)?;
+        let candidates = [
+            "open_clip_model.safetensors",
+            "HPS_v2.1_compressed.pt",
+            "open_clip_pytorch_model.bin",
+        ];
+        let weights = candidates
+            .iter()
+            .map(|f| dir.join(f))
+            .find(|p| p.is_file())
+            .ok_or_else(|| {
+                Error::io(
+                    dir,
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("no HPSv2 weights (one of {})", candidates.join(", ")),
+                    ),
+                )
+            })?;
+        let context = config.text_cfg.context_length as usize;
+        let model = OpenClip::load(config, &weights, Kind::Float, device)?;
+        let tokenizer = crate::text::ClipTokenizer::from_dir(dir)?;
+        let tokenize: TokenizeFn = Box::new(move |text: &str| {
+            Ok(tokenizer
+                .encode(text, context, crate::text::Padding::Zero)?
+                .ids)
+        });
+        Ok(Self::new(model, tokenize))
+    }
+
     /// Sets how many items go through the model per call (at least 1).
     pub fn with_batch_size(mut self, batch_size: usize) -> Self {
         self.batch_size = batch_size.max(1);

@@ -3,9 +3,13 @@
 //! A reward never turns a failure into a number: each item is either a score
 //! or a recorded failure, and the GRPO advantages skip groups with a failure.
 
+pub mod clip_score;
 pub mod combine;
 pub mod hps;
 pub mod jpeg;
+pub mod pickscore;
+pub mod remote;
+pub mod spec;
 
 use tch::Tensor;
 
@@ -34,6 +38,23 @@ pub trait Reward {
     fn name(&self) -> &str;
     /// Scores every item of `batch`, in order.
     fn score(&mut self, batch: &RewardBatch) -> Result<Vec<Score>>;
+    /// For a combination of rewards: each part's name, weight and scores from
+    /// the last [`Reward::score`] call (what advantage-level mixing needs).
+    /// `None` (the default) for a single reward.
+    fn last_parts(&self) -> Option<Vec<RewardPart>> {
+        None
+    }
+}
+
+/// One part of a combined reward: its scores of the last batch and its weight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RewardPart {
+    /// The part's [`Reward::name`].
+    pub name: String,
+    /// Its weight.
+    pub weight: f64,
+    /// Its scores of the last batch.
+    pub scores: Vec<Score>,
 }
 
 /// Scores as a float32 tensor `(B,)`, failures as NaN (which the advantages skip).

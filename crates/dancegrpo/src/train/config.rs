@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::grpo::{LrSchedule, Trainable, UpdateBatching};
+use crate::grpo::{LrSchedule, RewardMixing, Trainable, UpdateBatching};
 use crate::models::lora::LoraConfig;
 use crate::models::ActivationCheckpointing;
 use crate::rewards::jpeg::JpegObjective;
@@ -47,30 +47,7 @@ pub enum DataSource {
     },
 }
 
-/// One reward and its weight.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum RewardSpec {
-    /// JPEG size at a fixed quality.
-    Jpeg {
-        /// Which direction is rewarded.
-        objective: JpegObjective,
-        /// JPEG quality.
-        #[serde(default = "default_jpeg_quality")]
-        quality: u8,
-        /// Weight in the combined reward.
-        #[serde(default = "one")]
-        weight: f64,
-    },
-}
-
-fn default_jpeg_quality() -> u8 {
-    95
-}
-
-fn one() -> f64 {
-    1.0
-}
+pub use crate::rewards::spec::RewardSpec;
 
 /// The SDE sampler used for rollouts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -142,6 +119,9 @@ pub struct GrpoConfig {
     pub adv_clip_max: f64,
     /// Advantage normalisation.
     pub grouping: AdvantageGrouping,
+    /// How several rewards combine: `reward` (weighted score sum) or
+    /// `advantage` (weighted sum of per-reward advantages).
+    pub reward_mixing: RewardMixing,
 }
 
 impl Default for GrpoConfig {
@@ -152,6 +132,7 @@ impl Default for GrpoConfig {
             clip_range: 1e-4,
             adv_clip_max: 5.0,
             grouping: AdvantageGrouping::PerPrompt,
+            reward_mixing: RewardMixing::Reward,
         }
     }
 }

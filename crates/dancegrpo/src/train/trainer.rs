@@ -7,7 +7,7 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 use super::checkpoint::{self, TrainState};
-use super::config::{AdvantageGrouping, DataSource, ModelSource, RewardSpec, TrainConfig};
+use super::config::{AdvantageGrouping, DataSource, ModelSource, TrainConfig};
 use super::data::{stack, DataOrder, PromptSet, SyntheticPrompts};
 use super::ema::Ema;
 use super::metrics::{append_line, truncate_lines, ImageWriter, Metrics};
@@ -20,7 +20,6 @@ use crate::models::flux::{FluxConfig, FluxTransformer};
 use crate::models::vae::{packing, Vae, VaeConfig};
 use crate::models::VelocityModel;
 use crate::rewards::combine::WeightedSum;
-use crate::rewards::jpeg::JpegReward;
 use crate::rewards::{scores_to_tensor, Reward, RewardBatch, Score};
 use crate::sampler::generate::{generate, OdeSettings};
 use crate::sampler::rollout::RolloutSettings;
@@ -77,7 +76,7 @@ impl Trainer {
             prompts: build_prompts(&cfg, &model)?,
             order: DataOrder::new(cfg.run.seed, 1),
             schedule: Schedule::shifted(cfg.sampler.steps, cfg.sampler.shift),
-            reward: build_rewards(&cfg)?,
+            reward: build_rewards(&cfg, device)?,
             optimizer: AdamW::new(adam(&cfg), &params(&model)),
             state: TrainState {
                 iteration: 0,
@@ -381,6 +380,7 @@ fn iteration_config(cfg: &TrainConfig) -> IterationConfig {
             AdvantageGrouping::Global => Grouping::Global,
         },
         adv_clip_max: cfg.grpo.adv_clip_max,
+        mixing: cfg.grpo.reward_mixing,
         update: UpdateConfig {
             eta: cfg.sampler.eta,
             clip_range: cfg.grpo.clip_range,
@@ -464,19 +464,22 @@ pub fn build_prompts(cfg: &TrainConfig, model: &FluxTransformer) -> Result<Box<d
     }
 }
 
-/// The weighted rewards a configuration names.
-pub fn build_rewards(cfg: &TrainConfig) -> Result<WeightedSum> {
+/// The weighted rewards a configuration names, their models on `device`. A
+/// reward that cannot be built is an error naming its field (`rewards[i].path`).
+pub fn build_rewards(cfg: &TrainConfig, device: Device) -> Result<WeightedSum> {
     let parts = cfg
         .rewards
         .iter()
-        .map(|spec| -> Result<(Box<dyn Reward>, f64)> {
-            match spec {
-                RewardSpec::Jpeg {
-                    objective,
-                    quality,
-                    weight,
-                } => Ok((Box::new(JpegReward::new(*objective, *quality)?), *weight)),
-            }
+        .enumerate()
+        .map(|(i, spec)| -> Result<(Box<dyn Reward>, f64)> {
+            let reward = spec.build(device).map_err(|e| {
+                Error::config(
+                    "rewards",
+                    &format!("rewards[{i}].{}", spec.source_field()),
+                    e.to_string(),
+                )
+            })?;
+            Ok((reward, spec.weight()))
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(WeightedSum::new(parts))

@@ -39,6 +39,11 @@ impl TrainConfig {
                 return Err(Error::config(origin, field, msg));
             }
         }
+        for (i, spec) in self.rewards.iter().enumerate() {
+            if let Some((field, msg)) = spec.check() {
+                return Err(Error::config(origin, &format!("rewards[{i}].{field}"), msg));
+            }
+        }
         let n = match g.trainable {
             crate::grpo::Trainable::AllButLast => s.steps - 1,
             crate::grpo::Trainable::All => s.steps,

@@ -21,7 +21,7 @@ pub struct ClipTextOutput {
 }
 
 /// `CLIPAttention` (transformers' SDPA variant): scale `1/sqrt(head_dim)`.
-struct ClipAttention {
+pub(crate) struct ClipAttention {
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
@@ -31,42 +31,34 @@ struct ClipAttention {
 }
 
 impl ClipAttention {
-    fn new(vb: &VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
-        let d = cfg.hidden_size;
+    fn new(vb: &VarBuilder, d: i64, heads: i64) -> Result<Self> {
         Ok(ClipAttention {
             k_proj: Linear::new(&vb.pp("k_proj"), d, d, true)?,
             v_proj: Linear::new(&vb.pp("v_proj"), d, d, true)?,
             q_proj: Linear::new(&vb.pp("q_proj"), d, d, true)?,
             out_proj: Linear::new(&vb.pp("out_proj"), d, d, true)?,
-            heads: cfg.num_attention_heads,
-            head_dim: cfg.head_dim(),
+            heads,
+            head_dim: d / heads,
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> Tensor {
+    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Tensor {
         let (b, l, d) = x.size3().expect("(b, L, d) hidden states");
         let split = |t: Tensor| t.view([b, -1, self.heads, self.head_dim]).transpose(1, 2);
         let q = split(self.q_proj.forward(x));
         let k = split(self.k_proj.forward(x));
         let v = split(self.v_proj.forward(x));
         let scale = (self.head_dim as f64).powf(-0.5);
-        let out = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            Some(mask),
-            0.0,
-            false,
-            Some(scale),
-            false,
-        );
+        let out =
+            Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, false, Some(scale), false);
         self.out_proj
             .forward(&out.transpose(1, 2).reshape([b, l, d]))
     }
 }
 
-/// One `CLIPEncoderLayer`: pre-LN attention and pre-LN MLP, each residual.
-struct ClipLayer {
+/// One `CLIPEncoderLayer`: pre-LN attention and pre-LN MLP, each residual
+/// (shared by the text tower and the vision tower of `models::clip`).
+pub(crate) struct ClipLayer {
     self_attn: ClipAttention,
     layer_norm1: LayerNorm,
     fc1: Linear,
@@ -76,10 +68,14 @@ struct ClipLayer {
 }
 
 impl ClipLayer {
-    fn new(vb: &VarBuilder, cfg: &ClipTextConfig, act: ClipActivation) -> Result<Self> {
-        let (d, ff, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
+    /// A layer of width `d`, MLP width `ff`, `heads` heads and LayerNorm `eps`.
+    pub(crate) fn new(
+        vb: &VarBuilder,
+        (d, ff, heads, eps): (i64, i64, i64, f64),
+        act: ClipActivation,
+    ) -> Result<Self> {
         Ok(ClipLayer {
-            self_attn: ClipAttention::new(&vb.pp("self_attn"), cfg)?,
+            self_attn: ClipAttention::new(&vb.pp("self_attn"), d, heads)?,
             layer_norm1: LayerNorm::new(&vb.pp("layer_norm1"), d, eps)?,
             fc1: Linear::new(&vb.pp("mlp").pp("fc1"), d, ff, true)?,
             fc2: Linear::new(&vb.pp("mlp").pp("fc2"), ff, d, true)?,
@@ -88,7 +84,8 @@ impl ClipLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> Tensor {
+    /// Applies the layer to `x (b, L, d)` with an optional additive mask.
+    pub(crate) fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Tensor {
         let h = x + self.self_attn.forward(&self.layer_norm1.forward(x), mask);
         let m = self.fc1.forward(&self.layer_norm2.forward(&h));
         &h + self.fc2.forward(&clip_activation(self.act, &m))
@@ -136,7 +133,15 @@ impl ClipTextModel {
             Init::Normal(0.02),
         )?;
         let layers = (0..config.num_hidden_layers)
-            .map(|i| ClipLayer::new(&vb.pp("encoder").pp("layers").pp(i), &config, act))
+            .map(|i| {
+                let dims = (
+                    d,
+                    config.intermediate_size,
+                    config.num_attention_heads,
+                    config.layer_norm_eps,
+                );
+                ClipLayer::new(&vb.pp("encoder").pp("layers").pp(i), dims, act)
+            })
             .collect::<Result<Vec<_>>>()?;
         let final_layer_norm =
             LayerNorm::new(&vb.pp("final_layer_norm"), d, config.layer_norm_eps)?;
@@ -229,7 +234,7 @@ impl ClipTextModel {
             mask = padding_mask(m, l, kind).to_device(device) + mask;
         }
         for layer in &self.layers {
-            h = layer.forward(&h, &mask);
+            h = layer.forward(&h, Some(&mask));
         }
         let last_hidden_state = self.final_layer_norm.forward(&h);
         let positions = self.pool_positions(&ids);

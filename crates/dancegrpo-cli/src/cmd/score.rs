@@ -1,0 +1,128 @@
+//! `dancegrpo score`: scores image files with one reward and prints one line per
+//! image plus a JSON line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use dancegrpo::io::image::read_image;
+use dancegrpo::rewards::spec::{RewardSpec, CLI_FORMS};
+use dancegrpo::rewards::{RewardBatch, Score};
+use tch::Tensor;
+
+/// Arguments of `dancegrpo score`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The reward: jpeg, jpeg:incompressibility, hpsv2:DIR, clip:DIR,
+    /// clip-torchmetrics:DIR, pickscore:DIR or remote:URL.
+    #[arg(long, value_name = "SPEC")]
+    reward: String,
+    /// One prompt for every image.
+    #[arg(long, conflicts_with = "prompts")]
+    prompt: Option<String>,
+    /// A text file with one prompt per line, one line per image (in order).
+    #[arg(long, value_name = "FILE")]
+    prompts: Option<PathBuf>,
+    /// Device for the reward model: `cpu` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// libtorch CPU threads (default: libtorch's choice).
+    #[arg(long)]
+    threads: Option<i32>,
+    /// PNG or JPEG files (RGB or grayscale).
+    #[arg(required = true, value_name = "IMAGES")]
+    images: Vec<PathBuf>,
+}
+
+/// Runs `dancegrpo score`; exit 1 when an image could not be scored.
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if let Some(t) = args.threads {
+        tch::set_num_threads(t);
+    }
+    let device = super::train::parse_device(&args.device)?;
+    let spec = RewardSpec::parse_cli(&args.reward)
+        .with_context(|| format!("--reward (one of: {CLI_FORMS})"))?;
+    let prompts: Vec<String> = match (&args.prompt, &args.prompts) {
+        (Some(p), None) => vec![p.clone(); args.images.len()],
+        (None, Some(file)) => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("--prompts {}", file.display()))?;
+            let lines: Vec<String> = text.lines().map(str::to_string).collect();
+            anyhow::ensure!(
+                lines.len() == args.images.len(),
+                "--prompts {}: {} lines for {} images (one prompt per image)",
+                file.display(),
+                lines.len(),
+                args.images.len()
+            );
+            lines
+        }
+        _ => anyhow::bail!("give --prompt TEXT or --prompts FILE"),
+    };
+    let images = args
+        .images
+        .iter()
+        .map(|p| read_image(p).map_err(anyhow::Error::from))
+        .collect::<anyhow::Result<Vec<Tensor>>>()?;
+    let mut reward = spec
+        .build(device)
+        .with_context(|| format!("--reward {}", args.reward))?;
+    // One model call per distinct image size, in order of first appearance.
+    let mut scores: Vec<Option<Score>> = vec![None; images.len()];
+    let mut sizes: Vec<Vec<i64>> = Vec::new();
+    for img in &images {
+        if !sizes.contains(&img.size()) {
+            sizes.push(img.size());
+        }
+    }
+    for size in sizes {
+        let idx: Vec<usize> = (0..images.len())
+            .filter(|&i| images[i].size() == size)
+            .collect();
+        let batch: Vec<Tensor> = idx.iter().map(|&i| images[i].shallow_clone()).collect();
+        let batch = Tensor::stack(&batch, 0);
+        let batch_prompts: Vec<String> = idx.iter().map(|&i| prompts[i].clone()).collect();
+        let got = reward.score(&RewardBatch {
+            images: &batch,
+            prompts: &batch_prompts,
+        })?;
+        anyhow::ensure!(
+            got.len() == idx.len(),
+            "the reward returned {} scores for {} images",
+            got.len(),
+            idx.len()
+        );
+        for (i, s) in idx.into_iter().zip(got) {
+            scores[i] = Some(s);
+        }
+    }
+    let mut items = Vec::new();
+    let mut failed = 0;
+    for (path, s) in args.images.iter().zip(scores) {
+        match s.expect("every image scored") {
+            Score::Value(v) => {
+                println!("{v:.6}\t{}", path.display());
+                items.push(serde_json::json!({"path": path, "score": v}));
+            }
+            Score::Failed(why) => {
+                failed += 1;
+                println!("FAILED\t{}\t{why}", path.display());
+                items.push(serde_json::json!({"path": path, "score": null, "error": why}));
+            }
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "reward": reward.name(),
+            "spec": args.reward,
+            "images": items,
+            "failed": failed,
+        })
+    );
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

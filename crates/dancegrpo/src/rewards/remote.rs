@@ -1,0 +1,436 @@
+//! A reward computed by an HTTP service (see README "Rewards" for the protocol).
+//!
+//! One `POST` per batch, `Content-Type: application/json`:
+//!
+//! ```text
+//! request  {"prompts": ["a cat", ...], "images": ["<base64 PNG>", ...]}      (B of each, same order)
+//! reply    200 {"scores": [0.31, null, ...], "errors": [null, "why", ...]}   ("errors" optional)
+//! ```
+//!
+//! A `null` score, or a non-null `errors` entry, fails that item. Timeouts,
+//! connection failures, HTTP 5xx and 429 are retried (at most `retries` times,
+//! waiting `backoff * 2^k`, capped at 30 s); other HTTP statuses and malformed
+//! replies (not JSON, wrong number of scores) are not. When no attempt
+//! succeeds every item of the batch is a [`Score::Failed`] naming the cause.
+//! Each attempt is bounded by `timeout` (connect, send and receive together).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::{Reward, RewardBatch, Score};
+use crate::error::{Error, Result};
+use crate::io::image::encode_png;
+
+/// Where and how to call the service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RemoteConfig {
+    /// `http://host:port/path` (plain HTTP; put a TLS terminator in front for HTTPS).
+    pub url: String,
+    /// Bound of one attempt (connect, send and receive).
+    pub timeout: Duration,
+    /// Attempts after the first one.
+    pub retries: u32,
+    /// Wait before the first retry; doubled for each further one.
+    pub backoff: Duration,
+}
+
+impl RemoteConfig {
+    /// `url` with a `timeout_s` per attempt, `retries` retries and a 0.5 s first backoff.
+    pub fn new(url: &str, timeout_s: f64, retries: u32) -> Self {
+        RemoteConfig {
+            url: url.to_string(),
+            timeout: Duration::from_secs_f64(timeout_s.max(0.0)),
+            retries,
+            backoff: Duration::from_millis(500),
+        }
+    }
+
+    /// The longest [`RemoteReward::score`] can take when the service never answers:
+    /// every attempt's timeout plus every backoff.
+    pub fn worst_case(&self) -> Duration {
+        (0..=self.retries).map(|_| self.timeout).sum::<Duration>()
+            + (0..self.retries)
+                .map(|k| self.backoff_before(k))
+                .sum::<Duration>()
+    }
+
+    /// The wait before retry `k` (0-based).
+    pub fn backoff_before(&self, k: u32) -> Duration {
+        let f = 2f64.powi(k.min(30) as i32);
+        Duration::from_secs_f64((self.backoff.as_secs_f64() * f).min(30.0))
+    }
+}
+
+/// Why an attempt failed.
+enum AttemptError {
+    /// Worth another attempt (timeout, connection, 5xx, 429).
+    Retry(String),
+    /// Another attempt would fail the same way (4xx, malformed reply).
+    Fatal(String),
+}
+
+/// The remote reward client.
+pub struct RemoteReward {
+    cfg: RemoteConfig,
+    agent: ureq::Agent,
+    attempts: usize,
+}
+
+impl RemoteReward {
+    /// A client for `cfg` (the URL must be `http://`; the timeout positive).
+    pub fn new(cfg: RemoteConfig) -> Result<Self> {
+        if !cfg.url.starts_with("http://") {
+            return Err(Error::Input(format!(
+                "remote reward url `{}`: only http:// URLs are supported",
+                cfg.url
+            )));
+        }
+        if cfg.timeout.is_zero() {
+            return Err(Error::Input(format!(
+                "remote reward {}: the timeout must be positive",
+                cfg.url
+            )));
+        }
+        let agent = ureq::AgentBuilder::new()
+            .timeout(cfg.timeout)
+            .timeout_connect(cfg.timeout)
+            .build();
+        Ok(RemoteReward {
+            cfg,
+            agent,
+            attempts: 0,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &RemoteConfig {
+        &self.cfg
+    }
+
+    /// Requests made by the last [`Reward::score`] call.
+    pub fn last_attempts(&self) -> usize {
+        self.attempts
+    }
+
+    /// The JSON request body of a batch.
+    pub fn request_body(batch: &RewardBatch) -> Result<String> {
+        let b = batch.images.size().first().copied().unwrap_or(0);
+        if batch.images.dim() != 4 || batch.prompts.len() as i64 != b {
+            return Err(Error::Input(format!(
+                "remote reward: images of shape {:?} for {} prompts, expected uint8 (B, H, W, 3)",
+                batch.images.size(),
+                batch.prompts.len()
+            )));
+        }
+        let images = (0..b)
+            .map(|i| Ok(base64_encode(&encode_png(&batch.images.get(i))?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(serde_json::json!({"prompts": batch.prompts, "images": images}).to_string())
+    }
+
+    fn attempt(&self, body: &str, n: usize) -> std::result::Result<Vec<Score>, AttemptError> {
+        let resp = self
+            .agent
+            .post(&self.cfg.url)
+            .set("Content-Type", "application/json")
+            .send_string(body);
+        let text = match resp {
+            Ok(r) => r
+                .into_string()
+                .map_err(|e| AttemptError::Retry(format!("reading the reply: {e}")))?,
+            Err(ureq::Error::Status(code, r)) => {
+                let mut text = r.into_string().unwrap_or_default();
+                text.truncate(200);
+                let msg = format!("HTTP {code}: {text}");
+                return Err(if code >= 500 || code == 429 {
+                    AttemptError::Retry(msg)
+                } else {
+                    AttemptError::Fatal(msg)
+                });
+            }
+            Err(e) => return Err(AttemptError::Retry(e.to_string())),
+        };
+        parse_reply(&text, n).map_err(AttemptError::Fatal)
+    }
+}
+
+/// Reads `{"scores": [...], "errors": [...]}` for `n` items.
+fn parse_reply(text: &str, n: usize) -> std::result::Result<Vec<Score>, String> {
+    let v: Value = serde_json::from_str(text).map_err(|e| format!("reply is not JSON: {e}"))?;
+    let scores = v
+        .get("scores")
+        .and_then(Value::as_array)
+        .ok_or("reply has no `scores` array")?;
+    if scores.len() != n {
+        return Err(format!("reply has {} scores for {n} images", scores.len()));
+    }
+    let errors = match v.get("errors") {
+        None | Some(Value::Null) => vec![Value::Null; n],
+        Some(Value::Array(e)) if e.len() == n => e.clone(),
+        Some(e) => {
+            return Err(format!(
+                "reply `errors` is not an array of {n} entries: {e}"
+            ))
+        }
+    };
+    scores
+        .iter()
+        .zip(&errors)
+        .enumerate()
+        .map(|(i, (s, e))| {
+            if !e.is_null() {
+                let why = e.as_str().map_or_else(|| e.to_string(), str::to_string);
+                return Ok(Score::Failed(format!("service error: {why}")));
+            }
+            match s {
+                Value::Null => Ok(Score::Failed("service returned null".into())),
+                Value::Number(x) => Ok(Score::Value(x.as_f64().unwrap_or(f64::NAN) as f32)),
+                other => Err(format!("score {i} is not a number or null: {other}")),
+            }
+        })
+        .collect()
+}
+
+impl Reward for RemoteReward {
+    fn name(&self) -> &str {
+        "remote"
+    }
+
+    fn score(&mut self, batch: &RewardBatch) -> Result<Vec<Score>> {
+        let body = Self::request_body(batch)?;
+        let n = batch.prompts.len();
+        self.attempts = 0;
+        let mut last = String::new();
+        for k in 0..=self.cfg.retries {
+            if k > 0 {
+                std::thread::sleep(self.cfg.backoff_before(k - 1));
+            }
+            self.attempts += 1;
+            match self.attempt(&body, n) {
+                Ok(scores) => return Ok(scores),
+                Err(AttemptError::Retry(msg)) => last = msg,
+                Err(AttemptError::Fatal(msg)) => {
+                    last = msg;
+                    break;
+                }
+            }
+        }
+        let why = format!(
+            "remote reward {}: {last} ({} attempt(s))",
+            self.cfg.url, self.attempts
+        );
+        Ok(vec![Score::Failed(why); n])
+    }
+}
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Standard base64 (RFC 4648, with `=` padding).
+pub fn base64_encode(data: &[u8]) -> String {
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(B64[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Decodes standard base64 (padding optional); `None` on any other character.
+pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    let text = text.trim_end_matches('=');
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in text.bytes() {
+        let v = B64.iter().position(|&x| x == c)? as u32;
+        acc = acc << 6 | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits & 0xFF) as u8);
+        }
+    }
+    Some(out)
+}
+
+/// What a [`LoopbackServer`] handler answers: status, JSON body, and a delay
+/// before answering.
+pub struct Reply {
+    /// HTTP status.
+    pub status: u16,
+    /// Body (sent as `application/json`).
+    pub body: String,
+    /// Wait before writing the reply.
+    pub delay: Duration,
+}
+
+impl Reply {
+    /// `200` with `body`, no delay.
+    pub fn ok(body: String) -> Self {
+        Reply {
+            status: 200,
+            body,
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+type Handler = dyn Fn(usize, &[u8]) -> Reply + Send + Sync;
+
+/// A minimal HTTP/1.1 server on `127.0.0.1` for tests and benchmarks: each
+/// connection is served on its own thread by `handler(request_index, body)`,
+/// one request per connection. Stops when dropped.
+pub struct LoopbackServer {
+    addr: std::net::SocketAddr,
+    requests: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl LoopbackServer {
+    /// Starts a server on a free port.
+    pub fn start(handler: impl Fn(usize, &[u8]) -> Reply + Send + Sync + 'static) -> Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("127.0.0.1:0", e))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::io("127.0.0.1:0", e))?;
+        let requests = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let handler: Arc<Handler> = Arc::new(handler);
+        let (req, st) = (requests.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if st.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let index = req.fetch_add(1, Ordering::SeqCst);
+                let h = handler.clone();
+                std::thread::spawn(move || {
+                    let _ = serve(conn, index, &*h);
+                });
+            }
+        });
+        Ok(LoopbackServer {
+            addr,
+            requests,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// `http://127.0.0.1:PORT/score`.
+    pub fn url(&self) -> String {
+        format!("http://{}/score", self.addr)
+    }
+
+    /// Connections accepted so far.
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    /// A handler answering every request with `scores[i] = i` (one per prompt).
+    pub fn echo() -> Result<Self> {
+        Self::start(|_, body| {
+            let n = serde_json::from_slice::<Value>(body)
+                .ok()
+                .and_then(|v| v.get("prompts").and_then(Value::as_array).map(Vec::len))
+                .unwrap_or(0);
+            let scores: Vec<f64> = (0..n).map(|i| i as f64).collect();
+            Reply::ok(serde_json::json!({ "scores": scores }).to_string())
+        })
+    }
+}
+
+impl Drop for LoopbackServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve(conn: TcpStream, index: usize, handler: &Handler) -> std::io::Result<()> {
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut len = 0usize;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            if k.trim().eq_ignore_ascii_case("content-length") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+        }
+    }
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body)?;
+    let reply = handler(index, &body);
+    std::thread::sleep(reply.delay);
+    let mut conn = conn;
+    write!(
+        conn,
+        "HTTP/1.1 {} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+        reply.status,
+        reply.body.len(),
+        reply.body
+    )?;
+    conn.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_round_trips_and_matches_rfc4648() {
+        assert_eq!(base64_encode(b""), "");
+        assert_eq!(base64_encode(b"f"), "Zg==");
+        assert_eq!(base64_encode(b"fo"), "Zm8=");
+        assert_eq!(base64_encode(b"foo"), "Zm9v");
+        assert_eq!(base64_encode(b"foobar"), "Zm9vYmFy");
+        let data: Vec<u8> = (0..=255u8).collect();
+        assert_eq!(base64_decode(&base64_encode(&data)).unwrap(), data);
+        assert!(base64_decode("a!b").is_none());
+    }
+
+    #[test]
+    fn replies_are_parsed_item_by_item() {
+        let s = parse_reply(
+            r#"{"scores": [1.5, null, 2], "errors": [null, null, "nsfw"]}"#,
+            3,
+        )
+        .unwrap();
+        assert_eq!(s[0], Score::Value(1.5));
+        assert!(matches!(&s[1], Score::Failed(w) if w.contains("null")));
+        assert!(matches!(&s[2], Score::Failed(w) if w.contains("nsfw")));
+        assert!(parse_reply(r#"{"scores": [1]}"#, 2)
+            .unwrap_err()
+            .contains("1 scores for 2"));
+        assert!(parse_reply("oops", 1).is_err());
+        assert!(parse_reply(r#"{"scores": ["x"]}"#, 1).is_err());
+    }
+}

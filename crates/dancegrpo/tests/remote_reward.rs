@@ -1,0 +1,200 @@
+//! The remote reward client against a loopback server: timeouts, retries with
+//! backoff, a dead service, malformed replies; never a hang, never a 0 score.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dancegrpo::io::image::read_image;
+use dancegrpo::rewards::remote::{
+    base64_decode, LoopbackServer, RemoteConfig, RemoteReward, Reply,
+};
+use dancegrpo::rewards::{Reward, RewardBatch, Score};
+use tch::{Device, Kind, Tensor};
+
+fn batch_images() -> Tensor {
+    Tensor::arange(3 * 6 * 5 * 3, (Kind::Int64, Device::Cpu))
+        .remainder(256)
+        .to_kind(Kind::Uint8)
+        .view([3, 6, 5, 3])
+}
+
+fn prompts() -> Vec<String> {
+    vec!["one".into(), "two".into(), "three".into()]
+}
+
+fn client(url: &str, timeout_ms: u64, retries: u32, backoff_ms: u64) -> RemoteReward {
+    let mut cfg = RemoteConfig::new(url, timeout_ms as f64 / 1000.0, retries);
+    cfg.backoff = Duration::from_millis(backoff_ms);
+    RemoteReward::new(cfg).unwrap()
+}
+
+fn score(r: &mut RemoteReward) -> (Vec<Score>, Duration) {
+    let images = batch_images();
+    let prompts = prompts();
+    let start = Instant::now();
+    let s = r
+        .score(&RewardBatch {
+            images: &images,
+            prompts: &prompts,
+        })
+        .unwrap();
+    (s, start.elapsed())
+}
+
+fn all_failed(s: &[Score], needle: &str) {
+    assert_eq!(s.len(), 3);
+    for x in s {
+        match x {
+            Score::Failed(why) => assert!(why.contains(needle), "{why}"),
+            Score::Value(v) => panic!("expected a failure, got {v}"),
+        }
+    }
+}
+
+#[test]
+fn slow_service_times_out_quickly() {
+    let server = LoopbackServer::start(|_, _| Reply {
+        status: 200,
+        body: r#"{"scores": [1, 2, 3]}"#.into(),
+        delay: Duration::from_secs(5),
+    })
+    .unwrap();
+    // 300 ms per attempt, one retry after 50 ms: at most ~0.65 s, far below the 5 s delay.
+    let mut r = client(&server.url(), 300, 1, 50);
+    let (s, took) = score(&mut r);
+    all_failed(&s, "2 attempt(s)");
+    assert_eq!(r.last_attempts(), 2);
+    assert!(took < Duration::from_millis(2500), "took {took:?}");
+    assert!(took >= Duration::from_millis(600), "took {took:?}");
+    assert!(r.config().worst_case() < Duration::from_secs(1));
+    assert_eq!(server.requests(), 2);
+}
+
+/// What the server saw in one request: the prompts, and per image (height, width, one pixel).
+type Seen = (Vec<String>, Vec<Vec<i64>>);
+
+#[test]
+fn failing_twice_then_answering_gives_the_scores_after_two_retries() {
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let log = seen.clone();
+    let server = LoopbackServer::start(move |i, body| {
+        let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+        let prompts: Vec<String> = serde_json::from_value(v["prompts"].clone()).unwrap();
+        // decode every PNG the client sent
+        let dims = v["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b64| {
+                let png = base64_decode(b64.as_str().unwrap()).unwrap();
+                let path = std::env::temp_dir()
+                    .join(format!("dancegrpo-remote-{}-{i}.png", std::process::id()));
+                std::fs::write(&path, png).unwrap();
+                let t = read_image(&path).unwrap();
+                let _ = std::fs::remove_file(&path);
+                vec![t.size()[0], t.size()[1], t.int64_value(&[1, 2, 0])]
+            })
+            .collect();
+        log.lock().unwrap().push((prompts, dims));
+        if i < 2 {
+            Reply {
+                status: 500,
+                body: "overloaded".into(),
+                delay: Duration::ZERO,
+            }
+        } else {
+            Reply::ok(r#"{"scores": [0.25, -1.5, null], "errors": [null, null, "nsfw"]}"#.into())
+        }
+    })
+    .unwrap();
+    let mut r = client(&server.url(), 2000, 3, 20);
+    let (s, took) = score(&mut r);
+    assert_eq!(s[0], Score::Value(0.25));
+    assert_eq!(s[1], Score::Value(-1.5));
+    assert!(
+        matches!(&s[2], Score::Failed(w) if w.contains("nsfw")),
+        "{s:?}"
+    );
+    assert_eq!(r.last_attempts(), 3);
+    assert_eq!(server.requests(), 3);
+    // backoff 20 ms then 40 ms
+    assert!(took >= Duration::from_millis(60), "took {took:?}");
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 3);
+    assert_eq!(seen[2].0, prompts());
+    // each image came through as a 6x5 PNG with its pixels intact
+    let images = batch_images();
+    for (b, d) in seen[2].1.iter().enumerate() {
+        assert_eq!(d[..2], [6, 5]);
+        assert_eq!(d[2], images.int64_value(&[b as i64, 1, 2, 0]));
+    }
+}
+
+#[test]
+fn a_dead_service_fails_every_item_within_the_retry_budget() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    }; // closed again: connections are refused
+    let mut r = client(&format!("http://127.0.0.1:{port}/score"), 500, 2, 10);
+    let (s, took) = score(&mut r);
+    all_failed(&s, "3 attempt(s)");
+    assert_eq!(r.last_attempts(), 3);
+    assert!(
+        took < r.config().worst_case() + Duration::from_secs(1),
+        "took {took:?}"
+    );
+}
+
+#[test]
+fn malformed_replies_fail_the_batch_without_retrying() {
+    let count = Arc::new(AtomicUsize::new(0));
+    let c = count.clone();
+    let server = LoopbackServer::start(move |_, _| {
+        c.fetch_add(1, Ordering::SeqCst);
+        Reply::ok(r#"{"scores": [1.0, 2.0]}"#.into())
+    })
+    .unwrap();
+    let mut r = client(&server.url(), 2000, 3, 10);
+    let (s, _) = score(&mut r);
+    all_failed(&s, "2 scores for 3 images");
+    assert_eq!(count.load(Ordering::SeqCst), 1);
+    assert_eq!(r.last_attempts(), 1);
+
+    let bad = LoopbackServer::start(|i, _| match i {
+        0 => Reply::ok("<html>".into()),
+        _ => Reply {
+            status: 404,
+            body: "no such route".into(),
+            delay: Duration::ZERO,
+        },
+    })
+    .unwrap();
+    let mut r = client(&bad.url(), 2000, 3, 10);
+    all_failed(&score(&mut r).0, "not JSON");
+    all_failed(&score(&mut r).0, "HTTP 404");
+    assert_eq!(bad.requests(), 2);
+}
+
+#[test]
+fn bad_configs_and_inputs_are_errors() {
+    let mut cfg = RemoteConfig::new("https://example.com/x", 1.0, 0);
+    assert!(RemoteReward::new(cfg.clone())
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("http://"));
+    cfg.url = "http://127.0.0.1:9/x".into();
+    cfg.timeout = Duration::ZERO;
+    assert!(RemoteReward::new(cfg).is_err());
+    let mut r = client("http://127.0.0.1:9/x", 100, 0, 0);
+    let rgba = Tensor::zeros([1, 4, 4, 4], (Kind::Uint8, Device::Cpu));
+    let p = vec!["a".to_string()];
+    assert!(r
+        .score(&RewardBatch {
+            images: &rgba,
+            prompts: &p
+        })
+        .is_err());
+}
