@@ -99,6 +99,11 @@ fn hpsv2_scores_of_the_fixture_images_equal_the_fixture_rewards() {
         let g = g.expect("a score") as f32;
         assert!((g - r).abs() <= 1e-6, "{got:?} vs {rewards:?}");
     }
+    // an empty prompt is a recorded failure (exit 1), never a score
+    let out = run(&["score", "--reward", &spec, "--prompt", " ", s(&paths[0])]);
+    assert_eq!(out.status.code(), Some(1));
+    let v = json_line(&out);
+    assert_eq!(v["images"][0]["error"], "empty prompt");
 }
 
 #[test]

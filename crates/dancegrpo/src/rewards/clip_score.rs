@@ -178,6 +178,9 @@ impl Reward for ClipScoreReward {
             ClipScoreScale::Cosine => cos,
             ClipScoreScale::Torchmetrics => (cos * 100.0).clamp_min(0.0),
         };
-        to_scores(&s, "CLIP")
+        Ok(super::fail_empty_prompts(
+            batch.prompts,
+            to_scores(&s, "CLIP")?,
+        ))
     }
 }

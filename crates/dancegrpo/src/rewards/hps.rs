@@ -251,7 +251,7 @@ impl Reward for HpsReward {
             .score_ids(batch.images, &ids)?
             .to_device(tch::Device::Cpu);
         let scores = Vec::<f32>::try_from(&scores.to_kind(Kind::Float))?;
-        Ok(scores
+        let scores = scores
             .into_iter()
             .map(|s| {
                 if s.is_finite() {
@@ -260,7 +260,8 @@ impl Reward for HpsReward {
                     Score::Failed(format!("non-finite HPSv2 score {s}"))
                 }
             })
-            .collect())
+            .collect();
+        Ok(super::fail_empty_prompts(batch.prompts, scores))
     }
 }
 

@@ -68,3 +68,36 @@ pub fn scores_to_tensor(scores: &[Score]) -> Tensor {
         .collect();
     Tensor::from_slice(&v)
 }
+
+/// Marks items whose prompt is empty (or only whitespace) as failed: a text
+/// reward of an image against no text means nothing, and a silent score would
+/// train on it.
+pub fn fail_empty_prompts(prompts: &[String], scores: Vec<Score>) -> Vec<Score> {
+    scores
+        .into_iter()
+        .zip(prompts)
+        .map(|(s, p)| {
+            if p.trim().is_empty() {
+                Score::Failed("empty prompt".into())
+            } else {
+                s
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_prompts_fail_instead_of_scoring() {
+        let prompts = vec!["a cat".to_string(), " \t".to_string(), String::new()];
+        let scores = vec![Score::Value(0.5), Score::Value(0.25), Score::Value(0.1)];
+        let out = fail_empty_prompts(&prompts, scores);
+        assert_eq!(out[0], Score::Value(0.5));
+        assert_eq!(out[1], Score::Failed("empty prompt".into()));
+        assert_eq!(out[2], Score::Failed("empty prompt".into()));
+        assert!(scores_to_tensor(&out).double_value(&[1]).is_nan());
+    }
+}

@@ -52,6 +52,7 @@ impl Reward for PickScoreReward {
             .to_device(Device::Cpu)
             .to_kind(tch::Kind::Float)
             .exp();
-        to_scores(&(cos * scale), "PickScore")
+        let scores = to_scores(&(cos * scale), "PickScore")?;
+        Ok(super::fail_empty_prompts(batch.prompts, scores))
     }
 }
