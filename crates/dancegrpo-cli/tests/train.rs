@@ -352,3 +352,49 @@ fn lora_runs_save_adapters_and_resume_exactly() {
     assert!(en > 0.0 && en < bn, "ema {en} vs weights {bn}");
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+#[test]
+fn evaluation_runs_on_its_cadence_with_gold_rewards() {
+    let root = temp_dir("eval");
+    let dir = root.join("run");
+    let out = bin()
+        .args(["train", "--out", dir.to_str().unwrap(), "--threads", "1"])
+        .args([
+            "--set",
+            "run.iterations=4",
+            "--set",
+            "eval.every=2",
+            "--set",
+            "eval.prompts=2",
+        ])
+        .args([
+            "--set",
+            "eval.gold_rewards=[{kind = \"jpeg\", objective = \"incompressibility\"}]",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("eval.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let its: Vec<u64> = lines
+        .iter()
+        .map(|l| l["iteration"].as_u64().unwrap())
+        .collect();
+    assert_eq!(its, vec![0, 2, 4]);
+    for l in &lines {
+        // the gold reward (incompressibility, +kB) mirrors the trained one (-kB)
+        let gold = l["gold"]["jpeg_incompressibility"].as_f64().unwrap();
+        assert_eq!(gold, -l["reward_mean"].as_f64().unwrap(), "{l}");
+    }
+    for i in [0, 2, 4] {
+        assert!(dir.join(format!("eval/iter-{i:06}.png")).is_file());
+    }
+    std::fs::remove_dir_all(&root).unwrap();
+}

@@ -216,6 +216,28 @@ impl Default for RunConfig {
     }
 }
 
+/// Fixed-seed evaluation during training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Evaluate every this many iterations (0: only before training and at the end).
+    pub every: u64,
+    /// Number of evaluation prompts (the first ones of the prompt set).
+    pub prompts: u64,
+    /// Rewards that score the evaluation images but are never trained on.
+    pub gold_rewards: Vec<RewardSpec>,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig {
+            every: 0,
+            prompts: 4,
+            gold_rewards: Vec::new(),
+        }
+    }
+}
+
 /// The whole training configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -238,6 +260,9 @@ pub struct TrainConfig {
     /// Run length and cadence.
     #[serde(default)]
     pub run: RunConfig,
+    /// Evaluation cadence and gold rewards.
+    #[serde(default)]
+    pub eval: EvalConfig,
 }
 
 /// Quantities derived from the global configuration for a number of processes.
@@ -303,6 +328,7 @@ impl TrainConfig {
                 image_every: 25,
                 keep_checkpoints: 2,
             },
+            eval: EvalConfig::default(),
         }
     }
 

@@ -63,6 +63,7 @@ pub struct Trainer {
     state: TrainState,
     writer: ImageWriter,
     ema: Option<Ema>,
+    gold: Vec<Box<dyn Reward>>,
 }
 
 impl Trainer {
@@ -85,6 +86,7 @@ impl Trainer {
                 first_reward: None,
             },
             writer: ImageWriter::start(),
+            gold: build_gold_rewards(&cfg, device)?,
             ema: match &cfg.optim.ema {
                 Some(e) => Some(Ema::new(e, &model.parameters())?),
                 None => None,
@@ -133,6 +135,7 @@ impl Trainer {
         let n = self.state.iteration as usize;
         truncate_lines(&self.dir.join("metrics.jsonl"), n)?;
         truncate_lines(&self.dir.join("rewards.txt"), n)?;
+        truncate_eval(&self.dir.join("eval.jsonl"), self.state.iteration)?;
         Ok(())
     }
 
@@ -157,6 +160,10 @@ impl Trainer {
         while self.state.iteration < self.cfg.run.iterations {
             let metrics = self.step()?;
             let done = self.state.iteration;
+            let every = self.cfg.eval.every;
+            if every > 0 && done % every == 0 && done != self.cfg.run.iterations {
+                self.evaluate()?;
+            }
             if done % self.cfg.run.checkpoint_every == 0 || done == self.cfg.run.iterations {
                 self.save()?;
             }
@@ -294,9 +301,10 @@ impl Trainer {
     }
 
     /// Deterministic ODE samples of fixed evaluation prompts with fixed noise,
-    /// scored by the training rewards: `eval/iter-N.png` and a line of `eval.jsonl`.
+    /// scored by the training rewards and the gold rewards: `eval/iter-N.png`
+    /// and a line of `eval.jsonl`.
     pub fn evaluate(&mut self) -> Result<f64> {
-        let n = self.prompts.len().min(4);
+        let n = self.prompts.len().min(self.cfg.eval.prompts.max(1));
         let entries = (0..n)
             .map(|i| self.prompts.get(i))
             .collect::<Result<Vec<_>>>()?;
@@ -326,19 +334,67 @@ impl Trainer {
             images: &images,
             prompts: &captions,
         })?;
-        let mean = scores_to_tensor(&scores)
-            .nanmean(None::<&[i64]>, false, None::<Kind>)
-            .double_value(&[]);
+        let mean_of = |scores: &[Score]| {
+            scores_to_tensor(scores)
+                .nanmean(None::<&[i64]>, false, None::<Kind>)
+                .double_value(&[])
+        };
+        let mean = mean_of(&scores);
+        let batch = RewardBatch {
+            images: &images,
+            prompts: &captions,
+        };
+        let mut gold = serde_json::Map::new();
+        for reward in &mut self.gold {
+            let scores = reward.score(&batch)?;
+            gold.insert(reward.name().to_string(), mean_of(&scores).into());
+        }
         let dir = self.dir.join("eval");
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         self.writer.write(
             dir.join(format!("iter-{:06}.png", self.state.iteration)),
             grid(&images, n as i64),
         );
-        let line = serde_json::json!({"iteration": self.state.iteration, "reward_mean": mean});
+        let line = serde_json::json!({"iteration": self.state.iteration, "reward_mean": mean, "gold": gold});
         append_line(&self.dir.join("eval.jsonl"), &line.to_string())?;
         Ok(mean)
     }
+}
+
+/// Keeps the lines of `eval.jsonl` up to iteration `last` (after a resume).
+fn truncate_eval(path: &Path, last: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["iteration"].as_u64())
+                .is_some_and(|i| i <= last)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    crate::io::atomic::write_bytes_atomic(path, kept.as_bytes())
+}
+
+/// The evaluation-only rewards of a configuration.
+fn build_gold_rewards(cfg: &TrainConfig, device: Device) -> Result<Vec<Box<dyn Reward>>> {
+    cfg.eval
+        .gold_rewards
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            spec.build(device).map_err(|e| {
+                Error::config(
+                    "eval",
+                    &format!("eval.gold_rewards[{i}].{}", spec.source_field()),
+                    e.to_string(),
+                )
+            })
+        })
+        .collect()
 }
 
 fn moving_average(pts: &[(f64, f64)], k: usize) -> Vec<(f64, f64)> {
