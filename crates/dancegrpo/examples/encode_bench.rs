@@ -17,12 +17,7 @@ use dancegrpo::weights::Source;
 use tch::{Device, Kind, Tensor};
 
 fn vm_hwm_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
+    dancegrpo::process::peak_rss_mib().unwrap_or(f64::NAN)
 }
 
 fn main() -> dancegrpo::Result<()> {

@@ -108,6 +108,14 @@ impl Error {
         }
     }
 
+    /// A file or directory `path` that is missing, with what it should have been.
+    pub fn not_found(path: impl AsRef<std::path::Path>, msg: impl Into<String>) -> Self {
+        Self::io(
+            path.as_ref(),
+            std::io::Error::new(std::io::ErrorKind::NotFound, msg.into()),
+        )
+    }
+
     /// A configuration error for `field` of the file `path`.
     pub fn config(path: impl Into<PathBuf>, field: &str, msg: impl Into<String>) -> Self {
         Error::Config {

@@ -14,6 +14,7 @@ pub mod grpo;
 pub mod io;
 pub mod models;
 pub mod nn;
+pub mod process;
 pub mod rewards;
 pub mod rng;
 pub mod sampler;

@@ -46,10 +46,7 @@ impl Checkpoint {
     /// or the shards named by `{stem}.safetensors.index.json`.
     pub fn open_dir(dir: &Path, stem: &str) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(Error::io(
-                dir,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory"),
-            ));
+            return Err(Error::not_found(dir, "no such directory"));
         }
         let single = dir.join(format!("{stem}.safetensors"));
         let index = dir.join(format!("{stem}.safetensors.index.json"));
@@ -58,12 +55,9 @@ impl Checkpoint {
         } else if index.is_file() {
             Self::from_index(dir, &index)
         } else {
-            Err(Error::io(
+            Err(Error::not_found(
                 dir,
-                std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    format!("neither {stem}.safetensors nor {stem}.safetensors.index.json"),
-                ),
+                format!("neither {stem}.safetensors nor {stem}.safetensors.index.json"),
             ))
         }
     }

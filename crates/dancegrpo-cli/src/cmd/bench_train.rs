@@ -5,10 +5,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use dancegrpo::align::{Case, GrpoCase};
 use dancegrpo::grpo::{
-    run_iteration, AdamW, Grouping, IterationConfig, IterationInputs, NoObserver, RewardMixing,
+    run_iteration, AdamW, IterationConfig, IterationInputs, NoObserver, RewardMixing,
 };
 use dancegrpo::models::vae::Vae;
 use dancegrpo::models::{ActivationCheckpointing, VelocityModel};
@@ -44,24 +43,6 @@ pub struct Args {
     threads: Option<i32>,
 }
 
-/// Peak resident memory of this process in MiB (`VmHWM`), if the platform reports it.
-pub fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
-fn batch_captions(case: &Case) -> anyhow::Result<Vec<String>> {
-    let path = case.dir().join("case.json");
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
-    let key = "batch_captions (order used by the trainer, before repeat_interleave)";
-    json[key]
-        .as_array()
-        .and_then(|a| a.iter().map(|c| c.as_str().map(str::to_string)).collect())
-        .with_context(|| format!("{}: `{key}` is not a list of strings", path.display()))
-}
-
 /// Runs the benchmark.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(n) = args.threads {
@@ -75,16 +56,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let vae = Vae::from_dir(&case.dir().join("vae"), Kind::Float, device)?;
     let mut reward = HpsReward::from_dir(&case.dir().join("reward"), device)?;
-    let captions = batch_captions(&case)?;
+    let captions =
+        case.strings("batch_captions (order used by the trainer, before repeat_interleave)")?;
     let init = case.input("init_noise")?.size();
     let params: Vec<Tensor> = g.model.parameters().into_iter().map(|(_, p)| p).collect();
     let mut opt = AdamW::new(g.adam, &params);
-    let grouping = match case.hyper("use_group")?.as_bool() {
-        Some(false) => Grouping::Global,
-        _ => Grouping::PerPrompt {
-            size: case.group_size()?,
-        },
-    };
+    let grouping = case.grouping()?;
     let icfg = IterationConfig {
         rollout: RolloutSettings {
             eta: g.cfg.eta,
@@ -144,7 +121,7 @@ fn report(case: &Case, args: &Args, times: &[[f64; 4]]) {
     let mean = |k: usize| times.iter().map(|t| t[k]).sum::<f64>() / n;
     let (rollout, decode, reward, update) = (mean(0), mean(1), mean(2), mean(3));
     let total = rollout + decode + reward + update;
-    let rss = peak_rss_mib();
+    let rss = dancegrpo::process::peak_rss_mib();
     println!(
         "bench train {} ({} iterations, device {}, rollout batch {})",
         case.name(),

@@ -153,8 +153,8 @@ fn summarize(args: &Args, r: &PreprocessReport) {
         }
     }
     print_truncated(&r.truncated);
-    if let Some(kb) = peak_rss_kb() {
-        eprintln!("peak RSS: {:.1} MiB", kb as f64 / 1024.0);
+    if let Some(mib) = dancegrpo::process::peak_rss_mib() {
+        eprintln!("peak RSS: {mib:.1} MiB");
     }
     println!("dataset: {}", args.out.display());
 }
@@ -178,19 +178,6 @@ fn print_truncated(list: &[Truncated]) {
             list.len() - SHOWN
         );
     }
-}
-
-/// Peak resident set size (VmHWM) in KiB, on Linux.
-fn peak_rss_kb() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()
 }
 
 /// A status line on stderr, overwritten in place on a terminal; elsewhere a line

@@ -23,10 +23,7 @@ impl Case {
     /// Opens the case in `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(Error::io(
-                dir,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no such case directory"),
-            ));
+            return Err(Error::not_found(dir, "no such case directory"));
         }
         let json: serde_json::Value = read_json(&dir.join("case.json"))?;
         let name = json
@@ -111,6 +108,25 @@ impl Case {
                 &format!("hyperparameters.{field}"),
                 "not a number",
             )
+        })
+    }
+
+    /// A list of strings at the top level of `case.json` (captions, prompts).
+    pub fn strings(&self, key: &str) -> Result<Vec<String>> {
+        self.json
+            .get(key)
+            .and_then(|v| v.as_array())
+            .and_then(|a| a.iter().map(|c| c.as_str().map(str::to_string)).collect())
+            .ok_or_else(|| Error::config(self.dir.join("case.json"), key, "want a list of strings"))
+    }
+
+    /// How the case normalises advantages (`use_group`: per prompt group, else global).
+    pub fn grouping(&self) -> Result<crate::grpo::Grouping> {
+        Ok(match self.hyper("use_group")?.as_bool() {
+            Some(false) => crate::grpo::Grouping::Global,
+            _ => crate::grpo::Grouping::PerPrompt {
+                size: self.group_size()?,
+            },
         })
     }
 

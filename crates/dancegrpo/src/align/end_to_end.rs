@@ -7,7 +7,7 @@ use tch::{Device, Kind, Tensor};
 use super::grpo::{GrpoCase, Recorder};
 use super::{Case, Stage, StageAcc, StageReport};
 use crate::error::Result;
-use crate::grpo::{advantages, grpo_update, Grouping, UpdateInputs};
+use crate::grpo::{advantages, grpo_update, UpdateInputs};
 use crate::models::vae::Vae;
 use crate::sampler::rollout::{decode, rollout, RolloutSettings};
 
@@ -51,12 +51,7 @@ pub fn run(case: &Case) -> Result<StageReport> {
     let vae = Vae::from_dir(&case.dir().join("vae"), Kind::Float, Device::Cpu)?;
     let (images, _) = decode(&vae, &ro.pred_x0, h, w, 1)?;
     acc.compare("decode/image", &images, &case.expected("decode/image")?);
-    let grouping = match case.hyper("use_group")?.as_bool() {
-        Some(false) => Grouping::Global,
-        _ => Grouping::PerPrompt {
-            size: case.group_size()?,
-        },
-    };
+    let grouping = case.grouping()?;
     let adv = advantages(
         &case.expected("rewards")?,
         grouping,

@@ -7,7 +7,7 @@
 use tch::{Device, Kind, Tensor};
 
 use super::{errors, Case, Stage, StageAcc, StageReport, TensorCheck};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::models::open_clip::{OpenClip, OpenClipConfig};
 use crate::rewards::hps::{cosine, l2_normalize, preprocess, HpsReward};
 use crate::text::{batch_ids, ClipTokenizer, Padding};
@@ -20,21 +20,11 @@ pub const PT_FILE: &str = "HPS_v2.1_compressed.pt";
 /// The safetensors file name of the reward directory.
 pub const SAFETENSORS_FILE: &str = "open_clip_model.safetensors";
 
-/// The captions of the case's samples (`case.json["sample_captions"]`).
-fn sample_captions(case: &Case) -> Result<Vec<String>> {
-    let path = case.dir().join("case.json");
-    let json: serde_json::Value = crate::io::json::read_json(&path)?;
-    json["sample_captions"]
-        .as_array()
-        .and_then(|a| a.iter().map(|c| c.as_str().map(str::to_string)).collect())
-        .ok_or_else(|| Error::config(path, "sample_captions", "want a list of strings"))
-}
-
 /// Token ids of the captions, from `tokenizer.json` and from open_clip's merges
 /// file, each required to equal the stored `reward/input_ids` exactly.
 fn token_checks(case: &Case, dir: &std::path::Path, acc: &mut StageAcc) -> Result<()> {
     let want = case.expected("reward/input_ids")?;
-    let captions = sample_captions(case)?;
+    let captions = case.strings("sample_captions")?;
     let sources = [
         (
             "tokenizer.json",
@@ -116,7 +106,7 @@ pub fn run(case: &Case) -> Result<StageReport> {
             Ok(tokenizer.encode(text, 77, Padding::Zero)?.ids)
         });
         let reward = HpsReward::new(model, tokenize);
-        let captions = sample_captions(case)?;
+        let captions = case.strings("sample_captions")?;
         let ours = reward.score_ids(&images, &reward.tokenize(&captions)?)?;
         acc.compare(
             format!("rewards from image_uint8 and captions ({suffix})"),

@@ -74,14 +74,8 @@ pub fn run(case: &Case) -> Result<StageReport> {
 /// tokenized with `text_encoders/tokenizer` and `tokenizer_2` must give
 /// `clip_input_ids` and `t5_input_ids` exactly.
 fn compare_token_ids(case: &Case, expected: &SafetensorsFile, acc: &mut StageAcc) -> Result<()> {
-    let path = case.dir().join("case.json");
-    let json: serde_json::Value = crate::io::json::read_json(&path)?;
-    let prompts: Vec<String> = json["prompts (dataset order)"]
-        .as_array()
-        .and_then(|a| a.iter().map(|p| p.as_str().map(str::to_string)).collect())
-        .ok_or_else(|| {
-            crate::Error::config(&path, "prompts (dataset order)", "want a list of strings")
-        })?;
+    let prompts = case.strings("prompts (dataset order)")?;
+
     let dir = case.dir().join("text_encoders");
     let clip = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
     let t5 = T5Tokenizer::from_dir(&dir.join("tokenizer_2"))?;

@@ -47,10 +47,7 @@ impl FluxTextEncoder {
         device: Device,
     ) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(Error::io(
-                dir,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no such model directory"),
-            ));
+            return Err(Error::not_found(dir, "no such model directory"));
         }
         for (sub, what) in [
             ("tokenizer", "the CLIP tokenizer"),
@@ -60,12 +57,9 @@ impl FluxTextEncoder {
         ] {
             let p = dir.join(sub);
             if !p.is_dir() {
-                return Err(Error::io(
+                return Err(Error::not_found(
                     &p,
-                    std::io::Error::new(
-                        std::io::ErrorKind::NotFound,
-                        format!("missing: {what} of a FLUX.1 directory ({sub}/)"),
-                    ),
+                    format!("missing: {what} of a FLUX.1 directory ({sub}/)"),
                 ));
             }
         }

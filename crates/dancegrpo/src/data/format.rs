@@ -180,14 +180,11 @@ impl DatasetInfo {
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(INFO_FILE);
         if !path.is_file() {
-            return Err(Error::io(
+            return Err(Error::not_found(
                 &path,
-                std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    format!(
-                        "{} is not a prompt dataset ({INFO_FILE} is missing)",
-                        dir.display()
-                    ),
+                format!(
+                    "{} is not a prompt dataset ({INFO_FILE} is missing)",
+                    dir.display()
                 ),
             ));
         }

@@ -60,14 +60,11 @@ impl EmbeddingDataset {
         for k in 0..info.shard_count() {
             let path = dir.join(shard_name(k));
             if !path.is_file() {
-                return Err(Error::io(
+                return Err(Error::not_found(
                     &path,
-                    std::io::Error::new(
-                        std::io::ErrorKind::NotFound,
-                        format!(
-                            "shard {k} of {} is missing from the dataset",
-                            info.shard_count()
-                        ),
+                    format!(
+                        "shard {k} of {} is missing from the dataset",
+                        info.shard_count()
                     ),
                 ));
             }

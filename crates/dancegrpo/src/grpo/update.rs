@@ -15,7 +15,7 @@ use super::optim::{clip_grad_norm, AdamW};
 use crate::error::{Error, Result};
 use crate::models::VelocityModel;
 use crate::sampler::sde::{sde_step, At, Next};
-use crate::sampler::{Conditioning, Draws, Rollout, Schedule};
+use crate::sampler::{Conditioning, Draws, Rollout, SampleConditioning, Schedule};
 
 /// Which transitions of a trajectory may be trained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -225,12 +225,13 @@ pub fn grpo_update(
         UpdateBatching::PerSample => (0..b_total).map(|b| vec![b]).collect(),
     };
     for samples in &chunks {
+        let chunk = Chunk::new(inputs, samples);
         for w in window_ids(samples, cfg.grad_accum) {
             let active: Vec<i64> = (0..samples.len() as i64)
                 .filter(|&r| samples[r as usize] / cfg.grad_accum == w)
                 .collect();
             for k in 0..t {
-                run.transitions(samples, &active, k, observer)?;
+                run.transitions(&chunk, &active, k, observer)?;
             }
             let last_of_window = (w + 1) * cfg.grad_accum - 1;
             if w < windows && samples.contains(&last_of_window) {
@@ -268,17 +269,38 @@ struct Run<'a> {
     clipped: usize,
 }
 
+/// What one model batch of samples needs at every trained position `k`.
+struct Chunk<'a> {
+    samples: &'a [i64],
+    cond: SampleConditioning,
+    log_probs: Tensor,  // (n, S)
+    advantages: Tensor, // (n,)
+}
+
+impl<'a> Chunk<'a> {
+    fn new(inputs: &UpdateInputs, samples: &'a [i64]) -> Self {
+        let rows = Tensor::from_slice(samples).to_device(inputs.rollout.latents.device());
+        Chunk {
+            samples,
+            cond: inputs.cond.for_samples(samples),
+            log_probs: inputs.rollout.log_probs.index_select(0, &rows),
+            advantages: inputs.advantages.index_select(0, &rows),
+        }
+    }
+}
+
 impl Run<'_> {
     /// Re-evaluates transition `k` of every sample of one model batch and
     /// back-propagates the loss of the `active` rows.
     fn transitions(
         &mut self,
-        samples: &[i64],
+        chunk: &Chunk,
         active: &[i64],
         k: i64,
         observer: &mut dyn UpdateObserver,
     ) -> Result<()> {
         let inp = self.inputs;
+        let samples = chunk.samples;
         let steps: Vec<i64> = samples
             .iter()
             .map(|&b| self.perms[b as usize][k as usize])
@@ -294,42 +316,41 @@ impl Run<'_> {
         };
         let (z, z_next) = (pick(0), pick(1));
         let idx = |v: &[i64]| Tensor::from_slice(v).to_device(device);
-        let old_lp = inp.rollout.log_probs.index_select(0, &idx(samples));
-        let old_lp = old_lp
+        let old_lp = chunk
+            .log_probs
             .gather(1, &idx(&steps).unsqueeze(1), false)
             .squeeze_dim(1); // (n,)
-        let adv = inp.advantages.index_select(0, &idx(samples));
+        let adv = &chunk.advantages;
         let ts = inp
             .schedule
             .timestep_ints
             .index_select(0, &Tensor::from_slice(&steps));
         let ts = (ts.to_kind(Kind::Float) / 1000.0).to_device(device); // (n,)
-        let sc = inp.cond.for_samples(samples);
         let scale = (self.cfg.grad_accum * self.t) as f64;
         let all_active = active.len() == samples.len();
         let active_idx = idx(active);
         let mut kept: Option<(Tensor, Tensor, PolicyLoss)> = None;
         let (eta, clip) = (self.cfg.eta, self.cfg.clip_range);
-        let _loss = self
-            .model
-            .velocity_backward(&inp.cond.inputs(&sc, &z, &ts), &mut |v| {
-                let step = sde_step(
-                    v,
-                    &z,
-                    &inp.schedule.sigmas,
-                    At::Rows(&steps),
-                    eta,
-                    Next::Given(&z_next),
-                );
-                let terms = clipped_policy_loss(&step.log_prob, &old_lp, &adv, clip, scale);
-                let loss = if all_active {
-                    terms.loss.sum(Kind::Float)
-                } else {
-                    terms.loss.index_select(0, &active_idx).sum(Kind::Float)
-                };
-                kept = Some((v.detach(), step.log_prob.detach(), terms));
-                Ok(loss)
-            })?;
+        let _loss =
+            self.model
+                .velocity_backward(&inp.cond.inputs(&chunk.cond, &z, &ts), &mut |v| {
+                    let step = sde_step(
+                        v,
+                        &z,
+                        &inp.schedule.sigmas,
+                        At::Rows(&steps),
+                        eta,
+                        Next::Given(&z_next),
+                    );
+                    let terms = clipped_policy_loss(&step.log_prob, &old_lp, adv, clip, scale);
+                    let loss = if all_active {
+                        terms.loss.sum(Kind::Float)
+                    } else {
+                        terms.loss.index_select(0, &active_idx).sum(Kind::Float)
+                    };
+                    kept = Some((v.detach(), step.log_prob.detach(), terms));
+                    Ok(loss)
+                })?;
         let (v, new_lp, terms) = kept.expect("the loss function ran");
         self.record(samples, active, k, &terms)?;
         observer.transitions(&TransitionBatch {

@@ -128,12 +128,9 @@ impl HpsReward {
             .map(|f| dir.join(f))
             .find(|p| p.is_file())
             .ok_or_else(|| {
-                Error::io(
+                Error::not_found(
                     dir,
-                    std::io::Error::new(
-                        std::io::ErrorKind::NotFound,
-                        format!("no HPSv2 weights (one of {})", candidates.join(", ")),
-                    ),
+                    format!("no HPSv2 weights (one of {})", candidates.join(", ")),
                 )
             })?;
         let context = config.text_cfg.context_length as usize;

@@ -88,13 +88,7 @@ impl ClipTokenizer {
         } else if gz.is_file() {
             Self::from_open_clip_bpe(&gz)
         } else {
-            Err(Error::io(
-                json,
-                std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "no CLIP tokenizer (tokenizer.json, vocab.json + merges.txt or bpe_simple_vocab_16e6.txt.gz)",
-                ),
-            ))
+            Err(Error::not_found(json, "no CLIP tokenizer (tokenizer.json, vocab.json + merges.txt or bpe_simple_vocab_16e6.txt.gz)"))
         }
     }
 

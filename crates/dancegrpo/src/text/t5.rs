@@ -67,10 +67,7 @@ impl T5Tokenizer {
             Self::from_spiece(&model)
         } else {
             let msg = "no T5 tokenizer (tokenizer.json or spiece.model)";
-            Err(Error::io(
-                json,
-                std::io::Error::new(std::io::ErrorKind::NotFound, msg),
-            ))
+            Err(Error::not_found(json, msg))
         }
     }
 

@@ -20,6 +20,7 @@ use crate::models::flux::{FluxConfig, FluxTransformer};
 use crate::models::vae::{packing, Vae, VaeConfig};
 use crate::models::VelocityModel;
 use crate::rewards::combine::WeightedSum;
+use crate::rewards::spec::RewardSpec;
 use crate::rewards::{scores_to_tensor, Reward, RewardBatch, Score};
 use crate::sampler::generate::{generate, OdeSettings};
 use crate::sampler::rollout::RolloutSettings;
@@ -381,18 +382,25 @@ fn truncate_eval(path: &Path, last: u64) -> Result<()> {
 
 /// The evaluation-only rewards of a configuration.
 fn build_gold_rewards(cfg: &TrainConfig, device: Device) -> Result<Vec<Box<dyn Reward>>> {
-    cfg.eval
-        .gold_rewards
+    let built = build_specs(&cfg.eval.gold_rewards, "eval.gold_rewards", device)?;
+    Ok(built.into_iter().map(|(reward, _)| reward).collect())
+}
+
+/// Builds each spec of `specs` with its weight; errors name `<field>[i].<source field>`.
+fn build_specs(
+    specs: &[RewardSpec],
+    field: &str,
+    device: Device,
+) -> Result<Vec<(Box<dyn Reward>, f64)>> {
+    specs
         .iter()
         .enumerate()
         .map(|(i, spec)| {
-            spec.build(device).map_err(|e| {
-                Error::config(
-                    "eval",
-                    &format!("eval.gold_rewards[{i}].{}", spec.source_field()),
-                    e.to_string(),
-                )
-            })
+            let reward = spec.build(device).map_err(|e| {
+                let name = format!("{field}[{i}].{}", spec.source_field());
+                Error::config(field, &name, e.to_string())
+            })?;
+            Ok((reward, spec.weight()))
         })
         .collect()
 }
@@ -523,20 +531,9 @@ pub fn build_prompts(cfg: &TrainConfig, model: &FluxTransformer) -> Result<Box<d
 /// The weighted rewards a configuration names, their models on `device`. A
 /// reward that cannot be built is an error naming its field (`rewards[i].path`).
 pub fn build_rewards(cfg: &TrainConfig, device: Device) -> Result<WeightedSum> {
-    let parts = cfg
-        .rewards
-        .iter()
-        .enumerate()
-        .map(|(i, spec)| -> Result<(Box<dyn Reward>, f64)> {
-            let reward = spec.build(device).map_err(|e| {
-                Error::config(
-                    "rewards",
-                    &format!("rewards[{i}].{}", spec.source_field()),
-                    e.to_string(),
-                )
-            })?;
-            Ok((reward, spec.weight()))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(WeightedSum::new(parts))
+    Ok(WeightedSum::new(build_specs(
+        &cfg.rewards,
+        "rewards",
+        device,
+    )?))
 }

@@ -195,12 +195,9 @@ impl OpenClipConfig {
         } else if b.is_file() {
             Self::from_file(&b)
         } else {
-            Err(Error::io(
+            Err(Error::not_found(
                 dir,
-                std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "neither model_config.json nor open_clip_config.json",
-                ),
+                "neither model_config.json nor open_clip_config.json",
             ))
         }
     }
