@@ -9,6 +9,7 @@
 
 pub mod align;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod grpo;
 pub mod io;

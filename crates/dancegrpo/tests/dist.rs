@@ -1,0 +1,111 @@
+//! c10d through the shim: two real processes (this test binary re-run as its
+//! own children, with the variables torchrun would set) over Gloo.
+
+use std::process::Command;
+use std::time::Duration;
+
+use dancegrpo::dist::{
+    all_reduce_grads, barrier, gather_rows, Collective, DistBackend, Launch, ProcessGroup,
+};
+use tch::{Kind, Tensor};
+
+const CHILD: &str = "DANCEGRPO_DIST_TEST_CHILD";
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Runs test `name` as `world` child processes and asserts they all succeed.
+fn spawn_world(name: &str, world: usize) {
+    let port = free_port().to_string();
+    let exe = std::env::current_exe().unwrap();
+    let children: Vec<_> = (0..world)
+        .map(|rank| {
+            Command::new(&exe)
+                .args(["--exact", name, "--nocapture", "--test-threads", "1"])
+                .env(CHILD, "1")
+                .env("WORLD_SIZE", world.to_string())
+                .env("RANK", rank.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect::<Vec<_>>();
+    let children: Vec<_> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    let failed: Vec<String> = children
+        .iter()
+        .enumerate()
+        .filter(|(_, out)| !out.status.success())
+        .map(|(rank, out)| {
+            format!(
+                "rank {rank}: {}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+        .collect();
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
+
+fn join() -> ProcessGroup {
+    let launch = Launch::from_env().unwrap().expect("WORLD_SIZE > 1");
+    ProcessGroup::join(&launch, DistBackend::Gloo, Duration::from_secs(20)).unwrap()
+}
+
+#[test]
+fn gloo_sums_broadcasts_and_gathers_across_two_processes() {
+    if std::env::var_os(CHILD).is_none() {
+        return spawn_world("gloo_sums_broadcasts_and_gathers_across_two_processes", 2);
+    }
+    let pg = join();
+    let r = pg.rank() as f64;
+    assert_eq!(pg.world_size(), 2);
+    // all-reduce: (1 + r) summed over ranks 0, 1 = 3; f64 and a strided view work
+    let t = Tensor::from_slice(&[1.0 + r, 10.0 * r]);
+    pg.all_reduce_sum(&t).unwrap();
+    assert_eq!(Vec::<f64>::try_from(&t).unwrap(), vec![3.0, 10.0]);
+    let m = Tensor::arange(6, (Kind::Float, tch::Device::Cpu))
+        .reshape([2, 3])
+        .tr();
+    pg.all_reduce_sum(&m).unwrap();
+    let want = Tensor::arange(6, (Kind::Float, tch::Device::Cpu))
+        .reshape([2, 3])
+        .tr()
+        * 2.0;
+    assert!(m.equal(&want));
+    // broadcast from rank 1
+    let b = Tensor::from_slice(&[r as f32 + 5.0]);
+    pg.broadcast(&b, 1).unwrap();
+    assert_eq!(b.double_value(&[0]), 6.0);
+    // rows 1, 3 on rank 0 and 0, 2 on rank 1, NaN kept exactly
+    let (ids, vals): (Vec<i64>, Vec<f32>) = match pg.rank() {
+        0 => (vec![1, 3], vec![1.5, f32::NAN]),
+        _ => (vec![0, 2], vec![-2.0, 0.25]),
+    };
+    let g = gather_rows(&pg, &Tensor::from_slice(&vals), &ids, 4).unwrap();
+    let g: Vec<f32> = Vec::try_from(&g).unwrap();
+    assert_eq!(&g[..3], &[-2.0, 1.5, 0.25]);
+    assert!(g[3].is_nan());
+    // gradients summed in buckets
+    let p = [
+        Tensor::zeros([3], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true),
+        Tensor::zeros([2, 2], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true),
+    ];
+    let loss = (&p[0] * (r + 1.0)).sum(Kind::Float) + (&p[1] * 2.0).sum(Kind::Float);
+    loss.backward();
+    all_reduce_grads(&pg, &p, 2).unwrap();
+    assert_eq!(Vec::<f32>::try_from(&p[0].grad()).unwrap(), vec![3.0; 3]);
+    assert_eq!(
+        Vec::<f32>::try_from(&p[1].grad().reshape([-1])).unwrap(),
+        vec![4.0; 4]
+    );
+    barrier(&pg).unwrap();
+}
