@@ -109,3 +109,32 @@ fn gloo_sums_broadcasts_and_gathers_across_two_processes() {
     );
     barrier(&pg).unwrap();
 }
+
+#[test]
+fn processes_out_of_step_are_detected_and_named() {
+    if std::env::var_os(CHILD).is_none() {
+        return spawn_world("processes_out_of_step_are_detected_and_named", 2);
+    }
+    let pg = join();
+    let w = Tensor::from_slice(&[0.5f32, -1.25, 3.0]);
+    let named = vec![
+        ("a".to_string(), w.copy()),
+        ("b.weight".to_string(), w.copy()),
+    ];
+    dancegrpo::dist::check_in_sync(&pg, &named).unwrap();
+    // one bit of one element on rank 1
+    if pg.rank() == 1 {
+        let v = f32::from_bits(3.0f32.to_bits() + 1);
+        let _ = named[1]
+            .1
+            .shallow_clone()
+            .index_fill_(0, &Tensor::from_slice(&[2i64]), v as f64);
+    }
+    let e = dancegrpo::dist::check_in_sync(&pg, &named)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("out of step") && e.contains("1 process"), "{e}");
+    if pg.rank() == 1 {
+        assert!(e.contains("`b.weight`"), "{e}");
+    }
+}

@@ -115,8 +115,10 @@ fn iteration(batch: i64, grad_accum: i64, mode: ActivationCheckpointing) -> (Rol
     let adv = advantages(&rewards, Grouping::PerPrompt { size: G }, 5.0).unwrap();
     let params: Vec<Tensor> = m.parameters().into_iter().map(|(_, p)| p).collect();
     let mut opt = AdamW::new(AdamWConfig::default(), &params);
+    let shard = dancegrpo::dist::Shard::whole(ro.latents.size()[0]);
     let inputs = UpdateInputs {
         rollout: &ro,
+        shard: &shard,
         advantages: &adv.clamped,
         cond: &cond,
         schedule: &schedule,
@@ -211,10 +213,12 @@ fn an_iteration_reports_rewards_failures_and_stage_times() {
     let schedule = Schedule::shifted(STEPS, 3.0);
     let draws = draws();
     let prompts = vec!["a".to_string(), "b".to_string()];
+    let shard = dancegrpo::dist::Shard::whole(cond.samples());
     let inputs = IterationInputs {
         cond: &cond,
         prompts: &prompts,
         draws: &draws,
+        shard: &shard,
         schedule: &schedule,
         latent: [16, 8, 8],
     };
@@ -280,8 +284,10 @@ fn bad_update_inputs_are_rejected_with_the_field() {
     let mut opt = AdamW::new(AdamWConfig::default(), &params);
     let adv = Tensor::zeros([8], (Kind::Float, Device::Cpu));
     let run = |cfg: UpdateConfig, adv: &Tensor, opt: &mut AdamW| {
+        let shard = dancegrpo::dist::Shard::whole(ro.latents.size()[0]);
         let inputs = UpdateInputs {
             rollout: &ro,
+            shard: &shard,
             advantages: adv,
             cond: &cond,
             schedule: &schedule,
@@ -404,8 +410,10 @@ fn recomputing_in_the_rollout_batches_keeps_ratios_exact_for_batch_variant_model
             .map(|(_, p)| p.detach().copy())
             .collect();
         let mut opt = AdamW::new(AdamWConfig::default(), &params);
+        let shard = dancegrpo::dist::Shard::whole(ro.latents.size()[0]);
         let inputs = UpdateInputs {
             rollout: &ro,
+            shard: &shard,
             advantages: &adv.clamped,
             cond: &cond,
             schedule: &schedule,

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use dancegrpo::align::{Case, GrpoCase};
+use dancegrpo::dist::Shard;
 use dancegrpo::grpo::{
     run_iteration, AdamW, IterationConfig, IterationInputs, NoObserver, RewardMixing,
 };
@@ -74,6 +75,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         update: g.cfg,
     };
     let mut times: Vec<[f64; 4]> = Vec::new();
+    let shard = Shard::whole(g.cond.samples());
     for it in 0..args.warmup + args.iterations {
         let draws = Seeded {
             seed: 1223627,
@@ -87,6 +89,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             cond: &g.cond,
             prompts: &captions,
             draws: &draws,
+            shard: &shard,
             schedule: &g.schedule,
             latent: [init[1], init[2], init[3]],
         };

@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
+use std::time::Duration;
+
+use dancegrpo::dist::{Collective, DistBackend, Launch, ProcessGroup, SingleProcess};
 use dancegrpo::train::{Progress, Resume, TrainConfig, Trainer};
 use tch::Device;
 
@@ -34,6 +37,10 @@ pub struct Args {
     /// Only print the resolved configuration and derived batch sizes.
     #[arg(long)]
     dry_run: bool,
+    /// Seconds a process waits for the others (joining, and every collective)
+    /// when several processes train (torchrun, or WORLD_SIZE > 1).
+    #[arg(long, default_value_t = 1800)]
+    dist_timeout: u64,
 }
 
 /// Parses `cpu` / `cuda` / `cuda:N`.
@@ -62,42 +69,57 @@ fn resolve_config(args: &Args) -> anyhow::Result<TrainConfig> {
 /// Runs `dancegrpo train`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let cfg = resolve_config(&args)?;
-    let world: i64 = std::env::var("WORLD_SIZE")
-        .ok()
-        .and_then(|w| w.parse().ok())
-        .unwrap_or(1);
+    let launch = Launch::from_env()?;
+    let (world, rank) = launch.as_ref().map_or((1, 0), |l| (l.world_size, l.rank));
+    cfg.check_world(world)?;
     let d = cfg.derived(world);
-    eprintln!(
-        "train: {} iterations; per iteration {} prompts x {} samples = {} samples over {} process(es): {} prompts / {} samples per process, {} optimizer steps of {} samples each (effective batch {})",
-        cfg.run.iterations, cfg.run.prompts_per_iteration, cfg.sampler.group_size, d.samples_per_iteration,
-        d.world_size, d.prompts_per_process, d.samples_per_process, d.optimizer_steps_per_iteration,
-        cfg.optim.gradient_accumulation, d.effective_batch
-    );
+    if rank == 0 {
+        eprintln!(
+            "train: {} iterations; per iteration {} prompts x {} = {} samples over {} process(es), {} per process; {} optimizer steps of {} samples each ({} per process)",
+            cfg.run.iterations, cfg.run.prompts_per_iteration, cfg.sampler.group_size, d.samples_per_iteration,
+            d.world_size, d.samples_per_process, d.optimizer_steps_per_iteration, d.effective_batch,
+            d.accumulation_per_process
+        );
+    }
     if args.dry_run {
         print!("{}", cfg.to_toml());
         return Ok(ExitCode::SUCCESS);
     }
-    anyhow::ensure!(
-        world == 1,
-        "multi-process training is not implemented yet (WORLD_SIZE={world})"
-    );
-    let device = parse_device(&args.device)?;
+    let mut device = parse_device(&args.device)?;
     if let Some(n) = args.threads {
         tch::set_num_threads(n);
     }
+    let collective: Box<dyn Collective> = match &launch {
+        None => Box::new(SingleProcess),
+        Some(l) => {
+            if let Device::Cuda(_) = device {
+                device = Device::Cuda(l.local_rank as usize); // one GPU per process
+            }
+            let timeout = Duration::from_secs(args.dist_timeout);
+            let backend = DistBackend::for_device(device);
+            Box::new(ProcessGroup::join(l, backend, timeout).with_context(|| {
+                format!("joining {world} processes as rank {rank} ({backend:?})")
+            })?)
+        }
+    };
     let resume = if args.resume {
         Resume::Latest
     } else {
         Resume::Fresh
     };
-    let mut trainer = Trainer::new(cfg, &args.out, resume, device)
+    let mut trainer = Trainer::with_collective(cfg, &args.out, resume, device, collective)
         .with_context(|| format!("setting up the run in {}", args.out.display()))?;
-    if trainer.iteration() > 0 {
+    if trainer.iteration() > 0 && rank == 0 {
         eprintln!("resumed after iteration {}", trainer.iteration());
     }
-    trainer.run(&mut print_progress)?;
-    eprintln!();
-    println!("run directory: {}", args.out.display());
+    match rank {
+        0 => trainer.run(&mut print_progress)?,
+        _ => trainer.run(&mut |_| {})?,
+    }
+    if rank == 0 {
+        eprintln!();
+        println!("run directory: {}", args.out.display());
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -6,6 +6,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::grpo::{GrpoCase, Recorder};
 use super::{Case, Stage, StageAcc, StageReport};
+use crate::dist::Shard;
 use crate::error::Result;
 use crate::grpo::{advantages, grpo_update, UpdateInputs};
 use crate::models::vae::Vae;
@@ -64,8 +65,10 @@ pub fn run(case: &Case) -> Result<StageReport> {
     );
     let mut rec = Recorder::default();
     let mut opt = g.optimizer();
+    let shard = Shard::whole(ro.latents.size()[0]);
     let inputs = UpdateInputs {
         rollout: &ro,
+        shard: &shard,
         advantages: &adv.clamped,
         cond: &g.cond,
         schedule: &g.schedule,

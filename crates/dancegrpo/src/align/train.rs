@@ -7,6 +7,7 @@ use tch::Tensor;
 
 use super::grpo::{stored_params, stored_rollout, GrpoCase, Recorder};
 use super::{errors, Case, Stage, StageAcc, StageReport, TensorCheck};
+use crate::dist::Shard;
 use crate::error::Result;
 use crate::grpo::{grpo_update, UpdateInputs, UpdateStats};
 use crate::models::VelocityModel;
@@ -41,8 +42,10 @@ pub(super) fn teacher_forced(case: &Case) -> Result<(GrpoCase, Recorder, UpdateS
         ..Default::default()
     };
     let mut opt = g.optimizer();
+    let shard = Shard::whole(rollout.latents.size()[0]);
     let inputs = UpdateInputs {
         rollout: &rollout,
+        shard: &shard,
         advantages: &advantages,
         cond: &g.cond,
         schedule: &g.schedule,

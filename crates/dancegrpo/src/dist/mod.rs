@@ -11,7 +11,7 @@ mod shard;
 
 pub use c10d::{DistBackend, ProcessGroup};
 pub use launch::Launch;
-pub use shard::{shard_samples, Subset};
+pub use shard::{shard_samples, Shard, Subset};
 
 use tch::{Kind, Tensor};
 
@@ -98,6 +98,48 @@ pub fn all_reduce_grads(c: &dyn Collective, params: &[Tensor], bucket: i64) -> R
     Ok(())
 }
 
+/// Checks that every process holds the same parameters as rank 0, bit for
+/// bit: each parameter's bit patterns summed as integers (exact, independent
+/// of the order of the additions), compared with rank 0's. An error names the
+/// first parameter that differs on this process.
+pub fn check_in_sync(c: &dyn Collective, named: &[(String, Tensor)]) -> Result<()> {
+    if c.world_size() == 1 {
+        return Ok(());
+    }
+    let sums: Vec<i64> = named.iter().map(|(_, p)| bit_sum(p)).collect();
+    let ours = Tensor::from_slice(&sums);
+    let root = ours.copy();
+    c.broadcast(&root, 0)?;
+    let differs: Vec<bool> = Vec::try_from(&ours.ne_tensor(&root))?;
+    let first = differs.iter().position(|&d| d);
+    let count = Tensor::from_slice(&[first.is_some() as i64]);
+    c.all_reduce_sum(&count)?;
+    match (first, count.int64_value(&[0])) {
+        (_, 0) => Ok(()),
+        (Some(i), n) => Err(crate::Error::Input(format!(
+            "processes out of step: rank {}'s `{}` differs from rank 0's ({n} process(es) differ)",
+            c.rank(),
+            named[i].0
+        ))),
+        (None, n) => Err(crate::Error::Input(format!(
+            "processes out of step: {n} process(es) hold parameters that differ from rank 0's"
+        ))),
+    }
+}
+
+/// The bit patterns of `t`'s elements summed as integers.
+fn bit_sum(t: &Tensor) -> i64 {
+    let t = t.detach().to_device(tch::Device::Cpu).contiguous();
+    let bits = match t.kind() {
+        Kind::Double | Kind::Int64 => t.view_dtype(Kind::Int64),
+        Kind::Float | Kind::Int => t.view_dtype(Kind::Int),
+        Kind::BFloat16 | Kind::Half | Kind::Int16 => t.view_dtype(Kind::Int16),
+        _ => t.to_kind(Kind::Int64),
+    };
+    // int64 sums wrap on overflow in two's complement, which is still exact
+    bits.to_kind(Kind::Int64).sum(Kind::Int64).int64_value(&[])
+}
+
 fn distinct_kinds(ts: &[Tensor]) -> Vec<Kind> {
     let mut kinds: Vec<Kind> = Vec::new();
     for t in ts {
@@ -140,6 +182,16 @@ fn reduce_bucket(c: &dyn Collective, group: &[&Tensor]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bit_sums_see_the_last_bit_and_not_the_order() {
+        let a = Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
+        let b = Tensor::from_slice(&[3.0f32, 1.0, 2.0]);
+        assert_eq!(bit_sum(&a), bit_sum(&b));
+        let c = Tensor::from_slice(&[1.0f32, 2.0, f32::from_bits(3.0f32.to_bits() + 1)]);
+        assert_eq!(bit_sum(&c), bit_sum(&a) + 1);
+        assert!(check_in_sync(&SingleProcess, &[("w".into(), a)]).is_ok());
+    }
 
     #[test]
     fn buckets_split_by_size_and_keep_order() {

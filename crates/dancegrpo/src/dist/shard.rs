@@ -3,6 +3,7 @@
 
 use tch::Tensor;
 
+use super::{Collective, SingleProcess};
 use crate::error::{Error, Result};
 use crate::sampler::Draws;
 
@@ -70,5 +71,68 @@ mod tests {
         let mut union: Vec<i64> = all.concat();
         union.sort_unstable();
         assert_eq!(union, (0..18).collect::<Vec<_>>());
+    }
+}
+
+/// This process's part of an iteration: the global index of each local sample
+/// (the rows of its rollout), the iteration's sample count over all processes,
+/// and the collective that joins the parts.
+pub struct Shard<'a> {
+    samples: Vec<i64>,
+    total: i64,
+    collective: &'a dyn Collective,
+}
+
+static SINGLE: SingleProcess = SingleProcess;
+
+impl Shard<'static> {
+    /// All `total` samples in one process.
+    pub fn whole(total: i64) -> Self {
+        Shard {
+            samples: (0..total).collect(),
+            total,
+            collective: &SINGLE,
+        }
+    }
+}
+
+impl<'a> Shard<'a> {
+    /// This process's samples of [`shard_samples`] for `collective`'s rank.
+    pub fn of_rank(total: i64, grad_accum: i64, collective: &'a dyn Collective) -> Self {
+        let (w, r) = (collective.world_size(), collective.rank());
+        Shard {
+            samples: shard_samples(total, grad_accum, w, r),
+            total,
+            collective,
+        }
+    }
+
+    /// Global index of each local sample, ascending.
+    pub fn samples(&self) -> &[i64] {
+        &self.samples
+    }
+
+    /// Samples of the iteration over all processes.
+    pub fn total(&self) -> i64 {
+        self.total
+    }
+
+    /// The collective joining the processes.
+    pub fn collective(&self) -> &'a dyn Collective {
+        self.collective
+    }
+
+    /// `local` `(n, ..)`, one row per local sample, gathered into `(total, ..)` on every process.
+    pub fn gather(&self, local: &Tensor) -> Result<Tensor> {
+        super::gather_rows(self.collective, local, &self.samples, self.total)
+    }
+
+    /// The local rows of a `(total, ..)` tensor.
+    pub fn local_rows(&self, global: &Tensor) -> Tensor {
+        if self.samples.len() as i64 == self.total {
+            return global.shallow_clone();
+        }
+        let idx = Tensor::from_slice(&self.samples).to_device(global.device());
+        global.index_select(0, &idx)
     }
 }

@@ -7,6 +7,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::update::{grpo_update, UpdateConfig, UpdateInputs, UpdateObserver, UpdateStats};
 use super::{advantages, mixed_advantages, AdamW, Grouping, RewardMixing};
+use crate::dist::Shard;
 use crate::error::{Error, Result};
 use crate::models::vae::Vae;
 use crate::models::VelocityModel;
@@ -84,8 +85,11 @@ impl Summary {
 /// What an iteration did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct IterationReport {
-    /// Reward per sample (NaN where the reward failed).
+    /// Reward per sample of the iteration, all processes (NaN where the reward failed).
     pub rewards: Vec<f32>,
+    /// Each reward's mean over the samples it scored (name, mean): the parts
+    /// of a combined reward, else the one reward.
+    pub reward_means: Vec<(String, f64)>,
     /// Summary of the rewards.
     pub reward: Summary,
     /// Items the reward could not score.
@@ -108,18 +112,20 @@ pub struct IterationReport {
 pub struct Iteration {
     /// The report.
     pub report: IterationReport,
-    /// The decoded uint8 images `(B, H, W, 3)`.
+    /// The decoded uint8 images `(n, H, W, 3)` of this process's samples.
     pub images: Tensor,
 }
 
 /// Everything one iteration reads besides the model and optimizer.
 pub struct IterationInputs<'a> {
-    /// Prompt conditioning (P prompts, groups of G).
+    /// Prompt conditioning of this process's samples.
     pub cond: &'a Conditioning,
-    /// The prompt texts, one per prompt (for the reward).
+    /// The prompt texts, one per prompt of `cond` (for the reward).
     pub prompts: &'a [String],
-    /// The random draws.
+    /// The random draws of this process's samples.
     pub draws: &'a dyn Draws,
+    /// Which samples of the iteration this process has ([`Shard::whole`] for one process).
+    pub shard: &'a Shard<'a>,
     /// The sampling schedule.
     pub schedule: &'a Schedule,
     /// Latent shape `[c, h, w]`.
@@ -162,27 +168,23 @@ pub fn run_iteration(
     })?;
     seconds.reward = lap(clock, device);
     let clock = Instant::now();
-    let rewards = scores_to_tensor(&scores);
+    let shard = inputs.shard;
+    let parts = reward_parts(reward, &scores, shard)?; // global (B,) each
+    let rewards = shard.gather(&scores_to_tensor(&scores))?; // (B,)
     let adv = match cfg.mixing {
         RewardMixing::Reward => advantages(&rewards, cfg.grouping, cfg.adv_clip_max)?,
         RewardMixing::Advantage => {
-            let parts = reward.last_parts().unwrap_or_else(|| {
-                vec![RewardPart {
-                    name: reward.name().to_string(),
-                    weight: 1.0,
-                    scores: scores.clone(),
-                }]
-            });
             let parts: Vec<(f64, Tensor)> = parts
                 .iter()
-                .map(|p| (p.weight, scores_to_tensor(&p.scores)))
+                .map(|(_, w, t)| (*w, t.shallow_clone()))
                 .collect();
             mixed_advantages(&parts, cfg.grouping, cfg.adv_clip_max)?
         }
     };
     let update_inputs = UpdateInputs {
         rollout: &ro,
-        advantages: &adv.clamped.to_device(device),
+        shard,
+        advantages: &shard.local_rows(&adv.clamped).to_device(device),
         cond,
         schedule: inputs.schedule,
         draws: inputs.draws,
@@ -192,17 +194,19 @@ pub fn run_iteration(
     let rewards: Vec<f32> = Vec::try_from(&rewards)?;
     let clamped: Vec<f32> = Vec::try_from(&adv.clamped)?;
     let raw: Vec<f32> = Vec::try_from(&adv.raw)?;
+    let reward_means = parts
+        .iter()
+        .map(|(name, _, t)| Ok((name.clone(), Summary::of(&Vec::<f32>::try_from(t)?).mean)))
+        .collect::<Result<Vec<_>>>()?;
     let report = IterationReport {
         reward: Summary::of(&rewards),
-        failed_rewards: scores
-            .iter()
-            .filter(|s| matches!(s, Score::Failed(_)))
-            .count(),
+        failed_rewards: rewards.iter().filter(|r| r.is_nan()).count(),
         skipped_groups: adv.skipped_groups,
         zero_variance_groups: zero_variance_groups(&rewards, cfg.grouping),
         advantage: Summary::of(&clamped),
         clamped_advantages: raw.iter().zip(&clamped).filter(|(a, b)| a != b).count(),
         rewards,
+        reward_means,
         update,
         seconds,
     };
@@ -210,6 +214,31 @@ pub fn run_iteration(
         report,
         images: images.to_device(Device::Cpu).to_kind(Kind::Uint8),
     })
+}
+
+/// Each part of `reward` (name, weight, scores of every sample `(B,)`).
+fn reward_parts(
+    reward: &dyn Reward,
+    scores: &[Score],
+    shard: &Shard,
+) -> Result<Vec<(String, f64, Tensor)>> {
+    let parts = reward.last_parts().unwrap_or_else(|| {
+        vec![RewardPart {
+            name: reward.name().to_string(),
+            weight: 1.0,
+            scores: scores.to_vec(),
+        }]
+    });
+    parts
+        .into_iter()
+        .map(|p| {
+            Ok((
+                p.name,
+                p.weight,
+                shard.gather(&scores_to_tensor(&p.scores))?,
+            ))
+        })
+        .collect()
 }
 
 /// Seconds since `start`, after the device has finished its queued work.

@@ -12,6 +12,7 @@ use tch::{Kind, Tensor};
 use super::loss::{clipped_mask, clipped_policy_loss, PolicyLoss};
 use super::lr::LrSchedule;
 use super::optim::{clip_grad_norm, AdamW};
+use crate::dist::{all_reduce_grads, Shard};
 use crate::error::{Error, Result};
 use crate::models::VelocityModel;
 use crate::sampler::sde::{sde_step, At, Next};
@@ -54,7 +55,7 @@ pub struct UpdateConfig {
     pub timestep_fraction: f64,
     /// Which transitions are trainable.
     pub trainable: Trainable,
-    /// Samples per optimizer step.
+    /// Samples per optimizer step, over all processes.
     pub grad_accum: i64,
     /// Total gradient-norm bound.
     pub max_grad_norm: f64,
@@ -169,9 +170,11 @@ pub struct UpdateStats {
 
 /// Everything the update reads.
 pub struct UpdateInputs<'a> {
-    /// The rollouts (trajectories, log-probs, model batches).
+    /// The rollouts (trajectories, log-probs, model batches), one row per local sample.
     pub rollout: &'a Rollout,
-    /// Clamped advantages `(B,)`.
+    /// Which samples of the iteration the rows are (all of them in one process).
+    pub shard: &'a Shard<'a>,
+    /// Clamped advantages `(B,)` of the local samples.
     pub advantages: &'a Tensor,
     /// The conditioning the rollout used.
     pub cond: &'a Conditioning,
@@ -189,15 +192,17 @@ pub fn grpo_update(
     cfg: &UpdateConfig,
     observer: &mut dyn UpdateObserver,
 ) -> Result<UpdateStats> {
-    let b_total = inputs.rollout.latents.size()[0];
+    let b_local = inputs.rollout.latents.size()[0];
     let (n, t) = cfg.trained(inputs.schedule.steps())?;
-    if inputs.advantages.size() != [b_total] {
+    if inputs.advantages.size() != [b_local] || inputs.shard.samples().len() as i64 != b_local {
         return Err(Error::Input(format!(
-            "{} advantages for {b_total} samples",
-            inputs.advantages.size().first().copied().unwrap_or(0)
+            "{} advantages and {} shard samples for {b_local} rollout samples",
+            inputs.advantages.size().first().copied().unwrap_or(0),
+            inputs.shard.samples().len()
         )));
     }
-    let perms = (0..b_total)
+    let b_total = inputs.shard.total();
+    let perms = (0..b_local)
         .map(|b| Ok(inputs.draws.permutation(b, n)?[..t as usize].to_vec()))
         .collect::<Result<Vec<_>>>()?;
     let named = model.parameters();
@@ -210,43 +215,48 @@ pub fn grpo_update(
         perms,
         t,
         stats: UpdateStats {
-            losses: vec![vec![0.0; t as usize]; b_total as usize],
-            ratio_min: f64::INFINITY,
-            ratio_max: f64::NEG_INFINITY,
             unstepped_samples: b_total % cfg.grad_accum,
             ..Default::default()
         },
-        ratio_sum: 0.0,
-        clipped: 0,
+        terms: vec![
+            [
+                vec![0.0; t as usize],
+                vec![0.0; t as usize],
+                vec![0.0; t as usize]
+            ];
+            b_local as usize
+        ],
     };
+    let window = |row: i64| inputs.shard.samples()[row as usize] / cfg.grad_accum;
     let windows = b_total / cfg.grad_accum;
+    // the last local row of each full window: its optimizer step follows it
+    let mut last_row = vec![-1i64; windows as usize];
+    for row in 0..b_local {
+        if let Some(last) = last_row.get_mut(window(row) as usize) {
+            *last = row;
+        }
+    }
     let chunks = match cfg.batching {
         UpdateBatching::Rollout => inputs.rollout.batches.clone(),
-        UpdateBatching::PerSample => (0..b_total).map(|b| vec![b]).collect(),
+        UpdateBatching::PerSample => (0..b_local).map(|b| vec![b]).collect(),
     };
     for samples in &chunks {
         let chunk = Chunk::new(inputs, samples);
-        for w in window_ids(samples, cfg.grad_accum) {
+        let mut ids: Vec<i64> = samples.iter().map(|&r| window(r)).collect();
+        ids.dedup();
+        for w in ids {
             let active: Vec<i64> = (0..samples.len() as i64)
-                .filter(|&r| samples[r as usize] / cfg.grad_accum == w)
+                .filter(|&r| window(samples[r as usize]) == w)
                 .collect();
             for k in 0..t {
                 run.transitions(&chunk, &active, k, observer)?;
             }
-            let last_of_window = (w + 1) * cfg.grad_accum - 1;
-            if w < windows && samples.contains(&last_of_window) {
+            if w < windows && samples.contains(&last_row[w as usize]) {
                 run.optimizer_step(optimizer, &named, &params, observer)?;
             }
         }
     }
-    Ok(run.finish())
-}
-
-/// The distinct accumulation windows of `samples`, in order.
-fn window_ids(samples: &[i64], grad_accum: i64) -> Vec<i64> {
-    let mut ids: Vec<i64> = samples.iter().map(|b| b / grad_accum).collect();
-    ids.dedup();
-    ids
+    run.finish()
 }
 
 fn zero_grads(params: &[Tensor]) {
@@ -257,6 +267,9 @@ fn zero_grads(params: &[Tensor]) {
     }
 }
 
+/// Elements per all-reduce of the gradients (several processes).
+const GRAD_BUCKET: i64 = 1 << 24;
+
 /// State of one update while it runs.
 struct Run<'a> {
     model: &'a dyn VelocityModel,
@@ -265,8 +278,8 @@ struct Run<'a> {
     perms: Vec<Vec<i64>>,
     t: i64,
     stats: UpdateStats,
-    ratio_sum: f64,
-    clipped: usize,
+    /// Per local sample: loss, ratio and clipped (0/1) of each trained position.
+    terms: Vec<[Vec<f32>; 3]>,
 }
 
 /// What one model batch of samples needs at every trained position `k`.
@@ -383,13 +396,10 @@ impl Run<'_> {
         )?;
         for &r in active {
             let (r, b) = (r as usize, samples[r as usize] as usize);
-            self.stats.losses[b][k as usize] = loss[r];
-            let x = ratio[r] as f64;
-            self.ratio_sum += x;
-            self.stats.ratio_min = self.stats.ratio_min.min(x);
-            self.stats.ratio_max = self.stats.ratio_max.max(x);
-            self.clipped += clipped[r] as usize;
-            self.stats.transitions += 1;
+            let [l, q, c] = &mut self.terms[b];
+            l[k as usize] = loss[r];
+            q[k as usize] = ratio[r];
+            c[k as usize] = clipped[r] as u8 as f32;
         }
         Ok(())
     }
@@ -403,6 +413,7 @@ impl Run<'_> {
         observer: &mut dyn UpdateObserver,
     ) -> Result<()> {
         let step = optimizer.steps() + 1;
+        all_reduce_grads(self.inputs.shard.collective(), params, GRAD_BUCKET)?;
         observer.before_step(step, named)?;
         let norm = clip_grad_norm(params, self.cfg.max_grad_norm);
         let lr = self
@@ -416,12 +427,32 @@ impl Run<'_> {
         observer.after_step(step, named)
     }
 
-    fn finish(mut self) -> UpdateStats {
+    /// The statistics over every sample of the iteration (all processes).
+    fn finish(mut self) -> Result<UpdateStats> {
+        let t = self.t as usize;
+        let local: Vec<f32> = self.terms.iter().flat_map(|x| x.concat()).collect();
+        let local = Tensor::from_slice(&local).view([-1, 3, self.t]); // (n, 3, T)
+        let all: Vec<f32> = Vec::try_from(&self.inputs.shard.gather(&local)?.reshape([-1]))?;
+        let per_sample: Vec<&[f32]> = all.chunks(3 * t).collect();
+        self.stats.losses = per_sample.iter().map(|x| x[..t].to_vec()).collect();
+        let ratios: Vec<f64> = per_sample
+            .iter()
+            .flat_map(|x| &x[t..2 * t])
+            .map(|&r| r as f64)
+            .collect();
+        let clipped: f64 = per_sample
+            .iter()
+            .flat_map(|x| &x[2 * t..])
+            .map(|&c| c as f64)
+            .sum();
         // the reference sums `loss.item()` sample by sample, transition by transition
         self.stats.total_loss = self.stats.losses.iter().flatten().map(|&l| l as f64).sum();
-        let n = self.stats.transitions.max(1) as f64;
-        self.stats.ratio_mean = self.ratio_sum / n;
-        self.stats.clip_fraction = self.clipped as f64 / n;
-        self.stats
+        let n = ratios.len().max(1) as f64;
+        self.stats.transitions = ratios.len();
+        self.stats.ratio_mean = ratios.iter().sum::<f64>() / n;
+        self.stats.ratio_min = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+        self.stats.ratio_max = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        self.stats.clip_fraction = clipped / n;
+        Ok(self.stats)
     }
 }

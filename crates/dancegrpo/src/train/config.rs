@@ -270,16 +270,18 @@ pub struct TrainConfig {
 pub struct Derived {
     /// Processes.
     pub world_size: i64,
-    /// Prompts each process handles per iteration.
-    pub prompts_per_process: i64,
-    /// Samples (`prompts * G`) per process per iteration.
-    pub samples_per_process: i64,
-    /// Samples per iteration over all processes.
+    /// Samples per iteration over all processes (`prompts_per_iteration * G`).
     pub samples_per_iteration: i64,
+    /// Samples each process rolls out and trains per iteration (the first
+    /// processes take one more when they do not divide evenly).
+    pub samples_per_process: i64,
     /// Optimizer steps per iteration.
     pub optimizer_steps_per_iteration: i64,
-    /// Samples whose gradients make one optimizer step, over all processes.
+    /// Samples whose gradients make one optimizer step, over all processes
+    /// (`optim.gradient_accumulation`).
     pub effective_batch: i64,
+    /// Samples each process accumulates per optimizer step.
+    pub accumulation_per_process: i64,
 }
 
 fn field_err(origin: &Path, field: &str, msg: impl Into<String>) -> Error {
@@ -366,17 +368,33 @@ impl TrainConfig {
         toml::to_string_pretty(self).expect("serialisable config")
     }
 
-    /// Per-process quantities for `world_size` processes.
+    /// Checks that `world_size` processes can share the configuration's work:
+    /// every optimizer step's samples split evenly among them.
+    pub fn check_world(&self, world_size: i64) -> Result<()> {
+        let ga = self.optim.gradient_accumulation;
+        if world_size < 1 || ga % world_size != 0 {
+            return Err(field_err(
+                Path::new("config"),
+                "optim.gradient_accumulation",
+                format!("{ga} samples per optimizer step cannot be shared by {world_size} processes (must be a multiple of {world_size})"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Per-process quantities for `world_size` processes: the configuration's
+    /// sizes are global, so the run is the same whatever the process count.
     pub fn derived(&self, world_size: i64) -> Derived {
-        let prompts = self.run.prompts_per_iteration / world_size.max(1);
-        let samples = prompts * self.sampler.group_size;
+        let w = world_size.max(1);
+        let samples = self.run.prompts_per_iteration * self.sampler.group_size;
+        let ga = self.optim.gradient_accumulation.max(1);
         Derived {
-            world_size,
-            prompts_per_process: prompts,
-            samples_per_process: samples,
-            samples_per_iteration: samples * world_size,
-            optimizer_steps_per_iteration: samples / self.optim.gradient_accumulation.max(1),
-            effective_batch: self.optim.gradient_accumulation * world_size,
+            world_size: w,
+            samples_per_iteration: samples,
+            samples_per_process: crate::dist::shard_samples(samples, ga, w, 0).len() as i64,
+            optimizer_steps_per_iteration: samples / ga,
+            effective_batch: ga,
+            accumulation_per_process: ga / w,
         }
     }
 }

@@ -12,6 +12,7 @@ use super::data::{stack, DataOrder, PromptSet, SyntheticPrompts};
 use super::ema::Ema;
 use super::metrics::{append_line, truncate_lines, ImageWriter, Metrics};
 use super::plot::line_plot;
+use crate::dist::{is_writer, Collective, Shard, SingleProcess, Subset};
 use crate::error::{Error, Result};
 use crate::grpo::iteration::{run_iteration, IterationConfig, IterationInputs};
 use crate::grpo::{AdamW, AdamWConfig, Grouping, NoObserver, UpdateConfig};
@@ -24,7 +25,7 @@ use crate::rewards::spec::RewardSpec;
 use crate::rewards::{scores_to_tensor, Reward, RewardBatch, Score};
 use crate::sampler::generate::{generate, OdeSettings};
 use crate::sampler::rollout::RolloutSettings;
-use crate::sampler::{Conditioning, Schedule, Seeded};
+use crate::sampler::{Conditioning, Draws, Schedule, Seeded};
 
 /// Whether a run starts fresh or continues.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,11 +66,27 @@ pub struct Trainer {
     writer: ImageWriter,
     ema: Option<Ema>,
     gold: Vec<Box<dyn Reward>>,
+    collective: Box<dyn Collective>,
 }
 
 impl Trainer {
     /// Sets up the run in `dir` on `device` (fresh, or resumed from its newest checkpoint).
     pub fn new(cfg: TrainConfig, dir: &Path, resume: Resume, device: Device) -> Result<Self> {
+        Self::with_collective(cfg, dir, resume, device, Box::new(SingleProcess))
+    }
+
+    /// [`Trainer::new`] as one of the processes of `collective`: each process
+    /// rolls out and trains its share of every iteration's samples
+    /// ([`crate::dist::shard_samples`]), gradients are summed over processes
+    /// before each optimizer step, and only rank 0 writes files.
+    pub fn with_collective(
+        cfg: TrainConfig,
+        dir: &Path,
+        resume: Resume,
+        device: Device,
+        collective: Box<dyn Collective>,
+    ) -> Result<Self> {
+        cfg.check_world(collective.world_size())?;
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let ckpts = dir.join("checkpoints");
         let latest = checkpoint::latest(&ckpts);
@@ -87,7 +104,11 @@ impl Trainer {
                 first_reward: None,
             },
             writer: ImageWriter::start(),
-            gold: build_gold_rewards(&cfg, device)?,
+            gold: match is_writer(collective.as_ref()) {
+                true => build_gold_rewards(&cfg, device)?,
+                false => Vec::new(),
+            },
+            collective,
             ema: match &cfg.optim.ema {
                 Some(e) => Some(Ema::new(e, &model.parameters())?),
                 None => None,
@@ -114,14 +135,19 @@ impl Trainer {
                 Ok(trainer)
             }
             (Resume::Fresh, None) => {
-                for f in ["metrics.jsonl", "rewards.txt", "eval.jsonl"] {
-                    let _ = std::fs::remove_file(dir.join(f));
+                if trainer.writes() {
+                    for f in ["metrics.jsonl", "rewards.txt", "eval.jsonl"] {
+                        let _ = std::fs::remove_file(dir.join(f));
+                    }
                 }
                 Ok(trainer)
             }
         }
         .and_then(|t| {
-            crate::io::atomic::write_bytes_atomic(&t.dir.join("config.toml"), t.cfg.to_toml().as_bytes())?;
+            if t.writes() {
+                let toml = t.cfg.to_toml();
+                crate::io::atomic::write_bytes_atomic(&t.dir.join("config.toml"), toml.as_bytes())?;
+            }
             Ok(t)
         })
     }
@@ -132,6 +158,9 @@ impl Trainer {
         self.state = checkpoint::load_state(ckpt)?;
         if let Some(ema) = &mut self.ema {
             ema.load(&ckpt.join("ema.safetensors"))?;
+        }
+        if !self.writes() {
+            return Ok(());
         }
         let n = self.state.iteration as usize;
         truncate_lines(&self.dir.join("metrics.jsonl"), n)?;
@@ -150,23 +179,34 @@ impl Trainer {
         self.state.iteration
     }
 
+    /// Whether this process writes the run's files (rank 0).
+    pub fn writes(&self) -> bool {
+        is_writer(self.collective.as_ref())
+    }
+
     /// Trains until `run.iterations`, checkpointing on cadence and at the end;
     /// `on_progress` is called after every iteration.
     pub fn run(&mut self, on_progress: &mut dyn FnMut(&Progress)) -> Result<()> {
         let start = Instant::now();
         let first_here = self.state.iteration;
-        if self.state.iteration == 0 && !self.dir.join("eval.jsonl").exists() {
+        let writes = self.writes();
+        if writes && self.state.iteration == 0 && !self.dir.join("eval.jsonl").exists() {
             self.evaluate()?;
         }
         while self.state.iteration < self.cfg.run.iterations {
             let metrics = self.step()?;
             let done = self.state.iteration;
             let every = self.cfg.eval.every;
-            if every > 0 && done % every == 0 && done != self.cfg.run.iterations {
+            if writes && every > 0 && done % every == 0 && done != self.cfg.run.iterations {
                 self.evaluate()?;
             }
-            if done % self.cfg.run.checkpoint_every == 0 || done == self.cfg.run.iterations {
-                self.save()?;
+            let last = done == self.cfg.run.iterations;
+            if done % self.cfg.run.checkpoint_every == 0 || last {
+                let c = self.collective.as_ref();
+                crate::dist::check_in_sync(c, &self.model.parameters())?;
+                if writes {
+                    self.save()?;
+                }
             }
             on_progress(&Progress {
                 iteration: done,
@@ -176,21 +216,38 @@ impl Trainer {
                 seconds_per_iteration: start.elapsed().as_secs_f64() / (done - first_here) as f64,
             });
         }
-        self.evaluate()?;
-        self.write_curve()?;
-        self.writer.finish()
+        if writes {
+            self.evaluate()?;
+            self.write_curve()?;
+        }
+        self.writer.finish()?;
+        // no process reports success before rank 0 has written the last checkpoint
+        crate::dist::barrier(self.collective.as_ref())
     }
 
-    /// One GRPO iteration; appends its metrics.
+    /// One GRPO iteration; appends its metrics (rank 0).
     pub fn step(&mut self) -> Result<Metrics> {
         let (cfg, dev) = (&self.cfg, self.device);
-        let derived = cfg.derived(1);
-        let p = derived.prompts_per_process as u64;
+        let p = cfg.run.prompts_per_iteration as u64;
+        let g = cfg.sampler.group_size;
         let positions: Vec<u64> =
             (self.state.data_position..self.state.data_position + p).collect();
-        let entries = positions
+        let shard = Shard::of_rank(
+            p as i64 * g,
+            cfg.optim.gradient_accumulation,
+            self.collective.as_ref(),
+        );
+        // one conditioning row per prompt (groups of G), or per local sample
+        let (rows, group): (Vec<usize>, i64) = match shard.samples().len() as i64 == shard.total() {
+            true => ((0..p as usize).collect(), g),
+            false => (
+                shard.samples().iter().map(|&s| (s / g) as usize).collect(),
+                1,
+            ),
+        };
+        let entries = rows
             .iter()
-            .map(|&pos| self.prompts.get(self.order.index(pos)))
+            .map(|&i| self.prompts.get(self.order.index(positions[i])))
             .collect::<Result<Vec<_>>>()?;
         let (text, pooled) = stack(&entries);
         let (h, w) = (cfg.sampler.height / 8, cfg.sampler.width / 8);
@@ -203,21 +260,24 @@ impl Trainer {
                 .config()
                 .guidance_embeds
                 .then_some(cfg.sampler.guidance),
-            cfg.sampler.group_size,
+            group,
         )?;
         let captions: Vec<String> = entries.iter().map(|e| e.caption.clone()).collect();
-        let draws = Seeded {
+        let seeded = Seeded {
             seed: cfg.run.seed,
             iteration: self.state.iteration,
             prompt_ids: positions,
-            group: cfg.sampler.group_size,
+            group: g,
             init: cfg.sampler.init_noise,
             precision: cfg.sampler.noise_precision,
         };
+        let subset = Subset::new(&seeded, shard.samples().to_vec());
+        let draws: &dyn Draws = if group == g { &seeded } else { &subset };
         let inputs = IterationInputs {
             cond: &cond,
             prompts: &captions,
-            draws: &draws,
+            draws,
+            shard: &shard,
             schedule: &self.schedule,
             latent: [16, h, w],
         };
@@ -238,43 +298,37 @@ impl Trainer {
         self.state.data_position += p;
         self.state.optimizer_steps = self.optimizer.steps();
         self.state.first_reward.get_or_insert(it.report.reward.mean);
-        let per_reward = self.per_reward_means();
-        let metrics = Metrics::new(self.state.iteration, &it.report, per_reward, p as usize);
-        self.record(&metrics, &it.images)?;
+        let means = it.report.reward_means.clone();
+        let metrics = Metrics::new(self.state.iteration, &it.report, means, p as usize);
+        let every = self.cfg.run.image_every;
+        if every > 0 && self.state.iteration % every == 0 {
+            let images = shard
+                .gather(&it.images.to_kind(Kind::Float))?
+                .to_kind(Kind::Uint8);
+            self.write_grid(self.state.iteration, &images)?;
+        }
+        if self.writes() {
+            self.record(&metrics)?;
+        }
         Ok(metrics)
     }
 
-    fn per_reward_means(&self) -> Vec<(String, f64)> {
-        self.reward
-            .last_scores()
-            .iter()
-            .map(|(name, scores)| {
-                let v: Vec<f64> = scores
-                    .iter()
-                    .filter_map(|s| match s {
-                        Score::Value(x) => Some(*x as f64),
-                        Score::Failed(_) => None,
-                    })
-                    .collect();
-                (name.clone(), v.iter().sum::<f64>() / v.len().max(1) as f64)
-            })
-            .collect()
-    }
-
-    fn record(&mut self, m: &Metrics, images: &Tensor) -> Result<()> {
+    fn record(&mut self, m: &Metrics) -> Result<()> {
         let line = serde_json::to_string(m).expect("serialisable metrics");
         append_line(&self.dir.join("metrics.jsonl"), &line)?;
-        append_line(&self.dir.join("rewards.txt"), &format!("{}", m.reward_mean))?;
-        let every = self.cfg.run.image_every;
-        if every > 0 && m.iteration % every == 0 {
-            let dir = self.dir.join("images");
-            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-            let cols = self.cfg.sampler.group_size.min(8);
-            self.writer.write(
-                dir.join(format!("iter-{:06}.png", m.iteration)),
-                grid(images, cols),
-            );
+        append_line(&self.dir.join("rewards.txt"), &format!("{}", m.reward_mean))
+    }
+
+    /// `images/iter-N.png` from the iteration's images `(B, H, W, 3)` (rank 0).
+    fn write_grid(&self, iteration: u64, images: &Tensor) -> Result<()> {
+        if !self.writes() {
+            return Ok(());
         }
+        let dir = self.dir.join("images");
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let cols = self.cfg.sampler.group_size.min(8);
+        let path = dir.join(format!("iter-{iteration:06}.png"));
+        self.writer.write(path, grid(images, cols));
         Ok(())
     }
 

@@ -1,0 +1,243 @@
+//! `dancegrpo train` as several processes over c10d (Gloo): launched with the
+//! variables torchrun sets, and by torchrun itself.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use dancegrpo::io::safetensors::SafetensorsFile;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_dancegrpo"))
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("dancegrpo-dist-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn free_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port().to_string()
+}
+
+const RUN: [&str; 14] = [
+    "--threads",
+    "1",
+    "--set",
+    "run.iterations=4",
+    "--set",
+    "run.checkpoint_every=1",
+    "--set",
+    "run.keep_checkpoints=0",
+    "--set",
+    "optim.update_batching=\"per_sample\"",
+    "--set",
+    "optim.gradient_accumulation=8",
+    "--set",
+    "eval.every=0",
+];
+
+fn check(out: Output, what: &str) -> Output {
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `world` processes of `dancegrpo train` with torchrun's variables, all awaited.
+fn spawn_world(world: usize, out: &Path, extra: &[&str]) -> Vec<Output> {
+    let port = free_port();
+    let children: Vec<Child> = (0..world)
+        .map(|rank| {
+            bin()
+                .args([
+                    "train",
+                    "--out",
+                    out.to_str().unwrap(),
+                    "--dist-timeout",
+                    "60",
+                ])
+                .args(RUN)
+                .args(extra)
+                .env("WORLD_SIZE", world.to_string())
+                .env("RANK", rank.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect()
+}
+
+fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let o = v.as_object_mut().unwrap();
+            o.remove("seconds");
+            o.remove("images_per_second");
+            v
+        })
+        .collect()
+}
+
+/// Largest `|a - b| / max|a|` over the tensors of checkpoint `iter`.
+fn weight_difference(a: &Path, b: &Path, iter: u32) -> f64 {
+    let file =
+        format!("checkpoints/iter-{iter:06}/transformer/diffusion_pytorch_model.safetensors");
+    let (fa, fb) = (
+        SafetensorsFile::open(&a.join(&file)).unwrap(),
+        SafetensorsFile::open(&b.join(&file)).unwrap(),
+    );
+    let mut worst: f64 = 0.0;
+    for name in fa.names() {
+        let (x, y) = (fa.tensor(name).unwrap(), fb.tensor(name).unwrap());
+        let scale = x.abs().max().double_value(&[]).max(1e-12);
+        worst = worst.max((&x - &y).abs().max().double_value(&[]) / scale);
+    }
+    worst
+}
+
+#[test]
+fn two_processes_sample_the_same_trajectories_and_train_like_one() {
+    let dir = temp_dir("two");
+    let (one, two) = (dir.join("one"), dir.join("two"));
+    check(
+        bin()
+            .args(["train", "--out", one.to_str().unwrap()])
+            .args(RUN)
+            .output()
+            .unwrap(),
+        "one process",
+    );
+    let outs = spawn_world(2, &two, &[]);
+    for (rank, o) in outs.into_iter().enumerate() {
+        let o = check(o, &format!("rank {rank}"));
+        let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+        // only rank 0 reports
+        assert_eq!(
+            stderr.contains("4/4 reward"),
+            rank == 0,
+            "rank {rank}: {stderr}"
+        );
+    }
+    // iteration 1 samples the same trajectories from the same weights:
+    // identical rewards and advantages. Its second optimizer step already
+    // starts from weights that differ in the last bits (the first step's summed
+    // gradients differ only in the order of the additions).
+    let (m1, m2) = (metrics(&one), metrics(&two));
+    assert_eq!(m1.len(), 4);
+    assert_eq!(m2.len(), 4);
+    for key in [
+        "reward_mean",
+        "reward_std",
+        "rewards",
+        "advantage",
+        "zero_variance_group_share",
+    ] {
+        assert_eq!(m1[0][key], m2[0][key], "{key}");
+    }
+    for key in ["loss", "ratio_mean", "grad_norm"] {
+        let (a, b) = (m1[0][key].as_f64().unwrap(), m2[0][key].as_f64().unwrap());
+        assert!(
+            (a - b).abs() <= 1e-5 * a.abs().max(1e-6),
+            "{key}: {a} and {b}"
+        );
+    }
+    // after iteration 1 (two optimizer steps) the weights agree to rounding;
+    // later iterations sample from those slightly different weights, and Adam
+    // turns tiny gradients' rounding into steps of up to the learning rate
+    let first = weight_difference(&one, &two, 1);
+    let last = weight_difference(&one, &two, 4);
+    eprintln!(
+        "weights: worst relative difference {first:.2e} after 1 iteration, {last:.2e} after 4"
+    );
+    assert!(
+        first < 1e-5,
+        "weights after iteration 1 differ by {first:.2e}"
+    );
+    assert!(two.join("checkpoints/iter-000004/state.json").is_file());
+    assert!(two.join("eval.jsonl").is_file());
+}
+
+#[test]
+fn torchrun_launches_training() {
+    // `torchrun` is `python -m torch.distributed.run` (its script's shebang may
+    // name the environment's build directory)
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
+    if !python.exists() {
+        eprintln!("skipped: no {} (run through ./dev.sh)", python.display());
+        return;
+    }
+    let out = temp_dir("torchrun").join("run");
+    let o = Command::new(&python)
+        .args([
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "--no-python",
+        ])
+        .arg(env!("CARGO_BIN_EXE_dancegrpo"))
+        .args([
+            "train",
+            "--out",
+            out.to_str().unwrap(),
+            "--dist-timeout",
+            "60",
+        ])
+        .args(RUN)
+        .args(["--set", "run.iterations=2"])
+        .output()
+        .unwrap();
+    check(o, "torchrun");
+    assert_eq!(metrics(&out).len(), 2);
+    assert!(out.join("checkpoints/iter-000002/state.json").is_file());
+}
+
+#[test]
+fn process_counts_that_cannot_share_a_step_and_bad_launches_are_named() {
+    let dir = temp_dir("bad");
+    // 8 samples per step cannot be split among 3 processes: refused before joining
+    let o = bin()
+        .args(["train", "--out", dir.join("r").to_str().unwrap()])
+        .args(RUN)
+        .env("WORLD_SIZE", "3")
+        .env("RANK", "0")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("optim.gradient_accumulation") && err.contains("3 processes"),
+        "{err}"
+    );
+    let o = bin()
+        .args(["train", "--out", dir.join("r").to_str().unwrap()])
+        .args(RUN)
+        .env("WORLD_SIZE", "2")
+        .env("RANK", "0")
+        .env_remove("MASTER_ADDR")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("MASTER_ADDR"), "{err}");
+    assert!(!dir.join("r/checkpoints").exists());
+}
