@@ -43,6 +43,13 @@ setup() {
             "$PY" -m venv "$venv.partial"
             "$venv.partial/bin/python" -m pip install --quiet --no-input "torch==$TORCH_VERSION"
             "$venv.partial/bin/python" -c "import torch; assert torch.__version__.startswith('$TORCH_VERSION'), torch.__version__"
+            # scripts (torchrun, activate) name the directory they were built in
+            local f
+            for f in "$venv.partial"/bin/*; do
+                if [ -f "$f" ] && [ ! -L "$f" ] && grep -q "$venv.partial" "$f" 2>/dev/null; then
+                    sed -i "s|$venv.partial|$venv|g" "$f"
+                fi
+            done
             touch "$venv.partial/.complete"
             mv "$venv.partial" "$venv"
         fi

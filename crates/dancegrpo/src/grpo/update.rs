@@ -194,10 +194,15 @@ pub fn grpo_update(
 ) -> Result<UpdateStats> {
     let b_local = inputs.rollout.latents.size()[0];
     let (n, t) = cfg.trained(inputs.schedule.steps())?;
-    if inputs.advantages.size() != [b_local] || inputs.shard.samples().len() as i64 != b_local {
+    if inputs.advantages.size() != [b_local] {
         return Err(Error::Input(format!(
-            "{} advantages and {} shard samples for {b_local} rollout samples",
-            inputs.advantages.size().first().copied().unwrap_or(0),
+            "{} advantages for {b_local} samples",
+            inputs.advantages.size().first().copied().unwrap_or(0)
+        )));
+    }
+    if inputs.shard.samples().len() as i64 != b_local {
+        return Err(Error::Input(format!(
+            "a shard of {} samples for {b_local} rollout samples",
             inputs.shard.samples().len()
         )));
     }
