@@ -7,6 +7,7 @@ pub mod data;
 pub mod ema;
 pub mod metrics;
 pub mod plot;
+pub mod tensorboard;
 pub mod trainer;
 mod validate;
 
