@@ -90,6 +90,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         Resume::Fresh
     };
+    let tensorboard = cfg.run.tensorboard;
     let mut trainer = Trainer::new(cfg, &args.out, resume, device)
         .with_context(|| format!("setting up the run in {}", args.out.display()))?;
     if trainer.iteration() > 0 {
@@ -98,6 +99,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     trainer.run(&mut print_progress)?;
     eprintln!();
     println!("run directory: {}", args.out.display());
+    if tensorboard {
+        let logdir = args.out.join(dancegrpo::train::tensorboard::DIR);
+        println!("curves: tensorboard --logdir {}", logdir.display());
+    }
     Ok(ExitCode::SUCCESS)
 }
 
