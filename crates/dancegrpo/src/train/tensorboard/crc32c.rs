@@ -65,7 +65,8 @@ mod tests {
         // ((crc >> 15) | (crc << 17)) + 0xa282ead8, by hand
         assert_eq!(masked(0), 0xA282_EAD8);
         assert_eq!(masked(1), (1u32 << 17).wrapping_add(0xA282_EAD8));
-        assert_eq!(masked(0xFFFF_FFFF), 0xA282_EAD7); // the sum wraps
+        // the sum wraps
+        assert_eq!(masked(0xFFFF_FFFF), 0xA282_EAD7);
         // ((0xE3069283 >> 15) | (0xE3069283 << 17)) + 0xa282ead8, computed elsewhere
         assert_eq!(masked_crc32c(b"123456789"), 0xC78A_B0E5);
     }
