@@ -1,4 +1,5 @@
-//! Facts about the running process that benchmarks report.
+//! Facts about the running process and its machine that benchmarks and run
+//! directories report.
 
 /// Peak resident memory of this process in MiB (`VmHWM` of `/proc/self/status`),
 /// where the platform reports it.
@@ -15,6 +16,25 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// The machine's host name (the kernel's, else `$HOSTNAME`, else `localhost`),
+/// reduced to the characters `[A-Za-z0-9._-]` so it can be part of a file name.
+pub fn hostname() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default();
+    let name: String = raw
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        .collect();
+    if name.is_empty() {
+        "localhost".into()
+    } else {
+        name
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -23,5 +43,11 @@ mod tests {
             let mib = super::peak_rss_mib().expect("VmHWM");
             assert!(mib > 1.0 && mib < 1e6, "{mib}");
         }
+    }
+
+    #[test]
+    fn hostname_is_a_plain_file_name_part() {
+        let h = super::hostname();
+        assert!(!h.is_empty() && !h.contains('/') && !h.contains(' '), "{h}");
     }
 }

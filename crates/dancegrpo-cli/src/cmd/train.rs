@@ -107,6 +107,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         Resume::Fresh
     };
+    let tensorboard = cfg.run.tensorboard;
     let mut trainer = Trainer::with_collective(cfg, &args.out, resume, device, collective)
         .with_context(|| format!("setting up the run in {}", args.out.display()))?;
     if trainer.iteration() > 0 && rank == 0 {
@@ -119,6 +120,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if rank == 0 {
         eprintln!();
         println!("run directory: {}", args.out.display());
+        if tensorboard {
+            let logdir = args.out.join(dancegrpo::train::tensorboard::DIR);
+            println!("curves: tensorboard --logdir {}", logdir.display());
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

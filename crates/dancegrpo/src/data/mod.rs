@@ -1,7 +1,8 @@
 //! Prompt-embedding datasets: the FLUX text encoders run once over a prompts
 //! file ([`preprocess`]), or the reference's `.pt` files converted
 //! ([`convert_reference`]); the trainer reads the result ([`EmbeddingDataset`],
-//! a [`crate::train::data::PromptSet`]). Layout in [`format`].
+//! a [`crate::train::data::PromptSet`]), or the reference's files in place
+//! ([`ReferenceSet`], the reader the conversion uses). Layout in [`format`].
 
 pub mod encode;
 pub mod format;
@@ -9,6 +10,7 @@ pub mod preprocess;
 pub mod prompts;
 pub mod reader;
 pub mod reference;
+pub mod reference_set;
 pub mod writer;
 
 pub use encode::FluxTextEncoder;
@@ -17,3 +19,4 @@ pub use preprocess::{
     convert_reference, preprocess, ConvertOptions, PreprocessOptions, PreprocessReport, Progress,
 };
 pub use reader::EmbeddingDataset;
+pub use reference_set::ReferenceSet;

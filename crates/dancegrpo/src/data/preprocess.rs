@@ -13,7 +13,8 @@ use super::format::{
     FORMAT_VERSION,
 };
 use super::prompts::read_prompts;
-use super::reference::{read_reference_index, INDEX_FILE};
+use super::reference::INDEX_FILE;
+use super::reference_set::ReferenceSet;
 use super::writer::{DatasetWriter, WriterStart};
 use crate::error::{Error, Result};
 
@@ -215,30 +216,17 @@ pub fn convert_reference(
     if opts.shard_size == 0 {
         return Err(Error::Input("--shard-size must be >= 1".into()));
     }
-    let (items, index_bytes) = read_reference_index(&opts.reference)?;
+    let set = ReferenceSet::open(&opts.reference)?;
     let index_path = opts.reference.join(INDEX_FILE);
-    let first = items.first().ok_or_else(|| Error::Json {
-        path: index_path.clone(),
-        msg: "the list is empty".into(),
-    })?;
-    let t = first.load()?;
-    let stored =
-        EmbedDtype::from_kind(t.prompt_embed.kind()).ok_or_else(|| Error::TorchCheckpoint {
-            path: first.prompt_embed.clone(),
-            msg: format!(
-                "dtype {:?} is not supported (f32 or bf16)",
-                t.prompt_embed.kind()
-            ),
-        })?;
-    let dtype = opts.dtype.unwrap_or(stored);
-    let (lt, d) = (t.prompt_embed.size()[0], t.prompt_embed.size()[1]);
-    let p = t.pooled.size()[0];
+    let dtype = opts.dtype.unwrap_or(set.dtype());
+    let (lt, d, p) = set.dims();
+    let items = set.items();
     let info = DatasetInfo {
         format: FORMAT_NAME.into(),
         version: FORMAT_VERSION,
         source: DatasetSource::Reference {
             dir: absolute(&opts.reference),
-            index_hash: fnv1a64([&index_bytes]),
+            index_hash: fnv1a64([set.index_bytes()]),
         },
         prompts: items.len() as u64,
         shard_size: opts.shard_size,
@@ -271,31 +259,9 @@ pub fn convert_reference(
             let mut embeds = Vec::new();
             let mut pooled = Vec::new();
             let mut entries = Vec::new();
-            for item in &items[range.start as usize..range.end as usize] {
-                let t = item.load()?;
-                if t.prompt_embed.size() != [lt, d] || t.pooled.size() != [p] {
-                    return Err(Error::TorchCheckpoint {
-                        path: item.prompt_embed.clone(),
-                        msg: format!(
-                            "shapes {:?} and {:?} (pooled, {}) differ from the first item's [{lt}, {d}] and [{p}]",
-                            t.prompt_embed.size(),
-                            t.pooled.size(),
-                            item.pooled.display()
-                        ),
-                    });
-                }
-                if t.prompt_embed.kind() != t.pooled.kind()
-                    || EmbedDtype::from_kind(t.prompt_embed.kind()).is_none()
-                {
-                    return Err(Error::TorchCheckpoint {
-                        path: item.prompt_embed.clone(),
-                        msg: format!(
-                            "dtypes {:?} (prompt) and {:?} (pooled) are not both f32 or both bf16",
-                            t.prompt_embed.kind(),
-                            t.pooled.kind()
-                        ),
-                    });
-                }
+            let first = range.start as usize;
+            for (i, item) in items[first..range.end as usize].iter().enumerate() {
+                let t = set.load(first + i)?;
                 embeds.push(t.prompt_embed.to_kind(dtype.kind()));
                 pooled.push(t.pooled.to_kind(dtype.kind()));
                 entries.push((item.caption.clone(), None, None));

@@ -25,6 +25,8 @@ pub const INDEX_FILE: &str = "videos2caption.json";
 /// One item of `videos2caption.json`, its paths resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReferenceItem {
+    /// Its position in the list (0-based), named in errors.
+    pub entry: usize,
     /// The caption.
     pub caption: String,
     /// `DIR/prompt_embed/<prompt_embed_path>`.
@@ -80,6 +82,7 @@ pub fn read_reference_index(dir: &Path) -> Result<(Vec<ReferenceItem>, Vec<u8>)>
             Ok(dir.join(sub).join(rel))
         };
         items.push(ReferenceItem {
+            entry: i,
             caption: field("caption")?.to_string(),
             prompt_embed: file("prompt_embed", "prompt_embed_path")?,
             pooled: file("pooled_prompt_embeds", "pooled_prompt_embeds_path")?,
@@ -92,10 +95,11 @@ pub fn read_reference_index(dir: &Path) -> Result<(Vec<ReferenceItem>, Vec<u8>)>
 impl ReferenceItem {
     /// Loads the item's tensors, checking their ranks and that `text_ids` are
     /// zeros (`[3]` or `[Lt, 3]`), as FLUX's text position ids are.
+    /// A missing file is an error naming it and the item that lists it.
     pub fn load(&self) -> Result<ReferenceTensors> {
-        let prompt_embed = read_torch_pt_tensor(&self.prompt_embed)?;
-        let pooled = read_torch_pt_tensor(&self.pooled)?;
-        let text_ids = read_torch_pt_tensor(&self.text_ids)?;
+        let prompt_embed = self.read(&self.prompt_embed)?;
+        let pooled = self.read(&self.pooled)?;
+        let text_ids = self.read(&self.text_ids)?;
         let bad = |path: &Path, msg: String| Error::TorchCheckpoint {
             path: path.to_path_buf(),
             msg,
@@ -144,5 +148,16 @@ impl ReferenceItem {
             prompt_embed,
             pooled,
         })
+    }
+
+    /// Reads one of the item's `.pt` files.
+    fn read(&self, path: &Path) -> Result<Tensor> {
+        if !path.is_file() {
+            return Err(Error::not_found(
+                path,
+                format!("missing, but item {} of {INDEX_FILE} lists it", self.entry),
+            ));
+        }
+        read_torch_pt_tensor(path)
     }
 }

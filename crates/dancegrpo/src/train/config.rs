@@ -45,6 +45,13 @@ pub enum DataSource {
         /// The dataset directory.
         path: PathBuf,
     },
+    /// What the reference's `preprocess_flux_embedding.py` writes
+    /// (`videos2caption.json` and `.pt` tensors), read in place one prompt at a
+    /// time (see [`crate::data::reference`]).
+    Reference {
+        /// The directory holding `videos2caption.json`.
+        path: PathBuf,
+    },
 }
 
 pub use crate::rewards::spec::RewardSpec;
@@ -201,6 +208,8 @@ pub struct RunConfig {
     pub image_every: u64,
     /// Keep this many newest checkpoints (0: all).
     pub keep_checkpoints: usize,
+    /// Write TensorBoard event files into `<run>/tensorboard/`.
+    pub tensorboard: bool,
 }
 
 impl Default for RunConfig {
@@ -212,6 +221,7 @@ impl Default for RunConfig {
             checkpoint_every: 40,
             image_every: 10,
             keep_checkpoints: 0,
+            tensorboard: true,
         }
     }
 }
@@ -222,10 +232,14 @@ impl Default for RunConfig {
 pub struct EvalConfig {
     /// Evaluate every this many iterations (0: only before training and at the end).
     pub every: u64,
-    /// Number of evaluation prompts (the first ones of the prompt set).
+    /// Number of evaluation prompts (the first ones of the evaluation prompt set).
     pub prompts: u64,
     /// Rewards that score the evaluation images but are never trained on.
     pub gold_rewards: Vec<RewardSpec>,
+    /// A held-out prompt set to evaluate on, shaped like `[data]` (absent: the
+    /// first `prompts` prompts of the training set).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<DataSource>,
 }
 
 impl Default for EvalConfig {
@@ -234,6 +248,7 @@ impl Default for EvalConfig {
             every: 0,
             prompts: 4,
             gold_rewards: Vec::new(),
+            data: None,
         }
     }
 }
@@ -329,6 +344,7 @@ impl TrainConfig {
                 checkpoint_every: 25,
                 image_every: 25,
                 keep_checkpoints: 2,
+                tensorboard: true,
             },
             eval: EvalConfig::default(),
         }
@@ -356,8 +372,13 @@ impl TrainConfig {
             apply_override(&mut value, o, origin)?;
         }
         let cfg: TrainConfig = serde_path_to_error::deserialize(value).map_err(|e| {
-            let field = e.path().to_string();
-            field_err(origin, &field, e.into_inner().to_string())
+            let msg = e.inner().to_string();
+            let field = match missing_field(&msg) {
+                Some(name) if e.path().to_string() == "." => name.to_string(),
+                Some(name) => format!("{}.{name}", e.path()),
+                None => e.path().to_string(),
+            };
+            field_err(origin, &field, msg)
         })?;
         cfg.validate(origin)?;
         Ok(cfg)
@@ -397,6 +418,12 @@ impl TrainConfig {
             accumulation_per_process: ga / w,
         }
     }
+}
+
+/// The field named by serde's "missing field `name`" message (the path of
+/// such an error stops at the table that lacks it).
+fn missing_field(msg: &str) -> Option<&str> {
+    msg.strip_prefix("missing field `")?.split('`').next()
 }
 
 /// Sets `key=value` in `root` (nested tables created as needed).

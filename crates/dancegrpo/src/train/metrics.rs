@@ -85,6 +85,49 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// The scalars of this line under TensorBoard tags (`reward/mean`,
+    /// `reward/<reward name>`, `advantage/std`, `train/loss`, `time/rollout_s`, ...).
+    pub fn scalars(&self) -> Vec<(String, f64)> {
+        let (a, s) = (&self.advantage, &self.seconds);
+        let fixed = [
+            ("reward/mean", self.reward_mean),
+            ("reward/std", self.reward_std),
+            ("reward/failed", self.failed_rewards as f64),
+            (
+                "reward/zero_variance_group_share",
+                self.zero_variance_group_share,
+            ),
+            ("advantage/mean", a.mean),
+            ("advantage/std", a.std),
+            ("advantage/min", a.min),
+            ("advantage/max", a.max),
+            ("advantage/clamped", self.clamped_advantages as f64),
+            ("train/loss", self.loss),
+            ("train/ratio_mean", self.ratio_mean),
+            ("train/ratio_min", self.ratio_min),
+            ("train/ratio_max", self.ratio_max),
+            ("train/clip_fraction", self.clip_fraction),
+            ("train/grad_norm", self.grad_norm),
+            ("train/lr", self.lr),
+            ("time/rollout_s", s.rollout),
+            ("time/decode_s", s.decode),
+            ("time/reward_s", s.reward),
+            ("time/update_s", s.update),
+            ("time/images_per_s", self.images_per_second),
+        ];
+        let per_reward = self
+            .rewards
+            .iter()
+            .map(|(name, mean)| (format!("reward/{name}"), *mean));
+        fixed
+            .into_iter()
+            .map(|(tag, x)| (tag.to_string(), x))
+            .chain(per_reward)
+            .collect()
+    }
+}
+
 /// Appends one line to `path` and flushes it to disk.
 pub fn append_line(path: &Path, line: &str) -> Result<()> {
     let mut f = std::fs::OpenOptions::new()

@@ -1,12 +1,16 @@
-//! The trainer: configuration, data order, checkpoints with exact resume,
-//! metrics and plots, and the training loop.
+//! The trainer: configuration, what it names built, data order, checkpoints
+//! with exact resume, metrics, plots and TensorBoard event files, evaluation,
+//! and the training loop.
 
+pub mod build;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod ema;
+pub mod evaluate;
 pub mod metrics;
 pub mod plot;
+pub mod tensorboard;
 pub mod trainer;
 mod validate;
 

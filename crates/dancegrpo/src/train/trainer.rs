@@ -1,29 +1,32 @@
 //! `Trainer`: GRPO iterations from a [`TrainConfig`], with checkpoints, exact
-//! resume, metrics, image grids, the reward curve and fixed-seed evaluation.
+//! resume, metrics (`metrics.jsonl` and TensorBoard event files), image grids,
+//! the reward curve and fixed-seed evaluation (in [`super::evaluate`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
+use super::build::{build_eval_prompts, build_gold_rewards};
+pub use super::build::{build_models, build_prompts, build_rewards};
 use super::checkpoint::{self, TrainState};
-use super::config::{AdvantageGrouping, DataSource, ModelSource, TrainConfig};
-use super::data::{stack, DataOrder, PromptSet, SyntheticPrompts};
+use super::config::{AdvantageGrouping, TrainConfig};
+use super::data::{stack, DataOrder, PromptSet};
 use super::ema::Ema;
+use super::evaluate::truncate_eval;
 use super::metrics::{append_line, truncate_lines, ImageWriter, Metrics};
 use super::plot::line_plot;
+use super::tensorboard::{self, EventWriter};
 use crate::dist::{is_writer, Collective, Shard, SingleProcess, Subset};
 use crate::error::{Error, Result};
 use crate::grpo::iteration::{run_iteration, IterationConfig, IterationInputs};
 use crate::grpo::{AdamW, AdamWConfig, Grouping, NoObserver, UpdateConfig};
 use crate::io::image::grid;
-use crate::models::flux::{FluxConfig, FluxTransformer};
-use crate::models::vae::{packing, Vae, VaeConfig};
+use crate::models::flux::FluxTransformer;
+use crate::models::vae::{packing, Vae};
 use crate::models::VelocityModel;
 use crate::rewards::combine::WeightedSum;
-use crate::rewards::spec::RewardSpec;
-use crate::rewards::{scores_to_tensor, Reward, RewardBatch, Score};
-use crate::sampler::generate::{generate, OdeSettings};
+use crate::rewards::Reward;
 use crate::sampler::rollout::RolloutSettings;
 use crate::sampler::{Conditioning, Draws, Schedule, Seeded};
 
@@ -52,22 +55,27 @@ pub struct Progress<'a> {
 
 /// A training run.
 pub struct Trainer {
-    cfg: TrainConfig,
-    dir: PathBuf,
-    device: Device,
-    model: FluxTransformer,
-    vae: Vae,
-    reward: WeightedSum,
+    pub(super) cfg: TrainConfig,
+    pub(super) dir: PathBuf,
+    pub(super) device: Device,
+    pub(super) model: FluxTransformer,
+    pub(super) vae: Vae,
+    pub(super) reward: WeightedSum,
     optimizer: AdamW,
-    prompts: Box<dyn PromptSet>,
+    pub(super) prompts: Box<dyn PromptSet>,
+    pub(super) eval_prompts: Option<Box<dyn PromptSet>>,
     order: DataOrder,
     schedule: Schedule,
-    state: TrainState,
-    writer: ImageWriter,
+    pub(super) state: TrainState,
+    pub(super) writer: ImageWriter,
     ema: Option<Ema>,
-    gold: Vec<Box<dyn Reward>>,
+    pub(super) gold: Vec<Box<dyn Reward>>,
+    pub(super) events: Option<EventWriter>,
     collective: Box<dyn Collective>,
 }
+
+/// Files a fresh run removes when an earlier, never checkpointed run left them.
+const RUN_LOGS: [&str; 3] = ["metrics.jsonl", "rewards.txt", "eval.jsonl"];
 
 impl Trainer {
     /// Sets up the run in `dir` on `device` (fresh, or resumed from its newest checkpoint).
@@ -90,10 +98,49 @@ impl Trainer {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let ckpts = dir.join("checkpoints");
         let latest = checkpoint::latest(&ckpts);
+        match (resume, &latest) {
+            (Resume::Fresh, Some(found)) => {
+                return Err(Error::Input(format!(
+                    "{} already holds checkpoint {}: resume it (--resume) or choose another output directory",
+                    dir.display(),
+                    found.display()
+                )))
+            }
+            (Resume::Latest, None) => {
+                return Err(Error::Input(format!(
+                    "no complete checkpoint to resume in {}",
+                    ckpts.display()
+                )))
+            }
+            _ => {}
+        }
+        let mut trainer = Self::build(cfg, dir, device, collective)?;
+        match &latest {
+            Some(found) => trainer.restore(found)?,
+            None if trainer.writes() => trainer.clear_logs()?,
+            None => {}
+        }
+        if trainer.writes() {
+            trainer.events = trainer.open_events(latest.is_some())?;
+            let config = trainer.dir.join("config.toml");
+            crate::io::atomic::write_bytes_atomic(&config, trainer.cfg.to_toml().as_bytes())?;
+        }
+        Ok(trainer)
+    }
+
+    /// The run's parts at iteration 0.
+    fn build(
+        cfg: TrainConfig,
+        dir: &Path,
+        device: Device,
+        collective: Box<dyn Collective>,
+    ) -> Result<Self> {
         let (model, vae) = build_models(&cfg, device)?;
-        let mut trainer = Trainer {
-            prompts: build_prompts(&cfg, &model)?,
-            order: DataOrder::new(cfg.run.seed, 1),
+        let prompts = build_prompts(&cfg, &model)?;
+        Ok(Trainer {
+            order: DataOrder::new(cfg.run.seed, prompts.len()),
+            prompts,
+            eval_prompts: build_eval_prompts(&cfg, &model)?,
             schedule: Schedule::shifted(cfg.sampler.steps, cfg.sampler.shift),
             reward: build_rewards(&cfg, device)?,
             optimizer: AdamW::new(adam(&cfg), &params(&model)),
@@ -113,43 +160,36 @@ impl Trainer {
                 Some(e) => Some(Ema::new(e, &model.parameters())?),
                 None => None,
             },
+            events: None,
             cfg,
             dir: dir.to_path_buf(),
             device,
             model,
             vae,
-        };
-        trainer.order = DataOrder::new(trainer.cfg.run.seed, trainer.prompts.len());
-        match (resume, latest) {
-            (Resume::Fresh, Some(found)) => Err(Error::Input(format!(
-                "{} already holds checkpoint {}: resume it (--resume) or choose another output directory",
-                dir.display(),
-                found.display()
-            ))),
-            (Resume::Latest, None) => Err(Error::Input(format!(
-                "no complete checkpoint to resume in {}",
-                ckpts.display()
-            ))),
-            (Resume::Latest, Some(found)) => {
-                trainer.restore(&found)?;
-                Ok(trainer)
-            }
-            (Resume::Fresh, None) => {
-                if trainer.writes() {
-                    for f in ["metrics.jsonl", "rewards.txt", "eval.jsonl"] {
-                        let _ = std::fs::remove_file(dir.join(f));
-                    }
-                }
-                Ok(trainer)
-            }
-        }
-        .and_then(|t| {
-            if t.writes() {
-                let toml = t.cfg.to_toml();
-                crate::io::atomic::write_bytes_atomic(&t.dir.join("config.toml"), toml.as_bytes())?;
-            }
-            Ok(t)
         })
+    }
+
+    /// A fresh run: removes the logs and event files of an earlier run that
+    /// never reached a checkpoint.
+    fn clear_logs(&self) -> Result<()> {
+        for f in RUN_LOGS {
+            let _ = std::fs::remove_file(self.dir.join(f));
+        }
+        tensorboard::remove_event_files(&self.dir.join(tensorboard::DIR))
+    }
+
+    /// A new TensorBoard event file (when enabled); a resumed run's starts
+    /// with `SessionLog START` at its first step, so TensorBoard drops what the
+    /// interrupted run logged past the checkpoint.
+    fn open_events(&self, resumed: bool) -> Result<Option<EventWriter>> {
+        if !self.cfg.run.tensorboard {
+            return Ok(None);
+        }
+        let mut events = EventWriter::create(&self.dir.join(tensorboard::DIR))?;
+        if resumed {
+            events.session_start(self.state.iteration + 1)?;
+        }
+        Ok(Some(events))
     }
 
     fn restore(&mut self, ckpt: &Path) -> Result<()> {
@@ -316,7 +356,11 @@ impl Trainer {
     fn record(&mut self, m: &Metrics) -> Result<()> {
         let line = serde_json::to_string(m).expect("serialisable metrics");
         append_line(&self.dir.join("metrics.jsonl"), &line)?;
-        append_line(&self.dir.join("rewards.txt"), &format!("{}", m.reward_mean))
+        append_line(&self.dir.join("rewards.txt"), &format!("{}", m.reward_mean))?;
+        if let Some(events) = &mut self.events {
+            events.scalars(m.iteration, &m.scalars())?;
+        }
+        Ok(())
     }
 
     /// `images/iter-N.png` from the iteration's images `(B, H, W, 3)` (rank 0).
@@ -354,109 +398,6 @@ impl Trainer {
         self.writer.write(self.dir.join("reward_curve.png"), img);
         Ok(())
     }
-
-    /// Deterministic ODE samples of fixed evaluation prompts with fixed noise,
-    /// scored by the training rewards and the gold rewards: `eval/iter-N.png`
-    /// and a line of `eval.jsonl`.
-    pub fn evaluate(&mut self) -> Result<f64> {
-        let n = self.prompts.len().min(self.cfg.eval.prompts.max(1));
-        let entries = (0..n)
-            .map(|i| self.prompts.get(i))
-            .collect::<Result<Vec<_>>>()?;
-        let (text, pooled) = stack(&entries);
-        let (h, w) = (self.cfg.sampler.height / 8, self.cfg.sampler.width / 8);
-        let noise = crate::rng::Philox::for_stream(self.cfg.run.seed, "eval/noise")
-            .normal_tensor(&[n as i64, 16, h, w]);
-        let settings = OdeSettings {
-            steps: self.cfg.sampler.steps,
-            shift: self.cfg.sampler.shift,
-            guidance: self
-                .model
-                .config()
-                .guidance_embeds
-                .then_some(self.cfg.sampler.guidance),
-        };
-        let images = generate(
-            &self.model,
-            &self.vae,
-            &text.to_device(self.device),
-            &pooled.to_device(self.device),
-            &noise.to_device(self.device),
-            &settings,
-        )?;
-        let captions: Vec<String> = entries.iter().map(|e| e.caption.clone()).collect();
-        let scores = self.reward.score(&RewardBatch {
-            images: &images,
-            prompts: &captions,
-        })?;
-        let mean_of = |scores: &[Score]| {
-            scores_to_tensor(scores)
-                .nanmean(None::<&[i64]>, false, None::<Kind>)
-                .double_value(&[])
-        };
-        let mean = mean_of(&scores);
-        let batch = RewardBatch {
-            images: &images,
-            prompts: &captions,
-        };
-        let mut gold = serde_json::Map::new();
-        for reward in &mut self.gold {
-            let scores = reward.score(&batch)?;
-            gold.insert(reward.name().to_string(), mean_of(&scores).into());
-        }
-        let dir = self.dir.join("eval");
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        self.writer.write(
-            dir.join(format!("iter-{:06}.png", self.state.iteration)),
-            grid(&images, n as i64),
-        );
-        let line = serde_json::json!({"iteration": self.state.iteration, "reward_mean": mean, "gold": gold});
-        append_line(&self.dir.join("eval.jsonl"), &line.to_string())?;
-        Ok(mean)
-    }
-}
-
-/// Keeps the lines of `eval.jsonl` up to iteration `last` (after a resume).
-fn truncate_eval(path: &Path, last: u64) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Ok(());
-    };
-    let kept: String = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v["iteration"].as_u64())
-                .is_some_and(|i| i <= last)
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    crate::io::atomic::write_bytes_atomic(path, kept.as_bytes())
-}
-
-/// The evaluation-only rewards of a configuration.
-fn build_gold_rewards(cfg: &TrainConfig, device: Device) -> Result<Vec<Box<dyn Reward>>> {
-    let built = build_specs(&cfg.eval.gold_rewards, "eval.gold_rewards", device)?;
-    Ok(built.into_iter().map(|(reward, _)| reward).collect())
-}
-
-/// Builds each spec of `specs` with its weight; errors name `<field>[i].<source field>`.
-fn build_specs(
-    specs: &[RewardSpec],
-    field: &str,
-    device: Device,
-) -> Result<Vec<(Box<dyn Reward>, f64)>> {
-    specs
-        .iter()
-        .enumerate()
-        .map(|(i, spec)| {
-            let reward = spec.build(device).map_err(|e| {
-                let name = format!("{field}[{i}].{}", spec.source_field());
-                Error::config(field, &name, e.to_string())
-            })?;
-            Ok((reward, spec.weight()))
-        })
-        .collect()
 }
 
 fn moving_average(pts: &[(f64, f64)], k: usize) -> Vec<(f64, f64)> {
@@ -511,83 +452,4 @@ fn iteration_config(cfg: &TrainConfig) -> IterationConfig {
             batching: cfg.optim.update_batching,
         },
     }
-}
-
-/// The transformer and VAE a configuration names (base weights), on `device`.
-pub fn build_models(cfg: &TrainConfig, device: Device) -> Result<(FluxTransformer, Vae)> {
-    let (mut model, vae) = match &cfg.model {
-        ModelSource::Tiny { seed } => (
-            FluxTransformer::new(
-                FluxConfig::tiny(),
-                crate::weights::Source::Seeded(*seed),
-                Kind::Float,
-                device,
-            )?,
-            Vae::new(
-                VaeConfig::tiny(),
-                crate::weights::Source::Seeded(seed + 1),
-                Kind::Float,
-                device,
-            )?,
-        ),
-        ModelSource::Dir { path } => (
-            FluxTransformer::from_dir(&path.join("transformer"), Kind::Float, device)?,
-            Vae::from_dir(&path.join("vae"), Kind::Float, device)?,
-        ),
-    };
-    model.set_checkpointing(cfg.optim.activation_checkpointing);
-    if let Some(lora) = &cfg.optim.lora {
-        model.attach_lora(lora, cfg.run.seed)?;
-    }
-    Ok((model, vae))
-}
-
-/// The prompt set a configuration names.
-pub fn build_prompts(cfg: &TrainConfig, model: &FluxTransformer) -> Result<Box<dyn PromptSet>> {
-    match &cfg.data {
-        DataSource::Synthetic { prompts, seed } => {
-            if *prompts == 0 {
-                return Err(Error::config("config", "data.prompts", "must be >= 1"));
-            }
-            Ok(Box::new(SyntheticPrompts {
-                count: *prompts,
-                seed: *seed,
-                text_len: 32,
-                text_dim: model.config().joint_attention_dim,
-                pooled_dim: model.config().pooled_projection_dim,
-            }))
-        }
-        DataSource::Dataset { path } => {
-            let data = crate::data::EmbeddingDataset::open(path)
-                .map_err(|e| Error::config("config", "data.path", e.to_string()))?;
-            let (info, cfg) = (data.info(), model.config());
-            if info.text_dim != cfg.joint_attention_dim
-                || info.pooled_dim != cfg.pooled_projection_dim
-            {
-                return Err(Error::config(
-                    "config",
-                    "data.path",
-                    format!(
-                        "{}: embeddings of width {} (text) and {} (pooled) do not fit the model's joint_attention_dim {} and pooled_projection_dim {}",
-                        path.display(),
-                        info.text_dim,
-                        info.pooled_dim,
-                        cfg.joint_attention_dim,
-                        cfg.pooled_projection_dim
-                    ),
-                ));
-            }
-            Ok(Box::new(data))
-        }
-    }
-}
-
-/// The weighted rewards a configuration names, their models on `device`. A
-/// reward that cannot be built is an error naming its field (`rewards[i].path`).
-pub fn build_rewards(cfg: &TrainConfig, device: Device) -> Result<WeightedSum> {
-    Ok(WeightedSum::new(build_specs(
-        &cfg.rewards,
-        "rewards",
-        device,
-    )?))
 }

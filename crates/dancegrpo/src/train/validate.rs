@@ -2,7 +2,9 @@
 
 use std::path::Path;
 
-use super::config::{AdvantageGrouping, TrainConfig};
+use super::config::{AdvantageGrouping, DataSource, TrainConfig};
+use crate::data::format::INFO_FILE;
+use crate::data::reference::INDEX_FILE;
 use crate::error::{Error, Result};
 
 type Rule<'a> = (&'a str, bool, String);
@@ -39,6 +41,10 @@ impl TrainConfig {
                 return Err(Error::config(origin, field, msg));
             }
         }
+        check_data(&self.data, "data", origin)?;
+        if let Some(eval) = &self.eval.data {
+            check_data(eval, "eval.data", origin)?;
+        }
         for (i, spec) in self.rewards.iter().enumerate() {
             if let Some((field, msg)) = spec.check() {
                 return Err(Error::config(origin, &format!("rewards[{i}].{field}"), msg));
@@ -60,4 +66,40 @@ impl TrainConfig {
         }
         Ok(())
     }
+}
+
+/// Checks a prompt source (`[data]` or `[eval.data]`, named by `section`):
+/// a positive count, or a directory holding the file its kind needs.
+fn check_data(source: &DataSource, section: &str, origin: &Path) -> Result<()> {
+    let (path, marker, what) = match source {
+        DataSource::Synthetic { prompts, .. } => {
+            if *prompts == 0 {
+                let field = format!("{section}.prompts");
+                return Err(Error::config(origin, &field, "must be >= 1"));
+            }
+            return Ok(());
+        }
+        DataSource::Dataset { path } => (
+            path,
+            INFO_FILE,
+            "a dataset written by `dancegrpo preprocess`",
+        ),
+        DataSource::Reference { path } => (
+            path,
+            INDEX_FILE,
+            "a directory written by the reference's preprocess_flux_embedding.py",
+        ),
+    };
+    let field = format!("{section}.path");
+    let msg = if !path.is_dir() {
+        format!(
+            "{}: no such directory (expected {what}, with {marker})",
+            path.display()
+        )
+    } else if !path.join(marker).is_file() {
+        format!("{}: {marker} is missing (not {what})", path.display())
+    } else {
+        return Ok(());
+    };
+    Err(Error::config(origin, &field, msg))
 }

@@ -1,0 +1,162 @@
+//! What a [`TrainConfig`] names, built: the models, the training and
+//! evaluation prompt sets, the trained and the gold rewards. Errors name the
+//! configuration field (`data.path`, `eval.data.path`, `rewards[1].path`).
+
+use std::path::Path;
+
+use tch::{Device, Kind};
+
+use super::config::{DataSource, ModelSource, TrainConfig};
+use super::data::{PromptSet, SyntheticPrompts};
+use crate::data::{EmbeddingDataset, ReferenceSet};
+use crate::error::{Error, Result};
+use crate::models::flux::{FluxConfig, FluxTransformer};
+use crate::models::vae::{Vae, VaeConfig};
+use crate::rewards::combine::WeightedSum;
+use crate::rewards::spec::RewardSpec;
+use crate::rewards::Reward;
+
+/// Length of the synthetic prompts' text embeddings.
+const SYNTHETIC_TEXT_LEN: i64 = 32;
+
+/// The transformer and VAE a configuration names (base weights), on `device`.
+pub fn build_models(cfg: &TrainConfig, device: Device) -> Result<(FluxTransformer, Vae)> {
+    let (mut model, vae) = match &cfg.model {
+        ModelSource::Tiny { seed } => (
+            FluxTransformer::new(
+                FluxConfig::tiny(),
+                crate::weights::Source::Seeded(*seed),
+                Kind::Float,
+                device,
+            )?,
+            Vae::new(
+                VaeConfig::tiny(),
+                crate::weights::Source::Seeded(seed + 1),
+                Kind::Float,
+                device,
+            )?,
+        ),
+        ModelSource::Dir { path } => (
+            FluxTransformer::from_dir(&path.join("transformer"), Kind::Float, device)?,
+            Vae::from_dir(&path.join("vae"), Kind::Float, device)?,
+        ),
+    };
+    model.set_checkpointing(cfg.optim.activation_checkpointing);
+    if let Some(lora) = &cfg.optim.lora {
+        model.attach_lora(lora, cfg.run.seed)?;
+    }
+    Ok((model, vae))
+}
+
+/// The training prompt set (`[data]`).
+pub fn build_prompts(cfg: &TrainConfig, model: &FluxTransformer) -> Result<Box<dyn PromptSet>> {
+    build_prompt_set(&cfg.data, "data", model)
+}
+
+/// The held-out evaluation prompt set (`[eval.data]`), if the configuration has one.
+pub fn build_eval_prompts(
+    cfg: &TrainConfig,
+    model: &FluxTransformer,
+) -> Result<Option<Box<dyn PromptSet>>> {
+    cfg.eval
+        .data
+        .as_ref()
+        .map(|source| build_prompt_set(source, "eval.data", model))
+        .transpose()
+}
+
+/// The prompt set `source` names, checked against `model`'s embedding widths;
+/// errors name `<section>.prompts` or `<section>.path`.
+pub fn build_prompt_set(
+    source: &DataSource,
+    section: &str,
+    model: &FluxTransformer,
+) -> Result<Box<dyn PromptSet>> {
+    let field = format!("{section}.path");
+    let bad = |e: Error| Error::config("config", &field, e.to_string());
+    match source {
+        DataSource::Synthetic { prompts, seed } => {
+            if *prompts == 0 {
+                let field = format!("{section}.prompts");
+                return Err(Error::config("config", &field, "must be >= 1"));
+            }
+            Ok(Box::new(SyntheticPrompts {
+                count: *prompts,
+                seed: *seed,
+                text_len: SYNTHETIC_TEXT_LEN,
+                text_dim: model.config().joint_attention_dim,
+                pooled_dim: model.config().pooled_projection_dim,
+            }))
+        }
+        DataSource::Dataset { path } => {
+            let data = EmbeddingDataset::open(path).map_err(bad)?;
+            let widths = (data.info().text_dim, data.info().pooled_dim);
+            check_widths(&field, path, widths, model)?;
+            Ok(Box::new(data))
+        }
+        DataSource::Reference { path } => {
+            let data = ReferenceSet::open(path).map_err(bad)?;
+            let (_, text_dim, pooled_dim) = data.dims();
+            check_widths(&field, path, (text_dim, pooled_dim), model)?;
+            Ok(Box::new(data))
+        }
+    }
+}
+
+/// Fails, naming `field`, when embeddings of `(text, pooled)` widths do not fit `model`.
+fn check_widths(
+    field: &str,
+    path: &Path,
+    (text_dim, pooled_dim): (i64, i64),
+    model: &FluxTransformer,
+) -> Result<()> {
+    let cfg = model.config();
+    if text_dim == cfg.joint_attention_dim && pooled_dim == cfg.pooled_projection_dim {
+        return Ok(());
+    }
+    Err(Error::config(
+        "config",
+        field,
+        format!(
+            "{}: embeddings of width {text_dim} (text) and {pooled_dim} (pooled) do not fit the model's joint_attention_dim {} and pooled_projection_dim {}",
+            path.display(),
+            cfg.joint_attention_dim,
+            cfg.pooled_projection_dim
+        ),
+    ))
+}
+
+/// The weighted rewards a configuration names, their models on `device`. A
+/// reward that cannot be built is an error naming its field (`rewards[i].path`).
+pub fn build_rewards(cfg: &TrainConfig, device: Device) -> Result<WeightedSum> {
+    Ok(WeightedSum::new(build_specs(
+        &cfg.rewards,
+        "rewards",
+        device,
+    )?))
+}
+
+/// The evaluation-only rewards of a configuration.
+pub fn build_gold_rewards(cfg: &TrainConfig, device: Device) -> Result<Vec<Box<dyn Reward>>> {
+    let built = build_specs(&cfg.eval.gold_rewards, "eval.gold_rewards", device)?;
+    Ok(built.into_iter().map(|(reward, _)| reward).collect())
+}
+
+/// Builds each spec of `specs` with its weight; errors name `<field>[i].<source field>`.
+fn build_specs(
+    specs: &[RewardSpec],
+    field: &str,
+    device: Device,
+) -> Result<Vec<(Box<dyn Reward>, f64)>> {
+    specs
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            let reward = spec.build(device).map_err(|e| {
+                let name = format!("{field}[{i}].{}", spec.source_field());
+                Error::config(field, &name, e.to_string())
+            })?;
+            Ok((reward, spec.weight()))
+        })
+        .collect()
+}
