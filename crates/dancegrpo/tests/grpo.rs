@@ -214,6 +214,12 @@ fn an_iteration_reports_rewards_failures_and_stage_times() {
     let draws = draws();
     let prompts = vec!["a".to_string(), "b".to_string()];
     let shard = dancegrpo::dist::Shard::whole(cond.samples());
+    let stages = std::cell::RefCell::new(Vec::new());
+    let record = |stage: dancegrpo::grpo::iteration::Stage, done: usize, total: usize| {
+        stages
+            .borrow_mut()
+            .push(format!("{} {done}/{total}", stage.name()))
+    };
     let inputs = IterationInputs {
         cond: &cond,
         prompts: &prompts,
@@ -221,6 +227,7 @@ fn an_iteration_reports_rewards_failures_and_stage_times() {
         shard: &shard,
         schedule: &schedule,
         latent: [16, 8, 8],
+        report: Some(&record),
     };
     let cfg = IterationConfig {
         rollout: RolloutSettings { eta: 0.3, batch: 4 },
@@ -255,6 +262,22 @@ fn an_iteration_reports_rewards_failures_and_stage_times() {
     assert_eq!(r.update.transitions, 8 * 3);
     assert!(r.update.ratio_min <= 1.0 && r.update.ratio_max >= 1.0);
     assert!(r.seconds.rollout > 0.0 && r.seconds.update > 0.0);
+    // progress: two rollout batches of 4, decode, reward, then 8 samples x 3
+    // transitions trained in batches of 4 rows
+    let stages = stages.borrow();
+    assert_eq!(
+        stages[..6],
+        [
+            "rollout 0/8",
+            "rollout 4/8",
+            "decode 0/1",
+            "reward 0/1",
+            "update 4/24",
+            "update 8/24"
+        ]
+    );
+    assert_eq!(stages.last().unwrap(), "update 24/24");
+    assert_eq!(stages.len(), 4 + 6);
     let moved = params
         .iter()
         .zip(&before)

@@ -92,6 +92,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             shard: &shard,
             schedule: &g.schedule,
             latent: [init[1], init[2], init[3]],
+            report: None,
         };
         let r = run_iteration(
             &g.model,

@@ -41,6 +41,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let start = Instant::now();
     let mut trainer = Trainer::new(cfg, &args.out, Resume::Fresh, Device::Cpu)?;
+    super::train::show_stages(&mut trainer);
     trainer.run(&mut super::train::print_progress)?;
     eprintln!();
     let rewards: Vec<f64> = std::fs::read_to_string(args.out.join("rewards.txt"))?

@@ -113,6 +113,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if trainer.iteration() > 0 && rank == 0 {
         eprintln!("resumed after iteration {}", trainer.iteration());
     }
+    if rank == 0 {
+        show_stages(&mut trainer);
+    }
     match rank {
         0 => trainer.run(&mut print_progress)?,
         _ => trainer.run(&mut |_| {})?,
@@ -126,6 +129,27 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// On a terminal, the stage the current iteration is in, after the last
+/// iteration's status line (`| rollout 8/16`, `| update 24/48`).
+pub fn show_stages(trainer: &mut Trainer) {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return;
+    }
+    let first = format!("iteration {}", trainer.iteration() + 1);
+    LAST_LINE.with(|l| *l.borrow_mut() = first);
+    trainer.on_stage(Box::new(|stage, done, total| {
+        let line = LAST_LINE.with(|l| l.borrow().clone());
+        eprint!("\r{line} | {} {done}/{total}\x1b[K", stage.name());
+        let _ = std::io::stderr().flush();
+    }));
+}
+
+thread_local! {
+    /// The last status line printed (the stage display repeats it).
+    static LAST_LINE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
 }
 
 /// One status line per iteration on stderr, overwritten in place on a terminal;
@@ -142,11 +166,15 @@ pub fn print_progress(p: &Progress) {
     let width = 20;
     let filled = (p.iteration as usize * width) / p.total.max(1) as usize;
     let bar: String = "#".repeat(filled) + &"-".repeat(width - filled);
-    let (start, end) = if terminal { ("\r", "   ") } else { ("", "\n") };
-    eprint!(
-        "{start}[{bar}] {}/{} reward {:+.4} (first {:+.4}) loss {:+.2e} grad {:.3} clip {:.2} {:.2}s/it ETA {:.0}s{end}",
+    let line = format!(
+        "[{bar}] {}/{} reward {:+.4} (first {:+.4}) loss {:+.2e} grad {:.3} clip {:.2} {:.2}s/it ETA {:.0}s",
         p.iteration, p.total, m.reward_mean, p.first_reward, m.loss, m.grad_norm, m.clip_fraction,
         p.seconds_per_iteration, left
     );
+    match terminal {
+        true => eprint!("\r{line}\x1b[K"),
+        false => eprintln!("{line}"),
+    }
+    LAST_LINE.with(|l| *l.borrow_mut() = line);
     let _ = std::io::stderr().flush();
 }

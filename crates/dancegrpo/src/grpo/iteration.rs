@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::models::vae::Vae;
 use crate::models::VelocityModel;
 use crate::rewards::{scores_to_tensor, Reward, RewardBatch, RewardPart, Score};
-use crate::sampler::rollout::{decode, rollout, RolloutSettings};
+use crate::sampler::rollout::{decode, rollout_reporting, RolloutSettings};
 use crate::sampler::{Conditioning, Draws, Schedule};
 
 /// Settings of an iteration beyond the update's.
@@ -32,6 +32,34 @@ pub struct IterationConfig {
     /// The update.
     pub update: UpdateConfig,
 }
+
+/// The stages of an iteration, for progress displays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// SDE sampling (progress in samples).
+    Rollout,
+    /// VAE decoding.
+    Decode,
+    /// Reward scoring.
+    Reward,
+    /// The GRPO update (progress in trained transitions).
+    Update,
+}
+
+impl Stage {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Rollout => "rollout",
+            Stage::Decode => "decode",
+            Stage::Reward => "reward",
+            Stage::Update => "update",
+        }
+    }
+}
+
+/// Called as an iteration advances: `(stage, done, total)` in the stage's units.
+pub type StageReport<'a> = &'a dyn Fn(Stage, usize, usize);
 
 /// Seconds per stage.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -130,6 +158,8 @@ pub struct IterationInputs<'a> {
     pub schedule: &'a Schedule,
     /// Latent shape `[c, h, w]`.
     pub latent: [i64; 3],
+    /// Progress of the stages (for a display), if wanted.
+    pub report: Option<StageReport<'a>>,
 }
 
 /// Runs one GRPO iteration on `model`.
@@ -146,21 +176,22 @@ pub fn run_iteration(
     let device = cond.device();
     let [_, h, w] = inputs.latent;
     let mut seconds = StageSeconds::default();
+    let report = inputs.report.unwrap_or(&|_, _, _| {});
     let clock = Instant::now();
-    let ro = rollout(
+    let ro = rollout_reporting(
         model,
-        cond,
-        inputs.draws,
-        inputs.schedule,
-        inputs.latent,
+        (cond, inputs.draws, inputs.schedule, inputs.latent),
         &cfg.rollout,
         device,
+        &|done, total| report(Stage::Rollout, done, total),
     )?;
     seconds.rollout = lap(clock, device);
+    report(Stage::Decode, 0, 1);
     let clock = Instant::now();
     let (_, images) = decode(vae, &ro.pred_x0, h, w, cfg.decode_batch)?;
     seconds.decode = lap(clock, device);
     let clock = Instant::now();
+    report(Stage::Reward, 0, 1);
     let sample_prompts = sample_prompts(inputs.prompts, cond)?;
     let scores = reward.score(&RewardBatch {
         images: &images,
@@ -189,7 +220,14 @@ pub fn run_iteration(
         schedule: inputs.schedule,
         draws: inputs.draws,
     };
-    let update = grpo_update(model, optimizer, &update_inputs, &cfg.update, observer)?;
+    let (_, t) = cfg.update.trained(inputs.schedule.steps())?;
+    let mut counting = Counting {
+        inner: observer,
+        report,
+        done: 0,
+        total: (cond.samples() * t) as usize,
+    };
+    let update = grpo_update(model, optimizer, &update_inputs, &cfg.update, &mut counting)?;
     seconds.update = lap(clock, device);
     let rewards: Vec<f32> = Vec::try_from(&rewards)?;
     let clamped: Vec<f32> = Vec::try_from(&adv.clamped)?;
@@ -214,6 +252,28 @@ pub fn run_iteration(
         report,
         images: images.to_device(Device::Cpu).to_kind(Kind::Uint8),
     })
+}
+
+/// Forwards to `inner` and reports the update's progress in transitions.
+struct Counting<'a, 'b> {
+    inner: &'a mut dyn UpdateObserver,
+    report: StageReport<'b>,
+    done: usize,
+    total: usize,
+}
+
+impl UpdateObserver for Counting<'_, '_> {
+    fn transitions(&mut self, batch: &super::update::TransitionBatch) -> Result<()> {
+        self.done += batch.active.len();
+        (self.report)(Stage::Update, self.done, self.total);
+        self.inner.transitions(batch)
+    }
+    fn before_step(&mut self, step: u64, params: &[(String, Tensor)]) -> Result<()> {
+        self.inner.before_step(step, params)
+    }
+    fn after_step(&mut self, step: u64, params: &[(String, Tensor)]) -> Result<()> {
+        self.inner.after_step(step, params)
+    }
 }
 
 /// Each part of `reward` (name, weight, scores of every sample `(B,)`).

@@ -51,10 +51,24 @@ pub fn rollout(
     settings: &RolloutSettings,
     device: Device,
 ) -> Result<Rollout> {
+    let inputs = (cond, draws, schedule, latent);
+    rollout_reporting(model, inputs, settings, device, &|_, _| {})
+}
+
+/// [`rollout`] calling `done(samples_done, samples)` after each model batch.
+pub fn rollout_reporting(
+    model: &dyn VelocityModel,
+    (cond, draws, schedule, latent): (&Conditioning, &dyn Draws, &Schedule, [i64; 3]),
+    settings: &RolloutSettings,
+    device: Device,
+    done: &dyn Fn(usize, usize),
+) -> Result<Rollout> {
     let _guard = tch::no_grad_guard();
     let chunks = batches(cond.samples(), settings.batch);
     let (mut latents, mut log_probs, mut x0s) = (Vec::new(), Vec::new(), Vec::new());
+    let total = cond.samples() as usize;
     for samples in &chunks {
+        done(samples[0] as usize, total);
         let (z, lp, x0) = rollout_batch(
             model,
             cond,

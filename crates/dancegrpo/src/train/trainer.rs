@@ -19,7 +19,7 @@ use super::plot::line_plot;
 use super::tensorboard::{self, EventWriter};
 use crate::dist::{is_writer, Collective, Shard, SingleProcess, Subset};
 use crate::error::{Error, Result};
-use crate::grpo::iteration::{run_iteration, IterationConfig, IterationInputs};
+use crate::grpo::iteration::{run_iteration, IterationConfig, IterationInputs, Stage};
 use crate::grpo::{AdamW, AdamWConfig, Grouping, NoObserver, UpdateConfig};
 use crate::io::image::grid;
 use crate::models::flux::FluxTransformer;
@@ -72,6 +72,7 @@ pub struct Trainer {
     pub(super) gold: Vec<Box<dyn Reward>>,
     pub(super) events: Option<EventWriter>,
     collective: Box<dyn Collective>,
+    stage_report: Option<Box<dyn Fn(Stage, usize, usize)>>,
 }
 
 /// Files a fresh run removes when an earlier, never checkpointed run left them.
@@ -156,6 +157,7 @@ impl Trainer {
                 false => Vec::new(),
             },
             collective,
+            stage_report: None,
             ema: match &cfg.optim.ema {
                 Some(e) => Some(Ema::new(e, &model.parameters())?),
                 None => None,
@@ -217,6 +219,11 @@ impl Trainer {
     /// Completed iterations.
     pub fn iteration(&self) -> u64 {
         self.state.iteration
+    }
+
+    /// Calls `report(stage, done, total)` as each iteration advances (a progress display).
+    pub fn on_stage(&mut self, report: Box<dyn Fn(Stage, usize, usize)>) {
+        self.stage_report = Some(report);
     }
 
     /// Whether this process writes the run's files (rank 0).
@@ -320,6 +327,7 @@ impl Trainer {
             shard: &shard,
             schedule: &self.schedule,
             latent: [16, h, w],
+            report: self.stage_report.as_deref(),
         };
         let icfg = iteration_config(cfg);
         let it = run_iteration(
