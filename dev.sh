@@ -61,9 +61,29 @@ setup() {
     export LIBTORCH_USE_PYTORCH=1
 }
 
+# The CUDA headers torch's wheel brings lack the compiler's `crt/` and CCCL's
+# `nv/target`, which PyTorch's NCCL process-group header needs: add the
+# header-only wheels of the same CUDA release (once, under the lock).
+cuda_headers() {
+    local venv cuda
+    venv=$(venv_dir)
+    cuda=$("$venv/bin/python" -c 'import importlib.metadata as m; v = m.version("nvidia-cuda-runtime").split("."); print(v[0] + "." + v[1])' 2>/dev/null) \
+        || die "no nvidia-cuda-runtime in $venv: a CPU-only torch wheel?"
+    if ! "$venv/bin/python" -c 'import importlib.metadata as m; m.version("nvidia-cuda-crt"); m.version("nvidia-cuda-cccl")' 2>/dev/null; then
+        exec 9>"$venv.lock"
+        flock 9
+        echo "dev.sh: installing the CUDA $cuda compiler headers (nvidia-cuda-crt, nvidia-cuda-cccl) into $venv" >&2
+        "$venv/bin/python" -m pip install --quiet --no-input --no-deps "nvidia-cuda-crt==$cuda.*" "nvidia-cuda-cccl==$cuda.*"
+        exec 9>&-
+    fi
+}
+
 build() {
     local features=()
-    if [ "${1:-}" = "--cuda" ]; then features=(--features cuda); fi
+    if [ "${1:-}" = "--cuda" ]; then
+        cuda_headers
+        features=(--features cuda)
+    fi
     cargo build --release -p dancegrpo-cli "${features[@]}"
 }
 

@@ -59,9 +59,19 @@ fn nvidia_includes(torch: &Path) -> Vec<PathBuf> {
             torch.display()
         );
     };
-    entries
+    let dirs: Vec<PathBuf> = entries
         .filter_map(|e| e.ok())
         .map(|e| e.path().join("include"))
         .filter(|p| p.is_dir())
-        .collect()
+        .collect();
+    for header in ["crt/host_config.h", "nv/target"] {
+        if !dirs.iter().any(|d| d.join(header).exists()) {
+            panic!(
+                "feature `cuda`: no {header} under {}/nvidia/*/include: build with `./dev.sh build --cuda` \
+                 (it adds the nvidia-cuda-crt and nvidia-cuda-cccl header wheels)",
+                torch.parent().map(|p| p.display().to_string()).unwrap_or_default()
+            );
+        }
+    }
+    dirs
 }
