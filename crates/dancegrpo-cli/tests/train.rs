@@ -398,3 +398,64 @@ fn evaluation_runs_on_its_cadence_with_gold_rewards() {
     }
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+#[test]
+fn a_write_failure_mid_checkpoint_loses_nothing_and_resume_finishes_the_run() {
+    let root = temp_dir("efbig");
+    let args = |out: &Path, iterations: u32| -> Vec<String> {
+        let mut a: Vec<String> = ["train", "--out", out.to_str().unwrap()]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(RUN.iter().map(|s| s.to_string()));
+        a.extend(["--set".into(), format!("run.iterations={iterations}")]);
+        a
+    };
+    let run = |a: Vec<String>| bin().args(a).output().unwrap();
+    let whole = root.join("whole");
+    assert!(run(args(&whole, 4)).status.success());
+    let cut = root.join("cut");
+    assert!(run(args(&cut, 2)).status.success());
+    let ckpt = cut.join("checkpoints/iter-000002");
+    let before = std::fs::read(ckpt.join("optimizer.safetensors")).unwrap();
+    // files may not grow past 150 KiB (as a full disk would refuse them):
+    // the next checkpoint's weights cannot be written
+    let mut resume = args(&cut, 4);
+    resume.push("--resume".into());
+    let script = format!(
+        "trap '' XFSZ; ulimit -f 300; exec \"$0\" {}",
+        resume
+            .iter()
+            .map(|a| format!("'{a}'"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let o = Command::new("sh")
+        .args(["-c", &script, env!("CARGO_BIN_EXE_dancegrpo")])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(".iter-000004.tmp/") && err.contains("File too large"),
+        "{err}"
+    );
+    assert_eq!(err.matches("File too large").count(), 1, "{err}");
+    // the last complete checkpoint is untouched and still the newest
+    assert_eq!(
+        std::fs::read(ckpt.join("optimizer.safetensors")).unwrap(),
+        before
+    );
+    assert!(!cut.join("checkpoints/iter-000004").exists());
+    // with room again, the run resumes from it and ends as if never interrupted
+    assert!(run(resume).status.success());
+    let final_of = |d: &Path| {
+        std::fs::read(
+            d.join("checkpoints/iter-000004/transformer/diffusion_pytorch_model.safetensors"),
+        )
+        .unwrap()
+    };
+    assert!(final_of(&whole) == final_of(&cut), "final weights differ");
+    assert_eq!(metrics(&whole), metrics(&cut));
+    std::fs::remove_dir_all(&root).unwrap();
+}
