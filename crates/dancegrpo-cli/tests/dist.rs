@@ -99,8 +99,8 @@ fn weight_difference(a: &Path, b: &Path, iter: u32) -> f64 {
     let file =
         format!("checkpoints/iter-{iter:06}/transformer/diffusion_pytorch_model.safetensors");
     let (fa, fb) = (
-        SafetensorsFile::open(&a.join(&file)).unwrap(),
-        SafetensorsFile::open(&b.join(&file)).unwrap(),
+        SafetensorsFile::open(a.join(&file)).unwrap(),
+        SafetensorsFile::open(b.join(&file)).unwrap(),
     );
     let mut worst: f64 = 0.0;
     for name in fa.names() {

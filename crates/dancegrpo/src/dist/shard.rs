@@ -55,25 +55,6 @@ impl Draws for Subset<'_> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn shards_partition_every_window() {
-        // 2 prompts x 8 = 16 samples, 8 per step, 2 processes
-        assert_eq!(shard_samples(16, 8, 2, 0), vec![0, 1, 2, 3, 8, 9, 10, 11]);
-        assert_eq!(shard_samples(16, 8, 2, 1), vec![4, 5, 6, 7, 12, 13, 14, 15]);
-        assert_eq!(shard_samples(16, 16, 1, 0), (0..16).collect::<Vec<_>>());
-        // a last partial window (18 % 8 = 2) goes to the first block
-        let all: Vec<Vec<i64>> = (0..4).map(|r| shard_samples(18, 8, 4, r)).collect();
-        assert_eq!(all[0], vec![0, 1, 8, 9, 16, 17]);
-        let mut union: Vec<i64> = all.concat();
-        union.sort_unstable();
-        assert_eq!(union, (0..18).collect::<Vec<_>>());
-    }
-}
-
 /// This process's part of an iteration: the global index of each local sample
 /// (the rows of its rollout), the iteration's sample count over all processes,
 /// and the collective that joins the parts.
@@ -134,5 +115,24 @@ impl<'a> Shard<'a> {
         }
         let idx = Tensor::from_slice(&self.samples).to_device(global.device());
         global.index_select(0, &idx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_partition_every_window() {
+        // 2 prompts x 8 = 16 samples, 8 per step, 2 processes
+        assert_eq!(shard_samples(16, 8, 2, 0), vec![0, 1, 2, 3, 8, 9, 10, 11]);
+        assert_eq!(shard_samples(16, 8, 2, 1), vec![4, 5, 6, 7, 12, 13, 14, 15]);
+        assert_eq!(shard_samples(16, 16, 1, 0), (0..16).collect::<Vec<_>>());
+        // a last partial window (18 % 8 = 2) goes to the first block
+        let all: Vec<Vec<i64>> = (0..4).map(|r| shard_samples(18, 8, 4, r)).collect();
+        assert_eq!(all[0], vec![0, 1, 8, 9, 16, 17]);
+        let mut union: Vec<i64> = all.concat();
+        union.sort_unstable();
+        assert_eq!(union, (0..18).collect::<Vec<_>>());
     }
 }

@@ -30,6 +30,9 @@ use crate::rewards::Reward;
 use crate::sampler::rollout::RolloutSettings;
 use crate::sampler::{Conditioning, Draws, Schedule, Seeded};
 
+/// A progress display's callback: `(stage, done, total)`.
+pub type StageDisplay = Box<dyn Fn(Stage, usize, usize)>;
+
 /// Whether a run starts fresh or continues.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resume {
@@ -72,7 +75,7 @@ pub struct Trainer {
     pub(super) gold: Vec<Box<dyn Reward>>,
     pub(super) events: Option<EventWriter>,
     collective: Box<dyn Collective>,
-    stage_report: Option<Box<dyn Fn(Stage, usize, usize)>>,
+    stage_report: Option<StageDisplay>,
 }
 
 /// Files a fresh run removes when an earlier, never checkpointed run left them.
@@ -222,7 +225,7 @@ impl Trainer {
     }
 
     /// Calls `report(stage, done, total)` as each iteration advances (a progress display).
-    pub fn on_stage(&mut self, report: Box<dyn Fn(Stage, usize, usize)>) {
+    pub fn on_stage(&mut self, report: StageDisplay) {
         self.stage_report = Some(report);
     }
 
