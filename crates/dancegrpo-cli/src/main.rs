@@ -27,6 +27,9 @@ enum Command {
     /// Encode a prompts file with the FLUX text encoders into an embedding
     /// dataset (resumable), or convert the reference's preprocessed directory.
     Preprocess(cmd::preprocess::Args),
+    /// Train the built-in tiny FLUX and VAE from scratch on procedural images
+    /// (rectified flow) into a model directory the trainer loads.
+    Pretrain(cmd::pretrain::Args),
     /// Score image files with a reward (jpeg, hpsv2, clip, pickscore, remote).
     Score(cmd::score::Args),
     /// Benchmarks that print figures (`bench rewards`, `bench train CASE_DIR`).
@@ -42,6 +45,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Train(a) => cmd::train::run(a),
         Command::Preprocess(a) => cmd::preprocess::run(a),
+        Command::Pretrain(a) => cmd::pretrain::run(a),
         Command::Score(a) => cmd::score::run(a),
         Command::Bench(a) => cmd::bench::run(a),
     };

@@ -4,7 +4,8 @@
 //! The crate is organised by concept: [`models`] (FLUX.1 transformer, VAE and the
 //! [`models::VelocityModel`] trait), [`weights`] (checkpoint loading and parameter
 //! stores), [`io`] (file formats, atomic writes), [`align`] (stage-by-stage
-//! comparison with the reference fixtures) and [`rng`] (counter-based random
+//! comparison with the reference fixtures), [`pretrain`] (a tiny base model
+//! trained from scratch on procedural images) and [`rng`] (counter-based random
 //! numbers).
 
 pub mod align;
@@ -15,6 +16,7 @@ pub mod grpo;
 pub mod io;
 pub mod models;
 pub mod nn;
+pub mod pretrain;
 pub mod process;
 pub mod rewards;
 pub mod rng;

@@ -176,21 +176,35 @@ impl GroupNorm {
     }
 }
 
-/// `nn.Conv2d` with square kernel, stride 1 and symmetric padding.
+/// `nn.Conv2d` with a square kernel, equal strides and symmetric padding.
 pub struct Conv2d {
     weight: Tensor,
     bias: Tensor,
+    stride: i64,
     padding: i64,
 }
 
 impl Conv2d {
-    /// Builds `weight [out, in, k, k]` and `bias [out]` under `vb`.
+    /// Builds `weight [out, in, k, k]` and `bias [out]` under `vb` (stride 1).
     pub fn new(vb: &VarBuilder, in_c: i64, out_c: i64, kernel: i64, padding: i64) -> Result<Self> {
+        Self::strided(vb, in_c, out_c, kernel, 1, padding)
+    }
+
+    /// As [`Conv2d::new`] with stride `stride` in both directions.
+    pub fn strided(
+        vb: &VarBuilder,
+        in_c: i64,
+        out_c: i64,
+        kernel: i64,
+        stride: i64,
+        padding: i64,
+    ) -> Result<Self> {
         let weight = vb.get("weight", &[out_c, in_c, kernel, kernel], Init::FanIn)?;
         let bias = vb.get("bias", &[out_c], Init::Normal(0.05))?;
         Ok(Conv2d {
             weight,
             bias,
+            stride,
             padding,
         })
     }
@@ -200,7 +214,7 @@ impl Conv2d {
         x.conv2d(
             &self.weight,
             Some(&self.bias),
-            [1, 1],
+            [self.stride, self.stride],
             [self.padding, self.padding],
             [1, 1],
             1,

@@ -7,5 +7,6 @@ pub mod demo;
 pub mod env;
 pub mod generate;
 pub mod preprocess;
+pub mod pretrain;
 pub mod score;
 pub mod train;

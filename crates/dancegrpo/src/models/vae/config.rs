@@ -7,9 +7,12 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::io::json::read_json;
 
-/// Hyper-parameters of an `AutoencoderKL` (diffusers names; decoder side).
+/// Hyper-parameters of an `AutoencoderKL` (diffusers names).
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 pub struct VaeConfig {
+    /// Image channels read by the encoder.
+    #[serde(default = "three")]
+    pub in_channels: i64,
     /// Image channels produced by the decoder.
     #[serde(default = "three")]
     pub out_channels: i64,
@@ -30,6 +33,9 @@ pub struct VaeConfig {
     /// Latent shift (FLUX: 0.1159; absent for SD VAEs).
     #[serde(default)]
     pub shift_factor: Option<f64>,
+    /// Whether a 1x1 `quant_conv` follows the encoder (diffusers' default; FLUX: no).
+    #[serde(default = "yes")]
+    pub use_quant_conv: bool,
     /// Whether a 1x1 `post_quant_conv` precedes the decoder.
     #[serde(default = "yes")]
     pub use_post_quant_conv: bool,
@@ -39,6 +45,9 @@ pub struct VaeConfig {
     /// Activation (only `silu` is supported).
     #[serde(default = "silu")]
     pub act_fn: String,
+    /// Down block types (only `DownEncoderBlock2D`).
+    #[serde(default)]
+    pub down_block_types: Vec<String>,
     /// Up block types (only `UpDecoderBlock2D`).
     #[serde(default)]
     pub up_block_types: Vec<String>,
@@ -66,6 +75,27 @@ fn silu() -> String {
     "silu".into()
 }
 
+/// Every entry of `types` (when given) is `want`, one per resolution level.
+fn check_block_types(
+    path: &Path,
+    field: &str,
+    types: &[String],
+    want: &str,
+    levels: usize,
+) -> Result<()> {
+    if let Some(t) = types.iter().find(|t| *t != want) {
+        return Err(Error::config(path, field, format!("`{t}` is unsupported")));
+    }
+    if !types.is_empty() && types.len() != levels {
+        return Err(Error::config(
+            path,
+            field,
+            "length differs from block_out_channels",
+        ));
+    }
+    Ok(())
+}
+
 impl VaeConfig {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -90,26 +120,20 @@ impl VaeConfig {
                 format!("`{}` is unsupported (only silu)", self.act_fn),
             ));
         }
-        if let Some(t) = self
-            .up_block_types
-            .iter()
-            .find(|t| *t != "UpDecoderBlock2D")
-        {
-            return Err(Error::config(
-                path,
-                "up_block_types",
-                format!("`{t}` is unsupported"),
-            ));
-        }
-        if !self.up_block_types.is_empty()
-            && self.up_block_types.len() != self.block_out_channels.len()
-        {
-            return Err(Error::config(
-                path,
-                "up_block_types",
-                "length differs from block_out_channels",
-            ));
-        }
+        check_block_types(
+            path,
+            "down_block_types",
+            &self.down_block_types,
+            "DownEncoderBlock2D",
+            self.block_out_channels.len(),
+        )?;
+        check_block_types(
+            path,
+            "up_block_types",
+            &self.up_block_types,
+            "UpDecoderBlock2D",
+            self.block_out_channels.len(),
+        )?;
         if let Some(c) = self
             .block_out_channels
             .iter()
@@ -132,6 +156,7 @@ impl VaeConfig {
     /// FLUX.1's VAE.
     pub fn flux1() -> Self {
         VaeConfig {
+            in_channels: 3,
             out_channels: 3,
             block_out_channels: vec![128, 256, 512, 512],
             layers_per_block: 2,
@@ -139,9 +164,11 @@ impl VaeConfig {
             norm_num_groups: 32,
             scaling_factor: 0.3611,
             shift_factor: Some(0.1159),
+            use_quant_conv: false,
             use_post_quant_conv: false,
             mid_block_add_attention: true,
             act_fn: silu(),
+            down_block_types: vec!["DownEncoderBlock2D".into(); 4],
             up_block_types: vec!["UpDecoderBlock2D".into(); 4],
         }
     }
