@@ -81,6 +81,39 @@ fn pretrain_writes_a_model_directory_and_a_json_line() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(names, ["model"], "no temporary or old directory is left");
+
+    // the demo trains from it (`--base`); its resolved config names the directory
+    let demo = root.join("demo");
+    let o = Command::new(env!("CARGO_BIN_EXE_dancegrpo"))
+        .args(["demo", "--threads", "1", "--out", demo.to_str().unwrap()])
+        .args(["--base", out.to_str().unwrap(), "--set", "run.iterations=2"])
+        .arg("--min-rise=-100")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cfg = std::fs::read_to_string(demo.join("config.toml")).unwrap();
+    assert!(
+        cfg.contains("kind = \"dir\"") && cfg.contains(out.to_str().unwrap()),
+        "{cfg}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(demo.join("rewards.txt"))
+            .unwrap()
+            .lines()
+            .count(),
+        2
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_dancegrpo"))
+        .args(["demo", "--out", root.join("d2").to_str().unwrap(), "--base"])
+        .arg(root.join("nothing"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("nothing") && err.contains("not a model directory"),
+        "{err}"
+    );
 }
 
 #[test]
