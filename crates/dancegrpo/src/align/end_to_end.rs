@@ -80,10 +80,11 @@ pub fn run(case: &Case) -> Result<StageReport> {
         &rec.stacked("loss"),
         &case.expected("train/loss")?,
     );
-    acc.compare(
+    acc.compare_to_terms(
         "train/total_loss",
         &Tensor::from(stats.total_loss),
         &case.expected("train/total_loss")?,
+        ("train/loss", &case.expected("train/loss")?),
     );
     acc.compare(
         "optim/grad_norm",

@@ -207,6 +207,34 @@ impl StageAcc {
         });
     }
 
+    /// Compares `ours` with `reference` judging the error's norm against the
+    /// norm of `terms` instead of the reference's own: for a difference or a
+    /// cancelling sum of float32-rounded terms, whose own size says nothing
+    /// about how precisely it can be computed (`train/log_ratio = new - old`,
+    /// `train/total_loss = sum of train/loss`). Listed as `name (error / |terms_name|)`.
+    pub fn compare_to_terms(
+        &mut self,
+        name: &str,
+        ours: &Tensor,
+        reference: &Tensor,
+        (terms_name, terms): (&str, &Tensor),
+    ) {
+        let (_, abs_err) = errors(ours, reference);
+        let diff = ours.to_kind(Kind::Double) - reference.to_kind(Kind::Double);
+        let rel_err = match diff.size() == reference.size() {
+            true => {
+                diff.norm().double_value(&[]) / terms.to_kind(Kind::Double).norm().double_value(&[])
+            }
+            false => f64::INFINITY,
+        };
+        self.checks.push(TensorCheck {
+            name: format!("{name} (error / |{terms_name}|)"),
+            rel_err,
+            abs_err,
+            pass: rel_err <= self.tol,
+        });
+    }
+
     /// Records a check judged by its own rule.
     pub fn push(&mut self, check: TensorCheck) {
         self.checks.push(check);
