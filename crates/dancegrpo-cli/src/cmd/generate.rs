@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use dancegrpo::io::image::{grid, write_png};
+use dancegrpo::models::PolicyModel;
 use dancegrpo::rewards::{scores_to_tensor, Reward, RewardBatch};
 use dancegrpo::rng::Philox;
 use dancegrpo::sampler::generate::{generate, OdeSettings};
@@ -69,10 +70,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let settings = OdeSettings {
         steps: args.steps.unwrap_or(cfg.sampler.steps),
         shift: cfg.sampler.shift,
-        guidance: model
-            .config()
-            .guidance_embeds
-            .then_some(cfg.sampler.guidance),
+        guidance: model.guidance_embeds().then_some(cfg.sampler.guidance),
     };
     let start = Instant::now();
     let images = generate(

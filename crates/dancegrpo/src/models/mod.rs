@@ -62,3 +62,33 @@ pub trait VelocityModel {
     /// All parameters with their checkpoint names, in a stable order.
     fn parameters(&self) -> Vec<(String, Tensor)>;
 }
+
+/// The widths of the text conditioning a model takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TextWidths {
+    /// Width of each text token embedding (`joint_attention_dim` in FLUX).
+    pub text: i64,
+    /// Width of the pooled text embedding (`pooled_projection_dim` in FLUX).
+    pub pooled: i64,
+}
+
+/// A velocity model the trainer can fine-tune and checkpoint: all the trainer,
+/// its checkpoints and `generate` need beyond [`VelocityModel`].
+///
+/// [`VelocityModel::parameters`] lists what is trained (the whole model, or
+/// only adapters); `save_trained` and `load_trained` write and read exactly
+/// those into a checkpoint directory, in whatever layout the model's users expect.
+pub trait PolicyModel: VelocityModel {
+    /// The text conditioning widths the model accepts.
+    fn text_widths(&self) -> TextWidths;
+
+    /// Whether the model takes a guidance-scale input (guidance-distilled).
+    fn guidance_embeds(&self) -> bool;
+
+    /// Writes the trained weights into checkpoint directory `dir` (which exists).
+    fn save_trained(&self, dir: &std::path::Path) -> Result<()>;
+
+    /// Copies the trained weights of checkpoint directory `dir` into the model.
+    /// A missing file or tensor, or a shape that differs, is an error naming it.
+    fn load_trained(&self, dir: &std::path::Path) -> Result<()>;
+}

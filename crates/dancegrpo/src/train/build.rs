@@ -12,6 +12,7 @@ use crate::data::{EmbeddingDataset, ReferenceSet};
 use crate::error::{Error, Result};
 use crate::models::flux::{FluxConfig, FluxTransformer};
 use crate::models::vae::{Vae, VaeConfig};
+use crate::models::PolicyModel;
 use crate::rewards::combine::WeightedSum;
 use crate::rewards::spec::RewardSpec;
 use crate::rewards::Reward;
@@ -49,14 +50,14 @@ pub fn build_models(cfg: &TrainConfig, device: Device) -> Result<(FluxTransforme
 }
 
 /// The training prompt set (`[data]`).
-pub fn build_prompts(cfg: &TrainConfig, model: &FluxTransformer) -> Result<Box<dyn PromptSet>> {
+pub fn build_prompts(cfg: &TrainConfig, model: &dyn PolicyModel) -> Result<Box<dyn PromptSet>> {
     build_prompt_set(&cfg.data, "data", model)
 }
 
 /// The held-out evaluation prompt set (`[eval.data]`), if the configuration has one.
 pub fn build_eval_prompts(
     cfg: &TrainConfig,
-    model: &FluxTransformer,
+    model: &dyn PolicyModel,
 ) -> Result<Option<Box<dyn PromptSet>>> {
     cfg.eval
         .data
@@ -70,7 +71,7 @@ pub fn build_eval_prompts(
 pub fn build_prompt_set(
     source: &DataSource,
     section: &str,
-    model: &FluxTransformer,
+    model: &dyn PolicyModel,
 ) -> Result<Box<dyn PromptSet>> {
     let field = format!("{section}.path");
     let bad = |e: Error| Error::config("config", &field, e.to_string());
@@ -84,8 +85,8 @@ pub fn build_prompt_set(
                 count: *prompts,
                 seed: *seed,
                 text_len: SYNTHETIC_TEXT_LEN,
-                text_dim: model.config().joint_attention_dim,
-                pooled_dim: model.config().pooled_projection_dim,
+                text_dim: model.text_widths().text,
+                pooled_dim: model.text_widths().pooled,
             }))
         }
         DataSource::Dataset { path } => {
@@ -108,10 +109,10 @@ fn check_widths(
     field: &str,
     path: &Path,
     (text_dim, pooled_dim): (i64, i64),
-    model: &FluxTransformer,
+    model: &dyn PolicyModel,
 ) -> Result<()> {
-    let cfg = model.config();
-    if text_dim == cfg.joint_attention_dim && pooled_dim == cfg.pooled_projection_dim {
+    let want = model.text_widths();
+    if text_dim == want.text && pooled_dim == want.pooled {
         return Ok(());
     }
     Err(Error::config(
@@ -120,8 +121,8 @@ fn check_widths(
         format!(
             "{}: embeddings of width {text_dim} (text) and {pooled_dim} (pooled) do not fit the model's joint_attention_dim {} and pooled_projection_dim {}",
             path.display(),
-            cfg.joint_attention_dim,
-            cfg.pooled_projection_dim
+            want.text,
+            want.pooled
         ),
     ))
 }

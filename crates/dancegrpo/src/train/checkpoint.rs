@@ -1,10 +1,12 @@
-//! Training checkpoints: the transformer in the diffusers layout, the optimizer
-//! state and the trainer state, written into a temporary directory and renamed
-//! into place, so a crash mid-write leaves the previous checkpoint intact.
+//! Training checkpoints: the trained weights (in the model's own layout, see
+//! [`PolicyModel::save_trained`]), the optimizer state and the trainer state,
+//! written into a temporary directory and renamed into place, so a crash
+//! mid-write leaves the previous checkpoint intact.
 //!
 //! ```text
 //! <run>/checkpoints/iter-000040/
-//!     transformer/config.json, diffusion_pytorch_model.safetensors
+//!     transformer/config.json, diffusion_pytorch_model.safetensors   (FLUX, full fine-tune;
+//!     or lora.safetensors + pytorch_lora_weights.safetensors)         LoRA: the adapters only)
 //!     optimizer.safetensors      exp_avg.<param>, exp_avg_sq.<param>
 //!     ema.safetensors            the moving average (when enabled)
 //!     state.json                 written last: marks the checkpoint complete
@@ -14,14 +16,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use tch::Kind;
 
 use crate::error::{Error, Result};
 use crate::grpo::AdamW;
 use crate::io::atomic::write_bytes_atomic;
 use crate::io::safetensors::{write_safetensors, SafetensorsFile};
-use crate::models::flux::FluxTransformer;
-use crate::models::VelocityModel;
+use crate::models::PolicyModel;
 
 /// What a checkpoint records besides tensors.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -45,7 +45,7 @@ pub fn checkpoint_name(iteration: u64) -> String {
 /// Writes a checkpoint of `model`, `optimizer`, `ema` and `state` under `root`.
 pub fn save(
     root: &Path,
-    model: &FluxTransformer,
+    model: &dyn PolicyModel,
     optimizer: &AdamW,
     ema: Option<&super::ema::Ema>,
     state: &TrainState,
@@ -58,7 +58,7 @@ pub fn save(
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    save_weights(&tmp, model)?;
+    model.save_trained(&tmp)?;
     let names: Vec<String> = model.parameters().into_iter().map(|(n, _)| n).collect();
     let (m, v) = optimizer.moments();
     let mut tensors = Vec::with_capacity(2 * names.len());
@@ -129,7 +129,7 @@ pub fn load_state(dir: &Path) -> Result<TrainState> {
 }
 
 /// Loads the optimizer moments of checkpoint `dir` into `optimizer` (parameter names from `model`).
-pub fn load_optimizer(dir: &Path, model: &FluxTransformer, optimizer: &mut AdamW) -> Result<()> {
+pub fn load_optimizer(dir: &Path, model: &dyn PolicyModel, optimizer: &mut AdamW) -> Result<()> {
     let path = dir.join("optimizer.safetensors");
     let file = SafetensorsFile::open(&path)?;
     let step: u64 = file
@@ -157,59 +157,8 @@ pub fn load_optimizer(dir: &Path, model: &FluxTransformer, optimizer: &mut AdamW
     optimizer.restore(m, v, step)
 }
 
-/// The trained weights: the whole `transformer/` (diffusers layout), or with
-/// LoRA the adapters (`lora.safetensors`, our names, for resuming) and
-/// `pytorch_lora_weights.safetensors` (diffusers layout, for loading elsewhere).
-fn save_weights(dir: &Path, model: &FluxTransformer) -> Result<()> {
-    match model.lora() {
-        None => model.save_dir(&dir.join("transformer")),
-        Some((adapters, cfg)) => {
-            let tensors: Vec<(String, tch::Tensor)> = adapters
-                .named()
-                .into_iter()
-                .map(|(n, t)| (n, t.detach()))
-                .collect();
-            let meta = BTreeMap::from([(
-                "lora".to_string(),
-                serde_json::to_string(cfg).expect("json"),
-            )]);
-            write_safetensors(dir.join("lora.safetensors"), &tensors, &meta)?;
-            crate::models::lora::save_diffusers(
-                &dir.join("pytorch_lora_weights.safetensors"),
-                adapters,
-                cfg,
-            )
-        }
-    }
-}
-
-/// Copies the trained weights of checkpoint `dir` into `model` (same architecture;
-/// `transformer/`, or `lora.safetensors` when the model carries adapters).
-pub fn load_weights(dir: &Path, model: &FluxTransformer) -> Result<()> {
-    let saved: Vec<(String, tch::Tensor)> = if model.lora().is_some() {
-        let path = dir.join("lora.safetensors");
-        let file = SafetensorsFile::open(&path)?;
-        model
-            .parameters()
-            .iter()
-            .map(|(n, _)| Ok((n.clone(), file.tensor(n)?)))
-            .collect::<Result<_>>()?
-    } else {
-        FluxTransformer::from_dir(&dir.join("transformer"), Kind::Float, tch::Device::Cpu)?
-            .parameters()
-    };
-    let _guard = tch::no_grad_guard();
-    for ((name, p), (_, s)) in model.parameters().into_iter().zip(saved) {
-        if p.size() != s.size() {
-            return Err(Error::Input(format!(
-                "checkpoint {}: {name} has shape {:?}, the model {:?}",
-                dir.display(),
-                s.size(),
-                p.size()
-            )));
-        }
-        p.shallow_clone()
-            .copy_(&s.to_kind(p.kind()).to_device(p.device()));
-    }
-    Ok(())
+/// Copies the trained weights of checkpoint `dir` into `model` (same
+/// architecture, same adapters).
+pub fn load_weights(dir: &Path, model: &dyn PolicyModel) -> Result<()> {
+    model.load_trained(dir)
 }

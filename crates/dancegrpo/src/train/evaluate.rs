@@ -83,10 +83,10 @@ impl Trainer {
         let settings = OdeSettings {
             steps: s.steps,
             shift: s.shift,
-            guidance: self.model.config().guidance_embeds.then_some(s.guidance),
+            guidance: self.model.guidance_embeds().then_some(s.guidance),
         };
         let images = generate(
-            &self.model,
+            self.model.as_ref(),
             &self.vae,
             &text.to_device(dev),
             &pooled.to_device(dev),

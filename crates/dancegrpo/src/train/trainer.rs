@@ -22,9 +22,8 @@ use crate::error::{Error, Result};
 use crate::grpo::iteration::{run_iteration, IterationConfig, IterationInputs, Stage};
 use crate::grpo::{AdamW, AdamWConfig, Grouping, NoObserver, UpdateConfig};
 use crate::io::image::grid;
-use crate::models::flux::FluxTransformer;
 use crate::models::vae::{packing, Vae};
-use crate::models::VelocityModel;
+use crate::models::PolicyModel;
 use crate::rewards::combine::WeightedSum;
 use crate::rewards::Reward;
 use crate::sampler::rollout::RolloutSettings;
@@ -61,7 +60,7 @@ pub struct Trainer {
     pub(super) cfg: TrainConfig,
     pub(super) dir: PathBuf,
     pub(super) device: Device,
-    pub(super) model: FluxTransformer,
+    pub(super) model: Box<dyn PolicyModel>,
     pub(super) vae: Vae,
     pub(super) reward: WeightedSum,
     optimizer: AdamW,
@@ -140,14 +139,15 @@ impl Trainer {
         collective: Box<dyn Collective>,
     ) -> Result<Self> {
         let (model, vae) = build_models(&cfg, device)?;
-        let prompts = build_prompts(&cfg, &model)?;
+        let model: Box<dyn PolicyModel> = Box::new(model);
+        let prompts = build_prompts(&cfg, model.as_ref())?;
         Ok(Trainer {
             order: DataOrder::new(cfg.run.seed, prompts.len()),
             prompts,
-            eval_prompts: build_eval_prompts(&cfg, &model)?,
+            eval_prompts: build_eval_prompts(&cfg, model.as_ref())?,
             schedule: Schedule::shifted(cfg.sampler.steps, cfg.sampler.shift),
             reward: build_rewards(&cfg, device)?,
-            optimizer: AdamW::new(adam(&cfg), &params(&model)),
+            optimizer: AdamW::new(adam(&cfg), &params(model.as_ref())),
             state: TrainState {
                 iteration: 0,
                 optimizer_steps: 0,
@@ -198,8 +198,8 @@ impl Trainer {
     }
 
     fn restore(&mut self, ckpt: &Path) -> Result<()> {
-        checkpoint::load_weights(ckpt, &self.model)?;
-        checkpoint::load_optimizer(ckpt, &self.model, &mut self.optimizer)?;
+        checkpoint::load_weights(ckpt, self.model.as_ref())?;
+        checkpoint::load_optimizer(ckpt, self.model.as_ref(), &mut self.optimizer)?;
         self.state = checkpoint::load_state(ckpt)?;
         if let Some(ema) = &mut self.ema {
             ema.load(&ckpt.join("ema.safetensors"))?;
@@ -215,8 +215,8 @@ impl Trainer {
     }
 
     /// The model being trained.
-    pub fn model(&self) -> &FluxTransformer {
-        &self.model
+    pub fn model(&self) -> &dyn PolicyModel {
+        self.model.as_ref()
     }
 
     /// Completed iterations.
@@ -306,10 +306,7 @@ impl Trainer {
             pooled.to_device(dev),
             packing::text_ids(text.size()[1], dev),
             packing::image_ids(h, w, dev),
-            self.model
-                .config()
-                .guidance_embeds
-                .then_some(cfg.sampler.guidance),
+            self.model.guidance_embeds().then_some(cfg.sampler.guidance),
             group,
         )?;
         let captions: Vec<String> = entries.iter().map(|e| e.caption.clone()).collect();
@@ -334,7 +331,7 @@ impl Trainer {
         };
         let icfg = iteration_config(cfg);
         let it = run_iteration(
-            &self.model,
+            self.model.as_ref(),
             &self.vae,
             &mut self.reward,
             &mut self.optimizer,
@@ -390,7 +387,13 @@ impl Trainer {
     fn save(&mut self) -> Result<()> {
         let root = self.dir.join("checkpoints");
         let ema = self.ema.as_ref();
-        checkpoint::save(&root, &self.model, &self.optimizer, ema, &self.state)?;
+        checkpoint::save(
+            &root,
+            self.model.as_ref(),
+            &self.optimizer,
+            ema,
+            &self.state,
+        )?;
         checkpoint::prune(&root, self.cfg.run.keep_checkpoints)?;
         self.write_curve()
     }
@@ -424,7 +427,7 @@ fn moving_average(pts: &[(f64, f64)], k: usize) -> Vec<(f64, f64)> {
         .collect()
 }
 
-fn params(model: &FluxTransformer) -> Vec<Tensor> {
+fn params(model: &dyn PolicyModel) -> Vec<Tensor> {
     model.parameters().into_iter().map(|(_, p)| p).collect()
 }
 

@@ -6,6 +6,7 @@ mod checkpoint;
 pub mod config;
 pub mod embeddings;
 pub mod model;
+mod policy;
 
 pub use config::FluxConfig;
 pub use model::{FluxTransformer, Trace};

@@ -1,0 +1,83 @@
+//! FLUX as a [`PolicyModel`]: what a training checkpoint holds of it.
+//!
+//! ```text
+//! full fine-tune   transformer/config.json, diffusion_pytorch_model.safetensors  (diffusers layout)
+//! LoRA             lora.safetensors                   our parameter names (for resuming)
+//!                  pytorch_lora_weights.safetensors   diffusers/peft names, alpha/rank folded into B
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use tch::{Kind, Tensor};
+
+use super::model::FluxTransformer;
+use crate::error::{Error, Result};
+use crate::io::safetensors::{write_safetensors, SafetensorsFile};
+use crate::models::{PolicyModel, TextWidths, VelocityModel};
+
+impl PolicyModel for FluxTransformer {
+    fn text_widths(&self) -> TextWidths {
+        TextWidths {
+            text: self.config().joint_attention_dim,
+            pooled: self.config().pooled_projection_dim,
+        }
+    }
+
+    fn guidance_embeds(&self) -> bool {
+        self.config().guidance_embeds
+    }
+
+    fn save_trained(&self, dir: &Path) -> Result<()> {
+        let Some((adapters, cfg)) = self.lora() else {
+            return self.save_dir(&dir.join("transformer"));
+        };
+        let tensors: Vec<(String, Tensor)> = adapters
+            .named()
+            .into_iter()
+            .map(|(n, t)| (n, t.detach()))
+            .collect();
+        let meta = BTreeMap::from([(
+            "lora".to_string(),
+            serde_json::to_string(cfg).expect("json"),
+        )]);
+        write_safetensors(dir.join("lora.safetensors"), &tensors, &meta)?;
+        crate::models::lora::save_diffusers(
+            &dir.join("pytorch_lora_weights.safetensors"),
+            adapters,
+            cfg,
+        )
+    }
+
+    fn load_trained(&self, dir: &Path) -> Result<()> {
+        let saved: Vec<(String, Tensor)> = if self.lora().is_some() {
+            let file = SafetensorsFile::open(dir.join("lora.safetensors"))?;
+            self.parameters()
+                .iter()
+                .map(|(n, _)| Ok((n.clone(), file.tensor(n)?)))
+                .collect::<Result<_>>()?
+        } else {
+            let stored = dir.join("transformer");
+            FluxTransformer::from_dir(&stored, Kind::Float, tch::Device::Cpu)?.parameters()
+        };
+        copy_into(dir, &self.parameters(), &saved)
+    }
+}
+
+/// Copies `saved` into `params` (same names, same order), checking shapes.
+fn copy_into(dir: &Path, params: &[(String, Tensor)], saved: &[(String, Tensor)]) -> Result<()> {
+    let _guard = tch::no_grad_guard();
+    for ((name, p), (_, s)) in params.iter().zip(saved) {
+        if p.size() != s.size() {
+            return Err(Error::Input(format!(
+                "checkpoint {}: {name} has shape {:?}, the model {:?}",
+                dir.display(),
+                s.size(),
+                p.size()
+            )));
+        }
+        p.shallow_clone()
+            .copy_(&s.to_kind(p.kind()).to_device(p.device()));
+    }
+    Ok(())
+}
