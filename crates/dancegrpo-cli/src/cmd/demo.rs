@@ -59,8 +59,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let start = Instant::now();
     let mut trainer = Trainer::new(cfg, &args.out, Resume::Fresh, Device::Cpu)?;
-    super::train::show_stages(&mut trainer);
-    trainer.run(&mut super::train::print_progress)?;
+    let display = super::progress::TrainProgress::new(1);
+    display.attach(&mut trainer);
+    trainer.run(&mut |p| display.iteration(p))?;
     eprintln!();
     let rewards: Vec<f64> = std::fs::read_to_string(args.out.join("rewards.txt"))?
         .lines()

@@ -8,5 +8,6 @@ pub mod env;
 pub mod generate;
 pub mod preprocess;
 pub mod pretrain;
+pub mod progress;
 pub mod score;
 pub mod train;
