@@ -80,6 +80,23 @@ fn assert_same_run(a: &Path, b: &Path) {
     );
 }
 
+/// Runs `dir` to its end: resumed from its newest complete checkpoint, or
+/// from scratch when it has none.
+fn finish_run(dir: &Path) {
+    let mut cmd = bin();
+    cmd.args(["train", "--out", dir.to_str().unwrap()])
+        .args(RUN);
+    if dancegrpo::train::checkpoint::latest(&dir.join("checkpoints")).is_some() {
+        cmd.arg("--resume");
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn sigkill_and_resume_reproduce_an_uninterrupted_run_bit_for_bit() {
     let root = temp_dir("kill");
@@ -138,19 +155,7 @@ fn sigkill_and_resume_reproduce_an_uninterrupted_run_bit_for_bit() {
             }
         }
     }
-    // finish whatever is left (from scratch if no checkpoint was completed)
-    let mut cmd = bin();
-    cmd.args(["train", "--out", killed.to_str().unwrap()])
-        .args(RUN);
-    if dancegrpo::train::checkpoint::latest(&killed.join("checkpoints")).is_some() {
-        cmd.arg("--resume");
-    }
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    finish_run(&killed);
     eprintln!("{kills} kills");
     assert_same_run(&clean, &killed);
     std::fs::remove_dir_all(&root).unwrap();
@@ -179,6 +184,12 @@ fn a_half_written_checkpoint_is_ignored_on_resume() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("resumed after iteration 4"), "{err}");
+    // the longer run is named as the one change, which keeps the trajectory
+    assert!(
+        err.contains("resume: run.iterations changed: 5 -> 9"),
+        "{err}"
+    );
+    assert_eq!(err.matches("resume: ").count(), 1, "{err}");
     assert_same_run(&clean, &part);
     std::fs::remove_dir_all(&root).unwrap();
 }
@@ -457,5 +468,71 @@ fn a_write_failure_mid_checkpoint_loses_nothing_and_resume_finishes_the_run() {
     };
     assert!(final_of(&whole) == final_of(&cut), "final weights differ");
     assert_eq!(metrics(&whole), metrics(&cut));
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// The first temporary checkpoint directory (`.iter-N.tmp`) under `ckpts`, if any.
+fn temporary_checkpoint(ckpts: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(ckpts)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(".iter-") && n.ends_with(".tmp"))
+        })
+}
+
+#[test]
+fn sigkill_during_a_checkpoint_write_loses_nothing() {
+    let root = temp_dir("kill-in-checkpoint");
+    let clean = root.join("clean");
+    train(&clean, &[]);
+    let killed = root.join("killed");
+    let ckpts = killed.join("checkpoints");
+    let name = |i: u64| dancegrpo::train::checkpoint::checkpoint_name(i);
+    // Run k waits for checkpoint 2k to be written (`.iter-N.tmp` appears) and
+    // SIGKILLs the process at once; each run resumes what the last one left.
+    // A kill counts when the temporary directory is still there afterwards:
+    // the process died inside `checkpoint::save`.
+    let mut caught = Vec::new();
+    for target in [2u64, 4, 6, 8] {
+        let mut cmd = bin();
+        cmd.args(["train", "--out", killed.to_str().unwrap()])
+            .args(RUN)
+            .stderr(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null());
+        if dancegrpo::train::checkpoint::latest(&ckpts).is_some() {
+            cmd.arg("--resume");
+        }
+        let mut child = cmd.spawn().unwrap();
+        let tmp = ckpts.join(format!(".{}.tmp", name(target)));
+        while !tmp.exists() {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "run ended before {tmp:?}"
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        if tmp.is_dir() {
+            // the newest complete checkpoint is the one before, intact
+            let before = (target > 2).then(|| ckpts.join(name(target - 2)));
+            assert_eq!(dancegrpo::train::checkpoint::latest(&ckpts), before);
+            caught.push(target);
+        }
+    }
+    eprintln!("killed inside the writes of checkpoints {caught:?}");
+    assert!(
+        caught.len() >= 2,
+        "kills inside checkpoint writes: {caught:?}"
+    );
+    finish_run(&killed);
+    assert!(
+        temporary_checkpoint(&ckpts).is_none(),
+        "a temporary directory is left"
+    );
+    assert_same_run(&clean, &killed);
     std::fs::remove_dir_all(&root).unwrap();
 }

@@ -1,7 +1,6 @@
 //! `dancegrpo train`: GRPO training from a TOML config (or the built-in tiny
 //! default), with `--set` overrides, `--resume`, and a progress line per iteration.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -9,7 +8,9 @@ use anyhow::Context;
 use std::time::Duration;
 
 use dancegrpo::dist::{Collective, DistBackend, Launch, ProcessGroup, SingleProcess};
-use dancegrpo::train::{Progress, Resume, TrainConfig, Trainer};
+use dancegrpo::train::{Resume, TrainConfig, Trainer};
+
+use super::progress::TrainProgress;
 use tch::Device;
 
 /// Arguments of `dancegrpo train`.
@@ -66,11 +67,39 @@ fn resolve_config(args: &Args) -> anyhow::Result<TrainConfig> {
     Ok(cfg)
 }
 
+/// On `--resume` with a configuration other than the run's own, names each
+/// changed field, and says when the continuation will differ from the run it
+/// resumes (anything but the run's length, cadences and evaluation).
+fn report_changes(args: &Args, cfg: &TrainConfig) -> anyhow::Result<()> {
+    let stored = args.out.join("config.toml");
+    if !args.resume || !stored.is_file() {
+        return Ok(());
+    }
+    let earlier = TrainConfig::load(&stored, &[])?;
+    let changes = cfg.changes_from(&earlier);
+    for c in &changes {
+        let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "(absent)".into());
+        eprintln!(
+            "resume: {} changed: {} -> {}",
+            c.field,
+            show(&c.before),
+            show(&c.after)
+        );
+    }
+    if changes.iter().any(|c| !c.keeps_trajectory()) {
+        eprintln!("resume: the continuation will differ from the run that wrote the checkpoint");
+    }
+    Ok(())
+}
+
 /// Runs `dancegrpo train`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let cfg = resolve_config(&args)?;
     let launch = Launch::from_env()?;
     let (world, rank) = launch.as_ref().map_or((1, 0), |l| (l.world_size, l.rank));
+    if rank == 0 {
+        report_changes(&args, &cfg)?;
+    }
     cfg.check_world(world)?;
     let d = cfg.derived(world);
     if rank == 0 {
@@ -113,11 +142,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if trainer.iteration() > 0 && rank == 0 {
         eprintln!("resumed after iteration {}", trainer.iteration());
     }
-    if rank == 0 {
-        show_stages(&mut trainer);
-    }
     match rank {
-        0 => trainer.run(&mut print_progress)?,
+        0 => {
+            let display = TrainProgress::new(trainer.iteration() + 1);
+            display.attach(&mut trainer);
+            trainer.run(&mut |p| display.iteration(p))?
+        }
         _ => trainer.run(&mut |_| {})?,
     }
     if rank == 0 {
@@ -129,52 +159,4 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// On a terminal, the stage the current iteration is in, after the last
-/// iteration's status line (`| rollout 8/16`, `| update 24/48`).
-pub fn show_stages(trainer: &mut Trainer) {
-    use std::io::IsTerminal;
-    if !std::io::stderr().is_terminal() {
-        return;
-    }
-    let first = format!("iteration {}", trainer.iteration() + 1);
-    LAST_LINE.with(|l| *l.borrow_mut() = first);
-    trainer.on_stage(Box::new(|stage, done, total| {
-        let line = LAST_LINE.with(|l| l.borrow().clone());
-        eprint!("\r{line} | {} {done}/{total}\x1b[K", stage.name());
-        let _ = std::io::stderr().flush();
-    }));
-}
-
-thread_local! {
-    /// The last status line printed (the stage display repeats it).
-    static LAST_LINE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
-}
-
-/// One status line per iteration on stderr, overwritten in place on a terminal;
-/// elsewhere (logs) a line every tenth of the run.
-pub fn print_progress(p: &Progress) {
-    use std::io::IsTerminal;
-    let terminal = std::io::stderr().is_terminal();
-    let every = (p.total / 10).max(1);
-    if !terminal && p.iteration % every != 0 && p.iteration != p.total {
-        return;
-    }
-    let m = p.metrics;
-    let left = (p.total - p.iteration) as f64 * p.seconds_per_iteration;
-    let width = 20;
-    let filled = (p.iteration as usize * width) / p.total.max(1) as usize;
-    let bar: String = "#".repeat(filled) + &"-".repeat(width - filled);
-    let line = format!(
-        "[{bar}] {}/{} reward {:+.4} (first {:+.4}) loss {:+.2e} grad {:.3} clip {:.2} {:.2}s/it ETA {:.0}s",
-        p.iteration, p.total, m.reward_mean, p.first_reward, m.loss, m.grad_norm, m.clip_fraction,
-        p.seconds_per_iteration, left
-    );
-    match terminal {
-        true => eprint!("\r{line}\x1b[K"),
-        false => eprintln!("{line}"),
-    }
-    LAST_LINE.with(|l| *l.borrow_mut() = line);
-    let _ = std::io::stderr().flush();
 }
