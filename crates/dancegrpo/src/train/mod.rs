@@ -8,7 +8,6 @@ pub mod config;
 pub mod data;
 pub mod ema;
 pub mod evaluate;
-pub mod font;
 pub mod metrics;
 pub mod plot;
 pub mod tensorboard;
