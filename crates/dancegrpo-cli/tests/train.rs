@@ -80,16 +80,21 @@ fn assert_same_run(a: &Path, b: &Path) {
     );
 }
 
-/// Runs `dir` to its end: resumed from its newest complete checkpoint, or
+/// `train` of `RUN` in `dir`: resumed from its newest complete checkpoint, or
 /// from scratch when it has none.
-fn finish_run(dir: &Path) {
+fn continue_cmd(dir: &Path) -> Command {
     let mut cmd = bin();
     cmd.args(["train", "--out", dir.to_str().unwrap()])
         .args(RUN);
     if dancegrpo::train::checkpoint::latest(&dir.join("checkpoints")).is_some() {
         cmd.arg("--resume");
     }
-    let out = cmd.output().unwrap();
+    cmd
+}
+
+/// Runs `dir` to its end ([`continue_cmd`]).
+fn finish_run(dir: &Path) {
+    let out = continue_cmd(dir).output().unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -120,17 +125,7 @@ fn sigkill_and_resume_reproduce_an_uninterrupted_run_bit_for_bit() {
         .subsec_nanos() as u64;
     let mut kills = 0;
     for attempt in 0..20u64 {
-        let resume = killed.join("checkpoints").is_dir()
-            && std::fs::read_dir(killed.join("checkpoints"))
-                .unwrap()
-                .any(|e| e.unwrap().path().join("state.json").is_file());
-        let mut cmd = bin();
-        cmd.args(["train", "--out", killed.to_str().unwrap()])
-            .args(RUN);
-        if resume {
-            cmd.arg("--resume");
-        }
-        let mut child = cmd
+        let mut child = continue_cmd(&killed)
             .stderr(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .spawn()
@@ -497,15 +492,11 @@ fn sigkill_during_a_checkpoint_write_loses_nothing() {
     // the process died inside `checkpoint::save`.
     let mut caught = Vec::new();
     for target in [2u64, 4, 6, 8] {
-        let mut cmd = bin();
-        cmd.args(["train", "--out", killed.to_str().unwrap()])
-            .args(RUN)
+        let mut child = continue_cmd(&killed)
             .stderr(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null());
-        if dancegrpo::train::checkpoint::latest(&ckpts).is_some() {
-            cmd.arg("--resume");
-        }
-        let mut child = cmd.spawn().unwrap();
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         let tmp = ckpts.join(format!(".{}.tmp", name(target)));
         while !tmp.exists() {
             assert!(

@@ -219,11 +219,12 @@ impl StageAcc {
         reference: &Tensor,
         (terms_name, terms): (&str, &Tensor),
     ) {
+        // `errors` is infinite for an undefined tensor or a shape mismatch
         let (_, abs_err) = errors(ours, reference);
-        let diff = ours.to_kind(Kind::Double) - reference.to_kind(Kind::Double);
-        let rel_err = match diff.size() == reference.size() {
+        let norm = |t: &Tensor| t.to_kind(Kind::Double).norm().double_value(&[]);
+        let rel_err = match abs_err.is_finite() {
             true => {
-                diff.norm().double_value(&[]) / terms.to_kind(Kind::Double).norm().double_value(&[])
+                norm(&(ours.to_kind(Kind::Double) - reference.to_kind(Kind::Double))) / norm(terms)
             }
             false => f64::INFINITY,
         };
