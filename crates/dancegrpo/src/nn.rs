@@ -5,10 +5,21 @@
 use std::cell::OnceCell;
 use std::rc::Rc;
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use crate::error::Result;
 use crate::weights::{Init, VarBuilder};
+
+/// The kind a float32 island of the reference (a norm's variance, a softmax,
+/// sinusoidal or rotary features, the SDE's log-probability) computes in for
+/// tensors of `kind`: float32, except that float64 stays float64, as the
+/// fixtures' float64 replay runs those islands in float64.
+pub fn upcast_kind(kind: Kind) -> Kind {
+    match kind {
+        Kind::Double => Kind::Double,
+        _ => Kind::Float,
+    }
+}
 
 /// A low-rank adapter on a linear layer: `y += (x A^T) B^T * scale`.
 pub struct Lora {
@@ -132,11 +143,11 @@ impl RmsNorm {
     /// Normalises the last dimension of `x`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let variance = x
-            .to_kind(tch::Kind::Float)
+            .to_kind(upcast_kind(x.kind()))
             .pow_tensor_scalar(2)
             .mean_dim(-1, true, None);
         let mut h = x * (variance + self.eps).rsqrt();
-        if matches!(self.weight.kind(), tch::Kind::Half | tch::Kind::BFloat16) {
+        if matches!(self.weight.kind(), Kind::Half | Kind::BFloat16) {
             h = h.to_kind(self.weight.kind());
         }
         h * &self.weight

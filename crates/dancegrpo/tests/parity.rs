@@ -1,79 +1,111 @@
-//! Parity with the reference fixtures: every shipped case must pass the
-//! implemented align stages within the tolerances.
+//! Parity with the reference fixtures: every shipped case must pass every
+//! align stage, in float32 judged against the float64 truth relative to the
+//! reference's own float32 error, and in float64 against the truth directly.
 
 mod common;
 
-use dancegrpo::align::{run_case, Stage};
+use dancegrpo::align::judge::{COMPOSED_FLOOR, F64_TOL, FLOOR, K};
+use dancegrpo::align::{run_case, CaseReport, Precision, Stage, StageReport};
 use dancegrpo::models::flux::FluxTransformer;
 use dancegrpo::models::VelocityModel;
 use tch::{Device, Kind};
 
-#[test]
-fn transformer_and_decode_stages_pass_on_every_public_case() {
-    for case in common::public_cases() {
-        let report = run_case(&case, &[Stage::Transformer, Stage::Decode]).unwrap();
-        assert_eq!(report.stages.len(), 2);
-        for s in &report.stages {
+/// Asserts that every stage passed and that every float tensor was judged
+/// against the truth by the documented rule (no check without a truth, no
+/// bound looser than the rule).
+fn assert_judged_by_the_truth(report: &CaseReport) {
+    for s in &report.stages {
+        assert!(
+            s.pass,
+            "{} {} ({:?}): worst {} vs truth {:?} bound {:e} (vs ref {:e})",
+            report.case, s.name, s.precision, s.worst, s.truth_err, s.bound, s.rel_err
+        );
+        assert!(
+            s.tensors.len() > 1,
+            "{}: only {} tensors compared",
+            s.name,
+            s.tensors.len()
+        );
+        for t in s.tensors.iter().filter(|t| t.bound > 0.0) {
+            let (Some(ours), Some(reference)) = (t.truth_err, t.ref_err) else {
+                panic!("{} {}: not judged against the truth", s.name, t.name);
+            };
+            assert!(ours <= t.bound, "{} {t:?}", s.name);
+            let floor = if s.name == "end_to_end" {
+                COMPOSED_FLOOR
+            } else {
+                FLOOR
+            };
+            let relative = (K * reference).max(floor);
+            let allowed = match s.precision {
+                Precision::F64
+                    if !t.name.contains("from image_uint8") && s.name != "end_to_end" =>
+                {
+                    F64_TOL
+                }
+                _ => relative,
+            };
             assert!(
-                s.tol <= 1e-5,
-                "{}: tolerance {} looser than 1e-5",
-                s.name,
-                s.tol
-            );
-            assert!(
-                s.pass && s.rel_err <= 1e-5,
-                "{} {}: worst {} rel {:e} abs {:e}",
-                report.case,
-                s.name,
-                s.worst,
-                s.rel_err,
-                s.abs_err
-            );
-            // every sampling call and every debug activation was compared
-            assert!(
-                s.tensors.len() > 4,
-                "{}: only {} tensors compared",
-                s.name,
-                s.tensors.len()
+                t.bound <= allowed * (1.0 + 1e-12),
+                "{} {t:?}: bound above {allowed:e}",
+                s.name
             );
         }
-        let transformer = &report.stages[0];
+    }
+}
+
+fn stage<'a>(report: &'a CaseReport, name: &str) -> &'a StageReport {
+    report.stages.iter().find(|s| s.name == name).unwrap()
+}
+
+#[test]
+fn every_stage_passes_in_float32_against_the_truth() {
+    for case in common::public_cases() {
+        let report = run_case(&case, &[], Precision::F32).unwrap();
+        assert_eq!(report.stages.len(), Stage::ALL.len());
+        assert_judged_by_the_truth(&report);
+        assert!(report.pass);
+        let transformer = stage(&report, "transformer");
         assert!(transformer
             .tensors
             .iter()
             .any(|t| t.name == "debug/transformer_first_call/proj_out"));
-        assert!(report.pass);
-    }
-}
-
-#[test]
-fn schedule_sampling_and_advantage_stages_pass_on_every_public_case() {
-    for case in common::public_cases() {
-        let report = run_case(
-            &case,
-            &[Stage::Schedule, Stage::Sampling, Stage::Advantages],
-        )
-        .unwrap();
-        for s in &report.stages {
-            assert!(
-                s.tol <= 1e-5 && s.pass && s.rel_err <= 1e-5,
-                "{} {}: {} rel {:e}",
-                report.case,
-                s.name,
-                s.worst,
-                s.rel_err
-            );
-        }
-        let sampling = &report.stages[1];
-        assert!(sampling
+        assert!(stage(&report, "sampling")
             .tensors
             .iter()
             .any(|t| t.name.starts_with("sample/log_probs[")));
+        // the text encoders' and the reward's tokenizers are exact
+        for (s, name) in [
+            ("text_encoding", "t5_input_ids (tokenizer, exact)"),
+            ("reward", "reward/input_ids (tokenizer.json, exact)"),
+        ] {
+            assert!(stage(&report, s)
+                .tensors
+                .iter()
+                .any(|t| t.name == name && t.pass));
+        }
     }
 }
 
 #[test]
-fn grpo_stages_pass_on_every_public_case() {
+fn every_stage_matches_the_float64_truth_in_float64() {
+    for case in common::public_cases() {
+        let report = run_case(&case, &[], Precision::F64).unwrap();
+        assert_judged_by_the_truth(&report);
+        // measured 1.2e-14 at worst: the semantic check, the same on every CPU
+        for s in report.stages.iter().filter(|s| s.name != "end_to_end") {
+            for t in s.tensors.iter().filter(|t| t.bound == F64_TOL) {
+                assert!(t.truth_err.unwrap() <= F64_TOL, "{} {t:?}", s.name);
+            }
+        }
+        // the float32 reference is float32's distance away, not closer
+        let transformer = stage(&report, "transformer");
+        assert!(transformer.tensors.iter().any(|t| t.rel_err > 1e-6));
+    }
+}
+
+#[test]
+fn grpo_stages_compare_every_parameter_and_transition() {
     for case in common::public_cases() {
         let stages = [
             Stage::Train,
@@ -81,23 +113,13 @@ fn grpo_stages_pass_on_every_public_case() {
             Stage::Optimizer,
             Stage::EndToEnd,
         ];
-        let report = run_case(&case, &stages).unwrap();
+        let report = run_case(&case, &stages, Precision::F32).unwrap();
         let n_params =
             FluxTransformer::from_dir(&case.join("transformer"), Kind::Float, Device::Cpu)
                 .unwrap()
                 .parameters()
                 .len();
         for s in &report.stages {
-            let tol = if s.name == "end_to_end" { 1e-4 } else { 1e-5 };
-            assert!(
-                s.tol <= tol && s.pass && s.rel_err <= tol,
-                "{} {}: {} rel {:e} (tol {:e})",
-                report.case,
-                s.name,
-                s.worst,
-                s.rel_err,
-                s.tol
-            );
             let count = |prefix: &str| {
                 s.tensors
                     .iter()
@@ -110,6 +132,7 @@ fn grpo_stages_pass_on_every_public_case() {
                         "train/new_log_probs",
                         "train/ratio",
                         "train/loss",
+                        "train/log_ratio",
                         "train/total_loss",
                     ] {
                         // a check judged against its terms is named `key (error / |terms|)`
@@ -164,34 +187,4 @@ fn saved_transformer_loads_back_exactly() {
         assert!(a.equal(&b), "{na} differs after save/load");
     }
     std::fs::remove_dir_all(&dir).unwrap();
-}
-
-#[test]
-fn text_encoding_stage_passes_on_every_public_case() {
-    for case in common::public_cases() {
-        let report = run_case(&case, &[Stage::TextEncoding]).unwrap();
-        let s = &report.stages[0];
-        assert_eq!(s.name, "text_encoding");
-        assert!(
-            s.tol <= 1e-5 && s.pass && s.rel_err <= 1e-5,
-            "{} {}: worst {} rel {:e} abs {:e}",
-            report.case,
-            s.name,
-            s.worst,
-            s.rel_err,
-            s.abs_err
-        );
-        for name in [
-            "clip_last_hidden_state[0]",
-            "pooled_prompt_embeds[0]",
-            "prompt_embeds[0]",
-            "text_ids",
-        ] {
-            assert!(
-                s.tensors.iter().any(|t| t.name == name),
-                "{}: {name} not compared",
-                report.case
-            );
-        }
-    }
 }

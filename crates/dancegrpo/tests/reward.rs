@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use dancegrpo::align::{run_case, Stage};
+use dancegrpo::align::{run_case, Precision, Stage};
 use dancegrpo::io::safetensors::{write_safetensors, SafetensorsFile};
 use dancegrpo::io::torch_pt::read_torch_pt;
 use dancegrpo::models::open_clip::{OpenClip, OpenClipConfig};
@@ -23,11 +23,16 @@ fn reward_dir(case: &Path) -> PathBuf {
 #[test]
 fn reward_stage_passes_on_every_public_case() {
     for case in common::public_cases() {
-        let report = run_case(&case, &[Stage::Reward]).unwrap();
+        let report = run_case(&case, &[Stage::Reward], Precision::F32).unwrap();
         let stage = &report.stages[0];
         assert_eq!(stage.name, "reward");
         assert!(stage.pass, "{}: {stage:?}", case.display());
-        assert!(stage.tol <= 1e-6);
+        // every float tensor is judged against the float64 truth, at most 1e-6
+        // off it wherever the reference itself is closer than 2.5e-7
+        for t in stage.tensors.iter().filter(|t| t.bound > 0.0) {
+            assert!(t.truth_err.is_some(), "{} has no truth", t.name);
+            assert!(t.bound <= (4.0 * t.ref_err.unwrap()).max(1e-6), "{t:?}");
+        }
         for suffix in ["(pt)", "(safetensors)"] {
             assert!(
                 stage.tensors.iter().any(|t| t.name.ends_with(suffix)),

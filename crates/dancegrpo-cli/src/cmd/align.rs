@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use dancegrpo::align::{run_case, CaseReport, Stage};
+use dancegrpo::align::{run_case, CaseReport, Precision, Stage};
 
 /// Arguments of `dancegrpo align`.
 #[derive(clap::Args)]
@@ -23,6 +23,21 @@ pub struct Args {
     /// libtorch CPU threads (1 gives the reference's single-thread reduction order).
     #[arg(long)]
     threads: Option<i32>,
+    /// Arithmetic of the run: `f32` (judged against the float64 truth relative to
+    /// the reference's own float32 error) or `f64` (the whole engine in float64,
+    /// judged against the truth directly).
+    #[arg(long, default_value = "f32", value_parser = parse_precision)]
+    precision: Precision,
+}
+
+fn parse_precision(name: &str) -> Result<Precision, String> {
+    Precision::from_name(name).ok_or_else(|| {
+        let names: Vec<&str> = Precision::ALL.iter().map(|p| p.name()).collect();
+        format!(
+            "unknown precision `{name}` (precisions: {})",
+            names.join(", ")
+        )
+    })
 }
 
 /// Runs the comparison; exit status 1 when any stage fails.
@@ -44,8 +59,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(n) = args.threads {
         tch::set_num_threads(n);
     }
-    let mut report =
-        run_case(&args.case, &stages).with_context(|| format!("align {}", args.case.display()))?;
+    let mut report = run_case(&args.case, &stages, args.precision)
+        .with_context(|| format!("align {}", args.case.display()))?;
     if !args.verbose {
         report.stages.iter_mut().for_each(|s| s.tensors.clear());
     }
@@ -61,31 +76,43 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// `1.234e-5`, or `-` when absent.
+fn sci(x: Option<f64>) -> String {
+    x.map_or_else(|| "-".into(), |v| format!("{v:.3e}"))
+}
+
 fn print_table(r: &CaseReport) {
-    println!("case {}", r.case);
+    println!("case {} ({})", r.case, r.precision.name());
     println!(
-        "{:<14} {:<48} {:>10} {:>10} {:>8}  result",
-        "stage", "worst tensor", "rel_err", "abs_err", "tol"
+        "{:<14} {:<52} {:>10} {:>10} {:>10} {:>10}  result",
+        "stage", "worst tensor (closest to its bound)", "vs ref", "vs truth", "ref err", "bound"
     );
     for s in &r.stages {
         println!(
-            "{:<14} {:<48} {:>10.3e} {:>10.3e} {:>8.0e}  {}",
+            "{:<14} {:<52} {:>10} {:>10} {:>10} {:>10}  {}",
             s.name,
             s.worst,
-            s.rel_err,
-            s.abs_err,
-            s.tol,
+            sci(Some(s.rel_err)),
+            sci(s.truth_err),
+            sci(s.ref_err),
+            sci(Some(s.bound)),
             if s.pass { "PASS" } else { "FAIL" }
         );
         for t in &s.tensors {
             println!(
-                "  {:<60} {:>10.3e} {:>10.3e}  {}",
+                "  {:<64} {:>10} {:>10} {:>10} {:>10}  {}",
                 t.name,
-                t.rel_err,
-                t.abs_err,
+                sci(Some(t.rel_err)),
+                sci(t.truth_err),
+                sci(t.ref_err),
+                sci(Some(t.bound)),
                 if t.pass { "ok" } else { "FAIL" }
             );
         }
     }
+    println!(
+        "vs ref: ||ours - expected|| / ||expected||; vs truth: ||ours - truth|| / ||truth||; \
+         ref err: ||expected - truth|| / ||truth||; bound: on vs truth (on vs ref without a truth)"
+    );
     println!("{}", if r.pass { "PASS" } else { "FAIL" });
 }

@@ -1,14 +1,65 @@
 //! A reference case directory: `case.json`, `inputs.safetensors`,
-//! `expected.safetensors` and the model directories beside them.
+//! `expected.safetensors`, its float64 truth `expected_f64.safetensors` and the
+//! model directories beside them.
 
 use std::path::{Path, PathBuf};
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
+use super::judge::Reference;
 use crate::error::{Error, Result};
 use crate::io::json::read_json;
 use crate::io::safetensors::SafetensorsFile;
 use crate::sampler::Conditioning;
+
+/// An `expected.safetensors` and, when present, its float64 truth
+/// `expected_f64.safetensors` beside it.
+pub struct ReferenceFiles {
+    expected: SafetensorsFile,
+    truth: Option<SafetensorsFile>,
+}
+
+impl ReferenceFiles {
+    /// Opens the pair in `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let expected = SafetensorsFile::open(dir.join("expected.safetensors"))?;
+        let truth_path = dir.join("expected_f64.safetensors");
+        let truth = match truth_path.exists() {
+            true => Some(SafetensorsFile::open(truth_path)?),
+            false => None,
+        };
+        Ok(ReferenceFiles { expected, truth })
+    }
+
+    /// Tensor `name` of `expected.safetensors`.
+    pub fn expected(&self, name: &str) -> Result<Tensor> {
+        self.expected.tensor(name)
+    }
+
+    /// Tensor `name` of the float64 truth (an error when the case has a truth
+    /// without it; `None` when the case has none).
+    pub fn truth(&self, name: &str) -> Result<Option<Tensor>> {
+        self.truth.as_ref().map(|t| t.tensor(name)).transpose()
+    }
+
+    /// `name` from both files.
+    pub fn reference(&self, name: &str) -> Result<Reference> {
+        Ok(Reference {
+            expected: self.expected(name)?,
+            truth: self.truth(name)?,
+        })
+    }
+
+    /// Whether the float64 truth is there.
+    pub fn has_truth(&self) -> bool {
+        self.truth.is_some()
+    }
+
+    /// The path of `expected.safetensors`.
+    pub fn expected_path(&self) -> &Path {
+        self.expected.path()
+    }
+}
 
 /// An opened reference case.
 pub struct Case {
@@ -16,7 +67,7 @@ pub struct Case {
     name: String,
     json: serde_json::Value,
     inputs: SafetensorsFile,
-    expected: SafetensorsFile,
+    expected: ReferenceFiles,
 }
 
 impl Case {
@@ -36,7 +87,7 @@ impl Case {
                     .unwrap_or_default()
             });
         let inputs = SafetensorsFile::open(dir.join("inputs.safetensors"))?;
-        let expected = SafetensorsFile::open(dir.join("expected.safetensors"))?;
+        let expected = ReferenceFiles::open(dir)?;
         Ok(Case {
             dir: dir.to_path_buf(),
             name,
@@ -63,12 +114,28 @@ impl Case {
 
     /// Tensor `name` of `expected.safetensors`.
     pub fn expected(&self, name: &str) -> Result<Tensor> {
-        self.expected.tensor(name)
+        self.expected.expected(name)
+    }
+
+    /// Tensor `name` of the float64 truth, `None` when the case has none.
+    pub fn truth(&self, name: &str) -> Result<Option<Tensor>> {
+        self.expected.truth(name)
+    }
+
+    /// Tensor `name` of `expected.safetensors` and of its float64 truth.
+    pub fn reference(&self, name: &str) -> Result<Reference> {
+        self.expected.reference(name)
+    }
+
+    /// Whether the case has a float64 truth.
+    pub fn has_truth(&self) -> bool {
+        self.expected.has_truth()
     }
 
     /// Names in `expected.safetensors` starting with `prefix`.
     pub fn expected_names(&self, prefix: &str) -> Vec<String> {
         self.expected
+            .expected
             .names()
             .filter(|n| n.starts_with(prefix))
             .map(str::to_string)
@@ -138,22 +205,29 @@ impl Case {
 
 impl Case {
     /// The case's stored conditioning (prompt embeddings in trainer order, position
-    /// ids, guidance when the model takes it), sample `b` using prompt `b / G`.
-    pub fn conditioning(&self, guidance: bool) -> Result<Conditioning> {
-        self.conditioning_on(guidance, tch::Device::Cpu)
+    /// ids, guidance when the model takes it), sample `b` using prompt `b / G`,
+    /// the embeddings in `kind`.
+    pub fn conditioning(&self, guidance: bool, kind: Kind) -> Result<Conditioning> {
+        self.conditioning_on(guidance, kind, tch::Device::Cpu)
     }
 
     /// [`Self::conditioning`] on `device`.
-    pub fn conditioning_on(&self, guidance: bool, device: tch::Device) -> Result<Conditioning> {
+    pub fn conditioning_on(
+        &self,
+        guidance: bool,
+        kind: Kind,
+        device: tch::Device,
+    ) -> Result<Conditioning> {
         let guidance = if guidance {
             Some(self.input("guidance")?.double_value(&[0]))
         } else {
             None
         };
         let on = |name: &str| -> Result<Tensor> { Ok(self.input(name)?.to_device(device)) };
+        let embeds = |name: &str| -> Result<Tensor> { Ok(on(name)?.to_kind(kind)) };
         Conditioning::new(
-            on("prompt_embeds")?,
-            on("pooled_prompt_embeds")?,
+            embeds("prompt_embeds")?,
+            embeds("pooled_prompt_embeds")?,
             on("txt_ids")?,
             on("img_ids")?,
             guidance,

@@ -2,23 +2,29 @@
 //! random draws and the stored rewards (our rollout, our decode, our
 //! advantages, our update), compared at the end of each stage.
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use super::grpo::{GrpoCase, Recorder};
-use super::{Case, Stage, StageAcc, StageReport};
+use super::judge::{Rule, COMPOSED_FLOOR};
+use super::{Case, Precision, Stage, StageAcc, StageReport};
 use crate::dist::Shard;
 use crate::error::Result;
 use crate::grpo::{advantages, grpo_update, UpdateInputs};
 use crate::models::vae::Vae;
 use crate::sampler::rollout::{decode, rollout, RolloutSettings};
 
-/// Relative tolerance of the stage (errors compound along the iteration).
+/// Bound of the stage against the float32 reference when a case has no truth
+/// (errors compound along the iteration).
 pub const TOL: f64 = 1e-4;
 
-/// Runs the stage on `case`.
-pub fn run(case: &Case) -> Result<StageReport> {
-    let g = GrpoCase::load(case)?;
-    let mut acc = StageAcc::new(Stage::EndToEnd, TOL);
+/// Runs the stage on `case` in `precision`.
+pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
+    let kind = precision.kind();
+    let g = GrpoCase::load_in(case, precision)?;
+    let mut acc = StageAcc::new(
+        Stage::EndToEnd,
+        Rule::composed(precision, TOL, COMPOSED_FLOOR),
+    );
     let (c, h, w) = latent_shape(case)?;
     let settings = RolloutSettings {
         eta: g.cfg.eta,
@@ -36,32 +42,32 @@ pub fn run(case: &Case) -> Result<StageReport> {
     acc.compare(
         "sample/latents",
         &ro.latents,
-        &case.expected("sample/latents")?,
+        &case.reference("sample/latents")?,
     );
     acc.compare(
         "sample/log_probs",
         &ro.log_probs,
-        &case.expected("sample/log_probs")?,
+        &case.reference("sample/log_probs")?,
     );
-    let pred = case.expected("sample/pred_x0")?;
+    let pred = case.reference("sample/pred_x0")?;
+    let last = pred.expected.size()[1] - 1;
     acc.compare(
         "sample/pred_x0[:, -1]",
         &ro.pred_x0,
-        &pred.select(1, pred.size()[1] - 1),
+        &pred.map(|t| t.select(1, last)),
     );
-    let vae = Vae::from_dir(&case.dir().join("vae"), Kind::Float, Device::Cpu)?;
+    let vae = Vae::from_dir(&case.dir().join("vae"), kind, Device::Cpu)?;
     let (images, _) = decode(&vae, &ro.pred_x0, h, w, 1)?;
-    acc.compare("decode/image", &images, &case.expected("decode/image")?);
-    let grouping = case.grouping()?;
+    acc.compare("decode/image", &images, &case.reference("decode/image")?);
     let adv = advantages(
-        &case.expected("rewards")?,
-        grouping,
+        &case.expected("rewards")?.to_kind(kind),
+        case.grouping()?,
         case.hyper_f64("adv_clip_max")?,
     )?;
     acc.compare(
         "advantages_clamped",
         &adv.clamped,
-        &case.expected("advantages_clamped")?,
+        &case.reference("advantages_clamped")?,
     );
     let mut rec = Recorder::default();
     let mut opt = g.optimizer();
@@ -75,26 +81,23 @@ pub fn run(case: &Case) -> Result<StageReport> {
         draws: &g.draws,
     };
     let stats = grpo_update(&g.model, &mut opt, &inputs, &g.cfg, &mut rec)?;
-    acc.compare(
-        "train/loss",
-        &rec.stacked("loss"),
-        &case.expected("train/loss")?,
-    );
+    let loss = case.reference("train/loss")?;
+    acc.compare("train/loss", &rec.stacked("loss"), &loss);
     acc.compare_to_terms(
         "train/total_loss",
         &Tensor::from(stats.total_loss),
-        &case.expected("train/total_loss")?,
-        ("train/loss", &case.expected("train/loss")?),
+        &case.reference("train/total_loss")?,
+        ("train/loss", &loss),
     );
     acc.compare(
         "optim/grad_norm",
         &Tensor::from_slice(&stats.grad_norms),
-        &case.expected("optim/grad_norm")?,
+        &case.reference("optim/grad_norm")?,
     );
     if let Some(final_params) = rec.params_after.last() {
         for (name, p) in final_params {
             let key = format!("params_after_final/{name}");
-            acc.compare(&key, p, &case.expected(&key)?);
+            acc.compare(&key, p, &case.reference(&key)?);
         }
     }
     Ok(acc.finish())

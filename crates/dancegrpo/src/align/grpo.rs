@@ -6,13 +6,14 @@ use std::collections::BTreeMap;
 
 use tch::{Device, Kind, Tensor};
 
-use super::Case;
+use super::{Case, Precision};
 use crate::error::{Error, Result};
 use crate::grpo::update::TransitionBatch;
 use crate::grpo::{
     AdamW, AdamWConfig, LrSchedule, Trainable, UpdateBatching, UpdateConfig, UpdateObserver,
 };
 use crate::models::flux::FluxTransformer;
+use crate::nn::upcast_kind;
 use crate::sampler::{Conditioning, Recorded, Rollout, Schedule};
 
 /// Everything a GRPO iteration needs from a case (the align stages and `bench train`).
@@ -37,12 +38,23 @@ impl GrpoCase {
         Self::load_on(case, Kind::Float, Device::Cpu)
     }
 
-    /// [`Self::load`] with the model in `kind` and model and conditioning on `device`.
+    /// [`Self::load`] with everything in `precision`'s kind.
+    pub fn load_in(case: &Case, precision: Precision) -> Result<Self> {
+        Self::load_on(case, precision.kind(), Device::Cpu)
+    }
+
+    /// [`Self::load`] with the model in `kind` and model and conditioning on
+    /// `device`; the conditioning and the SDE run in float32 (float64 for a
+    /// float64 model).
     pub fn load_on(case: &Case, kind: Kind, device: Device) -> Result<Self> {
         let model = FluxTransformer::from_dir(&case.dir().join("transformer"), kind, device)?;
-        let cond = case.conditioning_on(model.config().guidance_embeds, device)?;
-        let schedule =
-            Schedule::shifted(case.hyper_i64("sampling_steps")?, case.hyper_f64("shift")?);
+        let state_kind = upcast_kind(kind);
+        let cond = case.conditioning_on(model.config().guidance_embeds, state_kind, device)?;
+        let schedule = Schedule::shifted_in(
+            case.hyper_i64("sampling_steps")?,
+            case.hyper_f64("shift")?,
+            state_kind,
+        );
         let draws = Recorded::new(
             case.input("init_noise")?,
             case.input("sde_noise")?,
@@ -111,11 +123,12 @@ fn update_config(case: &Case) -> Result<UpdateConfig> {
     })
 }
 
-/// The stored rollout (`sample/latents`, `sample/log_probs`), one sample per model batch as the reference.
-pub(super) fn stored_rollout(case: &Case) -> Result<Rollout> {
-    let latents = case.expected("sample/latents")?;
-    let log_probs = case.expected("sample/log_probs")?;
-    let pred_x0 = case.expected("sample/pred_x0")?;
+/// The stored rollout (`sample/latents`, `sample/log_probs`) in `kind`, one
+/// sample per model batch as the reference.
+pub(super) fn stored_rollout(case: &Case, kind: Kind) -> Result<Rollout> {
+    let latents = case.expected("sample/latents")?.to_kind(kind);
+    let log_probs = case.expected("sample/log_probs")?.to_kind(kind);
+    let pred_x0 = case.expected("sample/pred_x0")?.to_kind(kind);
     let b = latents.size()[0];
     let last = pred_x0.size()[1] - 1;
     Ok(Rollout {
@@ -128,7 +141,7 @@ pub(super) fn stored_rollout(case: &Case) -> Result<Rollout> {
 
 /// Records every trained transition, the first window's gradients and the
 /// parameters after each optimizer step; optionally replaces the parameters
-/// after step 1 with the reference's (teacher forcing of later windows).
+/// after each step (teacher forcing of later windows).
 #[derive(Default)]
 pub(super) struct Recorder {
     /// `name -> (b, k) -> tensor` for the `train/*` tensors.
@@ -137,8 +150,8 @@ pub(super) struct Recorder {
     pub grads0: Vec<(String, Tensor)>,
     /// Parameters after each step.
     pub params_after: Vec<Vec<(String, Tensor)>>,
-    /// Parameters to load after step 1.
-    pub force_after_step1: Option<Vec<Tensor>>,
+    /// Parameters to load after step `s` (`force_after[s - 1]`), where given.
+    pub force_after: Vec<Vec<Tensor>>,
 }
 
 impl Recorder {
@@ -216,19 +229,17 @@ impl UpdateObserver for Recorder {
 
     fn after_step(&mut self, step: u64, params: &[(String, Tensor)]) -> Result<()> {
         self.params_after.push(copy_named(params, false));
-        if step == 1 {
-            if let Some(forced) = &self.force_after_step1 {
-                let _guard = tch::no_grad_guard();
-                for ((_, p), f) in params.iter().zip(forced) {
-                    p.shallow_clone().copy_(f);
-                }
+        if let Some(forced) = self.force_after.get(step as usize - 1) {
+            let _guard = tch::no_grad_guard();
+            for ((_, p), f) in params.iter().zip(forced) {
+                p.shallow_clone().copy_(f);
             }
         }
         Ok(())
     }
 }
 
-/// The case's `params_after_step1/<name>` for every parameter, in model order.
+/// The case's `<prefix>/<name>` for every parameter, in model order.
 pub(super) fn stored_params(
     case: &Case,
     prefix: &str,

@@ -11,6 +11,7 @@ mod decode;
 mod end_to_end;
 mod grads;
 mod grpo;
+pub mod judge;
 mod optimizer;
 mod reward;
 mod sampling;
@@ -22,10 +23,11 @@ mod transformer;
 use std::path::Path;
 
 use serde::Serialize;
-use tch::{Kind, Tensor};
+use tch::Kind;
 
 pub use case::Case;
 pub use grpo::GrpoCase;
+pub use judge::{errors, Reference, StageAcc, TensorCheck};
 
 use crate::error::Result;
 
@@ -113,32 +115,64 @@ impl Stage {
     }
 }
 
-/// One compared tensor.
-#[derive(Debug, Clone, Serialize)]
-pub struct TensorCheck {
-    /// Tensor name (fixture key, with indices).
-    pub name: String,
-    /// Relative L2 error.
-    pub rel_err: f64,
-    /// Max absolute error.
-    pub abs_err: f64,
-    /// Whether the tensor is within its tolerance.
-    pub pass: bool,
+/// The arithmetic the engine runs in while it is compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Float32, as the reference: judged against the float64 truth relative to
+    /// the reference's own float32 error (see [`judge`]).
+    #[default]
+    F32,
+    /// Float64 everywhere (models, sampler, rewards, update): judged against the
+    /// float64 truth at [`judge::F64_TOL`].
+    F64,
 }
 
-/// The result of one stage: its worst tensor.
+impl Precision {
+    /// Every precision.
+    pub const ALL: [Precision; 2] = [Precision::F32, Precision::F64];
+
+    /// The tensor kind models and inputs are run in.
+    pub fn kind(self) -> Kind {
+        match self {
+            Precision::F32 => Kind::Float,
+            Precision::F64 => Kind::Double,
+        }
+    }
+
+    /// The name printed and accepted on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::F64 => "f64",
+        }
+    }
+
+    /// Parses a precision name.
+    pub fn from_name(name: &str) -> Option<Precision> {
+        Precision::ALL.into_iter().find(|p| p.name() == name)
+    }
+}
+
+/// The result of one stage: its worst tensor (the closest to its bound).
 #[derive(Debug, Clone, Serialize)]
 pub struct StageReport {
     /// Stage name.
     pub name: String,
-    /// The tensor with the largest error relative to its tolerance.
+    /// The precision the stage ran in.
+    pub precision: Precision,
+    /// The tensor closest to (or furthest past) its bound.
     pub worst: String,
-    /// Its relative error.
+    /// Its relative error against the reference's float32 value.
     pub rel_err: f64,
-    /// Its max absolute error.
+    /// Its max absolute error against the reference's float32 value.
     pub abs_err: f64,
-    /// The stage's relative tolerance.
-    pub tol: f64,
+    /// Its relative error against the float64 truth (`err_ours`).
+    pub truth_err: Option<f64>,
+    /// The reference's own relative error against the truth (`err_ref`).
+    pub ref_err: Option<f64>,
+    /// The bound its judged error is held to.
+    pub bound: f64,
     /// Whether every tensor of the stage passed.
     pub pass: bool,
     /// Every compared tensor (omitted from JSON unless requested).
@@ -146,159 +180,78 @@ pub struct StageReport {
     pub tensors: Vec<TensorCheck>,
 }
 
+impl StageReport {
+    /// The largest `rel_err`, `truth_err` and `ref_err` over the stage's tensors.
+    pub fn max_errors(&self) -> (f64, Option<f64>, Option<f64>) {
+        let max = |f: &dyn Fn(&TensorCheck) -> Option<f64>| {
+            self.tensors
+                .iter()
+                .filter_map(f)
+                .filter(|e| e.is_finite())
+                .reduce(f64::max)
+        };
+        (
+            max(&|t| Some(t.rel_err)).unwrap_or(0.0),
+            max(&|t| t.truth_err),
+            max(&|t| t.ref_err),
+        )
+    }
+}
+
 /// The result of a whole case.
 #[derive(Debug, Clone, Serialize)]
 pub struct CaseReport {
     /// Case name.
     pub case: String,
+    /// The precision of the run.
+    pub precision: Precision,
     /// Whether every stage passed.
     pub pass: bool,
     /// Per-stage results, in pipeline order.
     pub stages: Vec<StageReport>,
 }
 
-/// Relative L2 and max absolute error of `ours` against `reference` (any dtype/device).
-pub fn errors(ours: &Tensor, reference: &Tensor) -> (f64, f64) {
-    if !ours.defined() {
-        return (f64::INFINITY, f64::INFINITY);
-    }
-    let a = ours.to_device(tch::Device::Cpu).to_kind(Kind::Double);
-    let b = reference.to_device(tch::Device::Cpu).to_kind(Kind::Double);
-    if a.size() != b.size() {
-        return (f64::INFINITY, f64::INFINITY);
-    }
-    let diff = &a - &b;
-    let dn = diff.norm().double_value(&[]);
-    let rn = b.norm().double_value(&[]);
-    let abs = if diff.numel() == 0 {
-        0.0
-    } else {
-        diff.abs().max().double_value(&[])
-    };
-    let rel = if rn > 0.0 { dn / rn } else { dn };
-    (if rel.is_nan() { f64::INFINITY } else { rel }, abs)
-}
-
-/// Collects the checks of one stage.
-pub struct StageAcc {
-    stage: Stage,
-    tol: f64,
-    checks: Vec<TensorCheck>,
-}
-
-impl StageAcc {
-    /// An empty stage with relative tolerance `tol`.
-    pub fn new(stage: Stage, tol: f64) -> Self {
-        StageAcc {
-            stage,
-            tol,
-            checks: Vec::new(),
-        }
-    }
-
-    /// Compares `ours` with `reference` at the stage tolerance.
-    pub fn compare(&mut self, name: impl Into<String>, ours: &Tensor, reference: &Tensor) {
-        let (rel_err, abs_err) = errors(ours, reference);
-        self.checks.push(TensorCheck {
-            name: name.into(),
-            rel_err,
-            abs_err,
-            pass: rel_err <= self.tol,
-        });
-    }
-
-    /// Compares `ours` with `reference` judging the error's norm against the
-    /// norm of `terms` instead of the reference's own: for a difference or a
-    /// cancelling sum of float32-rounded terms, whose own size says nothing
-    /// about how precisely it can be computed (`train/log_ratio = new - old`,
-    /// `train/total_loss = sum of train/loss`). Listed as `name (error / |terms_name|)`.
-    pub fn compare_to_terms(
-        &mut self,
-        name: &str,
-        ours: &Tensor,
-        reference: &Tensor,
-        (terms_name, terms): (&str, &Tensor),
-    ) {
-        // `errors` is infinite for an undefined tensor or a shape mismatch
-        let (_, abs_err) = errors(ours, reference);
-        let norm = |t: &Tensor| t.to_kind(Kind::Double).norm().double_value(&[]);
-        let rel_err = match abs_err.is_finite() {
-            true => {
-                norm(&(ours.to_kind(Kind::Double) - reference.to_kind(Kind::Double))) / norm(terms)
-            }
-            false => f64::INFINITY,
-        };
-        self.checks.push(TensorCheck {
-            name: format!("{name} (error / |{terms_name}|)"),
-            rel_err,
-            abs_err,
-            pass: rel_err <= self.tol,
-        });
-    }
-
-    /// Records a check judged by its own rule.
-    pub fn push(&mut self, check: TensorCheck) {
-        self.checks.push(check);
-    }
-
-    /// The stage report: the worst tensor (a failing one first, else the largest relative error).
-    pub fn finish(self) -> StageReport {
-        let worst = self.checks.iter().max_by(|a, b| {
-            (!a.pass, a.rel_err)
-                .partial_cmp(&(!b.pass, b.rel_err))
-                .expect("no NaN")
-        });
-        match worst {
-            Some(w) => StageReport {
-                name: self.stage.name().into(),
-                worst: w.name.clone(),
-                rel_err: w.rel_err,
-                abs_err: w.abs_err,
-                tol: self.tol,
-                pass: self.checks.iter().all(|c| c.pass),
-                tensors: self.checks.clone(),
-            },
-            None => StageReport {
-                name: self.stage.name().into(),
-                worst: "(nothing compared)".into(),
-                rel_err: 0.0,
-                abs_err: 0.0,
-                tol: self.tol,
-                pass: false,
-                tensors: Vec::new(),
-            },
-        }
-    }
-}
-
-/// Runs the requested `stages` (all implemented ones when empty) on the case in `dir`.
-pub fn run_case(dir: &Path, stages: &[Stage]) -> Result<CaseReport> {
+/// Runs the requested `stages` (all implemented ones when empty) on the case in
+/// `dir`, with the engine in `precision`.
+pub fn run_case(dir: &Path, stages: &[Stage], precision: Precision) -> Result<CaseReport> {
     let case = Case::open(dir)?;
     let wanted: Vec<Stage> = if stages.is_empty() {
         Stage::ALL.into_iter().filter(|s| s.implemented()).collect()
     } else {
         stages.to_vec()
     };
+    // train, grads and optimizer read one teacher-forced update
+    let mut forced = None;
     let mut reports = Vec::new();
     for stage in wanted {
+        let p = precision;
         let report = match stage {
-            Stage::TextEncoding => text_encoding::run(&case)?,
-            Stage::Schedule => schedule::run(&case)?,
-            Stage::Transformer => transformer::run(&case)?,
-            Stage::Sampling => sampling::run(&case)?,
-            Stage::Decode => decode::run(&case)?,
-            Stage::Reward => reward::run(&case)?,
-            Stage::Advantages => advantages::run(&case)?,
-            Stage::Train => train::run(&case)?,
-            Stage::Grads => grads::run(&case)?,
-            Stage::Optimizer => optimizer::run(&case)?,
-            Stage::EndToEnd => end_to_end::run(&case)?,
+            Stage::TextEncoding => text_encoding::run(&case, p)?,
+            Stage::Schedule => schedule::run(&case, p)?,
+            Stage::Transformer => transformer::run(&case, p)?,
+            Stage::Sampling => sampling::run(&case, p)?,
+            Stage::Decode => decode::run(&case, p)?,
+            Stage::Reward => reward::run(&case, p)?,
+            Stage::Advantages => advantages::run(&case, p)?,
+            Stage::Train | Stage::Grads | Stage::Optimizer => {
+                if forced.is_none() {
+                    forced = Some(train::teacher_forced(&case, p)?);
+                }
+                let f = forced.as_ref().expect("just computed");
+                match stage {
+                    Stage::Train => train::run(&case, f)?,
+                    Stage::Grads => grads::run(&case, f)?,
+                    _ => optimizer::run(&case, f)?,
+                }
+            }
+            Stage::EndToEnd => end_to_end::run(&case, p)?,
         };
         reports.push(report);
     }
     let pass = reports.iter().all(|r| r.pass);
     Ok(CaseReport {
         case: case.name().to_string(),
+        precision,
         pass,
         stages: reports,
     })

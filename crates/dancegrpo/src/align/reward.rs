@@ -4,15 +4,16 @@
 //! the HPSv2 `.pt` checkpoint and once from safetensors (tensor names end in
 //! ` (pt)` / ` (safetensors)`); the two loads must give bit-identical weights.
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
-use super::{errors, Case, Stage, StageAcc, StageReport, TensorCheck};
+use super::judge::Rule;
+use super::{errors, Case, Precision, Stage, StageAcc, StageReport, TensorCheck};
 use crate::error::Result;
 use crate::models::open_clip::{OpenClip, OpenClipConfig};
 use crate::rewards::hps::{cosine, l2_normalize, preprocess, HpsReward};
 use crate::text::{batch_ids, ClipTokenizer, Padding};
 
-/// Relative tolerance of the stage (float32).
+/// Bound of the stage against the float32 reference when a case has no truth.
 pub const TOL: f64 = 1e-6;
 
 /// The HPSv2 checkpoint file name of the reward directory.
@@ -41,43 +42,38 @@ fn token_checks(case: &Case, dir: &std::path::Path, acc: &mut StageAcc) -> Resul
             .map(|c| tok.encode(c, 77, Padding::Zero))
             .collect::<Result<Vec<_>>>()?;
         let ids = batch_ids(&enc)?;
-        let (rel, abs) = errors(&ids, &want);
-        acc.push(TensorCheck {
-            name: format!("reward/input_ids ({name}, exact)"),
-            rel_err: rel,
-            abs_err: abs,
-            pass: ids.size() == want.size() && ids.equal(&want),
-        });
+        acc.push(TensorCheck::exact(
+            format!("reward/input_ids ({name}, exact)"),
+            errors(&ids, &want),
+            ids.size() == want.size() && ids.equal(&want),
+        ));
     }
     Ok(())
 }
 
-/// Runs the stage on `case`.
-pub fn run(case: &Case) -> Result<StageReport> {
+/// Runs the stage on `case` in `precision`.
+pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
+    let kind = precision.kind();
     let dir = case.dir().join("reward");
     let config = OpenClipConfig::from_dir(&dir)?;
-    let from_pt = OpenClip::load(config.clone(), &dir.join(PT_FILE), Kind::Float, Device::Cpu)?;
-    let from_st = OpenClip::load(
-        config,
-        &dir.join(SAFETENSORS_FILE),
-        Kind::Float,
-        Device::Cpu,
-    )?;
+    let from_pt = OpenClip::load(config.clone(), &dir.join(PT_FILE), kind, Device::Cpu)?;
+    let from_st = OpenClip::load(config, &dir.join(SAFETENSORS_FILE), kind, Device::Cpu)?;
 
     let images = case.expected("decode/image_uint8")?; // (B, H, W, 3)
-    let pixels = case.expected("reward/pixel_values")?; // (B, 3, R, R)
+    let pixels_ref = case.reference("reward/pixel_values")?; // (B, 3, R, R)
+    let pixels = pixels_ref.expected.to_kind(kind);
     let ids = case.expected("reward/input_ids")?; // (B, 77)
-    let img_ref = case.expected("reward/image_features")?;
-    let txt_ref = case.expected("reward/text_features")?;
-    let rewards_ref = case.expected("rewards")?;
+    let img_ref = case.reference("reward/image_features")?;
+    let txt_ref = case.reference("reward/text_features")?;
+    let rewards_ref = case.reference("rewards")?;
     let b = images.size()[0];
 
-    let mut acc = StageAcc::new(Stage::Reward, TOL);
+    let mut acc = StageAcc::new(Stage::Reward, Rule::new(precision, TOL));
     let _guard = tch::no_grad_guard();
     acc.compare(
         "reward/pixel_values",
-        &preprocess(&images, from_pt.image_size())?,
-        &pixels,
+        &preprocess(&images, from_pt.image_size(), kind)?,
+        &pixels_ref,
     );
     acc.push(weights_check(&from_pt, &from_st));
 
@@ -108,7 +104,7 @@ pub fn run(case: &Case) -> Result<StageReport> {
         let reward = HpsReward::new(model, tokenize);
         let captions = case.strings("sample_captions")?;
         let ours = reward.score_ids(&images, &reward.tokenize(&captions)?)?;
-        acc.compare(
+        acc.compare_composed(
             format!("rewards from image_uint8 and captions ({suffix})"),
             &ours,
             &rewards_ref,
@@ -127,10 +123,9 @@ fn weights_check(a: &OpenClip, b: &OpenClip) -> TensorCheck {
         rel = rel.max(r);
         abs = abs.max(x);
     }
-    TensorCheck {
-        name: "weights: .pt vs safetensors (bit-identical)".into(),
-        rel_err: rel,
-        abs_err: abs,
-        pass: identical,
-    }
+    TensorCheck::exact(
+        "weights: .pt vs safetensors (bit-identical)".into(),
+        (rel, abs),
+        identical,
+    )
 }

@@ -4,42 +4,45 @@
 //! (`text_encoders/text_encoder_2`, no attention mask) gives `prompt_embeds`;
 //! `text_ids` are zeros. Prompts are encoded one at a time, as the reference does.
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
-use super::{Case, Stage, StageAcc, StageReport};
+use super::case::ReferenceFiles;
+use super::judge::Rule;
+use super::{Case, Precision, Stage, StageAcc, StageReport, TensorCheck};
 use crate::error::{Error, Result};
-use crate::io::safetensors::SafetensorsFile;
 use crate::models::clip_text::ClipTextModel;
 use crate::models::t5::T5Encoder;
 use crate::text::{batch_ids, ClipTokenizer, Padding, T5Tokenizer};
 
-/// Relative tolerance of the stage (float32).
+/// Bound of the stage against the float32 reference when a case has no truth.
 pub const TOL: f64 = 1e-5;
 
-/// Runs the stage on `case`.
-pub fn run(case: &Case) -> Result<StageReport> {
+/// Runs the stage on `case` in `precision`.
+pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
+    let kind = precision.kind();
     let dir = case.dir().join("text_encoders");
-    let expected = SafetensorsFile::open(dir.join("expected.safetensors"))?;
-    let clip = ClipTextModel::from_dir(&dir.join("text_encoder"), Kind::Float, Device::Cpu)?;
-    let t5 = T5Encoder::from_dir(&dir.join("text_encoder_2"), Kind::Float, Device::Cpu)?;
-    let clip_ids = expected.tensor("clip_input_ids")?; // (n, 77)
-    let clip_hidden = expected.tensor("clip_last_hidden_state")?; // (n, 77, d_clip)
-    let pooled = expected.tensor("pooled_prompt_embeds")?; // (n, d_clip)
-    let t5_ids = expected.tensor("t5_input_ids")?; // (n, Lt)
-    let prompt_embeds = expected.tensor("prompt_embeds")?; // (n, Lt, d_model)
-    let text_ids = expected.tensor("text_ids")?; // (Lt, 3)
+    let expected = ReferenceFiles::open(&dir)?;
+    let clip = ClipTextModel::from_dir(&dir.join("text_encoder"), kind, Device::Cpu)?;
+    let t5 = T5Encoder::from_dir(&dir.join("text_encoder_2"), kind, Device::Cpu)?;
+    let clip_ids = expected.expected("clip_input_ids")?; // (n, 77)
+    let clip_hidden = expected.reference("clip_last_hidden_state")?; // (n, 77, d_clip)
+    let pooled = expected.reference("pooled_prompt_embeds")?; // (n, d_clip)
+    let t5_ids = expected.expected("t5_input_ids")?; // (n, Lt)
+    let prompt_embeds = expected.reference("prompt_embeds")?; // (n, Lt, d_model)
+    let text_ids = expected.reference("text_ids")?; // (Lt, 3)
     let n = clip_ids.size()[0];
-    if t5_ids.size()[0] != n || pooled.size()[0] != n || prompt_embeds.size()[0] != n {
+    let counts = [&pooled, &prompt_embeds].map(|r| r.expected.size()[0]);
+    if t5_ids.size()[0] != n || counts != [n, n] {
         return Err(Error::Input(format!(
             "{}: prompt counts differ: clip_input_ids {:?}, t5_input_ids {:?}, pooled_prompt_embeds {:?}, prompt_embeds {:?}",
-            expected.path().display(),
+            expected.expected_path().display(),
             clip_ids.size(),
             t5_ids.size(),
-            pooled.size(),
-            prompt_embeds.size()
+            pooled.expected.size(),
+            prompt_embeds.expected.size()
         )));
     }
-    let mut acc = StageAcc::new(Stage::TextEncoding, TOL);
+    let mut acc = StageAcc::new(Stage::TextEncoding, Rule::new(precision, TOL));
     compare_token_ids(case, &expected, &mut acc)?;
     let _guard = tch::no_grad_guard();
     for i in 0..n {
@@ -64,7 +67,7 @@ pub fn run(case: &Case) -> Result<StageReport> {
     let lt = t5_ids.size()[1];
     acc.compare(
         "text_ids",
-        &Tensor::zeros([lt, 3], (Kind::Float, Device::Cpu)),
+        &Tensor::zeros([lt, 3], (kind, Device::Cpu)),
         &text_ids,
     );
     Ok(acc.finish())
@@ -73,13 +76,13 @@ pub fn run(case: &Case) -> Result<StageReport> {
 /// Tokenizer parity: the prompts of `case.json["prompts (dataset order)"]`
 /// tokenized with `text_encoders/tokenizer` and `tokenizer_2` must give
 /// `clip_input_ids` and `t5_input_ids` exactly.
-fn compare_token_ids(case: &Case, expected: &SafetensorsFile, acc: &mut StageAcc) -> Result<()> {
+fn compare_token_ids(case: &Case, expected: &ReferenceFiles, acc: &mut StageAcc) -> Result<()> {
     let prompts = case.strings("prompts (dataset order)")?;
 
     let dir = case.dir().join("text_encoders");
     let clip = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
     let t5 = T5Tokenizer::from_dir(&dir.join("tokenizer_2"))?;
-    let want_t5 = expected.tensor("t5_input_ids")?;
+    let want_t5 = expected.expected("t5_input_ids")?;
     let t5_len = want_t5.size()[1] as usize;
     let clip_ids = prompts
         .iter()
@@ -93,17 +96,15 @@ fn compare_token_ids(case: &Case, expected: &SafetensorsFile, acc: &mut StageAcc
         (
             "clip_input_ids",
             batch_ids(&clip_ids)?,
-            expected.tensor("clip_input_ids")?,
+            expected.expected("clip_input_ids")?,
         ),
         ("t5_input_ids", batch_ids(&t5_ids)?, want_t5),
     ] {
-        let (rel, abs) = super::errors(&ours, &want);
-        acc.push(super::TensorCheck {
-            name: format!("{name} (tokenizer, exact)"),
-            rel_err: rel,
-            abs_err: abs,
-            pass: ours.size() == want.size() && ours.equal(&want),
-        });
+        acc.push(TensorCheck::exact(
+            format!("{name} (tokenizer, exact)"),
+            super::errors(&ours, &want),
+            ours.size() == want.size() && ours.equal(&want),
+        ));
     }
     Ok(())
 }

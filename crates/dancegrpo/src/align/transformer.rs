@@ -1,31 +1,37 @@
 //! The `transformer` stage: every stored sampling call of the model, teacher
 //! forced from the stored latents, plus the first call's intermediate activations.
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
-use super::{Case, Stage, StageAcc, StageReport};
+use super::judge::Rule;
+use super::{Case, Precision, Stage, StageAcc, StageReport};
 use crate::error::Result;
 use crate::models::flux::{FluxTransformer, Trace};
 use crate::models::VelocityModel;
 
-/// Relative tolerance of the stage (float32).
+/// Bound of the stage against the float32 reference when a case has no truth.
 pub const TOL: f64 = 1e-5;
 
-/// Runs the stage on `case`.
-pub fn run(case: &Case) -> Result<StageReport> {
-    let model =
-        FluxTransformer::from_dir(&case.dir().join("transformer"), Kind::Float, Device::Cpu)?;
-    let cond = case.conditioning(model.config().guidance_embeds)?;
-    let latents = case.expected("sample/latents")?; // (B, S+1, L, c)
-    let timesteps = case.expected("sample/timestep_input")?; // (B, S)
-    let want = case.expected("sample/model_output")?; // (B, S, L, c)
-    let (b_total, steps) = (want.size()[0], want.size()[1]);
-    let mut acc = StageAcc::new(Stage::Transformer, TOL);
+/// Runs the stage on `case` in `precision`.
+pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
+    let kind = precision.kind();
+    let model = FluxTransformer::from_dir(&case.dir().join("transformer"), kind, Device::Cpu)?;
+    let cond = case.conditioning(model.config().guidance_embeds, kind)?;
+    let latents = case.expected("sample/latents")?.to_kind(kind); // (B, S+1, L, c)
+                                                                  // the stored float32 inputs; the truth feeds timestep_ints / 1000 in float64
+    let timesteps = match precision {
+        Precision::F32 => case.expected("sample/timestep_input")?,
+        Precision::F64 => case.expected("timestep_ints")?.to_kind(kind).unsqueeze(0) / 1000.0,
+    }; // (B, S) or (1, S)
+    let want = case.reference("sample/model_output")?; // (B, S, L, c)
+    let (b_total, steps) = (want.expected.size()[0], want.expected.size()[1]);
+    let mut acc = StageAcc::new(Stage::Transformer, Rule::new(precision, TOL));
     let _guard = tch::no_grad_guard();
     for b in 0..b_total {
         for i in 0..steps {
             let z = latents.get(b).get(i).unsqueeze(0);
-            let ts = timesteps.get(b).narrow(0, i, 1);
+            let row = timesteps.get(b.min(timesteps.size()[0] - 1));
+            let ts = row.narrow(0, i, 1);
             let sc = cond.for_samples(&[b]);
             let inputs = cond.inputs(&sc, &z, &ts);
             let v = if b == 0 && i == 0 {
@@ -53,7 +59,7 @@ fn compare_trace(case: &Case, trace: &Trace, acc: &mut StageAcc) -> Result<()> {
         let ours = trace
             .get(module)
             .map_or_else(Tensor::new, Tensor::shallow_clone);
-        acc.compare(key.clone(), &ours, &case.expected(&key)?);
+        acc.compare(key.clone(), &ours, &case.reference(&key)?);
     }
     Ok(())
 }

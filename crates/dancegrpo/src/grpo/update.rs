@@ -147,10 +147,10 @@ impl UpdateObserver for NoObserver {}
 pub struct UpdateStats {
     /// Sum of the per-transition losses in the reference's order (its `total_loss`).
     pub total_loss: f64,
-    /// Per-transition losses `[b][k]`.
-    pub losses: Vec<Vec<f32>>,
+    /// Per-transition losses `[b][k]` (float32 values, exact, in a float32 run).
+    pub losses: Vec<Vec<f64>>,
     /// Gradient norm before clipping, per optimizer step.
-    pub grad_norms: Vec<f32>,
+    pub grad_norms: Vec<f64>,
     /// Learning rate of each optimizer step.
     pub lrs: Vec<f64>,
     /// Mean, min and max policy ratio over trained transitions.
@@ -284,7 +284,7 @@ struct Run<'a> {
     t: i64,
     stats: UpdateStats,
     /// Per local sample: loss, ratio and clipped (0/1) of each trained position.
-    terms: Vec<[Vec<f32>; 3]>,
+    terms: Vec<[Vec<f64>; 3]>,
 }
 
 /// What one model batch of samples needs at every trained position `k`.
@@ -339,11 +339,7 @@ impl Run<'_> {
             .gather(1, &idx(&steps).unsqueeze(1), false)
             .squeeze_dim(1); // (n,)
         let adv = &chunk.advantages;
-        let ts = inp
-            .schedule
-            .timestep_ints
-            .index_select(0, &Tensor::from_slice(&steps));
-        let ts = (ts.to_kind(Kind::Float) / 1000.0).to_device(device); // (n,)
+        let ts = inp.schedule.model_timesteps(&steps).to_device(device); // (n,)
         let scale = (self.cfg.grad_accum * self.t) as f64;
         let all_active = active.len() == samples.len();
         let active_idx = idx(active);
@@ -362,9 +358,12 @@ impl Run<'_> {
                     );
                     let terms = clipped_policy_loss(&step.log_prob, &old_lp, adv, clip, scale);
                     let loss = if all_active {
-                        terms.loss.sum(Kind::Float)
+                        terms.loss.sum(terms.loss.kind())
                     } else {
-                        terms.loss.index_select(0, &active_idx).sum(Kind::Float)
+                        terms
+                            .loss
+                            .index_select(0, &active_idx)
+                            .sum(terms.loss.kind())
                     };
                     kept = Some((v.detach(), step.log_prob.detach(), terms));
                     Ok(loss)
@@ -394,8 +393,12 @@ impl Run<'_> {
         k: i64,
         terms: &PolicyLoss,
     ) -> Result<()> {
-        let loss: Vec<f32> = Vec::try_from(&terms.loss.detach().to_device(tch::Device::Cpu))?;
-        let ratio: Vec<f32> = Vec::try_from(&terms.ratio.detach().to_device(tch::Device::Cpu))?;
+        let values = |t: &Tensor| -> Result<Vec<f64>> {
+            Ok(Vec::try_from(
+                &t.detach().to_device(tch::Device::Cpu).to_kind(Kind::Double),
+            )?)
+        };
+        let (loss, ratio) = (values(&terms.loss)?, values(&terms.ratio)?);
         let clipped: Vec<bool> = Vec::try_from(
             &clipped_mask(&terms.ratio.detach(), self.cfg.clip_range).to_device(tch::Device::Cpu),
         )?;
@@ -404,7 +407,7 @@ impl Run<'_> {
             let [l, q, c] = &mut self.terms[b];
             l[k as usize] = loss[r];
             q[k as usize] = ratio[r];
-            c[k as usize] = clipped[r] as u8 as f32;
+            c[k as usize] = clipped[r] as u8 as f64;
         }
         Ok(())
     }
@@ -427,7 +430,7 @@ impl Run<'_> {
             .lr(self.cfg.learning_rate, optimizer.steps());
         optimizer.step(params, lr);
         zero_grads(params);
-        self.stats.grad_norms.push(norm.double_value(&[]) as f32);
+        self.stats.grad_norms.push(norm.double_value(&[]));
         self.stats.lrs.push(lr);
         observer.after_step(step, named)
     }
@@ -435,23 +438,19 @@ impl Run<'_> {
     /// The statistics over every sample of the iteration (all processes).
     fn finish(mut self) -> Result<UpdateStats> {
         let t = self.t as usize;
-        let local: Vec<f32> = self.terms.iter().flat_map(|x| x.concat()).collect();
+        let local: Vec<f64> = self.terms.iter().flat_map(|x| x.concat()).collect();
         let local = Tensor::from_slice(&local).view([-1, 3, self.t]); // (n, 3, T)
-        let all: Vec<f32> = Vec::try_from(&self.inputs.shard.gather(&local)?.reshape([-1]))?;
-        let per_sample: Vec<&[f32]> = all.chunks(3 * t).collect();
+        let all: Vec<f64> = Vec::try_from(&self.inputs.shard.gather(&local)?.reshape([-1]))?;
+        let per_sample: Vec<&[f64]> = all.chunks(3 * t).collect();
         self.stats.losses = per_sample.iter().map(|x| x[..t].to_vec()).collect();
         let ratios: Vec<f64> = per_sample
             .iter()
             .flat_map(|x| &x[t..2 * t])
-            .map(|&r| r as f64)
+            .copied()
             .collect();
-        let clipped: f64 = per_sample
-            .iter()
-            .flat_map(|x| &x[2 * t..])
-            .map(|&c| c as f64)
-            .sum();
+        let clipped: f64 = per_sample.iter().flat_map(|x| &x[2 * t..]).sum();
         // the reference sums `loss.item()` sample by sample, transition by transition
-        self.stats.total_loss = self.stats.losses.iter().flatten().map(|&l| l as f64).sum();
+        self.stats.total_loss = self.stats.losses.iter().flatten().sum();
         let n = ratios.len().max(1) as f64;
         self.stats.transitions = ratios.len();
         self.stats.ratio_mean = ratios.iter().sum::<f64>() / n;

@@ -15,6 +15,7 @@ use tch::{Kind, Tensor};
 use super::{Reward, RewardBatch, Score};
 use crate::error::{Error, Result};
 use crate::models::open_clip::OpenClip;
+use crate::nn::upcast_kind;
 
 /// Turns a prompt into `context_length` token ids (`open_clip.tokenize` semantics).
 pub type TokenizeFn = Box<dyn Fn(&str) -> Result<Vec<i64>>>;
@@ -24,10 +25,6 @@ pub type TokenizeFn = Box<dyn Fn(&str) -> Result<Vec<i64>>>;
 pub const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
 /// OpenAI CLIP normalisation standard deviation (RGB), as Python floats.
 pub const CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
-
-fn as_f32(v: [f64; 3]) -> [f32; 3] {
-    v.map(|x| x as f32)
-}
 
 /// Checks that `images` is a uint8 `(B, H, W, 3)` tensor and returns `(B, H, W)`.
 fn image_dims(images: &Tensor) -> Result<(i64, i64, i64)> {
@@ -53,7 +50,7 @@ fn image_dims(images: &Tensor) -> Result<(i64, i64, i64)> {
 
 /// The HPSv2 validation transform of uint8 images `(B, H, W, 3)` to normalised
 /// pixels `(B, 3, size, size)` (float32, on the images' device).
-pub fn preprocess(images_u8: &Tensor, size: i64) -> Result<Tensor> {
+pub fn preprocess(images_u8: &Tensor, size: i64, kind: Kind) -> Result<Tensor> {
     let (_, h, w) = image_dims(images_u8)?;
     if size <= 0 {
         return Err(Error::Input(format!(
@@ -61,7 +58,7 @@ pub fn preprocess(images_u8: &Tensor, size: i64) -> Result<Tensor> {
         )));
     }
     let device = images_u8.device();
-    let mut x = images_u8.permute([0, 3, 1, 2]).to_kind(Kind::Float) / 255.0;
+    let mut x = images_u8.permute([0, 3, 1, 2]).to_kind(kind) / 255.0;
     let scale = size as f64 / h.max(w) as f64;
     if scale != 1.0 {
         let nh = (h as f64 * scale).round_ties_even() as i64;
@@ -75,12 +72,14 @@ pub fn preprocess(images_u8: &Tensor, size: i64) -> Result<Tensor> {
         let (pw, ph) = (size - nw, size - nh);
         x = x.constant_pad_nd([pw / 2, pw - pw / 2, ph / 2, ph - ph / 2]);
     }
-    let mean = Tensor::from_slice(&as_f32(CLIP_MEAN))
-        .to_device(device)
-        .view([3, 1, 1]);
-    let std = Tensor::from_slice(&as_f32(CLIP_STD))
-        .to_device(device)
-        .view([3, 1, 1]);
+    // Python floats as a tensor of the pixels' dtype (rounded to float32 there)
+    let constants = |v: [f64; 3]| {
+        Tensor::from_slice(&v)
+            .to_kind(kind)
+            .to_device(device)
+            .view([3, 1, 1])
+    };
+    let (mean, std) = (constants(CLIP_MEAN), constants(CLIP_STD));
     Ok((x - mean) / std)
 }
 
@@ -157,7 +156,11 @@ impl HpsReward {
 
     /// The HPSv2 transform at the model's resolution (see [`preprocess`]).
     pub fn preprocess(&self, images_u8: &Tensor) -> Result<Tensor> {
-        preprocess(images_u8, self.model.image_size())
+        preprocess(
+            images_u8,
+            self.model.image_size(),
+            upcast_kind(self.model.kind()),
+        )
     }
 
     /// Token ids `(B, context_length)` of `prompts`.
@@ -273,7 +276,7 @@ mod tests {
     #[test]
     fn no_resize_no_pad_at_model_size() {
         let img = Tensor::arange(2 * 4 * 4 * 3, (Kind::Uint8, tch::Device::Cpu)).view([2, 4, 4, 3]);
-        let x = preprocess(&img, 4).unwrap();
+        let x = preprocess(&img, 4, Kind::Float).unwrap();
         assert_eq!(x.size(), [2, 3, 4, 4]);
         // pixel (b=1, y=2, x=3, c=1) = value 48*1 + 12*2 + 3*3 + 1 = 82
         let got = x.double_value(&[1, 1, 2, 3]) as f32;
@@ -284,7 +287,7 @@ mod tests {
     fn wide_image_gets_zero_bands() {
         // 2:1 image (H=4, W=8) to R=4: resized to 2x4, one zero row above and below.
         let img = Tensor::full([1, 4, 8, 3], 200, (Kind::Uint8, tch::Device::Cpu));
-        let x = preprocess(&img, 4).unwrap();
+        let x = preprocess(&img, 4, Kind::Float).unwrap();
         assert_eq!(x.size(), [1, 3, 4, 4]);
         for c in 0..3 {
             let band = (0.0 - CLIP_MEAN[c] as f32) / CLIP_STD[c] as f32;
@@ -302,10 +305,10 @@ mod tests {
     #[test]
     fn rejects_bad_images() {
         let rgba = Tensor::zeros([1, 4, 4, 4], (Kind::Uint8, tch::Device::Cpu));
-        let e = preprocess(&rgba, 4).unwrap_err().to_string();
+        let e = preprocess(&rgba, 4, Kind::Float).unwrap_err().to_string();
         assert!(e.contains("(B, H, W, 3)"), "{e}");
         let float = Tensor::zeros([1, 4, 4, 3], (Kind::Float, tch::Device::Cpu));
-        let e = preprocess(&float, 4).unwrap_err().to_string();
+        let e = preprocess(&float, 4, Kind::Float).unwrap_err().to_string();
         assert!(e.contains("uint8"), "{e}");
     }
 }

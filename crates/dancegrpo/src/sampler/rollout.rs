@@ -109,7 +109,9 @@ fn rollout_batch(
         .iter()
         .map(|&b| draws.init_noise(b, &latent))
         .collect::<Result<Vec<_>>>()?;
-    let mut z = packing::pack(&Tensor::cat(&noise0, 0).to_device(device))?; // (n, L, c)
+    // the SDE state has the schedule's kind (float32; float64 in the float64 replay)
+    let z0 = Tensor::cat(&noise0, 0).to_kind(schedule.sigmas.kind());
+    let mut z = packing::pack(&z0.to_device(device))?; // (n, L, c)
     let token_shape = [z.size()[1], z.size()[2]];
     let (mut zs, mut lps) = (vec![z.shallow_clone()], Vec::new());
     let mut x0 = z.shallow_clone();

@@ -6,8 +6,12 @@
 //! Scalars follow the reference exactly: sigmas are float32 0-d tensors,
 //! `std = eta * sqrt(sigma - sigma_next)` is computed in float64 and rounded to
 //! float32 where it multiplies a tensor, and `2 * std^2` is a float64 divisor.
+//! With float64 sigmas and latents (the fixtures' float64 replay) nothing is
+//! rounded to float32.
 
-use tch::{Kind, Tensor};
+use tch::Tensor;
+
+use crate::nn::upcast_kind;
 
 /// What one SDE step produces.
 #[derive(Debug)]
@@ -69,9 +73,11 @@ impl Sigmas {
                 let idx = Tensor::from_slice(steps).to_device(sigmas.device());
                 let rows = |t: Tensor| t.view([n, 1, 1]).to_device(dev);
                 let std: Vec<f64> = steps.iter().map(|&i| step_std(sigmas, i, eta)).collect();
-                let f32s = |v: Vec<f32>| rows(Tensor::from_slice(&v));
-                let std_t = f32s(std.iter().map(|s| *s as f32).collect());
-                let var2 = f32s(std.iter().map(|s| (2.0 * (s * s)) as f32).collect());
+                // the scalars rounded to the step's kind (float32; float64 stays exact)
+                let kind = upcast_kind(z.kind());
+                let scalars = |v: Vec<f64>| rows(Tensor::from_slice(&v).to_kind(kind));
+                let std_t = scalars(std.clone());
+                let var2 = scalars(std.iter().map(|s| 2.0 * (s * s)).collect());
                 Sigmas {
                     sigma: rows(sigmas.index_select(0, &idx)),
                     sigma_next: rows(sigmas.index_select(0, &(idx + 1))),
@@ -95,8 +101,8 @@ pub fn sde_step(v: &Tensor, z: &Tensor, sigmas: &Tensor, at: At, eta: f64, next:
     let score = (z - &pred_x0 * &one_minus).neg() / s.sigma.pow_tensor_scalar(2);
     let mean = mean + (score * (-0.5 * (eta * eta))) * &dsigma;
     let next = match (next, &s.rows) {
-        (Next::Noise(noise), None) => &mean + noise * s.std[0],
-        (Next::Noise(noise), Some((std, _))) => &mean + noise * std,
+        (Next::Noise(noise), None) => &mean + noise.to_kind(z.kind()) * s.std[0],
+        (Next::Noise(noise), Some((std, _))) => &mean + noise.to_kind(z.kind()) * std,
         (Next::Given(t), _) => t.shallow_clone(),
     };
     let log_prob = match &s.rows {
@@ -112,7 +118,8 @@ pub fn sde_step(v: &Tensor, z: &Tensor, sigmas: &Tensor, at: At, eta: f64, next:
 }
 
 fn squared_error(x: &Tensor, mean: &Tensor) -> Tensor {
-    let diff = x.detach().to_kind(Kind::Float) - mean.to_kind(Kind::Float);
+    let kind = upcast_kind(mean.kind());
+    let diff = x.detach().to_kind(kind) - mean.to_kind(kind);
     diff.pow_tensor_scalar(2).neg()
 }
 
@@ -136,6 +143,7 @@ mod tests {
     use super::*;
     use crate::rng::Philox;
     use crate::sampler::Schedule;
+    use tch::Kind;
 
     #[test]
     fn log_prob_is_maximal_at_the_mean() {

@@ -77,7 +77,7 @@ impl Metrics {
             ratio_min: r.update.ratio_min,
             ratio_max: r.update.ratio_max,
             clip_fraction: r.update.clip_fraction,
-            grad_norm: r.update.grad_norms.last().copied().unwrap_or(0.0) as f64,
+            grad_norm: r.update.grad_norms.last().copied().unwrap_or(0.0),
             lr: r.update.lrs.last().copied().unwrap_or(0.0),
             seconds: s.clone(),
             images_per_second: r.rewards.len() as f64 / total.max(1e-9),

@@ -4,17 +4,19 @@
 use tch::{Kind, Tensor};
 
 use crate::error::Result;
-use crate::nn::Linear;
+use crate::nn::{upcast_kind, Linear};
 use crate::weights::VarBuilder;
 
 /// Sinusoidal features of `t` (b,) -> (b, dim), diffusers' `get_timestep_embedding`
-/// with `flip_sin_to_cos=True`, `downscale_freq_shift=0`: `[cos | sin]`.
+/// with `flip_sin_to_cos=True`, `downscale_freq_shift=0`: `[cos | sin]`, in
+/// float32 (float64 for a float64 `t`).
 pub fn timestep_features(t: &Tensor, dim: i64) -> Tensor {
     let half = dim / 2;
-    let exponent = Tensor::arange(half, (Kind::Float, t.device())) * (-(10000f64).ln());
+    let kind = upcast_kind(t.kind());
+    let exponent = Tensor::arange(half, (kind, t.device())) * (-(10000f64).ln());
     let exponent = exponent / half as f64;
     let freqs = exponent.exp(); // (half,)
-    let args = t.unsqueeze(1).to_kind(Kind::Float) * freqs.unsqueeze(0); // (b, half)
+    let args = t.unsqueeze(1).to_kind(kind) * freqs.unsqueeze(0); // (b, half)
     let emb = Tensor::cat(&[args.sin(), args.cos()], -1);
     let emb = Tensor::cat(&[emb.narrow(1, half, half), emb.narrow(1, 0, half)], -1);
     if dim % 2 == 1 {
@@ -93,17 +95,19 @@ impl TimeTextEmbed {
 /// Rotary tables `(cos, sin)`, each `(seq, head_dim)`, for the concatenated
 /// text-then-image position ids.
 pub struct Rope {
-    /// Cosines `(seq, head_dim)`, float32.
+    /// Cosines `(seq, head_dim)`, float32 (float64 for a float64 model).
     pub cos: Tensor,
-    /// Sines `(seq, head_dim)`, float32.
+    /// Sines `(seq, head_dim)`, float32 (float64 for a float64 model).
     pub sin: Tensor,
 }
 
 impl Rope {
     /// `FluxPosEmbed(theta=10000, axes_dim)` of `ids` `(seq, n_axes)`: frequencies
-    /// in float64, each repeated twice (interleaved pairs), cast to float32.
-    pub fn new(ids: &Tensor, axes_dims: &[i64]) -> Self {
-        let pos = ids.to_kind(Kind::Float);
+    /// in float64, each repeated twice (interleaved pairs), cast to float32, or
+    /// kept in float64 when the model computes in `model_kind` float64.
+    pub fn new(ids: &Tensor, axes_dims: &[i64], model_kind: Kind) -> Self {
+        let table_kind = upcast_kind(model_kind);
+        let pos = ids.to_kind(table_kind);
         let (mut cos, mut sin) = (Vec::new(), Vec::new());
         for (i, &dim) in axes_dims.iter().enumerate() {
             let range = Tensor::arange_start_step(0, dim, 2, (Kind::Double, ids.device()));
@@ -113,13 +117,13 @@ impl Rope {
                 angles
                     .cos()
                     .repeat_interleave_self_int(2, 1, None)
-                    .to_kind(Kind::Float),
+                    .to_kind(table_kind),
             );
             sin.push(
                 angles
                     .sin()
                     .repeat_interleave_self_int(2, 1, None)
-                    .to_kind(Kind::Float),
+                    .to_kind(table_kind),
             );
         }
         Rope {
@@ -129,7 +133,7 @@ impl Rope {
     }
 
     /// Rotates `x` `(b, heads, seq, head_dim)`: pairs `(re, im)` become
-    /// `(re cos - im sin, im cos + re sin)`, computed in float32.
+    /// `(re cos - im sin, im cos + re sin)`, computed in float32 (float64 for float64).
     pub fn apply(&self, x: &Tensor) -> Tensor {
         let size = x.size();
         let pairs = x.reshape([size[0], size[1], size[2], size[3] / 2, 2]);
@@ -137,6 +141,7 @@ impl Rope {
         let rotated = Tensor::stack(&[im.neg(), re], -1).flatten(3, -1);
         let cos = self.cos.unsqueeze(0).unsqueeze(0);
         let sin = self.sin.unsqueeze(0).unsqueeze(0);
-        (x.to_kind(Kind::Float) * cos + rotated.to_kind(Kind::Float) * sin).to_kind(x.kind())
+        let kind = upcast_kind(x.kind());
+        (x.to_kind(kind) * cos + rotated.to_kind(kind) * sin).to_kind(x.kind())
     }
 }

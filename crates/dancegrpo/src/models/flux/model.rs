@@ -195,7 +195,11 @@ impl FluxTransformer {
 
     fn rope(&self, x: &FlowInputs) -> Rope {
         let ids = Tensor::cat(&[x.text_ids, x.image_ids], 0);
-        Rope::new(&ids, &self.config.axes_dims_rope)
+        Rope::new(
+            &ids,
+            &self.config.axes_dims_rope,
+            self.x_embedder.weight.kind(),
+        )
     }
 
     /// `AdaLayerNormContinuous` + `proj_out` on the image tokens of `x` (b, Lt + L, D).

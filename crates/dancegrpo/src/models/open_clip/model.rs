@@ -288,6 +288,11 @@ impl OpenClip {
         self.device
     }
 
+    /// The parameters' dtype.
+    pub fn kind(&self) -> Kind {
+        self.logit_scale.kind()
+    }
+
     /// The input resolution `R`.
     pub fn image_size(&self) -> i64 {
         self.config.vision_cfg.image_size

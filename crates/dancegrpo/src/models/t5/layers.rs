@@ -6,7 +6,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::config::{T5Activation, T5Config};
 use crate::error::Result;
-use crate::nn::Linear;
+use crate::nn::{upcast_kind, Linear};
 use crate::weights::{Init, VarBuilder};
 
 /// transformers' `T5LayerNorm`: `weight * (x * rsqrt(mean(x^2) + eps))`, the
@@ -34,7 +34,7 @@ impl T5LayerNorm {
     /// Normalises the last dimension of `x`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let variance = x
-            .to_kind(Kind::Float)
+            .to_kind(upcast_kind(x.kind()))
             .pow_tensor_scalar(2)
             .mean_dim(-1, true, None);
         let mut h = x * (variance + self.eps).rsqrt();
@@ -157,7 +157,7 @@ impl T5Attention {
         let mut scores = q.matmul(&k.transpose(3, 2));
         scores += position_bias;
         let weights = scores
-            .to_kind(Kind::Float)
+            .to_kind(upcast_kind(scores.kind()))
             .softmax(-1, None::<Kind>)
             .to_kind(scores.kind());
         let out =

@@ -196,6 +196,6 @@ pub fn to_uint8(image: &Tensor) -> Tensor {
     let x = (image * 0.5 + 0.5)
         .clamp(0.0, 1.0)
         .permute([0, 2, 3, 1])
-        .to_kind(Kind::Float);
+        .to_kind(crate::nn::upcast_kind(image.kind()));
     (x * 255.0).round().to_kind(Kind::Uint8)
 }
