@@ -102,7 +102,8 @@ case "$cmd" in
         setup
         log=$(mktemp)
         set +e
-        cargo test --workspace --release --lib --bins --tests "$@" 2>&1 | tee "$log"
+        # --no-fail-fast: a red run shows every failing test binary at once
+        cargo test --workspace --release --lib --bins --tests --no-fail-fast "$@" 2>&1 | tee "$log"
         status=${PIPESTATUS[0]}
         set -e
         # One closing line over every test binary.

@@ -147,7 +147,7 @@ fn grpo_stages_compare_every_parameter_and_transition() {
                     assert_eq!(count("params_after_step1/"), n_params);
                     assert_eq!(count("params_after_final/"), n_params);
                 }
-                "end_to_end" => assert_eq!(count("params_after_final/"), n_params),
+                "end_to_end" => assert_eq!(count("grad_window0/"), n_params),
                 other => panic!("unexpected stage {other}"),
             }
         }

@@ -1,6 +1,16 @@
 //! The `end_to_end` stage: the whole iteration free-running from the recorded
 //! random draws and the stored rewards (our rollout, our decode, our
-//! advantages, our update), compared at the end of each stage.
+//! advantages, our update), compared at the end of each stage up to the
+//! gradients of the first window.
+//!
+//! Nothing is teacher forced, so every check is composed (see
+//! [`COMPOSED_FLOOR`]). From the first optimizer step on, a free run's weights
+//! differ from the reference's wherever rounding flipped the sign of a
+//! near-zero gradient (AdamW moves such a weight by about `lr` either way), by
+//! an amount that depends on the CPU, the thread count and the learning rate
+//! rather than on the code; the `optimizer` stage judges the step on the
+//! stored gradients and `train`, `grads` and `optimizer` the later windows on
+//! teacher-forced weights.
 
 use tch::{Device, Tensor};
 
@@ -81,24 +91,24 @@ pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
         draws: &g.draws,
     };
     let stats = grpo_update(&g.model, &mut opt, &inputs, &g.cfg, &mut rec)?;
-    let loss = case.reference("train/loss")?;
-    acc.compare("train/loss", &rec.stacked("loss"), &loss);
-    acc.compare_to_terms(
-        "train/total_loss",
-        &Tensor::from(stats.total_loss),
-        &case.reference("train/total_loss")?,
-        ("train/loss", &loss),
+    // the first window: samples 0..GA-1
+    let window = g.cfg.grad_accum.min(ro.latents.size()[0]);
+    let first = |t: &Tensor| t.narrow(0, 0, window);
+    acc.compare(
+        "train/loss[first window]",
+        &first(&rec.stacked("loss")),
+        &case.reference("train/loss")?.map(first),
     );
     acc.compare(
-        "optim/grad_norm",
-        &Tensor::from_slice(&stats.grad_norms),
-        &case.reference("optim/grad_norm")?,
+        "optim/grad_norm[0]",
+        &Tensor::from_slice(&stats.grad_norms[..1.min(stats.grad_norms.len())]),
+        &case
+            .reference("optim/grad_norm")?
+            .map(|t| t.narrow(0, 0, 1)),
     );
-    if let Some(final_params) = rec.params_after.last() {
-        for (name, p) in final_params {
-            let key = format!("params_after_final/{name}");
-            acc.compare(&key, p, &case.reference(&key)?);
-        }
+    for (name, grad) in &rec.grads0 {
+        let key = format!("grad_window0/{name}");
+        acc.compare(&key, grad, &case.reference(&key)?);
     }
     Ok(acc.finish())
 }
