@@ -1,9 +1,10 @@
 //! Stage-by-stage alignment with the reference fixtures (`shared/fixtures/FORMAT.md`).
 //!
 //! Each stage is fed the fixture's own stored inputs (teacher forcing) so errors
-//! do not compound; every compared tensor contributes a relative error
-//! `||ours - ref||_2 / ||ref||_2` and a max absolute error, and the stage reports
-//! its worst tensor.
+//! do not compound; every compared tensor is judged against the case's float64
+//! truth, relative to the reference's own float32 error ([`judge`]), and the
+//! stage reports the tensor closest to its bound. The engine runs in float32, as
+//! the reference, or wholly in float64 ([`Precision`]).
 
 mod advantages;
 mod case;
