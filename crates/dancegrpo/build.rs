@@ -1,6 +1,6 @@
 //! Embeds libtorch's directory as an rpath so test binaries run without
 //! `LD_LIBRARY_PATH` (the CLI crate does the same for the `dancegrpo` binary),
-//! and compiles the c10d shim (`csrc/c10d_shim.cpp`) against the headers of the
+//! and compiles the shims (`csrc/c10d_shim.cpp`, `csrc/context_shim.cpp`) against the headers of the
 //! same libtorch: Gloo always, NCCL with the `cuda` feature.
 
 use std::path::{Path, PathBuf};
@@ -32,7 +32,8 @@ fn compile_shim(lib: &Path) {
         .include("csrc/gloo_decl")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
-        .file("csrc/c10d_shim.cpp");
+        .file("csrc/c10d_shim.cpp")
+        .file("csrc/context_shim.cpp");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
         build
             .define("USE_C10D_NCCL", None)

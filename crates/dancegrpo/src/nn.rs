@@ -21,6 +21,17 @@ pub fn upcast_kind(kind: Kind) -> Kind {
     }
 }
 
+/// `t` in `kind` (the same tensor when it already is): layers compute in the
+/// dtype of their input, so float32 master weights serve a bfloat16 forward
+/// pass, and the cast is differentiable, its gradient float32 again.
+pub fn cast(t: &Tensor, kind: Kind) -> Tensor {
+    if t.kind() == kind {
+        t.shallow_clone()
+    } else {
+        t.to_kind(kind)
+    }
+}
+
 /// A low-rank adapter on a linear layer: `y += (x A^T) B^T * scale`.
 pub struct Lora {
     /// Down projection `[rank, in]`.
@@ -68,9 +79,14 @@ impl Linear {
     }
 
     fn forward_one(&self, x: &Tensor) -> Tensor {
-        let y = x.linear(&self.weight, self.bias.as_ref());
+        let k = x.kind();
+        let bias = self.bias.as_ref().map(|b| cast(b, k));
+        let y = x.linear(&cast(&self.weight, k), bias.as_ref());
         match self.lora.get() {
-            Some(l) => y + x.linear(&l.a, None::<Tensor>).linear(&l.b, None::<Tensor>) * l.scale,
+            Some(l) => {
+                let down = x.linear(&cast(&l.a, k), None::<Tensor>);
+                y + down.linear(&cast(&l.b, k), None::<Tensor>) * l.scale
+            }
             None => y,
         }
     }
@@ -120,7 +136,8 @@ impl LayerNorm {
     /// Normalises the last dimension of `x`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let d = *x.size().last().expect("layer_norm of a scalar");
-        x.layer_norm([d], Some(&self.weight), Some(&self.bias), self.eps, true)
+        let (w, b) = (cast(&self.weight, x.kind()), cast(&self.bias, x.kind()));
+        x.layer_norm([d], Some(&w), Some(&b), self.eps, true)
     }
 }
 
@@ -146,11 +163,9 @@ impl RmsNorm {
             .to_kind(upcast_kind(x.kind()))
             .pow_tensor_scalar(2)
             .mean_dim(-1, true, None);
-        let mut h = x * (variance + self.eps).rsqrt();
-        if matches!(self.weight.kind(), Kind::Half | Kind::BFloat16) {
-            h = h.to_kind(self.weight.kind());
-        }
-        h * &self.weight
+        // back to the input's dtype (bfloat16 in mixed precision) before the scale
+        let h = (x * (variance + self.eps).rsqrt()).to_kind(x.kind());
+        h * cast(&self.weight, x.kind())
     }
 }
 
@@ -179,8 +194,8 @@ impl GroupNorm {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         x.group_norm(
             self.groups,
-            Some(&self.weight),
-            Some(&self.bias),
+            Some(&cast(&self.weight, x.kind())),
+            Some(&cast(&self.bias, x.kind())),
             self.eps,
             true,
         )
@@ -223,8 +238,8 @@ impl Conv2d {
     /// Convolves `x` of shape `(b, in, h, w)`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
         x.conv2d(
-            &self.weight,
-            Some(&self.bias),
+            &cast(&self.weight, x.kind()),
+            Some(&cast(&self.bias, x.kind())),
             [self.stride, self.stride],
             [self.padding, self.padding],
             [1, 1],

@@ -222,14 +222,15 @@ fn clip_score_and_pickscore_equal_an_independent_forward() {
         prompts: &prompts,
     };
 
-    let mut cos = ClipScoreReward::from_dir(&dir, ClipScoreScale::Cosine, Device::Cpu).unwrap();
+    let mut cos =
+        ClipScoreReward::from_dir(&dir, ClipScoreScale::Cosine, Kind::Float, Device::Cpu).unwrap();
     assert_eq!(cos.name(), "clip_score");
     let got = values(&cos.score(&batch).unwrap());
     close(&got, &want, 1e-5);
     assert!(got.iter().all(|c| c.abs() <= 1.0));
     // scored in chunks of one the result is the same
     let mut tm = ClipScoreReward::new(
-        dancegrpo::rewards::clip_score::ClipScorer::from_dir(&dir, Device::Cpu)
+        dancegrpo::rewards::clip_score::ClipScorer::from_dir(&dir, Kind::Float, Device::Cpu)
             .unwrap()
             .with_batch_size(1),
         ClipScoreScale::Torchmetrics,
@@ -238,7 +239,7 @@ fn clip_score_and_pickscore_equal_an_independent_forward() {
     let want_tm: Vec<f32> = want.iter().map(|c| (100.0 * c).max(0.0)).collect();
     close(&got_tm, &want_tm, 1e-4);
 
-    let mut pick = PickScoreReward::from_dir(&dir, Device::Cpu).unwrap();
+    let mut pick = PickScoreReward::from_dir(&dir, Kind::Float, Device::Cpu).unwrap();
     assert_eq!(pick.name(), "pickscore");
     let got = values(&pick.score(&batch).unwrap());
     let want_pick: Vec<f32> = want.iter().map(|c| 1.5f32.exp() * c).collect();
@@ -301,7 +302,8 @@ fn clip_loading_errors_name_the_problem() {
 #[test]
 fn clip_rewards_reject_bad_batches() {
     let dir = tiny_dir("clip-input");
-    let mut r = ClipScoreReward::from_dir(&dir, ClipScoreScale::Cosine, Device::Cpu).unwrap();
+    let mut r =
+        ClipScoreReward::from_dir(&dir, ClipScoreScale::Cosine, Kind::Float, Device::Cpu).unwrap();
     let prompts = vec!["a".to_string()];
     let rgba = Tensor::zeros([1, 32, 32, 4], (Kind::Uint8, Device::Cpu));
     let e = r

@@ -7,6 +7,7 @@ use std::time::Duration;
 use dancegrpo::dist::{
     all_reduce_grads, barrier, gather_rows, Collective, DistBackend, Launch, ProcessGroup,
 };
+use dancegrpo::precision::ReduceDtype;
 use tch::{Kind, Tensor};
 
 const CHILD: &str = "DANCEGRPO_DIST_TEST_CHILD";
@@ -101,12 +102,21 @@ fn gloo_sums_broadcasts_and_gathers_across_two_processes() {
     ];
     let loss = (&p[0] * (r + 1.0)).sum(Kind::Float) + (&p[1] * 2.0).sum(Kind::Float);
     loss.backward();
-    all_reduce_grads(&pg, &p, 2).unwrap();
+    all_reduce_grads(&pg, &p, 2, ReduceDtype::Fp32).unwrap();
     assert_eq!(Vec::<f32>::try_from(&p[0].grad()).unwrap(), vec![3.0; 3]);
     assert_eq!(
         Vec::<f32>::try_from(&p[1].grad().reshape([-1])).unwrap(),
         vec![4.0; 4]
     );
+    // in bfloat16 the sum is rounded to bfloat16 (1 + 2^-10 is not a bfloat16)
+    // and written back into the float32 gradients
+    let q = Tensor::zeros([1], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+    (&q * (0.5 + r * (1.0 + 1.0 / 1024.0)))
+        .sum(Kind::Float)
+        .backward();
+    all_reduce_grads(&pg, &[q.shallow_clone()], 2, ReduceDtype::Bf16).unwrap();
+    assert_eq!(q.grad().kind(), Kind::Float);
+    assert_eq!(q.grad().double_value(&[0]), 2.0);
     barrier(&pg).unwrap();
 }
 

@@ -105,6 +105,23 @@ fn every_stage_matches_the_float64_truth_in_float64() {
 }
 
 #[test]
+fn bf16_runs_are_reported_against_the_truth() {
+    for case in common::public_cases() {
+        let report = run_case(&case, &[], Precision::Bf16).unwrap();
+        assert!(report.pass, "a bf16 figure is not finite");
+        for s in &report.stages {
+            assert_eq!(s.precision, Precision::Bf16);
+            for t in &s.tensors {
+                assert!(t.bound.is_infinite() && t.pass, "{} {t:?}", s.name);
+            }
+        }
+        // the transformer really computed in bfloat16: far above float32 rounding
+        let (_, ours, reference) = stage(&report, "transformer").max_errors();
+        assert!(ours.unwrap() > 100.0 * reference.unwrap(), "{ours:?} {reference:?}");
+    }
+}
+
+#[test]
 fn grpo_stages_compare_every_parameter_and_transition() {
     for case in common::public_cases() {
         let stages = [

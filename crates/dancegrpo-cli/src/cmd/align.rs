@@ -24,8 +24,9 @@ pub struct Args {
     #[arg(long)]
     threads: Option<i32>,
     /// Arithmetic of the run: `f32` (judged against the float64 truth relative to
-    /// the reference's own float32 error) or `f64` (the whole engine in float64,
-    /// judged against the truth directly).
+    /// the reference's own float32 error), `f64` (the whole engine in float64,
+    /// judged against the truth directly) or `bf16` (training's mixed precision,
+    /// its errors reported as figures).
     #[arg(long, default_value = "f32", value_parser = parse_precision)]
     precision: Precision,
 }
@@ -76,9 +77,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// `1.234e-5`, or `-` when absent.
+/// `1.234e-5`, `-` when absent, `report` for the unbounded (bf16) figures.
 fn sci(x: Option<f64>) -> String {
-    x.map_or_else(|| "-".into(), |v| format!("{v:.3e}"))
+    match x {
+        None => "-".into(),
+        Some(v) if v == f64::INFINITY => "report".into(),
+        Some(v) => format!("{v:.3e}"),
+    }
 }
 
 fn print_table(r: &CaseReport) {

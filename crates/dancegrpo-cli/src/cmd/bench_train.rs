@@ -56,7 +56,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         g.model.set_checkpointing(ActivationCheckpointing::PerBlock);
     }
     let vae = Vae::from_dir(&case.dir().join("vae"), Kind::Float, device)?;
-    let mut reward = HpsReward::from_dir(&case.dir().join("reward"), device)?;
+    let mut reward = HpsReward::from_dir(&case.dir().join("reward"), tch::Kind::Float, device)?;
     let captions =
         case.strings("batch_captions (order used by the trainer, before repeat_interleave)")?;
     let init = case.input("init_noise")?.size();

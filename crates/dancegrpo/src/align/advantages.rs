@@ -10,7 +10,7 @@ pub const TOL: f64 = 1e-5;
 
 /// Runs the stage on `case` in `precision`.
 pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
-    let rewards = case.expected("rewards")?.to_kind(precision.kind());
+    let rewards = case.expected("rewards")?.to_kind(precision.state_kind());
     let grouping = case.grouping()?;
     let adv = advantages(&rewards, grouping, case.hyper_f64("adv_clip_max")?)?;
     let mut acc = StageAcc::new(Stage::Advantages, Rule::new(precision, TOL));

@@ -14,8 +14,12 @@ pub const TOL: f64 = 1e-5;
 
 /// Runs the stage on `case` in `precision`.
 pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
-    let kind = precision.kind();
-    let vae = Vae::from_dir(&case.dir().join("vae"), kind, Device::Cpu)?;
+    let kind = precision.state_kind();
+    let vae = Vae::from_dir(
+        &case.dir().join("vae"),
+        precision.frozen_kind(),
+        Device::Cpu,
+    )?;
     let vae_in = case.reference("decode/vae_input")?; // (B, 16, h, w)
     let images = case.reference("decode/image")?; // (B, 3, H, W)
     let uint8 = case.expected("decode/image_uint8")?; // (B, H, W, 3)

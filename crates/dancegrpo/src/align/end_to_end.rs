@@ -29,7 +29,7 @@ pub const TOL: f64 = 1e-4;
 
 /// Runs the stage on `case` in `precision`.
 pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
-    let kind = precision.kind();
+    let kind = precision.state_kind();
     let g = GrpoCase::load_in(case, precision)?;
     let mut acc = StageAcc::new(
         Stage::EndToEnd,
@@ -66,7 +66,11 @@ pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
         &ro.pred_x0,
         &pred.map(|t| t.select(1, last)),
     );
-    let vae = Vae::from_dir(&case.dir().join("vae"), kind, Device::Cpu)?;
+    let vae = Vae::from_dir(
+        &case.dir().join("vae"),
+        precision.frozen_kind(),
+        Device::Cpu,
+    )?;
     let (images, _) = decode(&vae, &ro.pred_x0, h, w, 1)?;
     acc.compare("decode/image", &images, &case.reference("decode/image")?);
     let adv = advantages(

@@ -14,6 +14,7 @@ use crate::grpo::{
 };
 use crate::models::flux::FluxTransformer;
 use crate::nn::upcast_kind;
+use crate::precision::ReduceDtype;
 use crate::sampler::{Conditioning, Recorded, Rollout, Schedule};
 
 /// Everything a GRPO iteration needs from a case (the align stages and `bench train`).
@@ -38,9 +39,11 @@ impl GrpoCase {
         Self::load_on(case, Kind::Float, Device::Cpu)
     }
 
-    /// [`Self::load`] with everything in `precision`'s kind.
+    /// [`Self::load`] with the model stored and computing as `precision` says.
     pub fn load_in(case: &Case, precision: Precision) -> Result<Self> {
-        Self::load_on(case, precision.kind(), Device::Cpu)
+        let mut g = Self::load_on(case, precision.model_kind(), Device::Cpu)?;
+        g.model.set_compute_kind(precision.compute_kind());
+        Ok(g)
     }
 
     /// [`Self::load`] with the model in `kind` and model and conditioning on
@@ -120,6 +123,7 @@ fn update_config(case: &Case) -> Result<UpdateConfig> {
             warmup_steps: case.hyper_i64("lr_warmup_steps")? as u64,
         },
         batching: UpdateBatching::PerSample,
+        grad_reduce: ReduceDtype::Fp32,
     })
 }
 

@@ -127,18 +127,43 @@ pub enum Precision {
     /// Float64 everywhere (models, sampler, rewards, update): judged against the
     /// float64 truth at [`judge::F64_TOL`].
     F64,
+    /// Training's bf16 mixed precision (`[precision] mode = "bf16"`): the
+    /// transformer computes in bfloat16 over float32 weights, the frozen models
+    /// are stored in bfloat16, the SDE and the update's maths stay float32. Its
+    /// errors against the truth are reported as figures, not judged (only a
+    /// non-finite value fails).
+    Bf16,
 }
 
 impl Precision {
     /// Every precision.
-    pub const ALL: [Precision; 2] = [Precision::F32, Precision::F64];
+    pub const ALL: [Precision; 3] = [Precision::F32, Precision::F64, Precision::Bf16];
 
-    /// The tensor kind models and inputs are run in.
-    pub fn kind(self) -> Kind {
+    /// The dtype the transformer's (trained) weights are stored in.
+    pub fn model_kind(self) -> Kind {
+        match self {
+            Precision::F32 | Precision::Bf16 => Kind::Float,
+            Precision::F64 => Kind::Double,
+        }
+    }
+
+    /// The dtype the transformer computes in.
+    pub fn compute_kind(self) -> Kind {
         match self {
             Precision::F32 => Kind::Float,
             Precision::F64 => Kind::Double,
+            Precision::Bf16 => Kind::BFloat16,
         }
+    }
+
+    /// The dtype of the frozen models (VAE, reward, text encoders).
+    pub fn frozen_kind(self) -> Kind {
+        self.compute_kind()
+    }
+
+    /// The dtype of the sampler's state, the inputs and the update's maths.
+    pub fn state_kind(self) -> Kind {
+        crate::nn::upcast_kind(self.compute_kind())
     }
 
     /// The name printed and accepted on the command line.
@@ -146,6 +171,7 @@ impl Precision {
         match self {
             Precision::F32 => "f32",
             Precision::F64 => "f64",
+            Precision::Bf16 => "bf16",
         }
     }
 

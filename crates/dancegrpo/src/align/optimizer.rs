@@ -52,7 +52,7 @@ fn first_step_from_stored_grads(
     precision: Precision,
     acc: &mut StageAcc,
 ) -> Result<()> {
-    let kind = precision.kind();
+    let kind = precision.model_kind();
     let g = GrpoCase::load_in(case, precision)?;
     let named = g.model.parameters();
     let params: Vec<Tensor> = named.iter().map(|(_, p)| p.shallow_clone()).collect();
@@ -61,7 +61,7 @@ fn first_step_from_stored_grads(
     for (name, p) in &named {
         let key = format!("grad_window0/{name}");
         let grad = match precision {
-            Precision::F32 => case.expected(&key)?,
+            Precision::F32 | Precision::Bf16 => case.expected(&key)?,
             Precision::F64 => case.truth(&key)?.ok_or_else(|| no_truth(case))?,
         };
         total += (p * grad.to_kind(kind)).sum(kind);

@@ -53,7 +53,8 @@ fn token_checks(case: &Case, dir: &std::path::Path, acc: &mut StageAcc) -> Resul
 
 /// Runs the stage on `case` in `precision`.
 pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
-    let kind = precision.kind();
+    let kind = precision.frozen_kind();
+    let state = precision.state_kind();
     let dir = case.dir().join("reward");
     let config = OpenClipConfig::from_dir(&dir)?;
     let from_pt = OpenClip::load(config.clone(), &dir.join(PT_FILE), kind, Device::Cpu)?;
@@ -61,7 +62,7 @@ pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
 
     let images = case.expected("decode/image_uint8")?; // (B, H, W, 3)
     let pixels_ref = case.reference("reward/pixel_values")?; // (B, 3, R, R)
-    let pixels = pixels_ref.expected.to_kind(kind);
+    let pixels = pixels_ref.expected.to_kind(state);
     let ids = case.expected("reward/input_ids")?; // (B, 77)
     let img_ref = case.reference("reward/image_features")?;
     let txt_ref = case.reference("reward/text_features")?;
@@ -72,7 +73,7 @@ pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
     let _guard = tch::no_grad_guard();
     acc.compare(
         "reward/pixel_values",
-        &preprocess(&images, from_pt.image_size(), kind)?,
+        &preprocess(&images, from_pt.image_size(), state)?,
         &pixels_ref,
     );
     acc.push(weights_check(&from_pt, &from_st));

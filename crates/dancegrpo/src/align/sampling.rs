@@ -17,8 +17,13 @@ pub const TOL: f64 = 1e-5;
 
 /// Runs the stage on `case` in `precision`.
 pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
-    let kind = precision.kind();
-    let model = FluxTransformer::from_dir(&case.dir().join("transformer"), kind, Device::Cpu)?;
+    let kind = precision.state_kind();
+    let mut model = FluxTransformer::from_dir(
+        &case.dir().join("transformer"),
+        precision.model_kind(),
+        Device::Cpu,
+    )?;
+    model.set_compute_kind(precision.compute_kind());
     let eta = case.hyper_f64("eta")?;
     let cond = case.conditioning(model.config().guidance_embeds, kind)?;
     let latents = case.reference("sample/latents")?; // (B, S+1, L, c)

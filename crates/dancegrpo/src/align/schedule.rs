@@ -13,7 +13,7 @@ pub const TOL: f64 = 1e-5;
 
 /// Runs the stage on `case` in `precision`.
 pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
-    let kind = precision.kind();
+    let kind = precision.state_kind();
     let steps = case.hyper_i64("sampling_steps")?;
     let shift = case.hyper_f64("shift")?;
     let eta = case.hyper_f64("eta")?;

@@ -19,7 +19,7 @@ pub const TOL: f64 = 1e-5;
 
 /// Runs the stage on `case` in `precision`.
 pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
-    let kind = precision.kind();
+    let kind = precision.frozen_kind();
     let dir = case.dir().join("text_encoders");
     let expected = ReferenceFiles::open(&dir)?;
     let clip = ClipTextModel::from_dir(&dir.join("text_encoder"), kind, Device::Cpu)?;
@@ -67,7 +67,7 @@ pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
     let lt = t5_ids.size()[1];
     acc.compare(
         "text_ids",
-        &Tensor::zeros([lt, 3], (kind, Device::Cpu)),
+        &Tensor::zeros([lt, 3], (precision.state_kind(), Device::Cpu)),
         &text_ids,
     );
     Ok(acc.finish())

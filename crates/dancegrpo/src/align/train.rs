@@ -56,14 +56,14 @@ pub(super) struct Forced {
 pub(super) fn teacher_forced(case: &Case, precision: Precision) -> Result<Forced> {
     let force_after = match (precision, case.has_truth()) {
         (Precision::F64, _) => Vec::new(),
-        (Precision::F32, true) => {
+        (Precision::F32 | Precision::Bf16, true) => {
             let replay = update(case, Precision::F64, Vec::new())?;
             let to_f32 = |step: &Vec<(String, Tensor)>| {
                 step.iter().map(|(_, p)| p.to_kind(Kind::Float)).collect()
             };
             replay.rec.params_after.iter().map(to_f32).collect()
         }
-        (Precision::F32, false) => {
+        (Precision::F32 | Precision::Bf16, false) => {
             let names = GrpoCase::load(case)?.model.parameters();
             vec![stored_params(case, "params_after_step1", &names)?]
         }
@@ -74,12 +74,12 @@ pub(super) fn teacher_forced(case: &Case, precision: Precision) -> Result<Forced
 /// The stored trajectory's update in `precision`, loading `force_after[s - 1]`
 /// after optimizer step `s`.
 fn update(case: &Case, precision: Precision, force_after: Vec<Vec<Tensor>>) -> Result<Forced> {
-    let kind = precision.kind();
+    let kind = precision.state_kind();
     let g = GrpoCase::load_in(case, precision)?;
     let rollout = stored_rollout(case, kind)?;
     // the reference trains on its float32 advantages, the truth on its float64 ones
     let advantages = match precision {
-        Precision::F32 => case.expected("advantages_clamped")?,
+        Precision::F32 | Precision::Bf16 => case.expected("advantages_clamped")?,
         Precision::F64 => case
             .truth("advantages_clamped")?
             .ok_or_else(|| no_truth(case))?,

@@ -14,13 +14,18 @@ pub const TOL: f64 = 1e-5;
 
 /// Runs the stage on `case` in `precision`.
 pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
-    let kind = precision.kind();
-    let model = FluxTransformer::from_dir(&case.dir().join("transformer"), kind, Device::Cpu)?;
+    let kind = precision.state_kind();
+    let mut model = FluxTransformer::from_dir(
+        &case.dir().join("transformer"),
+        precision.model_kind(),
+        Device::Cpu,
+    )?;
+    model.set_compute_kind(precision.compute_kind());
     let cond = case.conditioning(model.config().guidance_embeds, kind)?;
     let latents = case.expected("sample/latents")?.to_kind(kind); // (B, S+1, L, c)
                                                                   // the stored float32 inputs; the truth feeds timestep_ints / 1000 in float64
     let timesteps = match precision {
-        Precision::F32 => case.expected("sample/timestep_input")?,
+        Precision::F32 | Precision::Bf16 => case.expected("sample/timestep_input")?,
         Precision::F64 => case.expected("timestep_ints")?.to_kind(kind).unsqueeze(0) / 1000.0,
     }; // (B, S) or (1, S)
     let want = case.reference("sample/model_output")?; // (B, S, L, c)

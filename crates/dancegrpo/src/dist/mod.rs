@@ -16,6 +16,7 @@ pub use shard::{shard_samples, Shard, Subset};
 use tch::{Kind, Tensor};
 
 use crate::error::Result;
+use crate::precision::ReduceDtype;
 
 /// Collective operations over the processes of a run. Every process must make
 /// the same calls in the same order with tensors of the same shapes and kinds.
@@ -79,8 +80,15 @@ pub fn gather_rows(c: &dyn Collective, local: &Tensor, ids: &[i64], total: i64) 
 }
 
 /// Sums the gradients of `params` over the processes, in buckets of about
-/// `bucket` elements (one flat tensor per bucket and kind).
-pub fn all_reduce_grads(c: &dyn Collective, params: &[Tensor], bucket: i64) -> Result<()> {
+/// `bucket` elements (one flat tensor per bucket and kind), in the gradients'
+/// own dtype or, with [`ReduceDtype::Bf16`], in bfloat16 (half the bytes, each
+/// sum rounded to bfloat16, then written back into the float32 gradients).
+pub fn all_reduce_grads(
+    c: &dyn Collective,
+    params: &[Tensor],
+    bucket: i64,
+    reduce: ReduceDtype,
+) -> Result<()> {
     if c.world_size() == 1 {
         return Ok(());
     }
@@ -92,7 +100,7 @@ pub fn all_reduce_grads(c: &dyn Collective, params: &[Tensor], bucket: i64) -> R
     for kind in distinct_kinds(&grads) {
         let same: Vec<&Tensor> = grads.iter().filter(|g| g.kind() == kind).collect();
         for group in buckets(&same, bucket) {
-            reduce_bucket(c, &group)?;
+            reduce_bucket(c, &group, reduce)?;
         }
     }
     Ok(())
@@ -165,9 +173,13 @@ fn buckets<'a>(ts: &[&'a Tensor], bucket: i64) -> Vec<Vec<&'a Tensor>> {
     out
 }
 
-fn reduce_bucket(c: &dyn Collective, group: &[&Tensor]) -> Result<()> {
+fn reduce_bucket(c: &dyn Collective, group: &[&Tensor], reduce: ReduceDtype) -> Result<()> {
     let flat: Vec<Tensor> = group.iter().map(|g| g.reshape([-1])).collect();
     let all = Tensor::cat(&flat, 0); // (sum numel,)
+    let all = match reduce {
+        ReduceDtype::Fp32 => all,
+        ReduceDtype::Bf16 => all.to_kind(Kind::BFloat16),
+    };
     c.all_reduce_sum(&all)?;
     let mut at = 0;
     for g in group {

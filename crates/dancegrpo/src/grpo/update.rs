@@ -15,6 +15,7 @@ use super::optim::{clip_grad_norm, AdamW};
 use crate::dist::{all_reduce_grads, Shard};
 use crate::error::{Error, Result};
 use crate::models::VelocityModel;
+use crate::precision::ReduceDtype;
 use crate::sampler::sde::{sde_step, At, Next};
 use crate::sampler::{Conditioning, Draws, Rollout, SampleConditioning, Schedule};
 
@@ -65,6 +66,8 @@ pub struct UpdateConfig {
     pub lr_schedule: LrSchedule,
     /// Model batches of the recomputation.
     pub batching: UpdateBatching,
+    /// Dtype of the cross-process gradient sums.
+    pub grad_reduce: ReduceDtype,
 }
 
 impl UpdateConfig {
@@ -421,7 +424,8 @@ impl Run<'_> {
         observer: &mut dyn UpdateObserver,
     ) -> Result<()> {
         let step = optimizer.steps() + 1;
-        all_reduce_grads(self.inputs.shard.collective(), params, GRAD_BUCKET)?;
+        let reduce = self.cfg.grad_reduce;
+        all_reduce_grads(self.inputs.shard.collective(), params, GRAD_BUCKET, reduce)?;
         observer.before_step(step, named)?;
         let norm = clip_grad_norm(params, self.cfg.max_grad_norm);
         let lr = self

@@ -81,7 +81,8 @@ pub fn attach(
             .get(&format!("{name}.weight"))
             .ok_or_else(|| Error::Input(format!("linear layer {name} has no weight")))?;
         let (out, inp) = (w.size()[0], w.size()[1]);
-        let (kind, device) = (w.kind(), w.device());
+        // adapters are trained: float32 master weights over a bfloat16 (or float32) base
+        let (kind, device) = (crate::nn::upcast_kind(w.kind()), w.device());
         let make = |suffix: &str, shape: [i64; 2], init: Init| {
             let full = format!("{name}.{suffix}");
             let t = init_tensor(seed, &full, &shape, init)

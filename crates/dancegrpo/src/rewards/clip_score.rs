@@ -51,8 +51,8 @@ impl ClipScorer {
     /// Loads a transformers CLIP directory: the model (see
     /// [`ClipModel::from_dir`]), `preprocessor_config.json` if present, and the
     /// tokenizer (`tokenizer.json`, or `vocab.json` + `merges.txt`).
-    pub fn from_dir(dir: &Path, device: Device) -> Result<Self> {
-        let model = ClipModel::from_dir(dir, Kind::Float, device)?;
+    pub fn from_dir(dir: &Path, kind: Kind, device: Device) -> Result<Self> {
+        let model = ClipModel::from_dir(dir, kind, device)?;
         let processor = ImageProcessor::from_dir(dir, model.image_size())?;
         let tokenizer = ClipTokenizer::from_dir(dir)?;
         let len = model.context_length() as usize;
@@ -157,8 +157,8 @@ impl ClipScoreReward {
     }
 
     /// Loads a transformers CLIP directory (see [`ClipScorer::from_dir`]).
-    pub fn from_dir(dir: &Path, scale: ClipScoreScale, device: Device) -> Result<Self> {
-        Ok(Self::new(ClipScorer::from_dir(dir, device)?, scale))
+    pub fn from_dir(dir: &Path, scale: ClipScoreScale, kind: Kind, device: Device) -> Result<Self> {
+        Ok(Self::new(ClipScorer::from_dir(dir, kind, device)?, scale))
     }
 
     /// The scorer.

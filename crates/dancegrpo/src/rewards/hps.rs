@@ -115,7 +115,7 @@ impl HpsReward {
     /// read without executing pickle) and the tokenizer (`tokenizer.json`,
     /// `vocab.json` + `merges.txt` or `bpe_simple_vocab_16e6.txt.gz`; ids padded
     /// with 0 as `open_clip.tokenize`).
-    pub fn from_dir(dir: &std::path::Path, device: tch::Device) -> Result<Self> {
+    pub fn from_dir(dir: &std::path::Path, kind: Kind, device: tch::Device) -> Result<Self> {
         let config = crate::models::open_clip::OpenClipConfig::from_dir(dir)?;
         let candidates = [
             "open_clip_model.safetensors",
@@ -133,7 +133,7 @@ impl HpsReward {
                 )
             })?;
         let context = config.text_cfg.context_length as usize;
-        let model = OpenClip::load(config, &weights, Kind::Float, device)?;
+        let model = OpenClip::load(config, &weights, kind, device)?;
         let tokenizer = crate::text::ClipTokenizer::from_dir(dir)?;
         let tokenize: TokenizeFn = Box::new(move |text: &str| {
             Ok(tokenizer

@@ -27,8 +27,8 @@ impl PickScoreReward {
     }
 
     /// Loads a transformers CLIP directory (see [`ClipScorer::from_dir`]).
-    pub fn from_dir(dir: &Path, device: Device) -> Result<Self> {
-        Ok(Self::new(ClipScorer::from_dir(dir, device)?))
+    pub fn from_dir(dir: &Path, kind: tch::Kind, device: Device) -> Result<Self> {
+        Ok(Self::new(ClipScorer::from_dir(dir, kind, device)?))
     }
 
     /// The scorer.

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-use tch::Device;
+use tch::{Device, Kind};
 
 use super::clip_score::{ClipScoreReward, ClipScoreScale};
 use super::hps::HpsReward;
@@ -147,8 +147,13 @@ impl RewardSpec {
         }
     }
 
-    /// Builds the reward, its models on `device`.
+    /// Builds the reward, its models on `device` in float32.
     pub fn build(&self, device: Device) -> Result<Box<dyn Reward>> {
+        self.build_in(Kind::Float, device)
+    }
+
+    /// Builds the reward, its models stored in `kind` on `device`.
+    pub fn build_in(&self, kind: Kind, device: Device) -> Result<Box<dyn Reward>> {
         if let Some((field, msg)) = self.check() {
             return Err(Error::Input(format!("reward field `{field}`: {msg}")));
         }
@@ -156,12 +161,12 @@ impl RewardSpec {
             RewardSpec::Jpeg {
                 objective, quality, ..
             } => Box::new(JpegReward::new(*objective, *quality)?),
-            RewardSpec::Hpsv2 { path, .. } => Box::new(HpsReward::from_dir(path, device)?),
+            RewardSpec::Hpsv2 { path, .. } => Box::new(HpsReward::from_dir(path, kind, device)?),
             RewardSpec::ClipScore { path, scale, .. } => {
-                Box::new(ClipScoreReward::from_dir(path, *scale, device)?)
+                Box::new(ClipScoreReward::from_dir(path, *scale, kind, device)?)
             }
             RewardSpec::Pickscore { path, .. } => {
-                Box::new(PickScoreReward::from_dir(path, device)?)
+                Box::new(PickScoreReward::from_dir(path, kind, device)?)
             }
             RewardSpec::Remote {
                 url,

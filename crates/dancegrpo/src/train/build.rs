@@ -20,28 +20,39 @@ use crate::rewards::Reward;
 /// Length of the synthetic prompts' text embeddings.
 const SYNTHETIC_TEXT_LEN: i64 = 32;
 
-/// The transformer and VAE a configuration names (base weights), on `device`.
+/// The transformer and VAE a configuration names (base weights), on `device`,
+/// in `[precision]`'s dtypes: the transformer stored in float32 (its master
+/// weights) when it is trained whole, in the frozen dtype under LoRA (whose
+/// adapters are float32), computing in the compute dtype; the VAE in the frozen
+/// dtype. Each is read tensor by tensor from memory-mapped files straight into
+/// its dtype.
 pub fn build_models(cfg: &TrainConfig, device: Device) -> Result<(FluxTransformer, Vae)> {
+    let p = &cfg.precision;
+    let storage = match cfg.optim.lora {
+        Some(_) => p.frozen_kind(),
+        None => p.master_kind(),
+    };
     let (mut model, vae) = match &cfg.model {
         ModelSource::Tiny { seed } => (
             FluxTransformer::new(
                 FluxConfig::tiny(),
                 crate::weights::Source::Seeded(*seed),
-                Kind::Float,
+                storage,
                 device,
             )?,
             Vae::new(
                 VaeConfig::tiny(),
                 crate::weights::Source::Seeded(seed + 1),
-                Kind::Float,
+                p.frozen_kind(),
                 device,
             )?,
         ),
         ModelSource::Dir { path } => (
-            FluxTransformer::from_dir(&path.join("transformer"), Kind::Float, device)?,
-            Vae::from_dir(&path.join("vae"), Kind::Float, device)?,
+            FluxTransformer::from_dir(&path.join("transformer"), storage, device)?,
+            Vae::from_dir(&path.join("vae"), p.frozen_kind(), device)?,
         ),
     };
+    model.set_compute_kind(p.compute_kind());
     model.set_checkpointing(cfg.optim.activation_checkpointing);
     if let Some(lora) = &cfg.optim.lora {
         model.attach_lora(lora, cfg.run.seed)?;
@@ -130,16 +141,19 @@ fn check_widths(
 /// The weighted rewards a configuration names, their models on `device`. A
 /// reward that cannot be built is an error naming its field (`rewards[i].path`).
 pub fn build_rewards(cfg: &TrainConfig, device: Device) -> Result<WeightedSum> {
+    let kind = cfg.precision.frozen_kind();
     Ok(WeightedSum::new(build_specs(
         &cfg.rewards,
         "rewards",
+        kind,
         device,
     )?))
 }
 
 /// The evaluation-only rewards of a configuration.
 pub fn build_gold_rewards(cfg: &TrainConfig, device: Device) -> Result<Vec<Box<dyn Reward>>> {
-    let built = build_specs(&cfg.eval.gold_rewards, "eval.gold_rewards", device)?;
+    let kind = cfg.precision.frozen_kind();
+    let built = build_specs(&cfg.eval.gold_rewards, "eval.gold_rewards", kind, device)?;
     Ok(built.into_iter().map(|(reward, _)| reward).collect())
 }
 
@@ -147,13 +161,14 @@ pub fn build_gold_rewards(cfg: &TrainConfig, device: Device) -> Result<Vec<Box<d
 fn build_specs(
     specs: &[RewardSpec],
     field: &str,
+    kind: Kind,
     device: Device,
 ) -> Result<Vec<(Box<dyn Reward>, f64)>> {
     specs
         .iter()
         .enumerate()
         .map(|(i, spec)| {
-            let reward = spec.build(device).map_err(|e| {
+            let reward = spec.build_in(kind, device).map_err(|e| {
                 let name = format!("{field}[{i}].{}", spec.source_field());
                 Error::config(field, &name, e.to_string())
             })?;

@@ -2,6 +2,7 @@
 //! validated at start with errors that name the field, and written resolved
 //! into the run directory. Defaults are the reference's FLUX recipe.
 
+use crate::precision::PrecisionConfig;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -279,6 +280,9 @@ pub struct TrainConfig {
     /// Evaluation cadence and gold rewards.
     #[serde(default)]
     pub eval: EvalConfig,
+    /// Numeric precision (`fp32`, or `bf16` mixed precision).
+    #[serde(default)]
+    pub precision: PrecisionConfig,
 }
 
 /// Quantities derived from the global configuration for a number of processes.
@@ -348,6 +352,7 @@ impl TrainConfig {
                 tensorboard: true,
             },
             eval: EvalConfig::default(),
+            precision: PrecisionConfig::default(),
         }
     }
 

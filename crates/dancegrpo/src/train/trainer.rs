@@ -138,6 +138,7 @@ impl Trainer {
         device: Device,
         collective: Box<dyn Collective>,
     ) -> Result<Self> {
+        crate::precision::set_tf32(cfg.precision.tf32);
         let (model, vae) = build_models(&cfg, device)?;
         let model: Box<dyn PolicyModel> = Box::new(model);
         let prompts = build_prompts(&cfg, model.as_ref())?;
@@ -464,6 +465,7 @@ fn iteration_config(cfg: &TrainConfig) -> IterationConfig {
             learning_rate: cfg.optim.learning_rate,
             lr_schedule: cfg.optim.lr_schedule,
             batching: cfg.optim.update_batching,
+            grad_reduce: cfg.precision.reduce,
         },
     }
 }

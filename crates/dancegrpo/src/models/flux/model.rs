@@ -13,7 +13,7 @@ use super::embeddings::{Rope, TimeTextEmbed};
 use crate::error::{Error, Result};
 use crate::models::lora::LoraConfig;
 use crate::models::{ActivationCheckpointing, FlowInputs, VelocityModel};
-use crate::nn::{layer_norm, Linear};
+use crate::nn::{cast, layer_norm, upcast_kind, Linear};
 use crate::weights::{Checkpoint, ParamStore, Source, VarBuilder};
 
 /// Named intermediate activations of one forward pass (for alignment debugging).
@@ -32,6 +32,8 @@ pub struct FluxTransformer {
     params: ParamStore,
     adapters: Option<(ParamStore, LoraConfig)>,
     checkpointing: ActivationCheckpointing,
+    /// The dtype the forward pass computes in (the parameters' unless set).
+    compute: Kind,
 }
 
 /// Embedded inputs shared by all blocks.
@@ -87,6 +89,7 @@ impl FluxTransformer {
             params,
             adapters: None,
             checkpointing: ActivationCheckpointing::Off,
+            compute: kind,
         })
     }
 
@@ -151,6 +154,19 @@ impl FluxTransformer {
         self.params.named()
     }
 
+    /// Computes the forward and backward passes in `kind` (bfloat16 for mixed
+    /// precision over float32 weights): inputs are cast to it on entry, every
+    /// layer casts its weights to it as it uses them, and the velocity comes out
+    /// in float32 (float64 for a float64 model).
+    pub fn set_compute_kind(&mut self, kind: Kind) {
+        self.compute = kind;
+    }
+
+    /// The dtype the forward pass computes in.
+    pub fn compute_kind(&self) -> Kind {
+        self.compute
+    }
+
     /// Turns per-block activation checkpointing on or off for `velocity_backward`.
     pub fn set_checkpointing(&mut self, mode: ActivationCheckpointing) {
         self.checkpointing = mode;
@@ -184,22 +200,20 @@ impl FluxTransformer {
     }
 
     fn embed(&self, x: &FlowInputs) -> Embedded {
-        let img = self.x_embedder.forward(x.latents);
-        let kind = img.kind();
+        let kind = self.compute;
+        let img = self.x_embedder.forward(&cast(x.latents, kind));
         let t = x.timestep.to_kind(kind) * 1000.0;
         let g = x.guidance.map(|g| g.to_kind(kind) * 1000.0);
-        let temb = self.time_text_embed.forward(&t, g.as_ref(), x.pooled);
-        let txt = self.context_embedder.forward(x.text);
+        let temb = self
+            .time_text_embed
+            .forward(&t, g.as_ref(), &cast(x.pooled, kind));
+        let txt = self.context_embedder.forward(&cast(x.text, kind));
         Embedded { img, txt, temb }
     }
 
     fn rope(&self, x: &FlowInputs) -> Rope {
         let ids = Tensor::cat(&[x.text_ids, x.image_ids], 0);
-        Rope::new(
-            &ids,
-            &self.config.axes_dims_rope,
-            self.x_embedder.weight.kind(),
-        )
+        Rope::new(&ids, &self.config.axes_dims_rope, self.compute)
     }
 
     /// `AdaLayerNormContinuous` + `proj_out` on the image tokens of `x` (b, Lt + L, D).
@@ -210,8 +224,9 @@ impl FluxTransformer {
             .forward(&temb.silu().to_kind(img.kind()))
             .chunk(2, 1); // scale, shift
         let normed = layer_norm(&img, 1e-6) * (emb[0].unsqueeze(1) + 1.0) + emb[1].unsqueeze(1);
+        // the velocity leaves in float32 (float64), whatever the compute dtype
         let out = self.proj_out.forward(&normed);
-        (normed, out)
+        (normed, cast(&out, upcast_kind(out.kind())))
     }
 
     /// Forward pass recording the reference's debug activations into `trace`.
@@ -418,9 +433,47 @@ mod tests {
             ..inputs(&cfg, 1)
         };
         let b = tch::no_grad(|| bf16m.velocity(&flow(&xb))).unwrap();
-        assert_eq!(b.kind(), Kind::BFloat16);
+        // the velocity leaves in float32 for the SDE step
+        assert_eq!(b.kind(), Kind::Float);
         let (rel, _) = crate::align::errors(&b, &a);
         assert!(rel < 5e-2, "bf16 output too far from f32: {rel}");
+    }
+
+    #[test]
+    fn bf16_compute_over_f32_weights_gives_f32_gradients() {
+        let cfg = FluxConfig::tiny();
+        let f32m =
+            FluxTransformer::new(cfg.clone(), Source::Seeded(2), Kind::Float, Device::Cpu).unwrap();
+        let mut mixed =
+            FluxTransformer::new(cfg.clone(), Source::Seeded(2), Kind::Float, Device::Cpu).unwrap();
+        mixed.set_compute_kind(Kind::BFloat16);
+        let stored =
+            FluxTransformer::new(cfg.clone(), Source::Seeded(2), Kind::BFloat16, Device::Cpu)
+                .unwrap();
+        let x = inputs(&cfg, 2);
+        let a = tch::no_grad(|| f32m.velocity(&flow(&x))).unwrap();
+        let b = tch::no_grad(|| mixed.velocity(&flow(&x))).unwrap();
+        assert_eq!(b.kind(), Kind::Float);
+        let (rel, _) = crate::align::errors(&b, &a);
+        assert!(rel > 1e-4 && rel < 5e-2, "bf16 compute vs f32: {rel}");
+        // the same bfloat16 arithmetic as a model stored in bfloat16
+        let xb = Inputs {
+            z: x.z.to_kind(Kind::BFloat16),
+            text: x.text.to_kind(Kind::BFloat16),
+            pooled: x.pooled.to_kind(Kind::BFloat16),
+            ..inputs(&cfg, 2)
+        };
+        let c = tch::no_grad(|| stored.velocity(&flow(&xb))).unwrap();
+        assert!(b.equal(&c), "bf16 compute differs from bf16 storage");
+        // gradients reach the float32 master weights in float32
+        let w = Tensor::randn_like(&b);
+        let _ = mixed
+            .velocity_backward(&flow(&x), &mut |v| Ok((v * &w).sum(Kind::Float)))
+            .unwrap();
+        for (name, p) in mixed.parameters() {
+            assert_eq!(p.kind(), Kind::Float, "{name}");
+            assert_eq!(p.grad().kind(), Kind::Float, "{name}");
+        }
     }
 
     #[test]

@@ -19,7 +19,7 @@ pub use encoder::{Encoder, LatentDistribution};
 
 use crate::error::{Error, Result};
 use crate::models::flux::Trace;
-use crate::nn::Conv2d;
+use crate::nn::{cast, upcast_kind, Conv2d};
 use crate::weights::{Checkpoint, ParamStore, Source, VarBuilder};
 
 /// Which halves of the autoencoder are built.
@@ -45,6 +45,7 @@ pub struct Vae {
     post_quant_conv: Option<Conv2d>,
     decoder: Decoder,
     params: ParamStore,
+    kind: Kind,
 }
 
 impl Vae {
@@ -94,6 +95,7 @@ impl Vae {
             post_quant_conv,
             decoder,
             params,
+            kind,
         })
     }
 
@@ -143,12 +145,22 @@ impl Vae {
     }
 
     /// VAE latents (b, c, h, w) -> image (b, 3, 8h, 8w) in about [-1, 1].
+    ///
+    /// The latents are cast to the VAE's dtype; the image comes out in float32
+    /// (float64 for a float64 VAE), whatever that dtype is.
     pub fn decode(&self, z: &Tensor, trace: Option<&mut Trace>) -> Tensor {
+        let z = cast(z, self.kind);
         let z = match &self.post_quant_conv {
-            Some(conv) => conv.forward(z),
-            None => z.shallow_clone(),
+            Some(conv) => conv.forward(&z),
+            None => z,
         };
-        self.decoder.forward(&z, trace)
+        let image = self.decoder.forward(&z, trace);
+        cast(&image, upcast_kind(self.kind))
+    }
+
+    /// The parameters' dtype.
+    pub fn kind(&self) -> Kind {
+        self.kind
     }
 
     /// Image (b, 3, H, W) in [-1, 1] -> the latent distribution (b, c, H/8, W/8)
