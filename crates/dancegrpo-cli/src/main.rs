@@ -34,6 +34,9 @@ enum Command {
     Score(cmd::score::Args),
     /// Benchmarks that print figures (`bench rewards`, `bench train CASE_DIR`).
     Bench(cmd::bench::Args),
+    /// The memory one training process needs (from the config and the models'
+    /// config.json alone): fits or not, and the smallest process count that fits.
+    Plan(cmd::plan::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -48,6 +51,7 @@ fn main() -> std::process::ExitCode {
         Command::Pretrain(a) => cmd::pretrain::run(a),
         Command::Score(a) => cmd::score::run(a),
         Command::Bench(a) => cmd::bench::run(a),
+        Command::Plan(a) => cmd::plan::run(a),
     };
     match result {
         Ok(code) => code,

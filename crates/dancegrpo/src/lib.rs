@@ -16,6 +16,7 @@ pub mod grpo;
 pub mod io;
 pub mod models;
 pub mod nn;
+pub mod plan;
 pub mod precision;
 pub mod pretrain;
 pub mod process;

@@ -170,6 +170,10 @@ pub enum Source<'a> {
     Checkpoint(&'a Checkpoint),
     /// Initialise every parameter from a seed (deterministic on any device).
     Seeded(u64),
+    /// Shapes only: every parameter is one zero broadcast to its shape (no
+    /// storage), for counting what a model holds without building it
+    /// (`dancegrpo plan` on FLUX.1-dev's config alone). Not for computing.
+    Shapes,
 }
 
 /// Named parameters in creation order (the order of PyTorch's `named_parameters()`
@@ -188,6 +192,12 @@ impl ParamStore {
 
     fn push(&self, name: String, t: &Tensor) {
         self.params.borrow_mut().push((name, t.shallow_clone()));
+    }
+
+    /// Records a shape-only parameter ([`Source::Shapes`]) and returns it.
+    fn push_shape(&self, name: String, t: Tensor) -> Tensor {
+        self.push(name, &t);
+        t
     }
 
     /// Records the LoRA slot of the linear layer `name` (module path, e.g. `transformer_blocks.0.attn.to_q`).
@@ -331,6 +341,10 @@ impl<'a> VarBuilder<'a> {
         let value = match self.source {
             Source::Checkpoint(ck) => load_checked(ck, &full, shape)?,
             Source::Seeded(seed) => init_tensor(seed, &full, shape, init),
+            Source::Shapes => {
+                let one = Tensor::zeros([], (self.kind, self.device));
+                return Ok(self.store.push_shape(full, one.expand(shape, false)));
+            }
         };
         let t = value
             .to_device(self.device)

@@ -117,7 +117,10 @@ fn bf16_runs_are_reported_against_the_truth() {
         }
         // the transformer really computed in bfloat16: far above float32 rounding
         let (_, ours, reference) = stage(&report, "transformer").max_errors();
-        assert!(ours.unwrap() > 100.0 * reference.unwrap(), "{ours:?} {reference:?}");
+        assert!(
+            ours.unwrap() > 100.0 * reference.unwrap(),
+            "{ours:?} {reference:?}"
+        );
     }
 }
 

@@ -6,6 +6,7 @@ pub mod bench_train;
 pub mod demo;
 pub mod env;
 pub mod generate;
+pub mod plan;
 pub mod preprocess;
 pub mod pretrain;
 pub mod progress;

@@ -8,10 +8,12 @@
 mod c10d;
 mod launch;
 mod shard;
+pub mod sharding;
 
 pub use c10d::{DistBackend, ProcessGroup};
 pub use launch::Launch;
 pub use shard::{shard_samples, Shard, Subset};
+pub use sharding::{ParallelConfig, Sharding};
 
 use tch::{Kind, Tensor};
 

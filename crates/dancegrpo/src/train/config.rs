@@ -2,6 +2,7 @@
 //! validated at start with errors that name the field, and written resolved
 //! into the run directory. Defaults are the reference's FLUX recipe.
 
+use crate::dist::ParallelConfig;
 use crate::precision::PrecisionConfig;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -283,6 +284,9 @@ pub struct TrainConfig {
     /// Numeric precision (`fp32`, or `bf16` mixed precision).
     #[serde(default)]
     pub precision: PrecisionConfig,
+    /// How processes share the trained state.
+    #[serde(default)]
+    pub parallel: ParallelConfig,
 }
 
 /// Quantities derived from the global configuration for a number of processes.
@@ -353,6 +357,7 @@ impl TrainConfig {
             },
             eval: EvalConfig::default(),
             precision: PrecisionConfig::default(),
+            parallel: ParallelConfig::default(),
         }
     }
 

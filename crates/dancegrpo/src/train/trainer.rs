@@ -138,6 +138,16 @@ impl Trainer {
         device: Device,
         collective: Box<dyn Collective>,
     ) -> Result<Self> {
+        if cfg.parallel.sharding != crate::dist::Sharding::None {
+            return Err(Error::config(
+                "config",
+                "parallel.sharding",
+                format!(
+                    "`{}`: this build trains with `none` only (`dancegrpo plan` reports the memory of every mode)",
+                    cfg.parallel.sharding.name()
+                ),
+            ));
+        }
         crate::precision::set_tf32(cfg.precision.tf32);
         let (model, vae) = build_models(&cfg, device)?;
         let model: Box<dyn PolicyModel> = Box::new(model);

@@ -149,6 +149,11 @@ impl FluxTransformer {
         self.adapters.as_ref().map(|(a, c)| (a, c))
     }
 
+    /// The module names of the linear layers (`transformer_blocks.0.attn.to_q`).
+    pub fn linear_names(&self) -> Vec<String> {
+        self.params.linears().into_iter().map(|(n, _)| n).collect()
+    }
+
     /// The base weights (all of them, whatever is being trained).
     pub fn base_parameters(&self) -> Vec<(String, Tensor)> {
         self.params.named()
