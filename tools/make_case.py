@@ -11,7 +11,8 @@ A developer tool, not part of the build. It needs diffusers 0.32.0 beside the pr
     PYDEPS=/tmp/pydeps LR=1e-3 SEED=11 .venv/bin/python tools/make_case.py \
         ../shared/fixtures/public/flux_tiny_a /tmp/cases/synth_k4
 
-(8 samples in one group, 6 steps, accumulation 2: 4 optimizer steps.)
+(Defaults: 1 prompt x G = 8 samples, 6 steps, accumulation GA = 2: 4 optimizer steps; set P, G,
+GA, LR, SEED in the environment, e.g. P=3 G=4 GA=3 for 12 samples in 3 groups and 4 steps.)
 """
 import sys, os, json, math, shutil, struct
 sys.path.insert(0, os.environ.get('PYDEPS', '/tmp/pydeps'))
@@ -30,15 +31,16 @@ import diffusers.models.normalization as N
 from diffusers import FluxTransformer2DModel, AutoencoderKL
 
 src, out = sys.argv[1], sys.argv[2]
-G, GA, S, FRAC, LR, SEED = 8, 2, 6, 0.6, float(os.environ.get('LR', '1e-4')), int(os.environ.get('SEED', '7'))
+env = lambda k, d: type(d)(os.environ.get(k, d))
+P, G, GA, S, FRAC, LR, SEED = env('P', 1), env('G', 8), env('GA', 2), 6, 0.6, env('LR', 1e-4), env('SEED', 7)
 torch.set_num_threads(1)
 cj = json.load(open(src + '/case.json'))
 hp = dict(cj['hyperparameters'])
-hp.update({'num_generations': G, 'gradient_accumulation_steps': GA, 'sampling_steps': S,
+hp.update({'num_generations': G, 'gradient_accumulation_steps': GA, 'sampling_steps': S, 'train_batch_size (prompts per iteration)': P,
            'timestep_fraction': FRAC, 'learning_rate': LR})
 eta, shift, clip, advmax = hp['eta'], hp['shift'], hp['clip_range'], hp['adv_clip_max']
 wd, (b1, b2), eps, maxnorm = hp['weight_decay'], hp['adam_betas'], hp['adam_eps'], hp['max_grad_norm']
-B = G; T = int((S - 1) * FRAC); K = B // GA
+B = P * G; T = int((S - 1) * FRAC); K = B // GA
 inp_src, _ = load(src + '/inputs.safetensors')
 
 # ---- float64 islands off (the truth's rule) -------------------------------------------
@@ -83,7 +85,11 @@ init = torch.randn(1, 16, h, w, generator=g).to(torch.bfloat16).float()
 sde_noise = torch.randn(B, S, L, 64, generator=g)
 perms = torch.stack([torch.randperm(S - 1, generator=g) for _ in range(B)])
 rewards = (0.3 + 0.02 * torch.randn(B, generator=g)).float()
-inputs = {k: inp_src[k] for k in ['prompt_embeds', 'pooled_prompt_embeds', 'text_ids', 'txt_ids', 'img_ids', 'guidance']}
+inputs = {k: inp_src[k] for k in ['txt_ids', 'img_ids', 'guidance']}
+# prompt 0 is the source case's; the others are it plus seeded noise
+extra = lambda t: torch.cat([t] + [t + 0.1 * torch.randn(t.shape, generator=g) for _ in range(P - 1)])
+inputs.update(prompt_embeds=extra(inp_src['prompt_embeds'][:1]), pooled_prompt_embeds=extra(inp_src['pooled_prompt_embeds'][:1]),
+              text_ids=inp_src['text_ids'][:1].repeat(P, 1))
 inputs.update(init_noise=init, sde_noise=sde_noise, perms=perms)
 
 def pack(x): return x.view(1, 16, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(1, L, 64)
@@ -108,8 +114,9 @@ def step(v, z, i, sig, noise=None, prev=None):
     lp = (-((prev.detach() - mean) ** 2) / (var2 if f64 else torch.tensor(var2, dtype=torch.float32))).mean(dim=tuple(range(1, mean.ndim)))
     return prev, x0, lp, std
 
-def call(m, z, t, dtype):
-    return m(hidden_states=z, encoder_hidden_states=inputs['prompt_embeds'][0:1].to(dtype), pooled_projections=inputs['pooled_prompt_embeds'][0:1].to(dtype),
+def call(m, z, t, dtype, b):
+    q = b // G
+    return m(hidden_states=z, encoder_hidden_states=inputs['prompt_embeds'][q:q + 1].to(dtype), pooled_projections=inputs['pooled_prompt_embeds'][q:q + 1].to(dtype),
              timestep=t, guidance=torch.tensor([3.5], dtype=dtype), txt_ids=inputs['txt_ids'].to(dtype), img_ids=inputs['img_ids'].to(dtype), return_dict=False)[0]
 
 def advantages(r):
@@ -127,7 +134,7 @@ def train(m, lat, olp, adv, sig, dtype, rec):
         for k in range(T):
             j = int(perms[b, k])
             t = (ti[j:j + 1].to(dtype) / 1000)
-            v = call(m, lat[b, j][None], t, dtype)
+            v = call(m, lat[b, j][None], t, dtype, b)
             _, _, lp, _ = step(v, lat[b, j][None], j, sig, prev=lat[b, j + 1][None])
             ratio = torch.exp(lp - olp[b, j])
             un = -adv[b] * ratio; cl = -adv[b] * torch.clamp(ratio, 1 - clip, 1 + clip)
@@ -183,7 +190,7 @@ def run(dtype, stored=None):
             for i in range(S):
                 zin = stored['sample/latents'][b, i][None].to(dtype) if f64 else z
                 t = ti[i:i + 1].to(dtype) / 1000
-                v = call(m, zin, t, dtype)
+                v = call(m, zin, t, dtype, b)
                 z, x0, lp, _ = step(v, zin, i, sig, noise=sde_noise[b, i][None].to(dtype))
                 zl.append(z[0]); xl.append(x0[0]); ll.append(lp[0]); vl.append(v[0])
             lats.append(torch.stack(zl)); x0s.append(torch.stack(xl)); lps.append(torch.stack(ll)); vs.append(torch.stack(vl))
