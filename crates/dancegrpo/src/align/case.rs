@@ -10,6 +10,7 @@ use super::judge::Reference;
 use crate::error::{Error, Result};
 use crate::io::json::read_json;
 use crate::io::safetensors::SafetensorsFile;
+use crate::models::flux::FluxTransformer;
 use crate::sampler::Conditioning;
 
 /// An `expected.safetensors` and, when present, its float64 truth
@@ -204,6 +205,14 @@ impl Case {
 }
 
 impl Case {
+    /// The case's transformer (CPU), stored and computing as `precision` says.
+    pub fn transformer(&self, precision: super::Precision) -> Result<FluxTransformer> {
+        let dir = self.dir.join("transformer");
+        let mut model = FluxTransformer::from_dir(&dir, precision.model_kind(), tch::Device::Cpu)?;
+        model.set_compute_kind(precision.compute_kind());
+        Ok(model)
+    }
+
     /// The case's stored conditioning (prompt embeddings in trainer order, position
     /// ids, guidance when the model takes it), sample `b` using prompt `b / G`,
     /// the embeddings in `kind`.

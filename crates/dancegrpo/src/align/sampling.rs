@@ -1,12 +1,9 @@
 //! The `sampling` stage: every Dance-SDE step, each fed the stored latent (the
 //! velocity from our transformer, the noise from the recorded draws).
 
-use tch::Device;
-
 use super::judge::Rule;
 use super::{Case, Precision, Stage, StageAcc, StageReport};
 use crate::error::Result;
-use crate::models::flux::FluxTransformer;
 use crate::models::vae::packing;
 use crate::models::VelocityModel;
 use crate::sampler::sde::{sde_step, At, Next};
@@ -18,12 +15,7 @@ pub const TOL: f64 = 1e-5;
 /// Runs the stage on `case` in `precision`.
 pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
     let kind = precision.state_kind();
-    let mut model = FluxTransformer::from_dir(
-        &case.dir().join("transformer"),
-        precision.model_kind(),
-        Device::Cpu,
-    )?;
-    model.set_compute_kind(precision.compute_kind());
+    let model = case.transformer(precision)?;
     let eta = case.hyper_f64("eta")?;
     let cond = case.conditioning(model.config().guidance_embeds, kind)?;
     let latents = case.reference("sample/latents")?; // (B, S+1, L, c)

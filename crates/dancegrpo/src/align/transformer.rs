@@ -1,12 +1,12 @@
 //! The `transformer` stage: every stored sampling call of the model, teacher
 //! forced from the stored latents, plus the first call's intermediate activations.
 
-use tch::{Device, Tensor};
+use tch::Tensor;
 
 use super::judge::Rule;
 use super::{Case, Precision, Stage, StageAcc, StageReport};
 use crate::error::Result;
-use crate::models::flux::{FluxTransformer, Trace};
+use crate::models::flux::Trace;
 use crate::models::VelocityModel;
 
 /// Bound of the stage against the float32 reference when a case has no truth.
@@ -15,12 +15,7 @@ pub const TOL: f64 = 1e-5;
 /// Runs the stage on `case` in `precision`.
 pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
     let kind = precision.state_kind();
-    let mut model = FluxTransformer::from_dir(
-        &case.dir().join("transformer"),
-        precision.model_kind(),
-        Device::Cpu,
-    )?;
-    model.set_compute_kind(precision.compute_kind());
+    let model = case.transformer(precision)?;
     let cond = case.conditioning(model.config().guidance_embeds, kind)?;
     let latents = case.expected("sample/latents")?.to_kind(kind); // (B, S+1, L, c)
                                                                   // the stored float32 inputs; the truth feeds timestep_ints / 1000 in float64
