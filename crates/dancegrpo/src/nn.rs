@@ -78,20 +78,19 @@ impl Linear {
         self.lora.get()
     }
 
-    fn forward_one(&self, x: &Tensor) -> Tensor {
-        let k = x.kind();
-        let bias = self.bias.as_ref().map(|b| cast(b, k));
-        let y = x.linear(&cast(&self.weight, k), bias.as_ref());
-        match self.lora.get() {
-            Some(l) => {
-                let down = x.linear(&cast(&l.a, k), None::<Tensor>);
-                y + down.linear(&cast(&l.b, k), None::<Tensor>) * l.scale
+    /// `x W^T + b` (plus the adapter) with the weights `w` already in `x`'s dtype.
+    fn forward_one(&self, x: &Tensor, w: &Weights) -> Tensor {
+        let y = x.linear(&w.weight, w.bias.as_ref());
+        match (self.lora.get(), &w.lora) {
+            (Some(l), Some((a, b))) => {
+                y + x.linear(a, None::<Tensor>).linear(b, None::<Tensor>) * l.scale
             }
-            None => y,
+            _ => y,
         }
     }
 
-    /// Applies the layer to the last dimension of `x`.
+    /// Applies the layer to the last dimension of `x`, in `x`'s dtype (the
+    /// weights are cast to it once per call).
     ///
     /// A 2-d input `(b, in)` is applied row by row: BLAS takes a matrix-vector
     /// path for one row and a matrix-matrix path for several, which round
@@ -100,16 +99,29 @@ impl Linear {
     /// Row by row, every sample gets the bits it gets alone (and as the
     /// reference's batch-1 calls get).
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        let k = x.kind();
+        let w = Weights {
+            weight: cast(&self.weight, k),
+            bias: self.bias.as_ref().map(|b| cast(b, k)),
+            lora: self.lora.get().map(|l| (cast(&l.a, k), cast(&l.b, k))),
+        };
         match x.size().as_slice() {
             [b, _] if *b > 1 => {
                 let rows: Vec<Tensor> = (0..*b)
-                    .map(|i| self.forward_one(&x.narrow(0, i, 1)))
+                    .map(|i| self.forward_one(&x.narrow(0, i, 1), &w))
                     .collect();
                 Tensor::cat(&rows, 0)
             }
-            _ => self.forward_one(x),
+            _ => self.forward_one(x, &w),
         }
     }
+}
+
+/// A linear layer's tensors in the dtype of one call.
+struct Weights {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    lora: Option<(Tensor, Tensor)>,
 }
 
 /// `nn.LayerNorm(dim, elementwise_affine=False)` over the last dimension.
