@@ -129,6 +129,31 @@ int dg_pg_broadcast(dg_pg* pg, const at::Tensor* tensor, int root, char* err,
   });
 }
 
+// Gathers every process's `input` (n elements) into `output` (world * n),
+// rank r's at [r n, (r + 1) n), and waits.
+int dg_pg_allgather_into(dg_pg* pg, const at::Tensor* output,
+                         const at::Tensor* input, char* err, size_t err_len) {
+  return guarded(err, err_len, [&] {
+    at::Tensor out = *output;
+    at::Tensor in = *input;
+    pg->backend->_allgather_base(out, in, c10d::AllgatherOptions())->wait();
+  });
+}
+
+// Sums `input` (world * n elements) over the processes and leaves rank r's
+// part [r n, (r + 1) n) of the sum in `output` (n elements), and waits.
+int dg_pg_reduce_scatter_sum(dg_pg* pg, const at::Tensor* output,
+                             const at::Tensor* input, char* err,
+                             size_t err_len) {
+  return guarded(err, err_len, [&] {
+    at::Tensor out = *output;
+    at::Tensor in = *input;
+    c10d::ReduceScatterOptions opts;
+    opts.reduceOp = c10d::ReduceOp::SUM;
+    pg->backend->_reduce_scatter_base(out, in, opts)->wait();
+  });
+}
+
 // Releases the process group.
 void dg_pg_free(dg_pg* pg) {
   delete pg;

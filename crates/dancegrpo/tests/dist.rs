@@ -117,6 +117,20 @@ fn gloo_sums_broadcasts_and_gathers_across_two_processes() {
     all_reduce_grads(&pg, &[q.shallow_clone()], 2, ReduceDtype::Bf16).unwrap();
     assert_eq!(q.grad().kind(), Kind::Float);
     assert_eq!(q.grad().double_value(&[0]), 2.0);
+    // all-gather and reduce-scatter of flat buffers (the backend's own ops)
+    let part = Tensor::from_slice(&[r as f32 * 10.0, r as f32 * 10.0 + 1.0]);
+    let full = Tensor::zeros([4], (Kind::Float, tch::Device::Cpu));
+    pg.all_gather_into(&full, &part).unwrap();
+    assert_eq!(Vec::<f32>::try_from(&full).unwrap(), vec![0.0, 1.0, 10.0, 11.0]);
+    let contribution = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]) * (r + 1.0);
+    let mine = Tensor::zeros([2], (Kind::Float, tch::Device::Cpu));
+    pg.reduce_scatter_sum(&mine, &contribution).unwrap();
+    let want = match pg.rank() {
+        0 => vec![3.0, 6.0],
+        _ => vec![9.0, 12.0],
+    };
+    assert_eq!(Vec::<f32>::try_from(&mine).unwrap(), want);
+    assert!(pg.all_gather_into(&mine, &part).is_err());
     barrier(&pg).unwrap();
 }
 

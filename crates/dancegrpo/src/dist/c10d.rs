@@ -40,6 +40,20 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
+    fn dg_pg_allgather_into(
+        pg: *mut DgPg,
+        output: *const torch_sys::C_tensor,
+        input: *const torch_sys::C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn dg_pg_reduce_scatter_sum(
+        pg: *mut DgPg,
+        output: *const torch_sys::C_tensor,
+        input: *const torch_sys::C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
     fn dg_pg_free(pg: *mut DgPg);
 }
 
@@ -177,6 +191,24 @@ impl Collective for ProcessGroup {
         self.on_device(tensor, |t| {
             call("broadcast", |err| unsafe {
                 dg_pg_broadcast(self.pg, t.as_ptr(), root as c_int, err, ERR_LEN) == 0
+            })
+        })
+    }
+    fn all_gather_into(&self, output: &Tensor, input: &Tensor) -> Result<()> {
+        super::check_gather_sizes(self, output, input)?;
+        let input = input.to_device(self.device).contiguous();
+        self.on_device(output, |out| {
+            call("all_gather", |err| unsafe {
+                dg_pg_allgather_into(self.pg, out.as_ptr(), input.as_ptr(), err, ERR_LEN) == 0
+            })
+        })
+    }
+    fn reduce_scatter_sum(&self, output: &Tensor, input: &Tensor) -> Result<()> {
+        super::check_gather_sizes(self, input, output)?;
+        let input = input.to_device(self.device).contiguous();
+        self.on_device(output, |out| {
+            call("reduce_scatter", |err| unsafe {
+                dg_pg_reduce_scatter_sum(self.pg, out.as_ptr(), input.as_ptr(), err, ERR_LEN) == 0
             })
         })
     }

@@ -31,6 +31,44 @@ pub trait Collective {
     fn all_reduce_sum(&self, tensor: &Tensor) -> Result<()>;
     /// Replaces `tensor` by the one of process `root`.
     fn broadcast(&self, tensor: &Tensor, root: i64) -> Result<()>;
+
+    /// Gathers every process's 1-d `input` (`n` elements) into the 1-d `output`
+    /// (`world * n`), rank `r`'s at `[r n, (r + 1) n)`. The default, one
+    /// all-reduce of a zeroed `output` holding only this rank's part, is exact
+    /// (each element is its owner's value plus zeros) and serves one process
+    /// and tests; process groups use the backend's own all-gather.
+    fn all_gather_into(&self, output: &Tensor, input: &Tensor) -> Result<()> {
+        check_gather_sizes(self, output, input)?;
+        let n = input.numel() as i64;
+        let _ = output.shallow_clone().zero_();
+        output.narrow(0, self.rank() * n, n).copy_(input);
+        self.all_reduce_sum(output)
+    }
+
+    /// Sums the 1-d `input` (`world * n` elements) over the processes and leaves
+    /// this rank's part `[r n, (r + 1) n)` of the sum in `output` (`n`). The
+    /// default goes through a full all-reduce (world times the traffic of a
+    /// reduce-scatter); process groups use the backend's own.
+    fn reduce_scatter_sum(&self, output: &Tensor, input: &Tensor) -> Result<()> {
+        check_gather_sizes(self, input, output)?;
+        let n = output.numel() as i64;
+        let sum = input.copy();
+        self.all_reduce_sum(&sum)?;
+        output.shallow_clone().copy_(&sum.narrow(0, self.rank() * n, n));
+        Ok(())
+    }
+}
+
+/// Checks that `full` (1-d) holds `world` times the elements of `part` (1-d).
+fn check_gather_sizes<C: Collective + ?Sized>(c: &C, full: &Tensor, part: &Tensor) -> Result<()> {
+    let (f, p) = (full.size(), part.size());
+    if f.len() != 1 || p.len() != 1 || f[0] != p[0] * c.world_size() {
+        return Err(crate::Error::Input(format!(
+            "a gathered tensor of {f:?} for parts of {p:?} on {} processes",
+            c.world_size()
+        )));
+    }
+    Ok(())
 }
 
 /// One process: every collective is the identity.
