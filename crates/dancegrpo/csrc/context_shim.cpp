@@ -1,5 +1,6 @@
-// Process-wide switches of ATen's global context that the C API tch wraps does
-// not expose: the TF32 policy of CUDA float32 matmuls and convolutions.
+// What the C API tch wraps does not expose: the TF32 policy of CUDA float32
+// matmuls and convolutions (ATen's global context), the autograd mode, and
+// dropping a tensor's gradient.
 #include <ATen/Context.h>
 
 extern "C" {
@@ -12,5 +13,19 @@ void dg_set_tf32(int allow) {
 
 // Whether cuBLAS may use TF32 for float32 matmuls.
 int dg_tf32() { return at::globalContext().allowTF32CuBLAS() ? 1 : 0; }
+
+}  // extern "C"
+
+#include <ATen/core/Tensor.h>
+#include <torch/csrc/autograd/grad_mode.h>
+
+extern "C" {
+
+// Whether autograd records operations (the C API tch wraps can only set it).
+int dg_grad_enabled() { return at::GradMode::is_enabled() ? 1 : 0; }
+
+// Drops `t`'s accumulated gradient (`t.grad = None`): the memory goes and the
+// next backward starts the gradient afresh, whatever `t`'s shape is then.
+void dg_reset_grad(const at::Tensor* t) { t->mutable_grad().reset(); }
 
 }  // extern "C"

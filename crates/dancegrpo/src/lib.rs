@@ -9,6 +9,7 @@
 //! numbers).
 
 pub mod align;
+pub mod autograd;
 pub mod data;
 pub mod dist;
 pub mod error;

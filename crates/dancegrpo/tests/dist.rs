@@ -121,7 +121,10 @@ fn gloo_sums_broadcasts_and_gathers_across_two_processes() {
     let part = Tensor::from_slice(&[r as f32 * 10.0, r as f32 * 10.0 + 1.0]);
     let full = Tensor::zeros([4], (Kind::Float, tch::Device::Cpu));
     pg.all_gather_into(&full, &part).unwrap();
-    assert_eq!(Vec::<f32>::try_from(&full).unwrap(), vec![0.0, 1.0, 10.0, 11.0]);
+    assert_eq!(
+        Vec::<f32>::try_from(&full).unwrap(),
+        vec![0.0, 1.0, 10.0, 11.0]
+    );
     let contribution = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]) * (r + 1.0);
     let mine = Tensor::zeros([2], (Kind::Float, tch::Device::Cpu));
     pg.reduce_scatter_sum(&mine, &contribution).unwrap();

@@ -54,7 +54,9 @@ pub trait Collective {
         let n = output.numel() as i64;
         let sum = input.copy();
         self.all_reduce_sum(&sum)?;
-        output.shallow_clone().copy_(&sum.narrow(0, self.rank() * n, n));
+        output
+            .shallow_clone()
+            .copy_(&sum.narrow(0, self.rank() * n, n));
         Ok(())
     }
 }

@@ -63,6 +63,28 @@ pub trait VelocityModel {
     fn parameters(&self) -> Vec<(String, Tensor)>;
 }
 
+/// Where a model's parameter units live while it computes: sharded training
+/// gathers a unit (an embedding stage, a block, the output head) just before it
+/// runs and frees it after, and collects its gradients as soon as they are
+/// complete. A model calls these around every unit; without a residency its
+/// parameters simply stay where they are.
+pub trait Residency {
+    /// Unit `unit` is about to compute (a forward, or its recompute in backward).
+    fn acquire(&self, unit: usize) -> Result<()>;
+    /// Unit `unit` is done for now (never while a graph still needs it).
+    fn release(&self, unit: usize) -> Result<()>;
+    /// Unit `unit`'s gradients from the current backward pass are complete.
+    fn gradients_ready(&self, unit: usize) -> Result<()>;
+}
+
+/// A named group of parameters acquired and released together.
+pub struct ParamUnit {
+    /// `embed`, `transformer_blocks.3`, `head`...
+    pub name: String,
+    /// Its parameters with their checkpoint names, in model order.
+    pub params: Vec<(String, Tensor)>,
+}
+
 /// The widths of the text conditioning a model takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TextWidths {

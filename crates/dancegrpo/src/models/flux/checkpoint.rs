@@ -15,7 +15,9 @@ use crate::error::Result;
 use crate::models::FlowInputs;
 
 /// Backward of `loss_fn(model(inputs))` through `vjp`s of one block at a time.
-/// Parameter gradients accumulate as with a plain `loss.backward()`.
+/// Parameter gradients accumulate as with a plain `loss.backward()`. Each unit
+/// is acquired from the model's residency only while it computes, and its
+/// gradients are reported complete right after its own backward.
 pub fn backward_per_block(
     model: &FluxTransformer,
     inputs: &FlowInputs,
@@ -24,21 +26,28 @@ pub fn backward_per_block(
     let (doubles, singles) = model.parts();
     // 1. Forward without graph, keeping block inputs.
     let (temb, rope, double_in, single_in, out) = tch::no_grad(|| -> Result<_> {
-        let (img, txt, temb, rope) = model.embed_inputs(inputs)?;
+        let (img, txt, temb, rope) =
+            in_unit(model, model.unit_embed(), || model.embed_inputs(inputs))?;
         let (mut i, mut t) = (img.shallow_clone(), txt.shallow_clone());
         let mut double_in = Vec::with_capacity(doubles.len());
-        for block in doubles {
+        for (n, block) in doubles.iter().enumerate() {
             double_in.push((i.shallow_clone(), t.shallow_clone()));
-            (t, i) = block.forward(&i, &t, &temb, &rope);
+            (t, i) = in_unit(model, model.unit_double(n), || {
+                Ok(block.forward(&i, &t, &temb, &rope))
+            })?;
         }
         let lt = t.size()[1];
         let mut h = Tensor::cat(&[t, i], 1);
         let mut single_in = Vec::with_capacity(singles.len());
-        for block in singles {
+        for (n, block) in singles.iter().enumerate() {
             single_in.push(h.shallow_clone());
-            h = block.forward(&h, &temb, &rope);
+            h = in_unit(model, model.unit_single(n), || {
+                Ok(block.forward(&h, &temb, &rope))
+            })?;
         }
-        let out = model.output_head(&h, &temb, lt);
+        let out = in_unit(model, model.unit_head(), || {
+            Ok(model.output_head(&h, &temb, lt))
+        })?;
         Ok((temb, rope, double_in, single_in, (h, out, lt)))
     })?;
     let (head_in, out, lt) = out;
@@ -51,26 +60,68 @@ pub fn backward_per_block(
 
     // 3. Head, then single blocks, last to first.
     let h = leaf(&head_in);
-    backprop(&[(model.output_head(&h, &temb_leaf, lt), out_leaf.grad())]);
+    backward_unit(model, model.unit_head(), || {
+        Ok(vec![(
+            model.output_head(&h, &temb_leaf, lt),
+            out_leaf.grad(),
+        )])
+    })?;
     let mut g = h.grad();
-    for (block, x_in) in singles.iter().zip(&single_in).rev() {
+    for (n, (block, x_in)) in singles.iter().zip(&single_in).enumerate().rev() {
         let x = leaf(x_in);
-        backprop(&[(block.forward(&x, &temb_leaf, &rope), g)]);
+        backward_unit(model, model.unit_single(n), || {
+            Ok(vec![(
+                block.forward(&x, &temb_leaf, &rope),
+                g.shallow_clone(),
+            )])
+        })?;
         g = x.grad();
     }
     // 4. Double blocks: split the joint gradient into text and image parts.
     let mut g_txt = g.narrow(1, 0, lt);
     let mut g_img = g.narrow(1, lt, g.size()[1] - lt);
-    for (block, (i_in, t_in)) in doubles.iter().zip(&double_in).rev() {
+    for (n, (block, (i_in, t_in))) in doubles.iter().zip(&double_in).enumerate().rev() {
         let (i, t) = (leaf(i_in), leaf(t_in));
-        let (t_out, i_out) = block.forward(&i, &t, &temb_leaf, &rope);
-        backprop(&[(t_out, g_txt), (i_out, g_img)]);
+        backward_unit(model, model.unit_double(n), || {
+            let (t_out, i_out) = block.forward(&i, &t, &temb_leaf, &rope);
+            Ok(vec![
+                (t_out, g_txt.shallow_clone()),
+                (i_out, g_img.shallow_clone()),
+            ])
+        })?;
         (g_txt, g_img) = (t.grad(), i.grad());
     }
     // 5. Embeddings, with the gradient accumulated on temb.
-    let (img_e, txt_e, temb_e, _) = model.embed_inputs(inputs)?;
-    backprop(&[(img_e, g_img), (txt_e, g_txt), (temb_e, temb_leaf.grad())]);
+    backward_unit(model, model.unit_embed(), || {
+        let (img_e, txt_e, temb_e, _) = model.embed_inputs(inputs)?;
+        Ok(vec![
+            (img_e, g_img),
+            (txt_e, g_txt),
+            (temb_e, temb_leaf.grad()),
+        ])
+    })?;
     Ok(loss)
+}
+
+/// `f` with unit `u` resident, released after (a gradient-free pass).
+fn in_unit<T>(model: &FluxTransformer, u: usize, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    model.acquire(u)?;
+    let out = f()?;
+    model.release(u)?;
+    Ok(out)
+}
+
+/// Recomputes unit `u` (`f` gives its outputs and their gradients) with the
+/// unit resident, back-propagates, reports its gradients and releases it.
+fn backward_unit(
+    model: &FluxTransformer,
+    u: usize,
+    f: impl FnOnce() -> Result<Vec<(Tensor, Tensor)>>,
+) -> Result<()> {
+    model.acquire(u)?;
+    backprop(&f()?);
+    model.gradients_ready(u)?;
+    model.release(u)
 }
 
 fn leaf(t: &Tensor) -> Tensor {

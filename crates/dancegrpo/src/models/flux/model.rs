@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::rc::Rc;
 
 use tch::{Device, Kind, Tensor};
 
@@ -12,7 +13,7 @@ use super::config::FluxConfig;
 use super::embeddings::{Rope, TimeTextEmbed};
 use crate::error::{Error, Result};
 use crate::models::lora::LoraConfig;
-use crate::models::{ActivationCheckpointing, FlowInputs, VelocityModel};
+use crate::models::{ActivationCheckpointing, FlowInputs, ParamUnit, Residency, VelocityModel};
 use crate::nn::{cast, layer_norm, upcast_kind, Linear};
 use crate::weights::{Checkpoint, ParamStore, Source, VarBuilder};
 
@@ -34,6 +35,8 @@ pub struct FluxTransformer {
     checkpointing: ActivationCheckpointing,
     /// The dtype the forward pass computes in (the parameters' unless set).
     compute: Kind,
+    /// Where the parameter units live while computing (sharded training).
+    residency: Option<Rc<dyn Residency>>,
 }
 
 /// Embedded inputs shared by all blocks.
@@ -90,6 +93,7 @@ impl FluxTransformer {
             adapters: None,
             checkpointing: ActivationCheckpointing::Off,
             compute: kind,
+            residency: None,
         })
     }
 
@@ -172,6 +176,70 @@ impl FluxTransformer {
         self.compute
     }
 
+    /// The parameter units, in model order: `embed` (time/text embedding,
+    /// context and image embedders), each `transformer_blocks.i`, each
+    /// `single_transformer_blocks.i`, then `head` (`norm_out`, `proj_out`).
+    /// Every base parameter is in exactly one unit.
+    pub fn units(&self) -> Vec<ParamUnit> {
+        let mut units: Vec<ParamUnit> = Vec::new();
+        for (name, t) in self.params.named() {
+            let unit = unit_of(&name);
+            match units.last_mut() {
+                Some(u) if u.name == unit => u.params.push((name, t)),
+                _ => units.push(ParamUnit {
+                    name: unit,
+                    params: vec![(name, t)],
+                }),
+            }
+        }
+        units
+    }
+
+    /// Calls `residency` around every unit from now on (`None`: parameters stay put).
+    pub fn set_residency(&mut self, residency: Option<Rc<dyn Residency>>) {
+        self.residency = residency;
+    }
+
+    /// Unit indices of [`Self::units`]: embed, double block `i`, single block `i`, head.
+    pub(super) fn unit_embed(&self) -> usize {
+        0
+    }
+    pub(super) fn unit_double(&self, i: usize) -> usize {
+        1 + i
+    }
+    pub(super) fn unit_single(&self, i: usize) -> usize {
+        1 + self.transformer_blocks.len() + i
+    }
+    pub(super) fn unit_head(&self) -> usize {
+        1 + self.transformer_blocks.len() + self.single_transformer_blocks.len()
+    }
+
+    /// Unit `u` is about to compute.
+    pub(super) fn acquire(&self, u: usize) -> Result<()> {
+        self.residency.as_ref().map_or(Ok(()), |r| r.acquire(u))
+    }
+
+    /// Unit `u` is done with, for a pass whose graph does not need it.
+    pub(super) fn release(&self, u: usize) -> Result<()> {
+        self.residency.as_ref().map_or(Ok(()), |r| r.release(u))
+    }
+
+    /// Unit `u`'s gradients are complete.
+    pub(super) fn gradients_ready(&self, u: usize) -> Result<()> {
+        self.residency
+            .as_ref()
+            .map_or(Ok(()), |r| r.gradients_ready(u))
+    }
+
+    /// Releases unit `u` after a forward use, unless a graph (a backward pass
+    /// to come) still needs its parameters.
+    fn done_with(&self, u: usize) -> Result<()> {
+        match crate::autograd::grad_enabled() {
+            true => Ok(()),
+            false => self.release(u),
+        }
+    }
+
     /// Turns per-block activation checkpointing on or off for `velocity_backward`.
     pub fn set_checkpointing(&mut self, mode: ActivationCheckpointing) {
         self.checkpointing = mode;
@@ -242,7 +310,9 @@ impl FluxTransformer {
                 tr.insert(name, t.detach().copy());
             }
         };
+        self.acquire(self.unit_embed())?;
         let e = self.embed(x);
+        self.done_with(self.unit_embed())?;
         rec("x_embedder".into(), &e.img);
         rec("time_text_embed".into(), &e.temb);
         rec("context_embedder".into(), &e.txt);
@@ -251,17 +321,23 @@ impl FluxTransformer {
         rec("pos_embed.1".into(), &rope.sin);
         let (mut img, mut txt) = (e.img, e.txt);
         for (i, block) in self.transformer_blocks.iter().enumerate() {
+            self.acquire(self.unit_double(i))?;
             (txt, img) = block.forward(&img, &txt, &e.temb, &rope);
+            self.done_with(self.unit_double(i))?;
             rec(format!("transformer_blocks.{i}.0"), &txt);
             rec(format!("transformer_blocks.{i}.1"), &img);
         }
         let lt = txt.size()[1];
         let mut h = Tensor::cat(&[txt, img], 1);
         for (i, block) in self.single_transformer_blocks.iter().enumerate() {
+            self.acquire(self.unit_single(i))?;
             h = block.forward(&h, &e.temb, &rope);
+            self.done_with(self.unit_single(i))?;
             rec(format!("single_transformer_blocks.{i}"), &h);
         }
+        self.acquire(self.unit_head())?;
         let (normed, out) = self.head(&h, &e.temb, lt);
+        self.done_with(self.unit_head())?;
         rec("norm_out".into(), &normed);
         rec("proj_out".into(), &out);
         Ok(out)
@@ -312,6 +388,18 @@ impl FluxTransformer {
 
     pub(super) fn output_head(&self, x: &Tensor, temb: &Tensor, lt: i64) -> Tensor {
         self.head(x, temb, lt).1
+    }
+}
+
+/// The unit a parameter belongs to (see [`FluxTransformer::units`]).
+fn unit_of(name: &str) -> String {
+    let parts: Vec<&str> = name.splitn(3, '.').collect();
+    match parts[..] {
+        [head @ ("transformer_blocks" | "single_transformer_blocks"), i, _] => {
+            format!("{head}.{i}")
+        }
+        [first, ..] if first == "norm_out" || first == "proj_out" => "head".into(),
+        _ => "embed".into(),
     }
 }
 
