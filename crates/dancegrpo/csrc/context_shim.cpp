@@ -28,4 +28,15 @@ int dg_grad_enabled() { return at::GradMode::is_enabled() ? 1 : 0; }
 // next backward starts the gradient afresh, whatever `t`'s shape is then.
 void dg_reset_grad(const at::Tensor* t) { t->mutable_grad().reset(); }
 
+// Adds `g` to `t`'s gradient (`t.grad = g.clone()` when it has none), as a
+// backward pass would.
+void dg_accumulate_grad(const at::Tensor* t, const at::Tensor* g) {
+  at::Tensor& grad = t->mutable_grad();
+  if (grad.defined()) {
+    grad.add_(*g);
+  } else {
+    grad = g->clone();
+  }
+}
+
 }  // extern "C"

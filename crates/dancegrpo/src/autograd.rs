@@ -5,6 +5,7 @@ use tch::Tensor;
 extern "C" {
     fn dg_grad_enabled() -> std::os::raw::c_int;
     fn dg_reset_grad(t: *const torch_sys::C_tensor);
+    fn dg_accumulate_grad(t: *const torch_sys::C_tensor, g: *const torch_sys::C_tensor);
 }
 
 /// Whether autograd records operations now (false under `no_grad`).
@@ -18,6 +19,13 @@ pub fn grad_enabled() -> bool {
 pub fn reset_grad(t: &Tensor) {
     // SAFETY: `t` is a live tensor; the call only resets its gradient slot
     unsafe { dg_reset_grad(t.as_ptr()) }
+}
+
+/// Adds `g` to `t`'s gradient (a copy of `g` when `t` has none), as a
+/// backward pass into `t` would.
+pub fn accumulate_grad(t: &Tensor, g: &Tensor) {
+    // SAFETY: both are live tensors; shapes are the caller's contract, checked by ATen
+    unsafe { dg_accumulate_grad(t.as_ptr(), g.as_ptr()) }
 }
 
 #[cfg(test)]
@@ -39,5 +47,10 @@ mod tests {
         tch::no_grad(|| w2.set_data(&Tensor::ones([2], (Kind::Float, tch::Device::Cpu))));
         (&w * 3.0).sum(Kind::Float).backward();
         assert_eq!(Vec::<f32>::try_from(&w.grad()).unwrap(), vec![3.0, 3.0]);
+        accumulate_grad(&w, &Tensor::from_slice(&[1.0f32, -1.0]));
+        assert_eq!(Vec::<f32>::try_from(&w.grad()).unwrap(), vec![4.0, 2.0]);
+        reset_grad(&w);
+        accumulate_grad(&w, &Tensor::from_slice(&[0.5f32, 0.5]));
+        assert_eq!(Vec::<f32>::try_from(&w.grad()).unwrap(), vec![0.5, 0.5]);
     }
 }

@@ -1,72 +1,18 @@
 //! c10d through the shim: two real processes (this test binary re-run as its
 //! own children, with the variables torchrun would set) over Gloo.
 
-use std::process::Command;
-use std::time::Duration;
+mod common;
 
-use dancegrpo::dist::{
-    all_reduce_grads, barrier, gather_rows, Collective, DistBackend, Launch, ProcessGroup,
-};
+use dancegrpo::dist::{all_reduce_grads, barrier, gather_rows, Collective};
 use dancegrpo::precision::ReduceDtype;
 use tch::{Kind, Tensor};
 
-const CHILD: &str = "DANCEGRPO_DIST_TEST_CHILD";
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
-/// Runs test `name` as `world` child processes and asserts they all succeed.
-fn spawn_world(name: &str, world: usize) {
-    let port = free_port().to_string();
-    let exe = std::env::current_exe().unwrap();
-    let children: Vec<_> = (0..world)
-        .map(|rank| {
-            Command::new(&exe)
-                .args(["--exact", name, "--nocapture", "--test-threads", "1"])
-                .env(CHILD, "1")
-                .env("WORLD_SIZE", world.to_string())
-                .env("RANK", rank.to_string())
-                .env("LOCAL_RANK", rank.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", &port)
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect::<Vec<_>>();
-    let children: Vec<_> = children
-        .into_iter()
-        .map(|c| c.wait_with_output().unwrap())
-        .collect();
-    let failed: Vec<String> = children
-        .iter()
-        .enumerate()
-        .filter(|(_, out)| !out.status.success())
-        .map(|(rank, out)| {
-            format!(
-                "rank {rank}: {}\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
-        .collect();
-    assert!(failed.is_empty(), "{}", failed.join("\n"));
-}
-
-fn join() -> ProcessGroup {
-    let launch = Launch::from_env().unwrap().expect("WORLD_SIZE > 1");
-    ProcessGroup::join(&launch, DistBackend::Gloo, Duration::from_secs(20)).unwrap()
-}
-
 #[test]
 fn gloo_sums_broadcasts_and_gathers_across_two_processes() {
-    if std::env::var_os(CHILD).is_none() {
-        return spawn_world("gloo_sums_broadcasts_and_gathers_across_two_processes", 2);
+    if !common::is_child() {
+        return common::spawn_world("gloo_sums_broadcasts_and_gathers_across_two_processes", 2);
     }
-    let pg = join();
+    let pg = common::join_gloo();
     let r = pg.rank() as f64;
     assert_eq!(pg.world_size(), 2);
     // all-reduce: (1 + r) summed over ranks 0, 1 = 3; f64 and a strided view work
@@ -139,10 +85,10 @@ fn gloo_sums_broadcasts_and_gathers_across_two_processes() {
 
 #[test]
 fn processes_out_of_step_are_detected_and_named() {
-    if std::env::var_os(CHILD).is_none() {
-        return spawn_world("processes_out_of_step_are_detected_and_named", 2);
+    if !common::is_child() {
+        return common::spawn_world("processes_out_of_step_are_detected_and_named", 2);
     }
-    let pg = join();
+    let pg = common::join_gloo();
     let w = Tensor::from_slice(&[0.5f32, -1.25, 3.0]);
     let named = vec![
         ("a".to_string(), w.copy()),

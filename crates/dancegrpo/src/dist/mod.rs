@@ -6,6 +6,7 @@
 //! operation the identity, so one process runs exactly as without this module.
 
 mod c10d;
+pub mod fsdp;
 mod launch;
 mod shard;
 pub mod sharding;
@@ -120,6 +121,9 @@ pub fn gather_rows(c: &dyn Collective, local: &Tensor, ids: &[i64], total: i64) 
     c.all_reduce_sum(&out)?;
     Ok(out)
 }
+
+/// Elements per all-reduce of the gradients (several processes).
+pub const GRAD_BUCKET: i64 = 1 << 24;
 
 /// Sums the gradients of `params` over the processes, in buckets of about
 /// `bucket` elements (one flat tensor per bucket and kind), in the gradients'

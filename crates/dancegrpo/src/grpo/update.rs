@@ -11,8 +11,8 @@ use tch::{Kind, Tensor};
 
 use super::loss::{clipped_mask, clipped_policy_loss, PolicyLoss};
 use super::lr::LrSchedule;
-use super::optim::{clip_grad_norm, AdamW};
-use crate::dist::{all_reduce_grads, Shard};
+use super::optim::AdamW;
+use crate::dist::Shard;
 use crate::error::{Error, Result};
 use crate::models::VelocityModel;
 use crate::precision::ReduceDtype;
@@ -275,9 +275,6 @@ fn zero_grads(params: &[Tensor]) {
     }
 }
 
-/// Elements per all-reduce of the gradients (several processes).
-const GRAD_BUCKET: i64 = 1 << 24;
-
 /// State of one update while it runs.
 struct Run<'a> {
     model: &'a dyn VelocityModel,
@@ -424,10 +421,10 @@ impl Run<'_> {
         observer: &mut dyn UpdateObserver,
     ) -> Result<()> {
         let step = optimizer.steps() + 1;
-        let reduce = self.cfg.grad_reduce;
-        all_reduce_grads(self.inputs.shard.collective(), params, GRAD_BUCKET, reduce)?;
+        let c = self.inputs.shard.collective();
+        self.model.reduce_gradients(c, self.cfg.grad_reduce)?;
         observer.before_step(step, named)?;
-        let norm = clip_grad_norm(params, self.cfg.max_grad_norm);
+        let norm = self.model.clip_gradients(c, self.cfg.max_grad_norm)?;
         let lr = self
             .cfg
             .lr_schedule

@@ -10,7 +10,9 @@ pub mod vae;
 
 use tch::Tensor;
 
+use crate::dist::Collective;
 use crate::error::Result;
+use crate::precision::ReduceDtype;
 
 /// Inputs of one velocity evaluation of a text-conditioned flow model.
 pub struct FlowInputs<'a> {
@@ -61,6 +63,22 @@ pub trait VelocityModel {
 
     /// All parameters with their checkpoint names, in a stable order.
     fn parameters(&self) -> Vec<(String, Tensor)>;
+
+    /// Sums the gradients of [`Self::parameters`] over the processes of `c`
+    /// before an optimizer step (data parallelism: one all-reduce per bucket).
+    /// A sharded model, whose gradients are reduced as they are made, does nothing.
+    fn reduce_gradients(&self, c: &dyn Collective, reduce: ReduceDtype) -> Result<()> {
+        let params: Vec<Tensor> = self.parameters().into_iter().map(|(_, p)| p).collect();
+        crate::dist::all_reduce_grads(c, &params, crate::dist::GRAD_BUCKET, reduce)
+    }
+
+    /// Clips the gradients of [`Self::parameters`] to total norm `max_norm` the
+    /// way `torch.nn.utils.clip_grad_norm_` does and returns the norm before
+    /// clipping (0-d). A sharded model takes the norm over every process's shards.
+    fn clip_gradients(&self, _c: &dyn Collective, max_norm: f64) -> Result<Tensor> {
+        let params: Vec<Tensor> = self.parameters().into_iter().map(|(_, p)| p).collect();
+        Ok(crate::grpo::clip_grad_norm(&params, max_norm))
+    }
 }
 
 /// Where a model's parameter units live while it computes: sharded training
@@ -113,4 +131,21 @@ pub trait PolicyModel: VelocityModel {
     /// Copies the trained weights of checkpoint directory `dir` into the model.
     /// A missing file or tensor, or a shape that differs, is an error naming it.
     fn load_trained(&self, dir: &std::path::Path) -> Result<()>;
+
+    /// The sharded training state, when [`VelocityModel::parameters`] are this
+    /// process's shards (every process then writes and reads its own part of a
+    /// checkpoint); `None` for a model every process holds whole.
+    fn sharded_state(&self) -> Option<&crate::dist::fsdp::FullShard> {
+        None
+    }
+}
+
+/// A policy model whose parameters can be split by unit among processes.
+pub trait Shardable: PolicyModel {
+    /// The parameter units (see [`ParamUnit`]), in model order.
+    fn units(&self) -> Vec<ParamUnit>;
+    /// Calls `residency` around every unit from now on.
+    fn set_residency(&mut self, residency: Option<std::rc::Rc<dyn Residency>>);
+    /// The architecture as its library's `config.json` (for exported weights).
+    fn config_json(&self) -> String;
 }

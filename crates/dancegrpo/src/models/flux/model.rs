@@ -108,10 +108,7 @@ impl FluxTransformer {
     /// `diffusion_pytorch_model.safetensors` with diffusers key names), each file atomically.
     pub fn save_dir(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let mut cfg = serde_json::to_value(&self.config).expect("serialisable config");
-        cfg["_class_name"] = "FluxTransformer2DModel".into();
-        cfg["_diffusers_version"] = "0.32.0".into();
-        let text = serde_json::to_string_pretty(&cfg).expect("json");
+        let text = self.config_json();
         crate::io::atomic::write_bytes_atomic(&dir.join("config.json"), text.as_bytes())?;
         let params: Vec<(String, Tensor)> = self
             .params
@@ -125,6 +122,14 @@ impl FluxTransformer {
             &params,
             &meta,
         )
+    }
+
+    /// The diffusers `config.json` of this architecture.
+    pub fn config_json(&self) -> String {
+        let mut cfg = serde_json::to_value(&self.config).expect("serialisable config");
+        cfg["_class_name"] = "FluxTransformer2DModel".into();
+        cfg["_diffusers_version"] = "0.32.0".into();
+        serde_json::to_string_pretty(&cfg).expect("json")
     }
 
     /// The architecture.

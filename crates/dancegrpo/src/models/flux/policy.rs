@@ -64,6 +64,20 @@ impl PolicyModel for FluxTransformer {
     }
 }
 
+impl crate::models::Shardable for FluxTransformer {
+    fn units(&self) -> Vec<crate::models::ParamUnit> {
+        FluxTransformer::units(self)
+    }
+
+    fn set_residency(&mut self, residency: Option<std::rc::Rc<dyn crate::models::Residency>>) {
+        FluxTransformer::set_residency(self, residency)
+    }
+
+    fn config_json(&self) -> String {
+        FluxTransformer::config_json(self)
+    }
+}
+
 /// Copies `saved` into `params` (same names, same order), checking shapes.
 fn copy_into(dir: &Path, params: &[(String, Tensor)], saved: &[(String, Tensor)]) -> Result<()> {
     let _guard = tch::no_grad_guard();

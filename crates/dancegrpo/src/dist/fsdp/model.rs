@@ -1,0 +1,113 @@
+//! A model trained fully sharded: the wrapped model computes, its units
+//! gathered just in time by the [`FullShard`] residency; what is trained (and
+//! checkpointed) are this process's shards.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::rc::Rc;
+
+use tch::{Kind, Tensor};
+
+use super::FullShard;
+use crate::dist::Collective;
+use crate::error::{Error, Result};
+use crate::models::{FlowInputs, PolicyModel, Shardable, TextWidths, VelocityModel};
+use crate::precision::ReduceDtype;
+
+/// The file stem of the sharded weights in a checkpoint.
+pub const WEIGHTS: &str = "transformer";
+
+/// `M` with its parameter units split among the processes of a collective.
+pub struct ShardedModel<M: Shardable> {
+    inner: M,
+    state: Rc<FullShard>,
+}
+
+impl<M: Shardable> ShardedModel<M> {
+    /// Shards `inner` (every process holding the same weights) over `c`: units
+    /// gathered in `compute`, gradients reduce-scattered in `reduce`.
+    pub fn new(
+        mut inner: M,
+        c: Rc<dyn Collective>,
+        compute: Kind,
+        reduce: ReduceDtype,
+    ) -> Result<Self> {
+        let state = Rc::new(FullShard::new(inner.units(), c, compute, reduce)?);
+        inner.set_residency(Some(state.clone()));
+        Ok(ShardedModel { inner, state })
+    }
+
+    /// The sharded state.
+    pub fn state(&self) -> &Rc<FullShard> {
+        &self.state
+    }
+
+    /// The wrapped model (its parameters are empty between uses).
+    pub fn inner(&self) -> &M {
+        &self.inner
+    }
+}
+
+impl<M: Shardable> VelocityModel for ShardedModel<M> {
+    fn velocity(&self, inputs: &FlowInputs) -> Result<Tensor> {
+        self.inner.velocity(inputs)
+    }
+
+    fn velocity_backward(
+        &self,
+        inputs: &FlowInputs,
+        loss_fn: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        self.inner.velocity_backward(inputs, loss_fn)
+    }
+
+    fn parameters(&self) -> Vec<(String, Tensor)> {
+        self.state.shards()
+    }
+
+    fn reduce_gradients(&self, _c: &dyn Collective, _reduce: ReduceDtype) -> Result<()> {
+        // reduce-scattered unit by unit as the backward pass made them
+        Ok(())
+    }
+
+    fn clip_gradients(&self, _c: &dyn Collective, max_norm: f64) -> Result<Tensor> {
+        self.state.clip(max_norm)
+    }
+}
+
+impl<M: Shardable> PolicyModel for ShardedModel<M> {
+    fn text_widths(&self) -> TextWidths {
+        self.inner.text_widths()
+    }
+
+    fn guidance_embeds(&self) -> bool {
+        self.inner.guidance_embeds()
+    }
+
+    fn save_trained(&self, dir: &Path) -> Result<()> {
+        let shards: Vec<Tensor> = self.state.shards().into_iter().map(|(_, t)| t).collect();
+        let meta = BTreeMap::from([("config".to_string(), self.inner.config_json())]);
+        self.state.save_parts(dir, WEIGHTS, &shards, &meta)
+    }
+
+    fn load_trained(&self, dir: &Path) -> Result<()> {
+        let (parts, _) = self.state.load_parts(dir, WEIGHTS)?;
+        let _guard = tch::no_grad_guard();
+        for ((name, shard), part) in self.state.shards().iter().zip(parts) {
+            if shard.size() != part.size() {
+                return Err(Error::Input(format!(
+                    "checkpoint {}: {name} has shape {:?}, this process's {:?}",
+                    dir.display(),
+                    part.size(),
+                    shard.size()
+                )));
+            }
+            shard.shallow_clone().copy_(&part);
+        }
+        Ok(())
+    }
+
+    fn sharded_state(&self) -> Option<&FullShard> {
+        Some(&self.state)
+    }
+}
