@@ -37,6 +37,8 @@ enum Command {
     /// The memory one training process needs (from the config and the models'
     /// config.json alone): fits or not, and the smallest process count that fits.
     Plan(cmd::plan::Args),
+    /// A checkpoint's transformer as a diffusers directory (sharded ones consolidated).
+    Export(cmd::export::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -52,6 +54,7 @@ fn main() -> std::process::ExitCode {
         Command::Score(a) => cmd::score::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Plan(a) => cmd::plan::run(a),
+        Command::Export(a) => cmd::export::run(a),
     };
     match result {
         Ok(code) => code,

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod bench_train;
 pub mod demo;
 pub mod env;
+pub mod export;
 pub mod generate;
 pub mod plan;
 pub mod preprocess;

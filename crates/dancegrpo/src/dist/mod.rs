@@ -14,7 +14,7 @@ pub mod sharding;
 pub use c10d::{DistBackend, ProcessGroup};
 pub use launch::Launch;
 pub use shard::{shard_samples, Shard, Subset};
-pub use sharding::{ParallelConfig, Sharding};
+pub use sharding::{Gather, ParallelConfig, Sharding};
 
 use tch::{Kind, Tensor};
 

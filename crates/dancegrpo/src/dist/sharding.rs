@@ -9,7 +9,13 @@
 //!   freed after, its gradients reduce-scattered after its backward.
 //!
 //! `dancegrpo plan` reports the memory of each mode; this build trains with
-//! `none` only.
+//! `none` and `full`.
+//!
+//! Under `full`, `gather` says when units are gathered: once per iteration
+//! (they then stay resident through its hundreds of gradient-free rollout
+//! forwards and its update, and are gathered again after each optimizer step:
+//! one compute-dtype copy of the model per process), or block by block at
+//! every use (the least memory, the most traffic).
 
 use serde::{Deserialize, Serialize};
 
@@ -37,10 +43,24 @@ impl Sharding {
     }
 }
 
+/// When a fully sharded model's units are gathered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Gather {
+    /// Once per iteration (and after each optimizer step): a compute-dtype copy
+    /// of the model per process, the least traffic.
+    #[default]
+    Iteration,
+    /// Just in time at every use: one block at a time, the most traffic.
+    PerBlock,
+}
+
 /// `[parallel]`: how processes share the work and the state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ParallelConfig {
     /// What is split among the processes.
     pub sharding: Sharding,
+    /// When units are gathered under `full` sharding.
+    pub gather: Gather,
 }

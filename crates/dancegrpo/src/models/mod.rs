@@ -79,6 +79,10 @@ pub trait VelocityModel {
         let params: Vec<Tensor> = self.parameters().into_iter().map(|(_, p)| p).collect();
         Ok(crate::grpo::clip_grad_norm(&params, max_norm))
     }
+
+    /// The optimizer has just changed [`Self::parameters`] in place (a sharded
+    /// model drops its gathered copies).
+    fn parameters_changed(&self) {}
 }
 
 /// Where a model's parameter units live while it computes: sharded training

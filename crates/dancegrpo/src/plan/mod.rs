@@ -326,12 +326,24 @@ fn compute_copies(cfg: &TrainConfig, c: &ModelCounts) -> Option<PlanLine> {
     let block = compute * c.largest_block as u64;
     let detail = format!("largest block, {} parameters", c.largest_block);
     if cfg.parallel.sharding == Sharding::Full && full_ft {
-        return Some(line(
-            "gathered_block",
-            "gathered block (compute dtype)",
-            block,
-            detail,
-        ));
+        return Some(match cfg.parallel.gather {
+            crate::dist::Gather::PerBlock => line(
+                "gathered_block",
+                "gathered block (compute dtype)",
+                block,
+                detail,
+            ),
+            crate::dist::Gather::Iteration => {
+                let what = "gathered model, once per iteration (compute dtype)";
+                let bytes = compute * c.transformer as u64;
+                line(
+                    "gathered_block",
+                    what,
+                    bytes,
+                    "gather = \"iteration\"".into(),
+                )
+            }
+        });
     }
     if p.compute_kind() == p.master_kind() || !full_ft {
         return None;

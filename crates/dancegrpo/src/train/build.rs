@@ -3,15 +3,19 @@
 //! configuration field (`data.path`, `eval.data.path`, `rewards[1].path`).
 
 use std::path::Path;
+use std::rc::Rc;
 
 use tch::{Device, Kind};
 
 use super::config::{DataSource, ModelSource, TrainConfig};
 use super::data::{PromptSet, SyntheticPrompts};
 use crate::data::{EmbeddingDataset, ReferenceSet};
+use crate::dist::fsdp::{FullShard, ShardedModel};
+use crate::dist::{Collective, Sharding};
 use crate::error::{Error, Result};
 use crate::models::flux::{FluxConfig, FluxTransformer};
 use crate::models::vae::{Vae, VaeConfig};
+use crate::models::ActivationCheckpointing;
 use crate::models::PolicyModel;
 use crate::rewards::combine::WeightedSum;
 use crate::rewards::spec::RewardSpec;
@@ -58,6 +62,43 @@ pub fn build_models(cfg: &TrainConfig, device: Device) -> Result<(FluxTransforme
         model.attach_lora(lora, cfg.run.seed)?;
     }
     Ok((model, vae))
+}
+
+/// A model as trained, and its sharded state when it is sharded.
+pub type TrainedModel = (Box<dyn PolicyModel>, Option<Rc<FullShard>>);
+
+/// The model as `[parallel] sharding` trains it: whole (`none`), or split
+/// among the processes of `c` (`full`: ZeRO-3, with its sharded state).
+/// Full sharding needs per-block activation checkpointing (units are gathered
+/// and freed block by block in the backward pass) and trains the whole model.
+pub fn shard(
+    model: FluxTransformer,
+    cfg: &TrainConfig,
+    c: Rc<dyn Collective>,
+) -> Result<TrainedModel> {
+    let field = "parallel.sharding";
+    match cfg.parallel.sharding {
+        Sharding::None => Ok((Box::new(model), None)),
+        Sharding::Optimizer => Err(Error::config(
+            "config",
+            field,
+            "`optimizer` (ZeRO-1) is not trained by this build yet: use `none` or `full`",
+        )),
+        Sharding::Full => {
+            if cfg.optim.activation_checkpointing != ActivationCheckpointing::PerBlock {
+                let msg = "`full` needs optim.activation_checkpointing = \"per_block\"";
+                return Err(Error::config("config", field, msg));
+            }
+            if cfg.optim.lora.is_some() {
+                let msg = "`full` shards whole-model training; LoRA trains with `none`";
+                return Err(Error::config("config", field, msg));
+            }
+            let p = &cfg.precision;
+            let sharded = ShardedModel::new(model, c, p.compute_kind(), p.reduce)?;
+            let state = sharded.state().clone();
+            Ok((Box::new(sharded), Some(state)))
+        }
+    }
 }
 
 /// The training prompt set (`[data]`).

@@ -16,7 +16,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use tch::Tensor;
 
+use crate::dist::fsdp::FullShard;
+use crate::dist::{barrier, Collective};
 use crate::error::{Error, Result};
 use crate::grpo::AdamW;
 use crate::io::atomic::write_bytes_atomic;
@@ -128,8 +131,23 @@ pub fn load_state(dir: &Path) -> Result<TrainState> {
     crate::io::json::read_json(&dir.join("state.json"))
 }
 
-/// Loads the optimizer moments of checkpoint `dir` into `optimizer` (parameter names from `model`).
+/// Loads the optimizer moments of checkpoint `dir` into `optimizer` (parameter
+/// names from `model`; this process's parts for a sharded model).
 pub fn load_optimizer(dir: &Path, model: &dyn PolicyModel, optimizer: &mut AdamW) -> Result<()> {
+    if let Some(parts) = model.sharded_state() {
+        let (m, meta) = parts.load_parts(dir, "optimizer.exp_avg")?;
+        let (v, _) = parts.load_parts(dir, "optimizer.exp_avg_sq")?;
+        let step = meta
+            .get("step")
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| {
+                Error::Input(format!(
+                    "{}: the optimizer parts lack their `step`",
+                    dir.display()
+                ))
+            })?;
+        return optimizer.restore(m, v, step);
+    }
     let path = dir.join("optimizer.safetensors");
     let file = SafetensorsFile::open(&path)?;
     let step: u64 = file
@@ -155,6 +173,67 @@ pub fn load_optimizer(dir: &Path, model: &dyn PolicyModel, optimizer: &mut AdamW
         );
     }
     optimizer.restore(m, v, step)
+}
+
+/// [`save`] for a sharded model: every process of `c` calls it and writes its
+/// part of the weights (through the model), of the AdamW moments and of the
+/// EMA into the temporary directory; process 0 then writes `state.json` and
+/// renames the directory into place.
+pub fn save_sharded(
+    root: &Path,
+    model: &dyn PolicyModel,
+    parts: &FullShard,
+    optimizer: &AdamW,
+    ema: Option<&super::ema::Ema>,
+    state: &TrainState,
+    c: &dyn Collective,
+) -> Result<()> {
+    let name = checkpoint_name(state.iteration);
+    let (tmp, done) = (root.join(format!(".{name}.tmp")), root.join(&name));
+    if c.rank() == 0 {
+        std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    barrier(c)?;
+    model.save_trained(&tmp)?;
+    let (m, v) = optimizer.moments();
+    let meta = BTreeMap::from([("step".to_string(), optimizer.steps().to_string())]);
+    parts.save_parts(&tmp, "optimizer.exp_avg", m, &meta)?;
+    parts.save_parts(&tmp, "optimizer.exp_avg_sq", v, &meta)?;
+    if let Some(ema) = ema {
+        let shadow: Vec<Tensor> = ema
+            .shadow()
+            .iter()
+            .map(|(_, t)| t.shallow_clone())
+            .collect();
+        parts.save_parts(&tmp, "ema", &shadow, &BTreeMap::new())?;
+    }
+    barrier(c)?;
+    if c.rank() == 0 {
+        let json = serde_json::to_string_pretty(state).expect("serialisable state");
+        write_bytes_atomic(&tmp.join("state.json"), json.as_bytes())?;
+        if done.exists() {
+            std::fs::remove_dir_all(&done).map_err(|e| Error::io(&done, e))?;
+        }
+        std::fs::rename(&tmp, &done).map_err(|e| Error::io(&done, e))?;
+        sync_dir(root);
+    }
+    barrier(c)
+}
+
+/// Loads the moving average of checkpoint `dir` into `ema` (this process's
+/// part of it for a sharded model).
+pub fn load_ema(dir: &Path, model: &dyn PolicyModel, ema: &mut super::ema::Ema) -> Result<()> {
+    match model.sharded_state() {
+        None => ema.load(&dir.join("ema.safetensors")),
+        Some(parts) => {
+            let (loaded, _) = parts.load_parts(dir, "ema")?;
+            ema.restore(loaded)
+        }
+    }
 }
 
 /// Copies the trained weights of checkpoint `dir` into `model` (same

@@ -68,6 +68,22 @@ impl Ema {
         write_safetensors(path, &self.shadow, &meta)
     }
 
+    /// Replaces the average by `tensors` (same order and shapes as at construction).
+    pub fn restore(&mut self, tensors: Vec<Tensor>) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        for ((name, s), t) in self.shadow.iter_mut().zip(tensors) {
+            if t.size() != s.size() {
+                return Err(Error::Input(format!(
+                    "EMA {name}: shape {:?}, the model's {:?}",
+                    t.size(),
+                    s.size()
+                )));
+            }
+            s.copy_(&t);
+        }
+        Ok(())
+    }
+
     /// Reads the average back from `path` (every name must be present with its shape).
     pub fn load(&mut self, path: &Path) -> Result<()> {
         let file = SafetensorsFile::open(path)?;

@@ -85,6 +85,11 @@ impl Trainer {
             shift: s.shift,
             guidance: self.model.guidance_embeds().then_some(s.guidance),
         };
+        let sharded = match self.cfg.parallel.gather {
+            crate::dist::Gather::Iteration => self.sharded.clone(),
+            crate::dist::Gather::PerBlock => None,
+        };
+        let pinned = sharded.as_ref().map(|s| s.pinned());
         let images = generate(
             self.model.as_ref(),
             &self.vae,
@@ -93,6 +98,7 @@ impl Trainer {
             &noise.to_device(dev),
             &settings,
         )?;
+        drop(pinned);
         let captions: Vec<String> = entries.iter().map(|e| e.caption.clone()).collect();
         let batch = RewardBatch {
             images: &images,
@@ -111,7 +117,10 @@ impl Trainer {
             prompt_set,
             prompts: n,
         };
-        self.write_eval(&record, grid(&images, n as i64))?;
+        // every process of a sharded model evaluates; one writes
+        if self.writes() {
+            self.write_eval(&record, grid(&images, n as i64))?;
+        }
         Ok(record)
     }
 

@@ -3,6 +3,7 @@
 //! the reward curve and fixed-seed evaluation (in [`super::evaluate`]).
 
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
@@ -17,6 +18,7 @@ use super::evaluate::truncate_eval;
 use super::metrics::{append_line, truncate_lines, ImageWriter, Metrics};
 use super::plot::line_plot;
 use super::tensorboard::{self, EventWriter};
+use crate::dist::fsdp::FullShard;
 use crate::dist::{is_writer, Collective, Shard, SingleProcess, Subset};
 use crate::error::{Error, Result};
 use crate::grpo::iteration::{run_iteration, IterationConfig, IterationInputs, Stage};
@@ -70,10 +72,12 @@ pub struct Trainer {
     schedule: Schedule,
     pub(super) state: TrainState,
     pub(super) writer: ImageWriter,
-    ema: Option<Ema>,
+    pub(super) ema: Option<Ema>,
     pub(super) gold: Vec<Box<dyn Reward>>,
     pub(super) events: Option<EventWriter>,
-    collective: Box<dyn Collective>,
+    collective: Rc<dyn Collective>,
+    /// The fully sharded state, when `parallel.sharding = "full"`.
+    pub(super) sharded: Option<Rc<FullShard>>,
     stage_report: Option<StageDisplay>,
 }
 
@@ -117,7 +121,7 @@ impl Trainer {
             }
             _ => {}
         }
-        let mut trainer = Self::build(cfg, dir, device, collective)?;
+        let mut trainer = Self::build(cfg, dir, device, Rc::from(collective))?;
         match &latest {
             Some(found) => trainer.restore(found)?,
             None if trainer.writes() => trainer.clear_logs()?,
@@ -136,21 +140,11 @@ impl Trainer {
         cfg: TrainConfig,
         dir: &Path,
         device: Device,
-        collective: Box<dyn Collective>,
+        collective: Rc<dyn Collective>,
     ) -> Result<Self> {
-        if cfg.parallel.sharding != crate::dist::Sharding::None {
-            return Err(Error::config(
-                "config",
-                "parallel.sharding",
-                format!(
-                    "`{}`: this build trains with `none` only (`dancegrpo plan` reports the memory of every mode)",
-                    cfg.parallel.sharding.name()
-                ),
-            ));
-        }
         crate::precision::set_tf32(cfg.precision.tf32);
         let (model, vae) = build_models(&cfg, device)?;
-        let model: Box<dyn PolicyModel> = Box::new(model);
+        let (model, sharded) = super::build::shard(model, &cfg, collective.clone())?;
         let prompts = build_prompts(&cfg, model.as_ref())?;
         Ok(Trainer {
             order: DataOrder::new(cfg.run.seed, prompts.len()),
@@ -171,6 +165,7 @@ impl Trainer {
                 false => Vec::new(),
             },
             collective,
+            sharded,
             stage_report: None,
             ema: match &cfg.optim.ema {
                 Some(e) => Some(Ema::new(e, &model.parameters())?),
@@ -213,7 +208,7 @@ impl Trainer {
         checkpoint::load_optimizer(ckpt, self.model.as_ref(), &mut self.optimizer)?;
         self.state = checkpoint::load_state(ckpt)?;
         if let Some(ema) = &mut self.ema {
-            ema.load(&ckpt.join("ema.safetensors"))?;
+            checkpoint::load_ema(ckpt, self.model.as_ref(), ema)?;
         }
         if !self.writes() {
             return Ok(());
@@ -245,28 +240,40 @@ impl Trainer {
         is_writer(self.collective.as_ref())
     }
 
+    /// Whether this process takes part in evaluations: the writer, and every
+    /// process of a sharded model (whose forward passes are collective).
+    fn evaluates(&self) -> bool {
+        self.writes() || self.sharded.is_some()
+    }
+
     /// Trains until `run.iterations`, checkpointing on cadence and at the end;
     /// `on_progress` is called after every iteration.
     pub fn run(&mut self, on_progress: &mut dyn FnMut(&Progress)) -> Result<()> {
         let start = Instant::now();
         let first_here = self.state.iteration;
-        let writes = self.writes();
-        if writes && self.state.iteration == 0 && !self.dir.join("eval.jsonl").exists() {
+        let (writes, evaluates) = (self.writes(), self.evaluates());
+        if evaluates && self.state.iteration == 0 && !self.dir.join("eval.jsonl").exists() {
             self.evaluate()?;
         }
         while self.state.iteration < self.cfg.run.iterations {
             let metrics = self.step()?;
             let done = self.state.iteration;
             let every = self.cfg.eval.every;
-            if writes && every > 0 && done % every == 0 && done != self.cfg.run.iterations {
+            if evaluates && every > 0 && done % every == 0 && done != self.cfg.run.iterations {
                 self.evaluate()?;
             }
             let last = done == self.cfg.run.iterations;
             if done % self.cfg.run.checkpoint_every == 0 || last {
-                let c = self.collective.as_ref();
-                crate::dist::check_in_sync(c, &self.model.parameters())?;
-                if writes {
-                    self.save()?;
+                match self.sharded.is_some() {
+                    // every process writes its own part
+                    true => self.save()?,
+                    false => {
+                        let c = self.collective.as_ref();
+                        crate::dist::check_in_sync(c, &self.model.parameters())?;
+                        if writes {
+                            self.save()?;
+                        }
+                    }
                 }
             }
             on_progress(&Progress {
@@ -277,8 +284,10 @@ impl Trainer {
                 seconds_per_iteration: start.elapsed().as_secs_f64() / (done - first_here) as f64,
             });
         }
-        if writes {
+        if evaluates {
             self.evaluate()?;
+        }
+        if writes {
             self.write_curve()?;
         }
         self.writer.finish()?;
@@ -341,6 +350,13 @@ impl Trainer {
             report: self.stage_report.as_deref(),
         };
         let icfg = iteration_config(cfg);
+        // a sharded model gathers each unit once per iteration (again after
+        // every optimizer step), not once per forward
+        let sharded = match self.cfg.parallel.gather {
+            crate::dist::Gather::Iteration => self.sharded.clone(),
+            crate::dist::Gather::PerBlock => None,
+        };
+        let pinned = sharded.as_ref().map(|s| s.pinned());
         let it = run_iteration(
             self.model.as_ref(),
             &self.vae,
@@ -350,6 +366,7 @@ impl Trainer {
             &icfg,
             &mut NoObserver,
         )?;
+        drop(pinned);
         if let Some(ema) = &mut self.ema {
             ema.update(&self.model.parameters());
         }
@@ -398,13 +415,27 @@ impl Trainer {
     fn save(&mut self) -> Result<()> {
         let root = self.dir.join("checkpoints");
         let ema = self.ema.as_ref();
-        checkpoint::save(
-            &root,
-            self.model.as_ref(),
-            &self.optimizer,
-            ema,
-            &self.state,
-        )?;
+        let model = self.model.as_ref();
+        match model.sharded_state() {
+            Some(parts) => {
+                let c = self.collective.as_ref();
+                checkpoint::save_sharded(
+                    &root,
+                    model,
+                    parts,
+                    &self.optimizer,
+                    ema,
+                    &self.state,
+                    c,
+                )?;
+                if !self.writes() {
+                    return Ok(());
+                }
+            }
+            None => {
+                checkpoint::save(&root, model, &self.optimizer, ema, &self.state)?;
+            }
+        };
         checkpoint::prune(&root, self.cfg.run.keep_checkpoints)?;
         self.write_curve()
     }

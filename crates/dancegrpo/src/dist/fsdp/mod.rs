@@ -14,8 +14,8 @@
 //!   over the processes (in float32, or bfloat16 with `reduce = "bf16"`), adds
 //!   this process's part to the shard's gradient and drops the full ones.
 //!
-//! While [`FullShard::pin`]ned (a rollout, when memory allows: GRPO makes
-//! hundreds of gradient-free forwards per iteration) acquired units stay.
+//! While [`FullShard::pinned`] (a training iteration: GRPO makes hundreds of
+//! gradient-free forwards per iteration) acquired units stay resident.
 
 mod files;
 mod model;
@@ -124,15 +124,16 @@ impl FullShard {
             .collect()
     }
 
-    /// Keeps acquired units resident until [`Self::unpin`] (`true`), or lets
-    /// `release` free them again.
-    pub fn pin(&self) {
+    /// Keeps acquired units resident until the guard is dropped (then every
+    /// resident unit is freed).
+    pub fn pinned(&self) -> Pinned<'_> {
         self.pinned.set(true);
+        Pinned(self)
     }
 
-    /// Ends [`Self::pin`]: every resident unit is freed.
-    pub fn unpin(&self) {
-        self.pinned.set(false);
+    /// Frees every resident unit: their gathered copies are stale once the
+    /// shards have changed (after an optimizer step, a load).
+    pub fn invalidate(&self) {
         for u in 0..self.units.len() {
             if self.resident.borrow()[u] {
                 self.evict(u);
@@ -193,6 +194,16 @@ impl FullShard {
             p.shallow_clone().set_data(&empty);
         }
         self.resident.borrow_mut()[u] = false;
+    }
+}
+
+/// While alive, acquired units stay resident ([`FullShard::pinned`]).
+pub struct Pinned<'a>(&'a FullShard);
+
+impl Drop for Pinned<'_> {
+    fn drop(&mut self) {
+        self.0.pinned.set(false);
+        self.0.invalidate();
     }
 }
 

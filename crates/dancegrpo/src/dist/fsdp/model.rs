@@ -73,6 +73,10 @@ impl<M: Shardable> VelocityModel for ShardedModel<M> {
     fn clip_gradients(&self, _c: &dyn Collective, max_norm: f64) -> Result<Tensor> {
         self.state.clip(max_norm)
     }
+
+    fn parameters_changed(&self) {
+        self.state.invalidate();
+    }
 }
 
 impl<M: Shardable> PolicyModel for ShardedModel<M> {
@@ -104,6 +108,7 @@ impl<M: Shardable> PolicyModel for ShardedModel<M> {
             }
             shard.shallow_clone().copy_(&part);
         }
+        self.state.invalidate();
         Ok(())
     }
 

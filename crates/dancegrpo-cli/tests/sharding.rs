@@ -1,0 +1,306 @@
+//! `parallel.sharding = "full"` through the real binary with 2 and 4 Gloo
+//! processes: it trains like `none`, resumes exactly with the same process
+//! count and re-shards for another, and `export` consolidates its checkpoints.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use dancegrpo::io::safetensors::SafetensorsFile;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_dancegrpo"))
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("dancegrpo-shard-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn free_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port().to_string()
+}
+
+const RUN: [&str; 14] = [
+    "--threads",
+    "1",
+    "--set",
+    "run.checkpoint_every=1",
+    "--set",
+    "run.keep_checkpoints=0",
+    "--set",
+    "optim.update_batching=\"per_sample\"",
+    "--set",
+    "optim.gradient_accumulation=8",
+    "--set",
+    "eval.every=0",
+    "--set",
+    "optim.activation_checkpointing=\"per_block\"",
+];
+
+/// `world` processes of `dancegrpo train`, all awaited; each must succeed.
+fn train(world: usize, out: &Path, extra: &[&str]) -> Vec<Output> {
+    let port = free_port();
+    let children: Vec<Child> = (0..world)
+        .map(|rank| {
+            bin()
+                .args([
+                    "train",
+                    "--out",
+                    out.to_str().unwrap(),
+                    "--dist-timeout",
+                    "60",
+                ])
+                .args(RUN)
+                .args(extra)
+                .env("WORLD_SIZE", world.to_string())
+                .env("RANK", rank.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect()
+}
+
+fn succeeded(outs: Vec<Output>, what: &str) {
+    for (rank, o) in outs.iter().enumerate() {
+        assert!(
+            o.status.success(),
+            "{what}, rank {rank}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
+const FULL: [&str; 2] = ["--set", "parallel.sharding=\"full\""];
+
+/// The transformer of checkpoint `iter` of `run` as a diffusers file.
+fn weights(run: &Path, iter: u32) -> PathBuf {
+    let ckpt = run.join(format!("checkpoints/iter-{iter:06}"));
+    let out = run.join(format!("export-{iter}"));
+    let o = bin()
+        .args([
+            "export",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    out.join("diffusion_pytorch_model.safetensors")
+}
+
+/// Largest `max|a - b| / max|a|` over the tensors of two weight files.
+fn difference(a: &Path, b: &Path) -> f64 {
+    let (fa, fb) = (
+        SafetensorsFile::open(a).unwrap(),
+        SafetensorsFile::open(b).unwrap(),
+    );
+    assert_eq!(fa.names().count(), fb.names().count());
+    fa.names()
+        .map(|n| {
+            let (x, y) = (fa.tensor(n).unwrap(), fb.tensor(n).unwrap());
+            let scale = x.abs().max().double_value(&[]).max(1e-12);
+            (&x - &y).abs().max().double_value(&[]) / scale
+        })
+        .fold(0.0, f64::max)
+}
+
+fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let o = v.as_object_mut().unwrap();
+            o.remove("seconds");
+            o.remove("images_per_second");
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn full_sharding_trains_like_replicas_on_2_and_4_processes() {
+    let dir = temp_dir("like");
+    let none = dir.join("none");
+    succeeded(train(2, &none, &["--set", "run.iterations=1"]), "none");
+    for world in [2, 4] {
+        let full = dir.join(format!("full{world}"));
+        succeeded(
+            train(
+                world,
+                &full,
+                &[&FULL[..], &["--set", "run.iterations=1"]].concat(),
+            ),
+            "full",
+        );
+        // the same samples and rewards; weights after two optimizer steps equal
+        // up to the order of the reductions (the clipping norm summed over
+        // shards, not per parameter): 6.5e-7 measured, bounded like 1 vs 2 processes
+        let (a, b) = (metrics(&none), metrics(&full));
+        assert_eq!(a[0]["rewards"], b[0]["rewards"]);
+        let d = difference(&weights(&none, 1), &weights(&full, 1));
+        assert!(d < 1e-5, "{world} processes: weights differ by {d:.2e}");
+        let manifest = full.join("checkpoints/iter-000001/transformer.shards.json");
+        let m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(manifest).unwrap()).unwrap();
+        assert_eq!(m["world"], world);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn sharded_runs_resume_exactly_and_reshard() {
+    let dir = temp_dir("resume");
+    let (whole, split) = (dir.join("whole"), dir.join("split"));
+    succeeded(
+        train(
+            2,
+            &whole,
+            &[&FULL[..], &["--set", "run.iterations=3"]].concat(),
+        ),
+        "uninterrupted",
+    );
+    succeeded(
+        train(
+            2,
+            &split,
+            &[&FULL[..], &["--set", "run.iterations=1"]].concat(),
+        ),
+        "first part",
+    );
+    succeeded(
+        train(
+            2,
+            &split,
+            &[&FULL[..], &["--set", "run.iterations=3", "--resume"]].concat(),
+        ),
+        "resumed",
+    );
+    // bit for bit: every part file and the metrics
+    let ck = |run: &Path| run.join("checkpoints/iter-000003");
+    for rank in 0..2 {
+        for stem in ["transformer", "optimizer.exp_avg", "optimizer.exp_avg_sq"] {
+            let f = format!("{stem}.shard-{rank:05}-of-00002.safetensors");
+            let (a, b) = (
+                SafetensorsFile::open(ck(&whole).join(&f)).unwrap(),
+                SafetensorsFile::open(ck(&split).join(&f)).unwrap(),
+            );
+            for n in a.names() {
+                assert!(a.tensor(n).unwrap().equal(&b.tensor(n).unwrap()), "{f} {n}");
+            }
+        }
+    }
+    assert_eq!(metrics(&whole), metrics(&split));
+    // four processes continue the two-process run: the same values re-split
+    let (two, four) = (dir.join("two"), dir.join("four"));
+    succeeded(
+        train(
+            2,
+            &two,
+            &[&FULL[..], &["--set", "run.iterations=1"]].concat(),
+        ),
+        "2",
+    );
+    std::fs::create_dir_all(&four).unwrap();
+    copy_dir(&two.join("checkpoints"), &four.join("checkpoints"));
+    std::fs::copy(two.join("config.toml"), four.join("config.toml")).unwrap();
+    succeeded(
+        train(
+            4,
+            &four,
+            &[&FULL[..], &["--set", "run.iterations=2", "--resume"]].concat(),
+        ),
+        "2 -> 4",
+    );
+    assert!(four
+        .join("checkpoints/iter-000002/transformer.shard-00003-of-00004.safetensors")
+        .is_file());
+    let d = difference(&weights(&two, 1), &weights(&four, 1));
+    assert_eq!(d, 0.0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_sharded_checkpoints_and_settings_are_named() {
+    let dir = temp_dir("bad");
+    let run = dir.join("run");
+    succeeded(
+        train(
+            2,
+            &run,
+            &[&FULL[..], &["--set", "run.iterations=1"]].concat(),
+        ),
+        "run",
+    );
+    // a missing part: the resume names it
+    let part = run.join("checkpoints/iter-000001/transformer.shard-00001-of-00002.safetensors");
+    std::fs::remove_file(&part).unwrap();
+    let outs = train(
+        2,
+        &run,
+        &[&FULL[..], &["--set", "run.iterations=2", "--resume"]].concat(),
+    );
+    let err = String::from_utf8_lossy(&outs[1].stderr).to_string();
+    assert!(
+        !outs[1].status.success() && err.contains("transformer.shard-00001-of-00002"),
+        "{err}"
+    );
+    // a whole-model checkpoint resumed sharded: the manifest it lacks is named
+    let none = dir.join("none");
+    succeeded(train(2, &none, &["--set", "run.iterations=1"]), "none");
+    let outs = train(
+        2,
+        &none,
+        &[&FULL[..], &["--set", "run.iterations=2", "--resume"]].concat(),
+    );
+    let err = String::from_utf8_lossy(&outs[0].stderr).to_string();
+    assert!(
+        !outs[0].status.success() && err.contains("transformer.shards.json"),
+        "{err}"
+    );
+    // full sharding without per-block checkpointing, and the unimplemented ZeRO-1
+    for (set, want) in [
+        ("optim.activation_checkpointing=\"off\"", "per_block"),
+        ("parallel.sharding=\"optimizer\"", "optimizer"),
+    ] {
+        let o = bin()
+            .args(["train", "--out", dir.join("x").to_str().unwrap()])
+            .args(RUN)
+            .args([&FULL[..], &["--set", set]].concat())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains("parallel.sharding") && err.contains(want),
+            "{err}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}
