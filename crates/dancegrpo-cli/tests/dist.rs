@@ -1,26 +1,14 @@
 //! `dancegrpo train` as several processes over c10d (Gloo): launched with the
 //! variables torchrun sets, and by torchrun itself.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::{bin, metrics};
 
 use dancegrpo::io::safetensors::SafetensorsFile;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_dancegrpo"))
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("dancegrpo-dist-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn free_port() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port().to_string()
-}
 
 const RUN: [&str; 14] = [
     "--threads",
@@ -48,50 +36,9 @@ fn check(out: Output, what: &str) -> Output {
     out
 }
 
-/// `world` processes of `dancegrpo train` with torchrun's variables, all awaited.
+/// `world` processes of `dancegrpo train` with [`RUN`] and `extra`.
 fn spawn_world(world: usize, out: &Path, extra: &[&str]) -> Vec<Output> {
-    let port = free_port();
-    let children: Vec<Child> = (0..world)
-        .map(|rank| {
-            bin()
-                .args([
-                    "train",
-                    "--out",
-                    out.to_str().unwrap(),
-                    "--dist-timeout",
-                    "60",
-                ])
-                .args(RUN)
-                .args(extra)
-                .env("WORLD_SIZE", world.to_string())
-                .env("RANK", rank.to_string())
-                .env("LOCAL_RANK", rank.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", &port)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    children
-        .into_iter()
-        .map(|c| c.wait_with_output().unwrap())
-        .collect()
-}
-
-fn metrics(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            let o = v.as_object_mut().unwrap();
-            o.remove("seconds");
-            o.remove("images_per_second");
-            v
-        })
-        .collect()
+    common::train_world(world, out, &[&RUN[..], extra].concat())
 }
 
 /// Largest `|a - b| / max|a|` over the tensors of checkpoint `iter`.
@@ -113,7 +60,7 @@ fn weight_difference(a: &Path, b: &Path, iter: u32) -> f64 {
 
 #[test]
 fn two_processes_sample_the_same_trajectories_and_train_like_one() {
-    let dir = temp_dir("two");
+    let dir = common::temp_dir("dist", "two");
     let (one, two) = (dir.join("one"), dir.join("two"));
     check(
         bin()
@@ -182,7 +129,7 @@ fn torchrun_launches_training() {
         eprintln!("skipped: no {} (run through ./dev.sh)", python.display());
         return;
     }
-    let out = temp_dir("torchrun").join("run");
+    let out = common::temp_dir("dist", "torchrun").join("run");
     let o = Command::new(&python)
         .args([
             "-m",
@@ -211,7 +158,7 @@ fn torchrun_launches_training() {
 
 #[test]
 fn process_counts_that_cannot_share_a_step_and_bad_launches_are_named() {
-    let dir = temp_dir("bad");
+    let dir = common::temp_dir("dist", "bad");
     // 8 samples per step cannot be split among 3 processes: refused before joining
     let o = bin()
         .args(["train", "--out", dir.join("r").to_str().unwrap()])

@@ -2,26 +2,14 @@
 //! processes: it trains like `none`, resumes exactly with the same process
 //! count and re-shards for another, and `export` consolidates its checkpoints.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Output;
+
+use common::{bin, copy_dir, metrics};
 
 use dancegrpo::io::safetensors::SafetensorsFile;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_dancegrpo"))
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("dancegrpo-shard-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn free_port() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port().to_string()
-}
 
 const RUN: [&str; 14] = [
     "--threads",
@@ -40,36 +28,9 @@ const RUN: [&str; 14] = [
     "optim.activation_checkpointing=\"per_block\"",
 ];
 
-/// `world` processes of `dancegrpo train`, all awaited; each must succeed.
+/// `world` processes of `dancegrpo train` with [`RUN`] and `extra`, all awaited.
 fn train(world: usize, out: &Path, extra: &[&str]) -> Vec<Output> {
-    let port = free_port();
-    let children: Vec<Child> = (0..world)
-        .map(|rank| {
-            bin()
-                .args([
-                    "train",
-                    "--out",
-                    out.to_str().unwrap(),
-                    "--dist-timeout",
-                    "60",
-                ])
-                .args(RUN)
-                .args(extra)
-                .env("WORLD_SIZE", world.to_string())
-                .env("RANK", rank.to_string())
-                .env("LOCAL_RANK", rank.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", &port)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    children
-        .into_iter()
-        .map(|c| c.wait_with_output().unwrap())
-        .collect()
+    common::train_world(world, out, &[&RUN[..], extra].concat())
 }
 
 fn succeeded(outs: Vec<Output>, what: &str) {
@@ -118,23 +79,9 @@ fn difference(a: &Path, b: &Path) -> f64 {
         .fold(0.0, f64::max)
 }
 
-fn metrics(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            let o = v.as_object_mut().unwrap();
-            o.remove("seconds");
-            o.remove("images_per_second");
-            v
-        })
-        .collect()
-}
-
 #[test]
 fn full_sharding_trains_like_replicas_on_2_and_4_processes() {
-    let dir = temp_dir("like");
+    let dir = common::temp_dir("shard", "like");
     let none = dir.join("none");
     succeeded(train(2, &none, &["--set", "run.iterations=1"]), "none");
     for world in [2, 4] {
@@ -164,7 +111,7 @@ fn full_sharding_trains_like_replicas_on_2_and_4_processes() {
 
 #[test]
 fn sharded_runs_resume_exactly_and_reshard() {
-    let dir = temp_dir("resume");
+    let dir = common::temp_dir("shard", "resume");
     let (whole, split) = (dir.join("whole"), dir.join("split"));
     succeeded(
         train(
@@ -236,7 +183,7 @@ fn sharded_runs_resume_exactly_and_reshard() {
 
 #[test]
 fn bad_sharded_checkpoints_and_settings_are_named() {
-    let dir = temp_dir("bad");
+    let dir = common::temp_dir("shard", "bad");
     let run = dir.join("run");
     succeeded(
         train(
@@ -290,17 +237,4 @@ fn bad_sharded_checkpoints_and_settings_are_named() {
         );
     }
     std::fs::remove_dir_all(&dir).unwrap();
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), &target).unwrap();
-        }
-    }
 }

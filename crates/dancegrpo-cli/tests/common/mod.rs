@@ -1,6 +1,8 @@
 //! Helpers shared by the CLI test binaries.
+#![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
 
 use dancegrpo::io::torch_pt::write_torch_pt_view;
 use tch::{Kind, Tensor};
@@ -72,4 +74,84 @@ pub fn write_reference(
     )
     .unwrap();
     (embeds, pooled, captions)
+}
+
+/// The `dancegrpo` binary under test.
+pub fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_dancegrpo"))
+}
+
+/// A fresh temporary directory `dancegrpo-<group>-<name>-<pid>`.
+pub fn temp_dir(group: &str, name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("dancegrpo-{group}-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A TCP port free right now on 127.0.0.1.
+pub fn free_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port().to_string()
+}
+
+/// `world` processes of `dancegrpo train --out OUT ARGS...` with the variables
+/// torchrun sets, all awaited.
+pub fn train_world(world: usize, out: &Path, args: &[&str]) -> Vec<Output> {
+    let port = free_port();
+    let children: Vec<Child> = (0..world)
+        .map(|rank| {
+            bin()
+                .args([
+                    "train",
+                    "--out",
+                    out.to_str().unwrap(),
+                    "--dist-timeout",
+                    "60",
+                ])
+                .args(args)
+                .env("WORLD_SIZE", world.to_string())
+                .env("RANK", rank.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect()
+}
+
+/// The run's `metrics.jsonl` without its wall-clock fields.
+pub fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let o = v.as_object_mut().unwrap();
+            o.remove("seconds");
+            o.remove("images_per_second");
+            v
+        })
+        .collect()
+}
+
+/// Copies directory `from` into `to` recursively.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
 }

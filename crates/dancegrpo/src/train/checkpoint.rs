@@ -53,14 +53,7 @@ pub fn save(
     ema: Option<&super::ema::Ema>,
     state: &TrainState,
 ) -> Result<PathBuf> {
-    std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
-    let name = checkpoint_name(state.iteration);
-    let tmp = root.join(format!(".{name}.tmp"));
-    let done = root.join(&name);
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let (tmp, done) = start(root, state)?;
     model.save_trained(&tmp)?;
     let names: Vec<String> = model.parameters().into_iter().map(|(n, _)| n).collect();
     let (m, v) = optimizer.moments();
@@ -74,14 +67,34 @@ pub fn save(
     if let Some(ema) = ema {
         ema.save(&tmp.join("ema.safetensors"))?;
     }
+    finish(root, &tmp, &done, state)?;
+    Ok(done)
+}
+
+/// A fresh temporary directory for the checkpoint of `state` under `root`,
+/// and the name it will have when complete.
+fn start(root: &Path, state: &TrainState) -> Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
+    let name = checkpoint_name(state.iteration);
+    let (tmp, done) = (root.join(format!(".{name}.tmp")), root.join(&name));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    Ok((tmp, done))
+}
+
+/// Writes `state.json` (which marks the checkpoint complete) last and renames
+/// `tmp` into place.
+fn finish(root: &Path, tmp: &Path, done: &Path, state: &TrainState) -> Result<()> {
     let json = serde_json::to_string_pretty(state).expect("serialisable state");
     write_bytes_atomic(&tmp.join("state.json"), json.as_bytes())?;
     if done.exists() {
-        std::fs::remove_dir_all(&done).map_err(|e| Error::io(&done, e))?;
+        std::fs::remove_dir_all(done).map_err(|e| Error::io(done, e))?;
     }
-    std::fs::rename(&tmp, &done).map_err(|e| Error::io(&done, e))?;
+    std::fs::rename(tmp, done).map_err(|e| Error::io(done, e))?;
     sync_dir(root);
-    Ok(done)
+    Ok(())
 }
 
 fn sync_dir(dir: &Path) {
@@ -191,11 +204,7 @@ pub fn save_sharded(
     let name = checkpoint_name(state.iteration);
     let (tmp, done) = (root.join(format!(".{name}.tmp")), root.join(&name));
     if c.rank() == 0 {
-        std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        }
-        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        start(root, state)?;
     }
     barrier(c)?;
     model.save_trained(&tmp)?;
@@ -213,13 +222,7 @@ pub fn save_sharded(
     }
     barrier(c)?;
     if c.rank() == 0 {
-        let json = serde_json::to_string_pretty(state).expect("serialisable state");
-        write_bytes_atomic(&tmp.join("state.json"), json.as_bytes())?;
-        if done.exists() {
-            std::fs::remove_dir_all(&done).map_err(|e| Error::io(&done, e))?;
-        }
-        std::fs::rename(&tmp, &done).map_err(|e| Error::io(&done, e))?;
-        sync_dir(root);
+        finish(root, &tmp, &done, state)?;
     }
     barrier(c)
 }
