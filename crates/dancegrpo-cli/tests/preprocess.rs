@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 
 mod common;
 
-use common::write_reference;
+use common::{copy_dir, write_reference};
 use dancegrpo::data::EmbeddingDataset;
 use dancegrpo::io::safetensors::SafetensorsFile;
 use dancegrpo::io::torch_pt::write_torch_pt_view;
@@ -74,19 +74,6 @@ fn temp_dir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), &target).unwrap();
-        }
-    }
 }
 
 fn s(p: &Path) -> &str {

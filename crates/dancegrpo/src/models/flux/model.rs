@@ -11,9 +11,11 @@ use tch::{Device, Kind, Tensor};
 use super::blocks::{DoubleBlock, SingleBlock};
 use super::config::FluxConfig;
 use super::embeddings::{Rope, TimeTextEmbed};
+
+mod units;
 use crate::error::{Error, Result};
 use crate::models::lora::LoraConfig;
-use crate::models::{ActivationCheckpointing, FlowInputs, ParamUnit, Residency, VelocityModel};
+use crate::models::{ActivationCheckpointing, FlowInputs, Residency, VelocityModel};
 use crate::nn::{cast, layer_norm, upcast_kind, Linear};
 use crate::weights::{Checkpoint, ParamStore, Source, VarBuilder};
 
@@ -181,70 +183,6 @@ impl FluxTransformer {
         self.compute
     }
 
-    /// The parameter units, in model order: `embed` (time/text embedding,
-    /// context and image embedders), each `transformer_blocks.i`, each
-    /// `single_transformer_blocks.i`, then `head` (`norm_out`, `proj_out`).
-    /// Every base parameter is in exactly one unit.
-    pub fn units(&self) -> Vec<ParamUnit> {
-        let mut units: Vec<ParamUnit> = Vec::new();
-        for (name, t) in self.params.named() {
-            let unit = unit_of(&name);
-            match units.last_mut() {
-                Some(u) if u.name == unit => u.params.push((name, t)),
-                _ => units.push(ParamUnit {
-                    name: unit,
-                    params: vec![(name, t)],
-                }),
-            }
-        }
-        units
-    }
-
-    /// Calls `residency` around every unit from now on (`None`: parameters stay put).
-    pub fn set_residency(&mut self, residency: Option<Rc<dyn Residency>>) {
-        self.residency = residency;
-    }
-
-    /// Unit indices of [`Self::units`]: embed, double block `i`, single block `i`, head.
-    pub(super) fn unit_embed(&self) -> usize {
-        0
-    }
-    pub(super) fn unit_double(&self, i: usize) -> usize {
-        1 + i
-    }
-    pub(super) fn unit_single(&self, i: usize) -> usize {
-        1 + self.transformer_blocks.len() + i
-    }
-    pub(super) fn unit_head(&self) -> usize {
-        1 + self.transformer_blocks.len() + self.single_transformer_blocks.len()
-    }
-
-    /// Unit `u` is about to compute.
-    pub(super) fn acquire(&self, u: usize) -> Result<()> {
-        self.residency.as_ref().map_or(Ok(()), |r| r.acquire(u))
-    }
-
-    /// Unit `u` is done with, for a pass whose graph does not need it.
-    pub(super) fn release(&self, u: usize) -> Result<()> {
-        self.residency.as_ref().map_or(Ok(()), |r| r.release(u))
-    }
-
-    /// Unit `u`'s gradients are complete.
-    pub(super) fn gradients_ready(&self, u: usize) -> Result<()> {
-        self.residency
-            .as_ref()
-            .map_or(Ok(()), |r| r.gradients_ready(u))
-    }
-
-    /// Releases unit `u` after a forward use, unless a graph (a backward pass
-    /// to come) still needs its parameters.
-    fn done_with(&self, u: usize) -> Result<()> {
-        match crate::autograd::grad_enabled() {
-            true => Ok(()),
-            false => self.release(u),
-        }
-    }
-
     /// Turns per-block activation checkpointing on or off for `velocity_backward`.
     pub fn set_checkpointing(&mut self, mode: ActivationCheckpointing) {
         self.checkpointing = mode;
@@ -393,18 +331,6 @@ impl FluxTransformer {
 
     pub(super) fn output_head(&self, x: &Tensor, temb: &Tensor, lt: i64) -> Tensor {
         self.head(x, temb, lt).1
-    }
-}
-
-/// The unit a parameter belongs to (see [`FluxTransformer::units`]).
-fn unit_of(name: &str) -> String {
-    let parts: Vec<&str> = name.splitn(3, '.').collect();
-    match parts[..] {
-        [head @ ("transformer_blocks" | "single_transformer_blocks"), i, _] => {
-            format!("{head}.{i}")
-        }
-        [first, ..] if first == "norm_out" || first == "proj_out" => "head".into(),
-        _ => "embed".into(),
     }
 }
 
