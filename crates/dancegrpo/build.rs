@@ -37,7 +37,8 @@ fn compile_shim(lib: &Path) {
     if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
         build
             .define("USE_C10D_NCCL", None)
-            .define("DANCEGRPO_NCCL", None);
+            .define("DANCEGRPO_NCCL", None)
+            .define("DANCEGRPO_CUDA", None);
         for dir in nvidia_includes(torch) {
             build.include(dir);
         }

@@ -238,7 +238,8 @@ fn a_held_out_eval_set_is_never_the_training_set() {
         resolved.eval.data,
         Some(DataSource::Synthetic {
             prompts: 4,
-            seed: 7
+            seed: 7,
+            text_len: 32
         }),
         "{config}"
     );

@@ -18,6 +18,9 @@ int dg_tf32() { return at::globalContext().allowTF32CuBLAS() ? 1 : 0; }
 
 #include <ATen/core/Tensor.h>
 #include <torch/csrc/autograd/grad_mode.h>
+#ifdef DANCEGRPO_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
 
 extern "C" {
 
@@ -37,6 +40,24 @@ void dg_accumulate_grad(const at::Tensor* t, const at::Tensor* g) {
   } else {
     grad = g->clone();
   }
+}
+
+}  // extern "C"
+
+extern "C" {
+
+// The most bytes the CUDA caching allocator has held allocated on `device`
+// since the process started (or the last reset); -1 in a build without CUDA.
+int64_t dg_cuda_peak_allocated(int device) {
+#ifdef DANCEGRPO_CUDA
+  auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(
+      static_cast<c10::DeviceIndex>(device));
+  auto aggregate = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+  return stats.allocated_bytes[aggregate].peak;
+#else
+  (void)device;
+  return -1;
+#endif
 }
 
 }  // extern "C"

@@ -16,6 +16,24 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+extern "C" {
+    fn dg_cuda_peak_allocated(device: std::os::raw::c_int) -> i64;
+}
+
+/// The most memory `device` has held for this process: the CUDA caching
+/// allocator's peak allocated bytes on a GPU (`None` in a build without CUDA),
+/// the peak resident set on the CPU, in MiB.
+pub fn peak_device_mib(device: tch::Device) -> Option<f64> {
+    match device {
+        tch::Device::Cuda(i) => {
+            // SAFETY: reads allocator statistics; -1 when CUDA is not compiled in
+            let bytes = unsafe { dg_cuda_peak_allocated(i as std::os::raw::c_int) };
+            (bytes >= 0).then(|| bytes as f64 / (1u64 << 20) as f64)
+        }
+        _ => peak_rss_mib(),
+    }
+}
+
 /// The machine's host name (the kernel's, else `$HOSTNAME`, else `localhost`),
 /// reduced to the characters `[A-Za-z0-9._-]` so it can be part of a file name.
 pub fn hostname() -> String {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use dancegrpo::align::{run_case, CaseReport, Precision, Stage};
+use dancegrpo::align::{run_case_on, CaseReport, Precision, Stage};
 
 /// Arguments of `dancegrpo align`.
 #[derive(clap::Args)]
@@ -29,6 +29,10 @@ pub struct Args {
     /// its errors reported as figures).
     #[arg(long, default_value = "f32", value_parser = parse_precision)]
     precision: Precision,
+    /// Device the stages compute on: `cpu` or `cuda:N` (comparisons on the CPU;
+    /// TF32 stays off).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 fn parse_precision(name: &str) -> Result<Precision, String> {
@@ -60,7 +64,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(n) = args.threads {
         tch::set_num_threads(n);
     }
-    let mut report = run_case(&args.case, &stages, args.precision)
+    let device = super::train::parse_device(&args.device)?;
+    dancegrpo::precision::set_tf32(false);
+    let mut report = run_case_on(&args.case, &stages, args.precision, device)
         .with_context(|| format!("align {}", args.case.display()))?;
     if !args.verbose {
         report.stages.iter_mut().for_each(|s| s.tensors.clear());

@@ -31,6 +31,8 @@ enum What {
     Rewards(RewardsArgs),
     /// Full GRPO iterations on a case directory, timed per stage.
     Train(super::bench_train::Args),
+    /// The matmul rate of a device (the peak MFU is reported against).
+    Matmul(super::bench_matmul::Args),
 }
 
 #[derive(clap::Args)]
@@ -58,6 +60,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     match args.what {
         What::Rewards(a) => rewards(a),
         What::Train(a) => super::bench_train::run(a),
+        What::Matmul(a) => super::bench_matmul::run(a),
     }
 }
 

@@ -79,6 +79,11 @@ fn print_table(p: &MemoryPlan) {
         println!("  {:<46} {:>12}  {}", l.what, gib(l.bytes), l.detail);
     }
     println!("  {:<46} {:>12}", "total", gib(p.total));
+    let t = &p.tflop;
+    println!(
+        "transformer compute per iteration (all processes): rollout {:.2} TFLOP, update {:.2} TFLOP (+ {:.2} recomputed)",
+        t.rollout, t.update, t.recompute
+    );
     let verdict = if p.fits { "fits" } else { "does not fit" };
     println!("{verdict} in {} per device", gib(p.memory));
     let smallest = |n: Option<i64>, mode: &str| match n {

@@ -46,14 +46,29 @@ pub struct Args {
 
 /// Parses `cpu` / `cuda` / `cuda:N`.
 pub fn parse_device(s: &str) -> anyhow::Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::Cuda(0)),
+    let index = match s {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
         _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(i)) => Ok(Device::Cuda(i)),
+            Some(Ok(i)) => i,
             _ => anyhow::bail!("unknown device `{s}` (want cpu, cuda or cuda:N)"),
         },
+    };
+    // a device this process cannot reach is named here, not by a libtorch abort later
+    let count = tch::Cuda::device_count();
+    if !tch::utils::has_cuda() || count == 0 {
+        anyhow::bail!(
+            "device `{s}`: no CUDA device is usable (this binary was built {} CUDA; `dancegrpo env` says more)",
+            if tch::utils::has_cuda() { "with" } else { "without" }
+        );
     }
+    if index as i64 >= count {
+        anyhow::bail!(
+            "device `{s}`: only {count} CUDA device(s) (cuda:0 to cuda:{})",
+            count - 1
+        );
+    }
+    Ok(Device::Cuda(index))
 }
 
 fn resolve_config(args: &Args) -> anyhow::Result<TrainConfig> {
@@ -157,6 +172,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             let logdir = args.out.join(dancegrpo::train::tensorboard::DIR);
             println!("curves: tensorboard --logdir {}", logdir.display());
         }
+        let memory = serde_json::json!({
+            "peak_rss_mib": dancegrpo::process::peak_rss_mib(),
+            "peak_device_mib": dancegrpo::process::peak_device_mib(device),
+            "device": args.device,
+        });
+        println!("peak memory: {memory}");
     }
     Ok(ExitCode::SUCCESS)
 }

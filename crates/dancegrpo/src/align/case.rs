@@ -65,6 +65,7 @@ impl ReferenceFiles {
 /// An opened reference case.
 pub struct Case {
     dir: PathBuf,
+    device: tch::Device,
     name: String,
     json: serde_json::Value,
     inputs: SafetensorsFile,
@@ -72,8 +73,14 @@ pub struct Case {
 }
 
 impl Case {
-    /// Opens the case in `dir`.
+    /// Opens the case in `dir` (its stages compute on the CPU).
     pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_on(dir, tch::Device::Cpu)
+    }
+
+    /// Opens the case in `dir`; its stages compute on `device` (stored tensors
+    /// stay on the CPU, where every comparison is made).
+    pub fn open_on(dir: &Path, device: tch::Device) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::not_found(dir, "no such case directory"));
         }
@@ -91,6 +98,7 @@ impl Case {
         let expected = ReferenceFiles::open(dir)?;
         Ok(Case {
             dir: dir.to_path_buf(),
+            device,
             name,
             json,
             inputs,
@@ -106,6 +114,11 @@ impl Case {
     /// The case directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The device the stages compute on.
+    pub fn device(&self) -> tch::Device {
+        self.device
     }
 
     /// Tensor `name` of `inputs.safetensors`.
@@ -208,7 +221,7 @@ impl Case {
     /// The case's transformer (CPU), stored and computing as `precision` says.
     pub fn transformer(&self, precision: super::Precision) -> Result<FluxTransformer> {
         let dir = self.dir.join("transformer");
-        let mut model = FluxTransformer::from_dir(&dir, precision.model_kind(), tch::Device::Cpu)?;
+        let mut model = FluxTransformer::from_dir(&dir, precision.model_kind(), self.device)?;
         model.set_compute_kind(precision.compute_kind());
         Ok(model)
     }
@@ -217,7 +230,7 @@ impl Case {
     /// ids, guidance when the model takes it), sample `b` using prompt `b / G`,
     /// the embeddings in `kind`.
     pub fn conditioning(&self, guidance: bool, kind: Kind) -> Result<Conditioning> {
-        self.conditioning_on(guidance, kind, tch::Device::Cpu)
+        self.conditioning_on(guidance, kind, self.device)
     }
 
     /// [`Self::conditioning`] on `device`.

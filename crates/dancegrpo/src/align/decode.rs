@@ -3,6 +3,8 @@
 
 use tch::{Device, Kind, Tensor};
 
+const CPU: Device = Device::Cpu;
+
 use super::judge::Rule;
 use super::{errors, Case, Precision, Stage, StageAcc, StageReport, TensorCheck};
 use crate::error::Result;
@@ -14,17 +16,16 @@ pub const TOL: f64 = 1e-5;
 
 /// Runs the stage on `case` in `precision`.
 pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
-    let kind = precision.state_kind();
-    let vae = Vae::from_dir(
-        &case.dir().join("vae"),
-        precision.frozen_kind(),
-        Device::Cpu,
-    )?;
+    let (kind, dev) = (precision.state_kind(), case.device());
+    let vae = Vae::from_dir(&case.dir().join("vae"), precision.frozen_kind(), dev)?;
     let vae_in = case.reference("decode/vae_input")?; // (B, 16, h, w)
     let images = case.reference("decode/image")?; // (B, 3, H, W)
     let uint8 = case.expected("decode/image_uint8")?; // (B, H, W, 3)
-    let pred_x0 = case.expected("sample/pred_x0")?.to_kind(kind); // (B, S, L, 64)
-    let stored_in = vae_in.expected.to_kind(kind);
+    let pred_x0 = case
+        .expected("sample/pred_x0")?
+        .to_kind(kind)
+        .to_device(dev); // (B, S, L, 64)
+    let stored_in = vae_in.expected.to_kind(kind).to_device(dev);
     let (h, w) = (stored_in.size()[2], stored_in.size()[3]);
     let last = pred_x0.size()[1] - 1;
     let mut acc = StageAcc::new(Stage::Decode, Rule::new(precision, TOL));
@@ -46,7 +47,7 @@ pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
         );
         acc.push(pixel_check(
             b,
-            &to_uint8(&image).squeeze_dim(0),
+            &to_uint8(&image).squeeze_dim(0).to_device(CPU),
             &uint8.get(b),
             &images.expected.get(b),
         ));

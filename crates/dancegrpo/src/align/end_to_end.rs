@@ -12,7 +12,7 @@
 //! stored gradients and `train`, `grads` and `optimizer` the later windows on
 //! teacher-forced weights.
 
-use tch::{Device, Tensor};
+use tch::Tensor;
 
 use super::grpo::{GrpoCase, Recorder};
 use super::judge::{Rule, COMPOSED_FLOOR};
@@ -47,7 +47,7 @@ pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
         &g.schedule,
         [c, h, w],
         &settings,
-        Device::Cpu,
+        case.device(),
     )?;
     acc.compare(
         "sample/latents",
@@ -69,7 +69,7 @@ pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
     let vae = Vae::from_dir(
         &case.dir().join("vae"),
         precision.frozen_kind(),
-        Device::Cpu,
+        case.device(),
     )?;
     let (images, _) = decode(&vae, &ro.pred_x0, h, w, 1)?;
     acc.compare("decode/image", &images, &case.reference("decode/image")?);
@@ -89,7 +89,7 @@ pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
     let inputs = UpdateInputs {
         rollout: &ro,
         shard: &shard,
-        advantages: &adv.clamped,
+        advantages: &adv.clamped.to_device(case.device()),
         cond: &g.cond,
         schedule: &g.schedule,
         draws: &g.draws,

@@ -36,12 +36,12 @@ pub struct GrpoCase {
 impl GrpoCase {
     /// Loads the case's model, conditioning, schedule, draws and settings (f32, CPU).
     pub fn load(case: &Case) -> Result<Self> {
-        Self::load_on(case, Kind::Float, Device::Cpu)
+        Self::load_on(case, Kind::Float, case.device())
     }
 
     /// [`Self::load`] with the model stored and computing as `precision` says.
     pub fn load_in(case: &Case, precision: Precision) -> Result<Self> {
-        let mut g = Self::load_on(case, precision.model_kind(), Device::Cpu)?;
+        let mut g = Self::load_on(case, precision.model_kind(), case.device())?;
         g.model.set_compute_kind(precision.compute_kind());
         Ok(g)
     }
@@ -130,9 +130,14 @@ fn update_config(case: &Case) -> Result<UpdateConfig> {
 /// The stored rollout (`sample/latents`, `sample/log_probs`) in `kind`, one
 /// sample per model batch as the reference.
 pub(super) fn stored_rollout(case: &Case, kind: Kind) -> Result<Rollout> {
-    let latents = case.expected("sample/latents")?.to_kind(kind);
-    let log_probs = case.expected("sample/log_probs")?.to_kind(kind);
-    let pred_x0 = case.expected("sample/pred_x0")?.to_kind(kind);
+    let on = |name: &str| -> Result<Tensor> {
+        Ok(case.expected(name)?.to_kind(kind).to_device(case.device()))
+    };
+    let (latents, log_probs, pred_x0) = (
+        on("sample/latents")?,
+        on("sample/log_probs")?,
+        on("sample/pred_x0")?,
+    );
     let b = latents.size()[0];
     let last = pred_x0.size()[1] - 1;
     Ok(Rollout {

@@ -241,7 +241,17 @@ pub struct CaseReport {
 /// Runs the requested `stages` (all implemented ones when empty) on the case in
 /// `dir`, with the engine in `precision`.
 pub fn run_case(dir: &Path, stages: &[Stage], precision: Precision) -> Result<CaseReport> {
-    let case = Case::open(dir)?;
+    run_case_on(dir, stages, precision, tch::Device::Cpu)
+}
+
+/// [`run_case`] with the stages computing on `device`.
+pub fn run_case_on(
+    dir: &Path,
+    stages: &[Stage],
+    precision: Precision,
+    device: tch::Device,
+) -> Result<CaseReport> {
+    let case = Case::open_on(dir, device)?;
     let wanted: Vec<Stage> = if stages.is_empty() {
         Stage::ALL.into_iter().filter(|s| s.implemented()).collect()
     } else {

@@ -57,14 +57,15 @@ fn first_step_from_stored_grads(
     let named = g.model.parameters();
     let params: Vec<Tensor> = named.iter().map(|(_, p)| p.shallow_clone()).collect();
     // d/dp sum(p * g) = g exactly: installs the stored gradients
-    let mut total = Tensor::zeros([], (kind, tch::Device::Cpu));
+    let dev = case.device();
+    let mut total = Tensor::zeros([], (kind, dev));
     for (name, p) in &named {
         let key = format!("grad_window0/{name}");
         let grad = match precision {
             Precision::F32 | Precision::Bf16 => case.expected(&key)?,
             Precision::F64 => case.truth(&key)?.ok_or_else(|| no_truth(case))?,
         };
-        total += (p * grad.to_kind(kind)).sum(kind);
+        total += (p * grad.to_kind(kind).to_device(dev)).sum(kind);
     }
     total.backward();
     let norm = clip_grad_norm(&params, g.cfg.max_grad_norm);

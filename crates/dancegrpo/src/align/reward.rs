@@ -4,7 +4,7 @@
 //! the HPSv2 `.pt` checkpoint and once from safetensors (tensor names end in
 //! ` (pt)` / ` (safetensors)`); the two loads must give bit-identical weights.
 
-use tch::{Device, Tensor};
+use tch::Tensor;
 
 use super::judge::Rule;
 use super::{errors, Case, Precision, Stage, StageAcc, StageReport, TensorCheck};
@@ -57,12 +57,13 @@ pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
     let state = precision.state_kind();
     let dir = case.dir().join("reward");
     let config = OpenClipConfig::from_dir(&dir)?;
-    let from_pt = OpenClip::load(config.clone(), &dir.join(PT_FILE), kind, Device::Cpu)?;
-    let from_st = OpenClip::load(config, &dir.join(SAFETENSORS_FILE), kind, Device::Cpu)?;
+    let dev = case.device();
+    let from_pt = OpenClip::load(config.clone(), &dir.join(PT_FILE), kind, dev)?;
+    let from_st = OpenClip::load(config, &dir.join(SAFETENSORS_FILE), kind, dev)?;
 
     let images = case.expected("decode/image_uint8")?; // (B, H, W, 3)
     let pixels_ref = case.reference("reward/pixel_values")?; // (B, 3, R, R)
-    let pixels = pixels_ref.expected.to_kind(state);
+    let pixels = pixels_ref.expected.to_kind(state).to_device(dev);
     let ids = case.expected("reward/input_ids")?; // (B, 77)
     let img_ref = case.reference("reward/image_features")?;
     let txt_ref = case.reference("reward/text_features")?;
@@ -73,7 +74,7 @@ pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
     let _guard = tch::no_grad_guard();
     acc.compare(
         "reward/pixel_values",
-        &preprocess(&images, from_pt.image_size(), state)?,
+        &preprocess(&images.to_device(dev), from_pt.image_size(), state)?,
         &pixels_ref,
     );
     acc.push(weights_check(&from_pt, &from_st));

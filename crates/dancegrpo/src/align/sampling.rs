@@ -19,12 +19,13 @@ pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
     let eta = case.hyper_f64("eta")?;
     let cond = case.conditioning(model.config().guidance_embeds, kind)?;
     let latents = case.reference("sample/latents")?; // (B, S+1, L, c)
-    let stored = latents.expected.to_kind(kind);
+    let dev = case.device();
+    let stored = latents.expected.to_kind(kind).to_device(dev);
     let (pred_x0, log_probs) = (
         case.reference("sample/pred_x0")?,
         case.reference("sample/log_probs")?,
     );
-    let noise = case.input("sde_noise")?.to_kind(kind); // (B, S, L, c)
+    let noise = case.input("sde_noise")?.to_kind(kind).to_device(dev); // (B, S, L, c)
     let init = case.input("init_noise")?; // (n_draws, 16, h, w)
     let steps = case.hyper_i64("sampling_steps")?;
     let s = Schedule::shifted_in(steps, case.hyper_f64("shift")?, kind);
@@ -38,7 +39,7 @@ pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
         acc.compare(format!("sample/latents[{b},0]"), &z0.squeeze_dim(0), &at(0));
         for i in 0..steps {
             let z = stored.get(b).get(i).unsqueeze(0);
-            let ts = s.model_timestep(i, 1);
+            let ts = s.model_timestep(i, 1).to_device(dev);
             let v = model.velocity(&cond.inputs(&cond.for_samples(&[b]), &z, &ts))?;
             let step = sde_step(
                 &v,

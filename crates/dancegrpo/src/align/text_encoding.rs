@@ -22,8 +22,9 @@ pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
     let kind = precision.frozen_kind();
     let dir = case.dir().join("text_encoders");
     let expected = ReferenceFiles::open(&dir)?;
-    let clip = ClipTextModel::from_dir(&dir.join("text_encoder"), kind, Device::Cpu)?;
-    let t5 = T5Encoder::from_dir(&dir.join("text_encoder_2"), kind, Device::Cpu)?;
+    let dev = case.device();
+    let clip = ClipTextModel::from_dir(&dir.join("text_encoder"), kind, dev)?;
+    let t5 = T5Encoder::from_dir(&dir.join("text_encoder_2"), kind, dev)?;
     let clip_ids = expected.expected("clip_input_ids")?; // (n, 77)
     let clip_hidden = expected.reference("clip_last_hidden_state")?; // (n, 77, d_clip)
     let pooled = expected.reference("pooled_prompt_embeds")?; // (n, d_clip)
@@ -46,7 +47,7 @@ pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
     compare_token_ids(case, &expected, &mut acc)?;
     let _guard = tch::no_grad_guard();
     for i in 0..n {
-        let out = clip.forward(&clip_ids.narrow(0, i, 1), None)?;
+        let out = clip.forward(&clip_ids.narrow(0, i, 1).to_device(dev), None)?;
         acc.compare(
             format!("clip_last_hidden_state[{i}]"),
             &out.last_hidden_state.squeeze_dim(0),
@@ -57,7 +58,7 @@ pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
             &out.pooled.squeeze_dim(0),
             &pooled.get(i),
         );
-        let embeds = t5.forward(&t5_ids.narrow(0, i, 1), None)?;
+        let embeds = t5.forward(&t5_ids.narrow(0, i, 1).to_device(dev), None)?;
         acc.compare(
             format!("prompt_embeds[{i}]"),
             &embeds.squeeze_dim(0),

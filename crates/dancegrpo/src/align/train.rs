@@ -93,7 +93,7 @@ fn update(case: &Case, precision: Precision, force_after: Vec<Vec<Tensor>>) -> R
     let inputs = UpdateInputs {
         rollout: &rollout,
         shard: &shard,
-        advantages: &advantages.to_kind(kind),
+        advantages: &advantages.to_kind(kind).to_device(case.device()),
         cond: &g.cond,
         schedule: &g.schedule,
         draws: &g.draws,

@@ -17,12 +17,17 @@ pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
     let kind = precision.state_kind();
     let model = case.transformer(precision)?;
     let cond = case.conditioning(model.config().guidance_embeds, kind)?;
-    let latents = case.expected("sample/latents")?.to_kind(kind); // (B, S+1, L, c)
-                                                                  // the stored float32 inputs; the truth feeds timestep_ints / 1000 in float64
+    let dev = case.device();
+    let latents = case
+        .expected("sample/latents")?
+        .to_kind(kind)
+        .to_device(dev); // (B, S+1, L, c)
+                         // the stored float32 inputs; the truth feeds timestep_ints / 1000 in float64
     let timesteps = match precision {
         Precision::F32 | Precision::Bf16 => case.expected("sample/timestep_input")?,
         Precision::F64 => case.expected("timestep_ints")?.to_kind(kind).unsqueeze(0) / 1000.0,
-    }; // (B, S) or (1, S)
+    }
+    .to_device(dev); // (B, S) or (1, S)
     let want = case.reference("sample/model_output")?; // (B, S, L, c)
     let (b_total, steps) = (want.expected.size()[0], want.expected.size()[1]);
     let mut acc = StageAcc::new(Stage::Transformer, Rule::new(precision, TOL));

@@ -12,6 +12,7 @@
 //! ([`activations`]).
 
 pub mod activations;
+pub mod flops;
 
 use std::path::Path;
 
@@ -82,6 +83,19 @@ pub struct MemoryPlan {
     pub smallest_world: Option<i64>,
     /// The same with `sharding = "full"`.
     pub smallest_world_full: Option<i64>,
+    /// Transformer TFLOP of one iteration over all processes ([`flops`]).
+    pub tflop: IterationTflop,
+}
+
+/// Transformer TFLOP of one iteration over all processes.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct IterationTflop {
+    /// The rollout's forwards.
+    pub rollout: f64,
+    /// The update's forwards and backwards (model FLOPs).
+    pub update: f64,
+    /// The forwards per-block checkpointing recomputes.
+    pub recompute: f64,
 }
 
 /// The parameter counts a plan is made of (shapes only).
@@ -105,7 +119,7 @@ pub struct ModelCounts {
 pub fn count(cfg: &TrainConfig) -> Result<ModelCounts> {
     let (flux, vae) = match &cfg.model {
         ModelSource::Tiny { .. } => (FluxConfig::tiny(), VaeConfig::tiny()),
-        ModelSource::Dir { path } => (
+        ModelSource::Dir { path } | ModelSource::Random { path, .. } => (
             FluxConfig::from_file(&path.join("transformer").join("config.json"))?,
             VaeConfig::from_file(&path.join("vae").join("config.json"))?,
         ),
@@ -222,6 +236,7 @@ pub fn plan(cfg: &TrainConfig, opts: &PlanOptions) -> Result<MemoryPlan> {
     let total = per_process.iter().map(|l| l.bytes).sum();
     let mut full = cfg.clone();
     full.parallel.sharding = Sharding::Full;
+    let (rollout, update, recompute) = flops::iteration(cfg, &counts.flux, text_len);
     Ok(MemoryPlan {
         world: opts.world,
         sharding: cfg.parallel.sharding.name(),
@@ -233,12 +248,20 @@ pub fn plan(cfg: &TrainConfig, opts: &PlanOptions) -> Result<MemoryPlan> {
         fits: total <= opts.memory,
         smallest_world: smallest(cfg),
         smallest_world_full: smallest(&full),
+        tflop: IterationTflop {
+            rollout: rollout / 1e12,
+            update: update / 1e12,
+            recompute: recompute / 1e12,
+        },
     })
 }
 
 /// T5 tokens per prompt: the dataset's, else the option, else 512 for a model
 /// directory (FLUX.1's) and 32 for the tiny model's synthetic prompts.
 fn text_len(cfg: &TrainConfig, opts: &PlanOptions) -> Result<i64> {
+    if let DataSource::Synthetic { text_len, .. } = &cfg.data {
+        return Ok(*text_len);
+    }
     if let DataSource::Dataset { path } = &cfg.data {
         if path.join("manifest.json").is_file() {
             let data = crate::data::EmbeddingDataset::open(path)?;
@@ -247,7 +270,7 @@ fn text_len(cfg: &TrainConfig, opts: &PlanOptions) -> Result<i64> {
     }
     Ok(opts.text_len.unwrap_or(match cfg.model {
         ModelSource::Tiny { .. } => 32,
-        ModelSource::Dir { .. } => 512,
+        ModelSource::Dir { .. } | ModelSource::Random { .. } => 512,
     }))
 }
 

@@ -21,9 +21,6 @@ use crate::rewards::combine::WeightedSum;
 use crate::rewards::spec::RewardSpec;
 use crate::rewards::Reward;
 
-/// Length of the synthetic prompts' text embeddings.
-const SYNTHETIC_TEXT_LEN: i64 = 32;
-
 /// The transformer and VAE a configuration names (base weights), on `device`,
 /// in `[precision]`'s dtypes: the transformer stored in float32 (its master
 /// weights) when it is trained whole, in the frozen dtype under LoRA (whose
@@ -55,6 +52,15 @@ pub fn build_models(cfg: &TrainConfig, device: Device) -> Result<(FluxTransforme
             FluxTransformer::from_dir(&path.join("transformer"), storage, device)?,
             Vae::from_dir(&path.join("vae"), p.frozen_kind(), device)?,
         ),
+        ModelSource::Random { path, seed } => {
+            let flux = FluxConfig::from_file(&path.join("transformer").join("config.json"))?;
+            let vae = VaeConfig::from_file(&path.join("vae").join("config.json"))?;
+            let random = crate::weights::Source::Random(*seed);
+            (
+                FluxTransformer::new(flux, random, storage, device)?,
+                Vae::new(vae, random, p.frozen_kind(), device)?,
+            )
+        }
     };
     model.set_compute_kind(p.compute_kind());
     model.set_checkpointing(cfg.optim.activation_checkpointing);
@@ -128,7 +134,11 @@ pub fn build_prompt_set(
     let field = format!("{section}.path");
     let bad = |e: Error| Error::config("config", &field, e.to_string());
     match source {
-        DataSource::Synthetic { prompts, seed } => {
+        DataSource::Synthetic {
+            prompts,
+            seed,
+            text_len,
+        } => {
             if *prompts == 0 {
                 let field = format!("{section}.prompts");
                 return Err(Error::config("config", &field, "must be >= 1"));
@@ -136,7 +146,7 @@ pub fn build_prompt_set(
             Ok(Box::new(SyntheticPrompts {
                 count: *prompts,
                 seed: *seed,
-                text_len: SYNTHETIC_TEXT_LEN,
+                text_len: *text_len,
                 text_dim: model.text_widths().text,
                 pooled_dim: model.text_widths().pooled,
             }))

@@ -30,6 +30,20 @@ pub enum ModelSource {
         /// Seed of the weights.
         seed: u64,
     },
+    /// A model directory's architectures (`transformer/config.json`,
+    /// `vae/config.json`) with random weights drawn on the device: a real-sized
+    /// model without its weights, for benchmarks and acceptance runs.
+    Random {
+        /// The directory holding the two `config.json`.
+        path: PathBuf,
+        /// Seed of the weights.
+        #[serde(default)]
+        seed: u64,
+    },
+}
+
+fn synthetic_text_len() -> i64 {
+    32
 }
 
 /// Where the prompts come from.
@@ -42,6 +56,9 @@ pub enum DataSource {
         prompts: u64,
         /// Seed of the embeddings.
         seed: u64,
+        /// Text tokens per prompt (T5 length).
+        #[serde(default = "synthetic_text_len")]
+        text_len: i64,
     },
     /// A dataset written by `dancegrpo preprocess` (see [`crate::data`]).
     Dataset {
@@ -321,6 +338,7 @@ impl TrainConfig {
             data: DataSource::Synthetic {
                 prompts: 16,
                 seed: 0,
+                text_len: synthetic_text_len(),
             },
             rewards: vec![RewardSpec::Jpeg {
                 objective: JpegObjective::Compressibility,

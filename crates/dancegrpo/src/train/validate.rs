@@ -72,10 +72,17 @@ impl TrainConfig {
 /// a positive count, or a directory holding the file its kind needs.
 fn check_data(source: &DataSource, section: &str, origin: &Path) -> Result<()> {
     let (path, marker, what) = match source {
-        DataSource::Synthetic { prompts, .. } => {
+        DataSource::Synthetic {
+            prompts, text_len, ..
+        } => {
             if *prompts == 0 {
                 let field = format!("{section}.prompts");
                 return Err(Error::config(origin, &field, "must be >= 1"));
+            }
+            if *text_len < 1 {
+                let field = format!("{section}.text_len");
+                let msg = format!("must be >= 1, got {text_len}");
+                return Err(Error::config(origin, &field, msg));
             }
             return Ok(());
         }

@@ -129,12 +129,16 @@ fn leaf(t: &Tensor) -> Tensor {
 }
 
 /// Back-propagates `grad` into each `output` in one pass (`sum(out * grad)` has
-/// exactly `grad` as its gradient with respect to `out`).
+/// exactly `grad` as its gradient with respect to `out`). Outputs no trained
+/// parameter reaches (the embeddings under LoRA: frozen weights, inputs that
+/// need no gradient) are left out; with none left there is nothing to do.
 fn backprop(pairs: &[(Tensor, Tensor)]) {
     let total = pairs
         .iter()
+        .filter(|(out, grad)| out.requires_grad() && grad.defined())
         .map(|(out, grad)| (out * grad.detach()).sum(out.kind()))
-        .reduce(|a, b| a + b)
-        .expect("at least one output");
-    total.backward();
+        .reduce(|a, b| a + b);
+    if let Some(total) = total {
+        total.backward();
+    }
 }

@@ -547,5 +547,14 @@ mod tests {
             .iter()
             .all(|(_, p)| !p.requires_grad()));
         assert!(model.attach_lora(&lcfg, 7).is_err());
+        // per-block checkpointing: the frozen embeddings need no backward, and
+        // the adapters get the plain backward's gradients
+        let plain = grads(&model, &x, &w);
+        model.set_checkpointing(ActivationCheckpointing::PerBlock);
+        let blocked = grads(&model, &x, &w);
+        for ((n, a), (_, b)) in plain.iter().zip(&blocked) {
+            let (rel, _) = crate::align::errors(b, a);
+            assert!(rel < 1e-5, "{n}: {rel}");
+        }
     }
 }

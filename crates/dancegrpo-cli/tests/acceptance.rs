@@ -1,0 +1,54 @@
+//! `scripts/gpu-acceptance.sh --device cpu --small`: the GPU acceptance run end
+//! to end on the CPU with a small shape, so the script works the first time a
+//! GPU is lent.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+#[test]
+fn the_acceptance_script_runs_end_to_end_on_the_cpu() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let fixtures = std::env::var_os("DANCEGRPO_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("../shared/fixtures"))
+        .join("public/flux_tiny_a");
+    let out = std::env::temp_dir().join(format!("dancegrpo-acceptance-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let o = Command::new("bash")
+        .arg(root.join("scripts/gpu-acceptance.sh"))
+        .args([
+            "--device",
+            "cpu",
+            "--small",
+            "--bin",
+            env!("CARGO_BIN_EXE_dancegrpo"),
+        ])
+        .args([
+            "--fixtures",
+            fixtures.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}\n{stderr}", String::from_utf8_lossy(&o.stdout)));
+    assert_eq!(summary["device"], "cpu");
+    assert_eq!(summary["align"]["pass"], true, "{summary}");
+    assert_eq!(summary["align"]["stages"].as_object().unwrap().len(), 11);
+    assert!(summary["bf16_matmul_tflops"].as_f64().unwrap() > 0.0);
+    let runs = summary["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 4, "{summary}");
+    for run in runs {
+        assert_eq!(run["status"], "ok", "{run}\n{stderr}");
+        assert_eq!(run["iterations"], 2);
+        assert!(run["seconds_per_iteration"].as_f64().unwrap() > 0.0);
+        assert!(run["tflop_per_iteration"].as_f64().unwrap() > 0.0, "{run}");
+        let mfu = run["mfu"].as_f64().unwrap();
+        assert!(mfu > 0.0 && mfu < 1.0, "{run}");
+        assert!(run["peak_memory_mib"]["peak_device_mib"].as_f64().unwrap() > 10.0);
+    }
+    std::fs::remove_dir_all(&out).unwrap();
+}

@@ -1,0 +1,177 @@
+#!/usr/bin/env bash
+# scripts/gpu-acceptance.sh: the GPU acceptance run, one JSON summary on stdout.
+#
+#   scripts/gpu-acceptance.sh [--bin PATH] [--device cuda:0|cpu] [--small]
+#                             [--fixtures CASE_DIR] [--gpu-memory 139GiB] [--out DIR]
+#
+# On a CUDA machine with the `cuda` binary and that machine's torch 2.11 libraries:
+#   1. `dancegrpo env`;
+#   2. `align` on the public fixture on the device (float32, TF32 off), judged as on
+#      the CPU (against the float64 truth, relative to the reference's own error);
+#   3. the device's bf16 matmul rate (`bench matmul`), the peak MFU is reported against;
+#   4. GRPO training on a FLUX.1-dev-shaped transformer with random weights drawn on
+#      the device (19 double + 38 single blocks, inner 3072, T5 length 512, pooled 768,
+#      guidance embeddings; FLUX's VAE; the fixture's small HPSv2-style reward), bf16,
+#      at 512x512 and 1024x1024, (a) LoRA rank 64 and (b) full fine-tuning with
+#      `sharding = "full"` on one process; each run first asks `plan` whether it fits
+#      and is skipped, with the figure, when it does not.
+#   Per run: seconds per iteration (the second; the first warms up) and its stages,
+#   transformer TFLOP per iteration counted analytically (`plan`), MFU against the
+#   measured peak, and peak device memory (the CUDA caching allocator's).
+# `--device cpu --small` runs the same end to end on a small shape in a minute or so
+# (a test runs it), so the script cannot rot while no GPU is lent.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BIN=$ROOT/target/release/dancegrpo
+DEVICE=cuda:0
+SMALL=0
+FIXTURES=$ROOT/../shared/fixtures/public/flux_tiny_a
+GPU_MEMORY=
+OUT=
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --bin) BIN=$2; shift 2 ;;
+        --device) DEVICE=$2; shift 2 ;;
+        --small) SMALL=1; shift ;;
+        --fixtures) FIXTURES=$2; shift 2 ;;
+        --gpu-memory) GPU_MEMORY=$2; shift 2 ;;
+        --out) OUT=$2; shift 2 ;;
+        *) echo "gpu-acceptance: unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+[ -x "$BIN" ] || { echo "gpu-acceptance: no binary at $BIN (--bin)" >&2; exit 2; }
+[ -f "$FIXTURES/case.json" ] || { echo "gpu-acceptance: no case at $FIXTURES (--fixtures)" >&2; exit 2; }
+OUT=${OUT:-$(mktemp -d -t dancegrpo-acceptance.XXXXXX)}
+mkdir -p "$OUT"
+log() { echo "gpu-acceptance: $*" >&2; }
+start=$(date +%s)
+
+# device memory for the plans: the GPU's, else the host's
+if [ -z "$GPU_MEMORY" ]; then
+    if [ "$DEVICE" != cpu ] && command -v nvidia-smi >/dev/null; then
+        GPU_MEMORY="$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits -i "${DEVICE#cuda:}" | head -1)MiB"
+    else
+        GPU_MEMORY="$(awk '/MemTotal/ { print int($2 / 1024) }' /proc/meminfo)MiB"
+    fi
+fi
+
+log "env"
+"$BIN" env --json > "$OUT/env.json"
+
+log "align on $DEVICE"
+"$BIN" align "$FIXTURES" --device "$DEVICE" --json > "$OUT/align.json" || true
+
+log "bf16 matmul rate"
+size=8192; [ "$SMALL" = 1 ] && size=512
+"$BIN" bench matmul --device "$DEVICE" --dtype bf16 --size "$size" --repeats 10 | tail -1 > "$OUT/matmul.json"
+
+# the model directory: architectures only, weights drawn on the device
+model=$OUT/model
+mkdir -p "$model/transformer" "$model/vae"
+if [ "$SMALL" = 1 ]; then
+    cat > "$model/transformer/config.json" <<'EOF'
+{"_class_name": "FluxTransformer2DModel", "attention_head_dim": 16, "num_attention_heads": 4,
+ "num_layers": 2, "num_single_layers": 2, "in_channels": 64, "joint_attention_dim": 64,
+ "pooled_projection_dim": 32, "guidance_embeds": true, "axes_dims_rope": [4, 6, 6]}
+EOF
+    cp "$FIXTURES/vae/config.json" "$model/vae/config.json"
+    sizes="64 128"; text_len=32; rank=8
+else
+    cp "$ROOT/crates/dancegrpo/tests/data/flux1-dev/transformer/config.json" "$model/transformer/"
+    cp "$ROOT/crates/dancegrpo/tests/data/flux1-dev/vae/config.json" "$model/vae/"
+    sizes="512 1024"; text_len=512; rank=64
+fi
+
+run_one() { # size mode
+    local size=$1 mode=$2 name="run-$1-$2" cfg
+    cfg=$OUT/$name.toml
+    {
+        echo "[model]"; echo "kind = \"random\""; echo "path = \"$model\""
+        echo "[data]"; echo "kind = \"synthetic\""; echo "prompts = 2"; echo "seed = 0"; echo "text_len = $text_len"
+        echo "[[rewards]]"; echo "kind = \"hpsv2\""; echo "path = \"$FIXTURES/reward\""
+        echo "[sampler]"; echo "height = $size"; echo "width = $size"; echo "steps = 4"
+        echo "group_size = 2"; echo "rollout_batch = 2"; echo "decode_batch = 1"
+        echo "[grpo]"; echo "timestep_fraction = 0.5"
+        echo "[optim]"; echo "gradient_accumulation = 2"; echo "activation_checkpointing = \"per_block\""
+        [ "$mode" = lora ] && { echo "[optim.lora]"; echo "rank = $rank"; echo "alpha = $((2 * rank)).0"; }
+        echo "[run]"; echo "iterations = 2"; echo "prompts_per_iteration = 1"
+        echo "checkpoint_every = 100"; echo "keep_checkpoints = 1"; echo "tensorboard = false"
+        echo "[eval]"; echo "every = 0"; echo "prompts = 1"
+        echo "[precision]"; echo "mode = \"bf16\""
+        [ "$mode" = full ] && { echo "[parallel]"; echo "sharding = \"full\""; }
+    } > "$cfg"
+    "$BIN" plan "$cfg" --gpu-memory "$GPU_MEMORY" --json > "$OUT/$name.plan.json" || true
+    if python3 -c 'import json,sys; sys.exit(0 if json.load(open(sys.argv[1]))["fits"] else 1)' "$OUT/$name.plan.json"; then
+        log "$name: training"
+        rm -rf "${OUT:?}/$name"
+        if "$BIN" train --config "$cfg" --out "$OUT/$name" --device "$DEVICE" > "$OUT/$name.stdout" 2> "$OUT/$name.stderr"; then
+            echo 0 > "$OUT/$name.exit"
+        else
+            echo $? > "$OUT/$name.exit"
+            log "$name: failed (see $OUT/$name.stderr)"
+        fi
+    else
+        log "$name: skipped, plan says it does not fit in $GPU_MEMORY"
+    fi
+}
+
+for size in $sizes; do
+    for mode in lora full; do
+        run_one "$size" "$mode"
+    done
+done
+
+OUT="$OUT" SIZES="$sizes" DEVICE="$DEVICE" SMALL="$SMALL" SECONDS_TOTAL=$(( $(date +%s) - start )) python3 - <<'EOF'
+import json, os
+out = os.environ["OUT"]
+def load(name):
+    try:
+        with open(os.path.join(out, name)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+env, align, matmul = load("env.json"), load("align.json"), load("matmul.json")
+peak = matmul["tflops"] if matmul else None
+runs = []
+for size in os.environ["SIZES"].split():
+    for mode in ("lora", "full"):
+        name = f"run-{size}-{mode}"
+        plan = load(f"{name}.plan.json")
+        run = {"size": int(size), "mode": mode, "plan_gib": plan and round(plan["total"] / 2**30, 2),
+               "fits": plan and plan["fits"]}
+        metrics = os.path.join(out, name, "metrics.jsonl")
+        exit_path = os.path.join(out, f"{name}.exit")
+        ran = os.path.exists(exit_path) and open(exit_path).read().strip() == "0"
+        if ran and os.path.exists(metrics):
+            lines = [json.loads(l) for l in open(metrics) if l.strip()]
+            last = lines[-1]
+            s = last["seconds"]
+            total = s["rollout"] + s["decode"] + s["reward"] + s["update"]
+            t = plan["tflop"]
+            tflop = t["rollout"] + t["update"]
+            run.update(iterations=len(lines), seconds_per_iteration=round(total, 4),
+                       stages={k: round(v, 4) for k, v in s.items()},
+                       tflop_per_iteration=round(tflop, 6), recompute_tflop=round(t["recompute"], 6),
+                       mfu=round(tflop / total / peak, 4) if peak and total > 0 else None)
+            for l in open(os.path.join(out, f"{name}.stdout")):
+                if l.startswith("peak memory: "):
+                    run["peak_memory_mib"] = json.loads(l[len("peak memory: "):])
+        else:
+            run["status"] = "skipped (does not fit)" if plan and not plan["fits"] else "failed"
+        if ran:
+            run["status"] = "ok"
+        runs.append(run)
+stages = align["stages"] if align else []
+summary = {
+    "device": os.environ["DEVICE"], "small": os.environ["SMALL"] == "1",
+    "libtorch": env and env.get("libtorch"), "cuda_available": env and env.get("cuda_available"),
+    "cuda_feature": env and env.get("cuda_feature"),
+    "align": {"pass": bool(align and align["pass"]),
+              "stages": {s["name"]: {"pass": s["pass"], "worst": s["worst"], "vs_truth": s.get("truth_err"),
+                                     "bound": s["bound"]} for s in stages}},
+    "bf16_matmul_tflops": peak, "runs": runs, "seconds": int(os.environ["SECONDS_TOTAL"]), "out": out,
+}
+print(json.dumps(summary))
+EOF
