@@ -79,28 +79,27 @@ fn difference(a: &Path, b: &Path) -> f64 {
         .fold(0.0, f64::max)
 }
 
+const ZERO1: [&str; 2] = ["--set", "parallel.sharding=\"optimizer\""];
+
 #[test]
-fn full_sharding_trains_like_replicas_on_2_and_4_processes() {
+fn sharding_trains_like_replicas_on_2_and_4_processes() {
     let dir = common::temp_dir("shard", "like");
     let none = dir.join("none");
     succeeded(train(2, &none, &["--set", "run.iterations=1"]), "none");
-    for world in [2, 4] {
-        let full = dir.join(format!("full{world}"));
-        succeeded(
-            train(
-                world,
-                &full,
-                &[&FULL[..], &["--set", "run.iterations=1"]].concat(),
-            ),
-            "full",
-        );
+    for (world, name, mode) in [(2, "full", &FULL), (4, "full", &FULL), (2, "zero1", &ZERO1)] {
+        let full = dir.join(format!("{name}{world}"));
+        let args = [&mode[..], &["--set", "run.iterations=1"]].concat();
+        succeeded(train(world, &full, &args), name);
         // the same samples and rewards; weights after two optimizer steps equal
         // up to the order of the reductions (the clipping norm summed over
         // shards, not per parameter): 6.5e-7 measured, bounded like 1 vs 2 processes
         let (a, b) = (metrics(&none), metrics(&full));
         assert_eq!(a[0]["rewards"], b[0]["rewards"]);
         let d = difference(&weights(&none, 1), &weights(&full, 1));
-        assert!(d < 1e-5, "{world} processes: weights differ by {d:.2e}");
+        assert!(
+            d < 1e-5,
+            "{name}, {world} processes: weights differ by {d:.2e}"
+        );
         let manifest = full.join("checkpoints/iter-000001/transformer.shards.json");
         let m: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(manifest).unwrap()).unwrap();
@@ -222,7 +221,7 @@ fn bad_sharded_checkpoints_and_settings_are_named() {
     // full sharding without per-block checkpointing, and the unimplemented ZeRO-1
     for (set, want) in [
         ("optim.activation_checkpointing=\"off\"", "per_block"),
-        ("parallel.sharding=\"optimizer\"", "optimizer"),
+        ("optim.lora.rank=4", "LoRA"),
     ] {
         let o = bin()
             .args(["train", "--out", dir.join("x").to_str().unwrap()])

@@ -1,4 +1,4 @@
-//! Full sharding over Gloo with 2 and 4 real processes: a sharded model
+//! Sharding over Gloo with 2 and 4 real processes (ZeRO-3, and ZeRO-1 with 2): a sharded model
 //! computes what the whole model computes, its optimizer step lands where the
 //! replicated one does, each process holds 1/N of the trained state, and its
 //! checkpoint parts read back under the same or another process count.
@@ -7,7 +7,7 @@ mod common;
 
 use std::rc::Rc;
 
-use dancegrpo::dist::fsdp::{export, ShardManifest, ShardedModel, WEIGHTS};
+use dancegrpo::dist::fsdp::{export, ShardManifest, ShardedModel, Split, WEIGHTS};
 use dancegrpo::dist::{barrier, Collective};
 use dancegrpo::grpo::{AdamW, AdamWConfig};
 use dancegrpo::models::flux::{FluxConfig, FluxTransformer};
@@ -62,14 +62,15 @@ fn bytes(ts: &[Tensor]) -> i64 {
 }
 
 /// One forward, one backward and one AdamW step, replicated and sharded.
-fn sharded_step_matches_replicated(world: usize, name: &str) {
+fn sharded_step_matches_replicated(world: usize, name: &str, split: Split) {
     if !common::is_child() {
         return common::spawn_world(name, world);
     }
     let pg: Rc<dyn Collective> = Rc::new(common::join_gloo());
     let rank = pg.rank();
     let whole = flux();
-    let sharded = ShardedModel::new(flux(), pg.clone(), Kind::Float, ReduceDtype::Fp32).unwrap();
+    let sharded =
+        ShardedModel::new(flux(), pg.clone(), Kind::Float, ReduceDtype::Fp32, split).unwrap();
     let (x, w) = batch(rank);
     // the forward is the same, bit for bit
     let a = tch::no_grad(|| whole.velocity(&flow(&x))).unwrap();
@@ -106,6 +107,7 @@ fn sharded_step_matches_replicated(world: usize, name: &str) {
     let mut o2 = AdamW::new(AdamWConfig::default(), &shards);
     o1.step(&params, 1e-3);
     o2.step(&shards, 1e-3);
+    sharded.parameters_changed().unwrap();
     // 1/N of the trained weights and moments (the padding aside)
     let per = bytes(&shards);
     let all = bytes(&params);
@@ -127,6 +129,13 @@ fn sharded_step_matches_replicated(world: usize, name: &str) {
         }
     }
     assert_eq!(k, params.len());
+    if split == Split::Optimizer {
+        // ZeRO-1: the stepped parts are gathered back into the whole model
+        for ((n, a), (_, b)) in whole.parameters().iter().zip(sharded.inner().parameters()) {
+            let rel = (a - &b).norm().double_value(&[]) / a.norm().double_value(&[]).max(1e-12);
+            assert!(rel <= 1e-6, "{n}: {rel}");
+        }
+    }
 
     // checkpoint parts: written by every process, read back exactly, and
     // consolidated by one process
@@ -168,10 +177,16 @@ fn sharded_step_matches_replicated(world: usize, name: &str) {
 
 #[test]
 fn two_processes_shard_like_one() {
-    sharded_step_matches_replicated(2, "two_processes_shard_like_one");
+    sharded_step_matches_replicated(2, "two_processes_shard_like_one", Split::Everything);
 }
 
 #[test]
 fn four_processes_shard_like_one() {
-    sharded_step_matches_replicated(4, "four_processes_shard_like_one");
+    sharded_step_matches_replicated(4, "four_processes_shard_like_one", Split::Everything);
+}
+
+#[test]
+fn two_processes_split_the_optimizer_like_one() {
+    let name = "two_processes_split_the_optimizer_like_one";
+    sharded_step_matches_replicated(2, name, Split::Optimizer);
 }

@@ -430,7 +430,7 @@ impl Run<'_> {
             .lr_schedule
             .lr(self.cfg.learning_rate, optimizer.steps());
         optimizer.step(params, lr);
-        self.model.parameters_changed();
+        self.model.parameters_changed()?;
         zero_grads(params);
         self.stats.grad_norms.push(norm.double_value(&[]));
         self.stats.lrs.push(lr);

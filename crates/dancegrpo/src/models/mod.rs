@@ -81,8 +81,10 @@ pub trait VelocityModel {
     }
 
     /// The optimizer has just changed [`Self::parameters`] in place (a sharded
-    /// model drops its gathered copies).
-    fn parameters_changed(&self) {}
+    /// model drops its gathered copies, or gathers the stepped parts back).
+    fn parameters_changed(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Where a model's parameter units live while it computes: sharded training

@@ -10,7 +10,7 @@ use tch::{Device, Kind};
 use super::config::{DataSource, ModelSource, TrainConfig};
 use super::data::{PromptSet, SyntheticPrompts};
 use crate::data::{EmbeddingDataset, ReferenceSet};
-use crate::dist::fsdp::{FullShard, ShardedModel};
+use crate::dist::fsdp::{FullShard, ShardedModel, Split};
 use crate::dist::{Collective, Sharding};
 use crate::error::{Error, Result};
 use crate::models::flux::{FluxConfig, FluxTransformer};
@@ -85,22 +85,23 @@ pub fn shard(
     let field = "parallel.sharding";
     match cfg.parallel.sharding {
         Sharding::None => Ok((Box::new(model), None)),
-        Sharding::Optimizer => Err(Error::config(
-            "config",
-            field,
-            "`optimizer` (ZeRO-1) is not trained by this build yet: use `none` or `full`",
-        )),
-        Sharding::Full => {
-            if cfg.optim.activation_checkpointing != ActivationCheckpointing::PerBlock {
+        Sharding::Optimizer | Sharding::Full => {
+            let full = cfg.parallel.sharding == Sharding::Full;
+            let per_block = cfg.optim.activation_checkpointing == ActivationCheckpointing::PerBlock;
+            if full && !per_block {
                 let msg = "`full` needs optim.activation_checkpointing = \"per_block\"";
                 return Err(Error::config("config", field, msg));
             }
             if cfg.optim.lora.is_some() {
-                let msg = "`full` shards whole-model training; LoRA trains with `none`";
+                let msg = "sharding splits whole-model training; LoRA trains with `none`";
                 return Err(Error::config("config", field, msg));
             }
+            let split = match full {
+                true => Split::Everything,
+                false => Split::Optimizer,
+            };
             let p = &cfg.precision;
-            let sharded = ShardedModel::new(model, c, p.compute_kind(), p.reduce)?;
+            let sharded = ShardedModel::new(model, c, p.compute_kind(), p.reduce, split)?;
             let state = sharded.state().clone();
             Ok((Box::new(sharded), Some(state)))
         }

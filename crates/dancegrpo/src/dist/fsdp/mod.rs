@@ -55,17 +55,35 @@ pub struct FullShard {
     reduce: ReduceDtype,
     resident: RefCell<Vec<bool>>,
     pinned: Cell<bool>,
+    /// What stays whole in every process.
+    split: Split,
+}
+
+/// What a [`FullShard`] splits among the processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// Weights, gradients and optimizer state (ZeRO-3): units are gathered
+    /// for each use ([`Residency`]) and gradients reduce-scattered after each
+    /// unit's backward.
+    Everything,
+    /// The optimizer state and its step (ZeRO-1): every process keeps the
+    /// whole model; the gradients are reduce-scattered before the step and the
+    /// stepped parts all-gathered back into the model after it
+    /// ([`FullShard::write_back`]).
+    Optimizer,
 }
 
 impl FullShard {
     /// Splits `units` (every process holding the same values) among the
-    /// processes of `c`: this process keeps its float32 part of each, the
-    /// model's parameters are emptied. `compute`: the dtype units are gathered in.
+    /// processes of `c`: this process keeps its float32 part of each; with
+    /// [`Split::Everything`] the model's parameters are emptied. `compute`: the
+    /// dtype units are gathered in.
     pub fn new(
         units: Vec<ParamUnit>,
         c: Rc<dyn Collective>,
         compute: Kind,
         reduce: ReduceDtype,
+        split: Split,
     ) -> Result<Self> {
         let (world, rank) = (c.world_size(), c.rank());
         let _guard = tch::no_grad_guard();
@@ -109,6 +127,7 @@ impl FullShard {
             compute,
             reduce,
             pinned: Cell::new(false),
+            split,
         };
         for u in 0..state.units.len() {
             state.evict(u);
@@ -186,8 +205,32 @@ impl FullShard {
         Ok(total)
     }
 
-    /// Empties unit `u`'s parameters.
+    /// All-gathers every unit's stepped parts into the model's own (float32)
+    /// parameters ([`Split::Optimizer`], after an optimizer step or a load).
+    pub fn write_back(&self) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        for unit in &self.units {
+            let device = unit.shard.device();
+            let full = Tensor::zeros([unit.part * self.c.world_size()], (Kind::Float, device));
+            self.c.all_gather_into(&full, &unit.shard.detach())?;
+            for ((_, p, _), view) in unit.params.iter().zip(views(&full, &unit.params)) {
+                p.shallow_clone().copy_(&view);
+            }
+        }
+        Ok(())
+    }
+
+    /// What this state splits.
+    pub fn split(&self) -> Split {
+        self.split
+    }
+
+    /// Empties unit `u`'s parameters (never under [`Split::Optimizer`]: the
+    /// model stays whole).
     fn evict(&self, u: usize) {
+        if self.split == Split::Optimizer {
+            return;
+        }
         let _guard = tch::no_grad_guard();
         for (_, p, _) in &self.units[u].params {
             let empty = Tensor::zeros([0], (self.compute, p.device()));
@@ -209,7 +252,7 @@ impl Drop for Pinned<'_> {
 
 impl Residency for FullShard {
     fn acquire(&self, u: usize) -> Result<()> {
-        if self.resident.borrow()[u] {
+        if self.resident.borrow()[u] || self.split == Split::Optimizer {
             return Ok(());
         }
         let unit = &self.units[u];

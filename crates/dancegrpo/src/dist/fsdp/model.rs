@@ -8,10 +8,10 @@ use std::rc::Rc;
 
 use tch::{Kind, Tensor};
 
-use super::FullShard;
+use super::{FullShard, Split};
 use crate::dist::Collective;
 use crate::error::{Error, Result};
-use crate::models::{FlowInputs, PolicyModel, Shardable, TextWidths, VelocityModel};
+use crate::models::{FlowInputs, PolicyModel, Residency, Shardable, TextWidths, VelocityModel};
 use crate::precision::ReduceDtype;
 
 /// The file stem of the sharded weights in a checkpoint.
@@ -24,16 +24,21 @@ pub struct ShardedModel<M: Shardable> {
 }
 
 impl<M: Shardable> ShardedModel<M> {
-    /// Shards `inner` (every process holding the same weights) over `c`: units
-    /// gathered in `compute`, gradients reduce-scattered in `reduce`.
+    /// Shards `inner` (every process holding the same weights) over `c` as
+    /// `split` says: units gathered in `compute`, gradients reduce-scattered in
+    /// `reduce`.
     pub fn new(
         mut inner: M,
         c: Rc<dyn Collective>,
         compute: Kind,
         reduce: ReduceDtype,
+        split: Split,
     ) -> Result<Self> {
-        let state = Rc::new(FullShard::new(inner.units(), c, compute, reduce)?);
-        inner.set_residency(Some(state.clone()));
+        let state = Rc::new(FullShard::new(inner.units(), c, compute, reduce, split)?);
+        if split == Split::Everything {
+            let residency: Rc<dyn Residency> = state.clone();
+            inner.set_residency(Some(residency));
+        }
         Ok(ShardedModel { inner, state })
     }
 
@@ -66,16 +71,28 @@ impl<M: Shardable> VelocityModel for ShardedModel<M> {
     }
 
     fn reduce_gradients(&self, _c: &dyn Collective, _reduce: ReduceDtype) -> Result<()> {
-        // reduce-scattered unit by unit as the backward pass made them
-        Ok(())
+        match self.state.split() {
+            // reduce-scattered unit by unit as the backward pass made them
+            Split::Everything => Ok(()),
+            // the whole gradients, summed into this process's parts
+            Split::Optimizer => {
+                (0..self.state.units.len()).try_for_each(|u| self.state.gradients_ready(u))
+            }
+        }
     }
 
     fn clip_gradients(&self, _c: &dyn Collective, max_norm: f64) -> Result<Tensor> {
         self.state.clip(max_norm)
     }
 
-    fn parameters_changed(&self) {
-        self.state.invalidate();
+    fn parameters_changed(&self) -> Result<()> {
+        match self.state.split() {
+            Split::Everything => {
+                self.state.invalidate();
+                Ok(())
+            }
+            Split::Optimizer => self.state.write_back(),
+        }
     }
 }
 
@@ -108,8 +125,7 @@ impl<M: Shardable> PolicyModel for ShardedModel<M> {
             }
             shard.shallow_clone().copy_(&part);
         }
-        self.state.invalidate();
-        Ok(())
+        self.parameters_changed()
     }
 
     fn sharded_state(&self) -> Option<&FullShard> {
