@@ -81,15 +81,35 @@ fn difference(a: &Path, b: &Path) -> f64 {
 
 const ZERO1: [&str; 2] = ["--set", "parallel.sharding=\"optimizer\""];
 
+/// Largest `max|a - b|` over the tensors of two weight files.
+fn absolute_difference(a: &Path, b: &Path) -> f64 {
+    let (fa, fb) = (
+        SafetensorsFile::open(a).unwrap(),
+        SafetensorsFile::open(b).unwrap(),
+    );
+    fa.names()
+        .map(|n| {
+            let (x, y) = (fa.tensor(n).unwrap(), fb.tensor(n).unwrap());
+            (&x - &y).abs().max().double_value(&[])
+        })
+        .fold(0.0, f64::max)
+}
+
 #[test]
 fn sharding_trains_like_replicas_on_2_and_4_processes() {
     let dir = common::temp_dir("shard", "like");
     let none = dir.join("none");
-    succeeded(train(2, &none, &["--set", "run.iterations=1"]), "none");
+    // two iterations (four optimizer steps) at the reference's learning rate
+    let run = [
+        "--set",
+        "run.iterations=2",
+        "--set",
+        "optim.learning_rate=1e-5",
+    ];
+    succeeded(train(2, &none, &run), "none");
     for (world, name, mode) in [(2, "full", &FULL), (4, "full", &FULL), (2, "zero1", &ZERO1)] {
         let full = dir.join(format!("{name}{world}"));
-        let args = [&mode[..], &["--set", "run.iterations=1"]].concat();
-        succeeded(train(world, &full, &args), name);
+        succeeded(train(world, &full, &[&mode[..], &run[..]].concat()), name);
         // the same samples and rewards; weights after two optimizer steps equal
         // up to the order of the reductions (the clipping norm summed over
         // shards, not per parameter): 6.5e-7 measured, bounded like 1 vs 2 processes
@@ -100,11 +120,59 @@ fn sharding_trains_like_replicas_on_2_and_4_processes() {
             d < 1e-5,
             "{name}, {world} processes: weights differ by {d:.2e}"
         );
+        // iteration 2 samples from weights that differ in the last bits, and
+        // AdamW moves a weight whose near-zero gradient changed sign by up to
+        // about lr per step either way: at most 4 steps x 2 x lr (8e-6 of the
+        // largest element measured)
+        let d = absolute_difference(&weights(&none, 2), &weights(&full, 2));
+        assert!(
+            d <= 4.0 * 2.0 * 1e-5,
+            "{name}, {world} processes, iteration 2: {d:.2e}"
+        );
         let manifest = full.join("checkpoints/iter-000001/transformer.shards.json");
         let m: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(manifest).unwrap()).unwrap();
         assert_eq!(m["world"], world);
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_sharded_run_killed_mid_iteration_resumes_bit_identically() {
+    let dir = common::temp_dir("shard", "kill");
+    let (whole, killed) = (dir.join("whole"), dir.join("killed"));
+    let run = [&FULL[..], &["--set", "run.iterations=4"]].concat();
+    succeeded(train(2, &whole, &run), "uninterrupted");
+    // both processes killed (a node lost) once checkpoint 2 is complete
+    let mut children = common::spawn_train_world(2, &killed, &[&RUN[..], &run[..]].concat());
+    let marker = killed.join("checkpoints/iter-000002/state.json");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !marker.is_file() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for c in &mut children {
+        let _ = c.kill(); // SIGKILL
+        let _ = c.wait();
+    }
+    assert!(marker.is_file(), "checkpoint 2 never appeared");
+    let last = killed.join("checkpoints/iter-000004/state.json");
+    assert!(!last.is_file(), "the run finished before the kill");
+    let resumed = [&run[..], &["--resume"]].concat();
+    succeeded(train(2, &killed, &resumed), "resumed");
+    let ck = |r: &Path| r.join("checkpoints/iter-000004");
+    for rank in 0..2 {
+        for stem in ["transformer", "optimizer.exp_avg", "optimizer.exp_avg_sq"] {
+            let f = format!("{stem}.shard-{rank:05}-of-00002.safetensors");
+            let (a, b) = (
+                SafetensorsFile::open(ck(&whole).join(&f)).unwrap(),
+                SafetensorsFile::open(ck(&killed).join(&f)).unwrap(),
+            );
+            for n in a.names() {
+                assert!(a.tensor(n).unwrap().equal(&b.tensor(n).unwrap()), "{f} {n}");
+            }
+        }
+    }
+    assert_eq!(metrics(&whole), metrics(&killed));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -205,6 +273,38 @@ fn bad_sharded_checkpoints_and_settings_are_named() {
         !outs[1].status.success() && err.contains("transformer.shard-00001-of-00002"),
         "{err}"
     );
+    // a truncated part, and a sharded checkpoint resumed whole: both named,
+    // and neither resume writes anything
+    let cut = dir.join("cut");
+    succeeded(
+        train(
+            2,
+            &cut,
+            &[&FULL[..], &["--set", "run.iterations=1"]].concat(),
+        ),
+        "cut",
+    );
+    let part = cut.join("checkpoints/iter-000001/transformer.shard-00000-of-00002.safetensors");
+    let bytes = std::fs::read(&part).unwrap();
+    std::fs::write(&part, &bytes[..bytes.len() / 2]).unwrap();
+    let outs = train(
+        2,
+        &cut,
+        &[&FULL[..], &["--set", "run.iterations=2", "--resume"]].concat(),
+    );
+    let err = String::from_utf8_lossy(&outs[0].stderr).to_string();
+    assert!(
+        !outs[0].status.success() && err.contains("transformer.shard-00000-of-00002"),
+        "{err}"
+    );
+    let outs = train(2, &cut, &["--set", "run.iterations=2", "--resume"]);
+    let err = String::from_utf8_lossy(&outs[0].stderr).to_string();
+    assert!(
+        !outs[0].status.success() && err.contains("transformer"),
+        "{err}"
+    );
+    assert!(!cut.join("checkpoints/iter-000002").exists());
+    assert_eq!(metrics(&cut).len(), 1);
     // a whole-model checkpoint resumed sharded: the manifest it lacks is named
     let none = dir.join("none");
     succeeded(train(2, &none, &["--set", "run.iterations=1"]), "none");
@@ -218,7 +318,7 @@ fn bad_sharded_checkpoints_and_settings_are_named() {
         !outs[0].status.success() && err.contains("transformer.shards.json"),
         "{err}"
     );
-    // full sharding without per-block checkpointing, and the unimplemented ZeRO-1
+    // full sharding without per-block checkpointing, and sharded LoRA
     for (set, want) in [
         ("optim.activation_checkpointing=\"off\"", "per_block"),
         ("optim.lora.rank=4", "LoRA"),

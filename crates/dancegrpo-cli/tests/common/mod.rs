@@ -98,8 +98,22 @@ pub fn free_port() -> String {
 /// `world` processes of `dancegrpo train --out OUT ARGS...` with the variables
 /// torchrun sets, all awaited.
 pub fn train_world(world: usize, out: &Path, args: &[&str]) -> Vec<Output> {
+    launch(world, out, args, true)
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect()
+}
+
+/// [`train_world`], the processes left running (their output discarded: a
+/// full pipe nobody reads would stall them).
+pub fn spawn_train_world(world: usize, out: &Path, args: &[&str]) -> Vec<Child> {
+    launch(world, out, args, false)
+}
+
+fn launch(world: usize, out: &Path, args: &[&str], piped: bool) -> Vec<Child> {
     let port = free_port();
-    let children: Vec<Child> = (0..world)
+    let io = || if piped { Stdio::piped() } else { Stdio::null() };
+    (0..world)
         .map(|rank| {
             bin()
                 .args([
@@ -115,15 +129,11 @@ pub fn train_world(world: usize, out: &Path, args: &[&str]) -> Vec<Output> {
                 .env("LOCAL_RANK", rank.to_string())
                 .env("MASTER_ADDR", "127.0.0.1")
                 .env("MASTER_PORT", &port)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
+                .stdout(io())
+                .stderr(io())
                 .spawn()
                 .unwrap()
         })
-        .collect();
-    children
-        .into_iter()
-        .map(|c| c.wait_with_output().unwrap())
         .collect()
 }
 
