@@ -148,7 +148,9 @@ pub trait PolicyModel: VelocityModel {
 
 /// A policy model whose parameters can be split by unit among processes.
 pub trait Shardable: PolicyModel {
-    /// The parameter units (see [`ParamUnit`]), in model order.
+    /// The units of the trained parameters (see [`ParamUnit`]), in model
+    /// order: the units the model calls its residency around when the whole
+    /// model is trained; the adapters grouped by block under LoRA.
     fn units(&self) -> Vec<ParamUnit>;
     /// Calls `residency` around every unit from now on.
     fn set_residency(&mut self, residency: Option<std::rc::Rc<dyn Residency>>);

@@ -284,10 +284,11 @@ fn plan_lines(
 ) -> Vec<PlanLine> {
     let p = &cfg.precision;
     let n = world.max(1) as u64;
-    let (weights_div, grads_div, moments_div) = match cfg.parallel.sharding {
-        Sharding::None => (1, 1, 1),
-        Sharding::Optimizer => (1, 1, n),
-        Sharding::Full => (n, n, n),
+    let (weights_div, grads_div, moments_div) = match (cfg.parallel.sharding, &cfg.optim.lora) {
+        (Sharding::None, _) => (1, 1, 1),
+        // LoRA's adapters stay whole; only their optimizer state is split
+        (Sharding::Optimizer, _) | (Sharding::Full, Some(_)) => (1, 1, n),
+        (Sharding::Full, None) => (n, n, n),
     };
     let master = kind_bytes(p.master_kind()) * c.trained as u64;
     let of = |div: u64| format!("{} parameters / {div}", c.trained);

@@ -87,16 +87,15 @@ pub fn shard(
         Sharding::None => Ok((Box::new(model), None)),
         Sharding::Optimizer | Sharding::Full => {
             let full = cfg.parallel.sharding == Sharding::Full;
+            let lora = cfg.optim.lora.is_some();
             let per_block = cfg.optim.activation_checkpointing == ActivationCheckpointing::PerBlock;
-            if full && !per_block {
+            if full && !lora && !per_block {
                 let msg = "`full` needs optim.activation_checkpointing = \"per_block\"";
                 return Err(Error::config("config", field, msg));
             }
-            if cfg.optim.lora.is_some() {
-                let msg = "sharding splits whole-model training; LoRA trains with `none`";
-                return Err(Error::config("config", field, msg));
-            }
-            let split = match full {
+            // LoRA: the frozen base stays whole in every process (bf16); the
+            // adapters' optimizer state is what is split, whichever mode
+            let split = match full && !lora {
                 true => Split::Everything,
                 false => Split::Optimizer,
             };

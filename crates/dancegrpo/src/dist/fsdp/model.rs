@@ -108,7 +108,13 @@ impl<M: Shardable> PolicyModel for ShardedModel<M> {
     fn save_trained(&self, dir: &Path) -> Result<()> {
         let shards: Vec<Tensor> = self.state.shards().into_iter().map(|(_, t)| t).collect();
         let meta = BTreeMap::from([("config".to_string(), self.inner.config_json())]);
-        self.state.save_parts(dir, WEIGHTS, &shards, &meta)
+        self.state.save_parts(dir, WEIGHTS, &shards, &meta)?;
+        // under ZeRO-1 every process holds the whole model: process 0 also
+        // writes it in its usual layout (LoRA's peft files, diffusers' transformer/)
+        match (self.state.split(), self.state.c.rank()) {
+            (Split::Optimizer, 0) => self.inner.save_trained(dir),
+            _ => Ok(()),
+        }
     }
 
     fn load_trained(&self, dir: &Path) -> Result<()> {

@@ -66,7 +66,7 @@ impl PolicyModel for FluxTransformer {
 
 impl crate::models::Shardable for FluxTransformer {
     fn units(&self) -> Vec<crate::models::ParamUnit> {
-        FluxTransformer::units(self)
+        self.trained_units()
     }
 
     fn set_residency(&mut self, residency: Option<std::rc::Rc<dyn crate::models::Residency>>) {

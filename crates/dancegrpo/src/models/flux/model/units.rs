@@ -13,18 +13,16 @@ impl FluxTransformer {
     /// `single_transformer_blocks.i`, then `head` (`norm_out`, `proj_out`).
     /// Every base parameter is in exactly one unit.
     pub fn units(&self) -> Vec<ParamUnit> {
-        let mut units: Vec<ParamUnit> = Vec::new();
-        for (name, t) in self.params.named() {
-            let unit = unit_of(&name);
-            match units.last_mut() {
-                Some(u) if u.name == unit => u.params.push((name, t)),
-                _ => units.push(ParamUnit {
-                    name: unit,
-                    params: vec![(name, t)],
-                }),
-            }
+        group(self.params.named())
+    }
+
+    /// The units of what is trained: [`Self::units`], or under LoRA the
+    /// adapters grouped by the block they adapt.
+    pub fn trained_units(&self) -> Vec<ParamUnit> {
+        match self.lora() {
+            Some((adapters, _)) => group(adapters.named()),
+            None => self.units(),
         }
-        units
     }
 
     /// Calls `residency` around every unit from now on (`None`: parameters stay put).
@@ -83,4 +81,20 @@ fn unit_of(name: &str) -> String {
         [first, ..] if first == "norm_out" || first == "proj_out" => "head".into(),
         _ => "embed".into(),
     }
+}
+
+/// Consecutive parameters of the same unit ([`unit_of`]) grouped, in order.
+fn group(params: Vec<(String, tch::Tensor)>) -> Vec<ParamUnit> {
+    let mut units: Vec<ParamUnit> = Vec::new();
+    for (name, t) in params {
+        let unit = unit_of(&name);
+        match units.last_mut() {
+            Some(u) if u.name == unit => u.params.push((name, t)),
+            _ => units.push(ParamUnit {
+                name: unit,
+                params: vec![(name, t)],
+            }),
+        }
+    }
+    units
 }
