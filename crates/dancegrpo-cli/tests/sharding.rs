@@ -219,6 +219,24 @@ fn sharded_runs_resume_exactly_and_reshard() {
         }
     }
     assert_eq!(metrics(&whole), metrics(&split));
+    // one process generates from the sharded checkpoint (its parts put together)
+    let png = dir.join("gen.png");
+    let o = bin()
+        .args([
+            "generate",
+            "--run",
+            whole.to_str().unwrap(),
+            "--images",
+            "2",
+        ])
+        .args(["--out", png.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success() && png.is_file(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     // four processes continue the two-process run: the same values re-split
     let (two, four) = (dir.join("two"), dir.join("four"));
     succeeded(

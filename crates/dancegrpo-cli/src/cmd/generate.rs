@@ -57,7 +57,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         ),
     };
     if let Some(dir) = &ckpt {
-        checkpoint::load_weights(dir, &model)?;
+        checkpoint::load_weights_whole(dir, &model)?;
     }
     let prompts = build_prompts(&cfg, &model)?;
     let entries = (0..args.images as u64)

@@ -239,6 +239,47 @@ pub fn load_ema(dir: &Path, model: &dyn PolicyModel, ema: &mut super::ema::Ema) 
     }
 }
 
+/// [`load_weights`] for one process reading any checkpoint: a sharded one's
+/// parts are put back together (by parameter name) into `model`'s whole
+/// trained parameters (`generate`, evaluation tools).
+pub fn load_weights_whole(dir: &Path, model: &dyn PolicyModel) -> Result<()> {
+    let stem = crate::dist::fsdp::WEIGHTS;
+    if !dir.join(format!("{stem}.shards.json")).is_file() {
+        return load_weights(dir, model);
+    }
+    let manifest = crate::dist::fsdp::ShardManifest::read(dir, stem)?;
+    let wholes = manifest.read_units(dir, stem)?;
+    let mut saved: BTreeMap<&str, Tensor> = BTreeMap::new();
+    for (unit, whole) in manifest.units.iter().zip(&wholes) {
+        let mut at = 0;
+        for (name, shape) in &unit.params {
+            let n: i64 = shape.iter().product();
+            saved.insert(name, whole.narrow(0, at, n).view(shape.as_slice()));
+            at += n;
+        }
+    }
+    let _guard = tch::no_grad_guard();
+    for (name, p) in model.parameters() {
+        let t = saved.get(name.as_str()).ok_or_else(|| {
+            Error::Input(format!(
+                "{}: the sharded weights lack {name}",
+                dir.display()
+            ))
+        })?;
+        if t.size() != p.size() {
+            return Err(Error::Input(format!(
+                "{}: {name} has shape {:?}, the model {:?}",
+                dir.display(),
+                t.size(),
+                p.size()
+            )));
+        }
+        p.shallow_clone()
+            .copy_(&t.to_kind(p.kind()).to_device(p.device()));
+    }
+    Ok(())
+}
+
 /// Copies the trained weights of checkpoint `dir` into `model` (same
 /// architecture, same adapters).
 pub fn load_weights(dir: &Path, model: &dyn PolicyModel) -> Result<()> {
