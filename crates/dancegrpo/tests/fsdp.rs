@@ -160,7 +160,20 @@ fn sharded_step_matches_replicated(world: usize, name: &str, split: Split) {
     assert_eq!(manifest.world, world as i64);
     if rank == 0 {
         let out = dir.join("export");
-        export(&dir, WEIGHTS, &out).unwrap();
+        export(&dir, WEIGHTS, &out, 40_000).unwrap();
+        // several files of at most 40 kB and diffusers' index, read by our loader
+        assert!(out
+            .join("diffusion_pytorch_model.safetensors.index.json")
+            .is_file());
+        let parts = std::fs::read_dir(&out)
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                name.to_string_lossy()
+                    .starts_with("diffusion_pytorch_model-")
+            })
+            .count();
+        assert!(parts > 1, "{parts} files");
         let back = FluxTransformer::from_dir(&out, Kind::Float, Device::Cpu).unwrap();
         for (n, a) in back.parameters().iter() {
             let (_, p) = whole

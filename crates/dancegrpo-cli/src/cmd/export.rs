@@ -19,6 +19,10 @@ pub struct Args {
     /// The diffusers model directory to write (created).
     #[arg(long)]
     out: PathBuf,
+    /// Largest safetensors file (10GB as diffusers; larger weights go into
+    /// several files and an index).
+    #[arg(long, default_value = "10GB")]
+    max_file_size: String,
 }
 
 /// Writes the directory.
@@ -33,7 +37,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     } else if ckpt.join(format!("{WEIGHTS}.shards.json")).is_file() {
         let manifest = ShardManifest::read(ckpt, WEIGHTS)?;
-        export(ckpt, WEIGHTS, &args.out)?;
+        let max = dancegrpo::plan::parse_memory(&args.max_file_size).context("--max-file-size")?;
+        export(ckpt, WEIGHTS, &args.out, max)?;
         eprintln!("export: consolidated {} parts", manifest.world);
     } else if ckpt.join("lora.safetensors").is_file() {
         bail!(

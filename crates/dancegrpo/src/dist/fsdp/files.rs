@@ -223,9 +223,11 @@ fn check_part(file: &SafetensorsFile, unit: &str, t: &Tensor, part: i64) -> Resu
 
 /// Consolidates the sharded weights `stem` of checkpoint `dir` (written by any
 /// process count) into a diffusers model directory `out`: `config.json` and
-/// `diffusion_pytorch_model.safetensors` with every parameter in float32, each
-/// file written atomically. One process, no collective.
-pub fn export(dir: &Path, stem: &str, out: &Path) -> Result<()> {
+/// `diffusion_pytorch_model.safetensors` with every parameter in float32, or,
+/// when they exceed `max_file_bytes`, `diffusion_pytorch_model-0000i-of-0000n.safetensors`
+/// files and their `diffusion_pytorch_model.safetensors.index.json` (diffusers'
+/// sharded layout). Each file is written atomically. One process, no collective.
+pub fn export(dir: &Path, stem: &str, out: &Path, max_file_bytes: u64) -> Result<()> {
     let manifest = ShardManifest::read(dir, stem)?;
     let first = SafetensorsFile::open(shard_path(dir, stem, 0, manifest.world))?;
     let config = first
@@ -251,10 +253,54 @@ pub fn export(dir: &Path, stem: &str, out: &Path) -> Result<()> {
     }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     write_bytes_atomic(&out.join("config.json"), config.as_bytes())?;
+    write_diffusers_weights(out, &tensors, max_file_bytes)
+}
+
+/// `tensors` as diffusers' `diffusion_pytorch_model` safetensors in `out`:
+/// one file, or files of at most `max_file_bytes` (a tensor larger than that
+/// gets a file of its own) with the index diffusers and our loader read.
+fn write_diffusers_weights(
+    out: &Path,
+    tensors: &[(String, Tensor)],
+    max_file_bytes: u64,
+) -> Result<()> {
     let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-    write_safetensors(
-        out.join("diffusion_pytorch_model.safetensors"),
-        &tensors,
-        &meta,
+    let size = |t: &Tensor| t.numel() as u64 * t.kind().elt_size_in_bytes() as u64;
+    let mut files: Vec<Vec<(String, Tensor)>> = vec![Vec::new()];
+    let mut filled = 0;
+    for (name, t) in tensors {
+        let last = files.last().expect("non-empty");
+        if !last.is_empty() && filled + size(t) > max_file_bytes {
+            files.push(Vec::new());
+            filled = 0;
+        }
+        filled += size(t);
+        files
+            .last_mut()
+            .expect("non-empty")
+            .push((name.clone(), t.shallow_clone()));
+    }
+    if files.len() == 1 {
+        return write_safetensors(
+            out.join("diffusion_pytorch_model.safetensors"),
+            &files[0],
+            &meta,
+        );
+    }
+    let n = files.len();
+    let mut weight_map = serde_json::Map::new();
+    for (i, part) in files.iter().enumerate() {
+        let file = format!("diffusion_pytorch_model-{:05}-of-{n:05}.safetensors", i + 1);
+        write_safetensors(out.join(&file), part, &meta)?;
+        for (name, _) in part {
+            weight_map.insert(name.clone(), file.clone().into());
+        }
+    }
+    let total: u64 = tensors.iter().map(|(_, t)| size(t)).sum();
+    let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+    let text = serde_json::to_string_pretty(&index).expect("json");
+    write_bytes_atomic(
+        &out.join("diffusion_pytorch_model.safetensors.index.json"),
+        text.as_bytes(),
     )
 }
