@@ -1,10 +1,13 @@
 //! `dancegrpo train` end to end: exact resume after SIGKILL, partial
 //! checkpoints, checkpoint layout, and configuration errors.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use common::metrics;
 use dancegrpo::io::safetensors::SafetensorsFile;
 
 fn bin() -> Command {
@@ -42,21 +45,6 @@ fn train(out: &Path, extra: &[&str]) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
-}
-
-/// metrics.jsonl without the wall-clock fields.
-fn metrics(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            let o = v.as_object_mut().unwrap();
-            o.remove("seconds");
-            o.remove("images_per_second");
-            v
-        })
-        .collect()
 }
 
 fn final_weights(dir: &Path) -> Vec<(String, Vec<u8>)> {
