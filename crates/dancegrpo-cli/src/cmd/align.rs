@@ -21,7 +21,7 @@ pub struct Args {
     #[arg(long, short)]
     verbose: bool,
     /// libtorch CPU threads (1 gives the reference's single-thread reduction order).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
     threads: Option<i32>,
     /// Arithmetic of the run: `f32` (judged against the float64 truth relative to
     /// the reference's own float32 error), `f64` (the whole engine in float64,

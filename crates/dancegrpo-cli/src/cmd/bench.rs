@@ -38,7 +38,7 @@ enum What {
 #[derive(clap::Args)]
 struct RewardsArgs {
     /// Images per batch.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(i64).range(1..))]
     images: i64,
     /// Image side in pixels (square images).
     #[arg(long, default_value_t = 256)]
@@ -51,7 +51,7 @@ struct RewardsArgs {
     device: String,
     /// libtorch CPU threads (1 by default: tiny models on a shared machine
     /// spend more time in OpenMP barriers than computing with more).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..))]
     threads: i32,
 }
 

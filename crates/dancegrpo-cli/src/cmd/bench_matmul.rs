@@ -22,7 +22,7 @@ pub struct Args {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// libtorch CPU threads.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
     threads: Option<i32>,
 }
 

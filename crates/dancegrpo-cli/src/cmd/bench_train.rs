@@ -25,7 +25,7 @@ pub struct Args {
     /// `transformer/`, `vae/`, `reward/`).
     case: PathBuf,
     /// Timed iterations (after the warm-up).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
     iterations: u64,
     /// Untimed warm-up iterations.
     #[arg(long, default_value_t = 1)]
@@ -40,7 +40,7 @@ pub struct Args {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// libtorch CPU threads.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
     threads: Option<i32>,
 }
 

@@ -20,7 +20,7 @@ pub struct Args {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
     /// libtorch CPU threads.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
     threads: Option<i32>,
     /// The rise of the mean reward (last 10 iterations minus first 10) the demo
     /// must reach (default 1 kB from the seeded base, 0.25 kB from `--base`).

@@ -27,13 +27,13 @@ pub struct Args {
     #[arg(long)]
     checkpoint: Option<String>,
     /// Number of images (prompts 0.. of the run's prompt set, cycled).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(i64).range(1..))]
     images: i64,
     /// Seed of the initial noise.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Sampling steps (default: the run's).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
     steps: Option<i64>,
     /// Output PNG (default: <run>/generated.png).
     #[arg(long)]

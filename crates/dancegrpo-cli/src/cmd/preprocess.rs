@@ -51,7 +51,7 @@ pub struct Args {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// libtorch CPU threads (default: libtorch's choice).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
     threads: Option<i32>,
     /// Stop after writing this many shards (for testing resume).
     #[arg(long, hide = true)]

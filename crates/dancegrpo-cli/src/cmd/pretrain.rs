@@ -33,7 +33,7 @@ pub struct Args {
     #[arg(long)]
     lr: Option<f64>,
     /// libtorch CPU threads.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
     threads: Option<i32>,
 }
 

@@ -27,7 +27,7 @@ pub struct Args {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// libtorch CPU threads (default: libtorch's choice).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
     threads: Option<i32>,
     /// PNG or JPEG files (RGB or grayscale).
     #[arg(required = true, value_name = "IMAGES")]

@@ -33,14 +33,14 @@ pub struct Args {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// libtorch CPU threads (default: libtorch's choice).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
     threads: Option<i32>,
     /// Only print the resolved configuration and derived batch sizes.
     #[arg(long)]
     dry_run: bool,
     /// Seconds a process waits for the others (joining, and every collective)
     /// when several processes train (torchrun, or WORLD_SIZE > 1).
-    #[arg(long, default_value_t = 1800)]
+    #[arg(long, default_value_t = 1800, value_parser = clap::value_parser!(u64).range(1..))]
     dist_timeout: u64,
 }
 
