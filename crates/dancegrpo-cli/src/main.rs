@@ -60,8 +60,24 @@ fn main() -> std::process::ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", message(&e));
-            std::process::ExitCode::from(2)
+            std::process::ExitCode::from(exit_code(&e))
         }
+    }
+}
+
+/// 1 when a run started and went wrong (the health guard stopped it), 2 when
+/// the input was refused (arguments, configuration, files), as clap's usage errors.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    let stopped = e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<dancegrpo::error::Error>(),
+            Some(dancegrpo::error::Error::Health(_))
+        )
+    });
+    if stopped {
+        1
+    } else {
+        2
     }
 }
 

@@ -225,7 +225,44 @@ fn configuration_and_run_directory_errors_name_the_problem() {
         &["--out", o, "--config", "/nonexistent/run.toml"],
         &["/nonexistent/run.toml"],
     );
-    check(&["--out", o, "--resume"], &["no complete checkpoint"]);
+    // --resume never creates the directory, nor runs on the built-in default
+    check(&["--out", o, "--resume"], &["no such run directory"]);
+    assert!(!out.exists());
+    std::fs::create_dir_all(&out).unwrap();
+    check(
+        &["--out", o, "--resume"],
+        &["has no config.toml", "--config"],
+    );
+    let tiny = root.join("tiny.toml");
+    let dry = bin().args(["train", "--dry-run"]).output().unwrap();
+    std::fs::write(&tiny, &dry.stdout).unwrap();
+    let with = ["--out", o, "--resume", "--config", tiny.to_str().unwrap()];
+    check(&with, &["no complete checkpoint"]);
+    // invalid numbers are refused by name, before anything runs
+    for (set, want) in [
+        ("optim.learning_rate=inf", "optim.learning_rate"),
+        ("optim.learning_rate=1e30", "optim.learning_rate"),
+        ("sampler.guidance=nan", "sampler.guidance"),
+        ("sampler.height=100000", "sampler.height"),
+        ("optim.eps=0.0", "optim.eps"),
+        (
+            "health.max_failed_reward_share=0.0",
+            "health.max_failed_reward_share",
+        ),
+    ] {
+        check(&["--out", o, "--set", set], &[want]);
+    }
+    check(
+        &[
+            "--out",
+            o,
+            "--set",
+            "model={kind=\"dir\", path=\"/no/such/flux\"}",
+            "--dry-run",
+        ],
+        &["model.path", "/no/such/flux"],
+    );
+    std::fs::remove_dir_all(&out).unwrap();
     // a finished run refuses a fresh start in the same directory
     train(&out, &["--set", "run.iterations=2"]);
     check(&["--out", o], &["already holds checkpoint", "--resume"]);

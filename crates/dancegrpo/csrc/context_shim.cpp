@@ -61,3 +61,22 @@ int64_t dg_cuda_peak_allocated(int device) {
 }
 
 }  // extern "C"
+
+#ifdef DANCEGRPO_CUDA
+#include <ATen/cuda/CUDAContextLight.h>
+#endif
+
+extern "C" {
+
+// Bytes of memory of CUDA device `device`; -1 in a build without CUDA.
+int64_t dg_cuda_total_memory(int device) {
+#ifdef DANCEGRPO_CUDA
+  return static_cast<int64_t>(
+      at::cuda::getDeviceProperties(static_cast<c10::DeviceIndex>(device))->totalGlobalMem);
+#else
+  (void)device;
+  return -1;
+#endif
+}
+
+}  // extern "C"

@@ -91,6 +91,10 @@ pub enum Error {
     /// Inputs of a computation do not fit together (shapes, lengths).
     #[error("invalid input: {0}")]
     Input(String),
+    /// A run stopped because what it computes went wrong (non-finite values,
+    /// failed rewards): the message names the first bad quantity.
+    #[error("{0}")]
+    Health(String),
     /// An error reported by libtorch.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),

@@ -18,6 +18,31 @@ pub fn peak_rss_mib() -> Option<f64> {
 
 extern "C" {
     fn dg_cuda_peak_allocated(device: std::os::raw::c_int) -> i64;
+    fn dg_cuda_total_memory(device: std::os::raw::c_int) -> i64;
+}
+
+/// The memory `device` has, in bytes: a GPU's own (`None` in a build without
+/// CUDA), the machine's physical memory (`MemTotal` of `/proc/meminfo`) for the CPU.
+pub fn device_memory_bytes(device: tch::Device) -> Option<u64> {
+    match device {
+        tch::Device::Cuda(i) => {
+            // SAFETY: reads the device's properties; -1 when CUDA is not compiled in
+            let bytes = unsafe { dg_cuda_total_memory(i as std::os::raw::c_int) };
+            (bytes >= 0).then_some(bytes as u64)
+        }
+        _ => {
+            let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+            let kb: u64 = info
+                .lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))?
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .ok()?;
+            Some(kb * 1024)
+        }
+    }
 }
 
 /// The most memory `device` has held for this process: the CUDA caching
@@ -60,6 +85,14 @@ mod tests {
         if cfg!(target_os = "linux") {
             let mib = super::peak_rss_mib().expect("VmHWM");
             assert!(mib > 1.0 && mib < 1e6, "{mib}");
+        }
+    }
+
+    #[test]
+    fn host_memory_is_reported_on_linux() {
+        if cfg!(target_os = "linux") {
+            let bytes = super::device_memory_bytes(tch::Device::Cpu).expect("MemTotal");
+            assert!(bytes > 1 << 28, "{bytes}");
         }
     }
 

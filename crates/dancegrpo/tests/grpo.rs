@@ -280,6 +280,7 @@ fn an_iteration_reports_rewards_failures_and_stage_times() {
         grouping: Grouping::PerPrompt { size: G },
         adv_clip_max: 5.0,
         mixing: dancegrpo::grpo::RewardMixing::Reward,
+        max_failed_reward_share: 1.0,
         update: config(4),
     };
     let params: Vec<Tensor> = m.parameters().into_iter().map(|(_, p)| p).collect();
@@ -300,8 +301,14 @@ fn an_iteration_reports_rewards_failures_and_stage_times() {
     assert_eq!(it.images.size(), [8, 64, 64, 3]);
     assert_eq!(r.rewards.len(), 8);
     assert!(r.rewards[5].is_nan() && r.rewards[..5].iter().all(|x| x.is_finite()));
-    assert_eq!((r.failed_rewards, r.skipped_groups), (1, 1));
-    // the first group's advantages are normalised: mean 0, unbiased std 1 (the skipped group is all 0)
+    // the failed item is left out of its group's statistics (3 valid of 4)
+    assert_eq!(
+        (r.failed_rewards, r.skipped_groups, r.partial_groups),
+        (1, 0, 1)
+    );
+    let why = r.reward_error.as_deref().unwrap_or_default();
+    assert_eq!(why, "sample 5: test failure");
+    // each group's valid advantages are normalised: mean 0 (the failed item's is 0)
     assert!(r.advantage.mean.abs() < 1e-6, "{:?}", r.advantage);
     assert_eq!(r.update.grad_norms.len(), 2);
     assert_eq!(r.update.transitions, 8 * 3);
@@ -329,6 +336,54 @@ fn an_iteration_reports_rewards_failures_and_stage_times() {
         .filter(|(p, b)| !p.detach().equal(b))
         .count();
     assert!(moved > params.len() / 2, "only {moved} parameters moved");
+
+    drop(stages);
+    // a non-finite gradient skips its optimizer step (the weights stay finite)
+    let steps = opt.steps();
+    let mut poison = PoisonFirstStep(true);
+    let it = run_iteration(&m, &vae, &mut reward, &mut opt, &inputs, &cfg, &mut poison).unwrap();
+    let u = &it.report.update;
+    assert!(
+        u.grad_norms[0].is_nan() && u.grad_norms[1].is_finite(),
+        "{:?}",
+        u.grad_norms
+    );
+    assert_eq!((u.skipped_steps, opt.steps()), (1, steps + 1));
+    assert!(params
+        .iter()
+        .all(|p| bool::try_from(p.isfinite().all()).unwrap()));
+
+    // every reward failed: the iteration stops before training, naming the cause
+    let mut failing = Brightness {
+        fail: (0..8).collect(),
+    };
+    let err = run_iteration(
+        &m,
+        &vae,
+        &mut failing,
+        &mut opt,
+        &inputs,
+        &cfg,
+        &mut NoObserver,
+    );
+    let err = err.err().unwrap().to_string();
+    assert!(
+        err.contains("8 of 8") && err.contains("test failure"),
+        "{err}"
+    );
+    assert_eq!(opt.steps(), steps + 1);
+}
+
+/// Makes the gradients of the first optimizer step it sees NaN.
+struct PoisonFirstStep(bool);
+
+impl dancegrpo::grpo::UpdateObserver for PoisonFirstStep {
+    fn before_step(&mut self, _: u64, params: &[(String, Tensor)]) -> dancegrpo::Result<()> {
+        if std::mem::take(&mut self.0) {
+            let _ = params[0].1.grad().fill_(f64::NAN);
+        }
+        Ok(())
+    }
 }
 
 #[test]

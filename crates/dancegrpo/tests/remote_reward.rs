@@ -58,6 +58,7 @@ fn slow_service_times_out_quickly() {
         status: 200,
         body: r#"{"scores": [1, 2, 3]}"#.into(),
         delay: Duration::from_secs(5),
+        location: None,
     })
     .unwrap();
     // 300 ms per attempt, one retry after 50 ms: at most ~0.65 s, far below the 5 s delay.
@@ -102,6 +103,7 @@ fn failing_twice_then_answering_gives_the_scores_after_two_retries() {
                 status: 500,
                 body: "overloaded".into(),
                 delay: Duration::ZERO,
+                location: None,
             }
         } else {
             Reply::ok(r#"{"scores": [0.25, -1.5, null], "errors": [null, null, "nsfw"]}"#.into())
@@ -168,6 +170,7 @@ fn malformed_replies_fail_the_batch_without_retrying() {
             status: 404,
             body: "no such route".into(),
             delay: Duration::ZERO,
+            location: None,
         },
     })
     .unwrap();
@@ -197,4 +200,55 @@ fn bad_configs_and_inputs_are_errors() {
             prompts: &p
         })
         .is_err());
+}
+
+#[test]
+fn a_redirect_is_refused_naming_where_it_points() {
+    let server = LoopbackServer::start(|_, _| Reply {
+        status: 307,
+        body: String::new(),
+        delay: Duration::ZERO,
+        location: Some("http://10.9.9.9/elsewhere".into()),
+    })
+    .unwrap();
+    let mut r = client(&server.url(), 2000, 3, 10);
+    let (s, _) = score(&mut r);
+    all_failed(&s, "redirect to http://10.9.9.9/elsewhere");
+    all_failed(&s, "1 attempt(s)");
+    assert_eq!(server.requests(), 1);
+}
+
+#[test]
+fn a_reply_over_the_size_limit_is_not_retried() {
+    let big = dancegrpo::rewards::remote::MAX_REPLY_BYTES as usize + 10;
+    let server = LoopbackServer::start(move |_, _| Reply::ok(" ".repeat(big))).unwrap();
+    let mut r = client(&server.url(), 10_000, 3, 10);
+    let (s, _) = score(&mut r);
+    all_failed(&s, "larger than");
+    assert_eq!(server.requests(), 1);
+}
+
+#[test]
+fn the_batch_budget_bounds_every_retry() {
+    let server = LoopbackServer::start(|_, _| Reply {
+        status: 503,
+        body: "busy".into(),
+        delay: Duration::from_millis(150),
+        location: None,
+    })
+    .unwrap();
+    // ten retries 100 ms apart would take ~2.5 s; the budget stops them after ~0.6 s
+    let mut cfg = RemoteConfig::new(&server.url(), 2.0, 10);
+    cfg.backoff = Duration::from_millis(100);
+    cfg.budget = Duration::from_millis(600);
+    let mut r = RemoteReward::new(cfg).unwrap();
+    let (s, took) = score(&mut r);
+    all_failed(&s, "batch budget");
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+    assert!(r.last_attempts() < 5, "{} attempts", r.last_attempts());
+    assert!(r.config().worst_case() <= Duration::from_millis(600));
+    let mut cfg = RemoteConfig::new(&server.url(), 2.0, 11);
+    cfg.budget = Duration::from_secs(1);
+    let err = RemoteReward::new(cfg).err().unwrap().to_string();
+    assert!(err.contains("at most 10 retries"), "{err}");
 }

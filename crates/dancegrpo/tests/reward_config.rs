@@ -90,9 +90,18 @@ fn bad_reward_values_name_their_field() {
         &["rewards=[{kind=\"remote\", url=\"http://h/x\", timeout_s=0.0}]"],
     );
     assert!(
-        e.contains("rewards[0].timeout_s") && e.contains("> 0"),
+        e.contains("rewards[0].timeout_s") && e.contains("(0, 86400]"),
         "{e}"
     );
+    // unbounded retries (the 1000000) and budgets are refused
+    let many = format!("{remote}retries = 1000000\n");
+    let e = err(&many, &[]);
+    assert!(
+        e.contains("rewards[0].retries") && e.contains("at most 10"),
+        "{e}"
+    );
+    let e = err(&format!("{remote}budget_s = inf\n"), &[]);
+    assert!(e.contains("rewards[0].budget_s"), "{e}");
     let e = err("[[rewards]]\nkind = \"remote\"\nurl = \"ftp://h/x\"\n", &[]);
     assert!(e.contains("rewards[0].url"), "{e}");
     let e = err("[[rewards]]\nkind = \"hpsv2\"\n", &[]);
@@ -137,6 +146,7 @@ fn a_training_step_mixes_two_rewards_at_advantage_level() {
         timeout_s: 10.0,
         retries: 0,
         backoff_s: 0.0,
+        budget_s: 60.0,
         weight: 0.5,
     });
     cfg.grpo.reward_mixing = RewardMixing::Advantage;

@@ -72,6 +72,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         grouping,
         adv_clip_max: case.hyper_f64("adv_clip_max")?,
         mixing: RewardMixing::Reward,
+        max_failed_reward_share: 1.0,
         update: g.cfg,
     };
     let mut times: Vec<[f64; 4]> = Vec::new();

@@ -73,6 +73,10 @@ impl TrainProgress {
 
     /// The status line after an iteration.
     pub fn iteration(&self, p: &Progress) {
+        if let Some(w) = p.warning {
+            let sep = if self.terminal { "\n" } else { "" };
+            eprintln!("{sep}warning: {w}");
+        }
         let every = (p.total / 10).max(1);
         if !self.terminal && p.iteration % every != 0 && p.iteration != p.total {
             return;
@@ -96,9 +100,23 @@ fn status_line(p: &Progress) -> String {
     let width = 20;
     let filled = (p.iteration as usize * width) / p.total.max(1) as usize;
     let bar: String = "#".repeat(filled) + &"-".repeat(width - filled);
+    let reward = match m.reward_mean.is_finite() {
+        true => format!("{:+.4}", m.reward_mean),
+        false => "none".to_string(),
+    };
+    let mut health = String::new();
+    for (n, what) in [
+        (m.failed_rewards, "failed"),
+        (m.skipped_groups, "groups skipped"),
+        (m.skipped_steps, "steps skipped"),
+    ] {
+        if n > 0 {
+            health.push_str(&format!(" ({n} {what})"));
+        }
+    }
     format!(
-        "[{bar}] {}/{} reward {:+.4} (first {:+.4}) loss {:+.2e} grad {:.3} clip {:.2} {:.2}s/it ETA {:.0}s",
-        p.iteration, p.total, m.reward_mean, p.first_reward, m.loss, m.grad_norm, m.clip_fraction,
+        "[{bar}] {}/{} reward {reward}{health} (first {:+.4}) loss {:+.2e} grad {:.3} clip {:.2} {:.2}s/it ETA {:.0}s",
+        p.iteration, p.total, p.first_reward, m.loss, m.grad_norm, m.clip_fraction,
         p.seconds_per_iteration, left
     )
 }

@@ -71,11 +71,24 @@ pub fn parse_device(s: &str) -> anyhow::Result<Device> {
     Ok(Device::Cuda(index))
 }
 
+/// The run's configuration: `--config`, else on `--resume` the run's own
+/// `config.toml` (required: the built-in default would silently train
+/// another run), else the built-in tiny default.
 fn resolve_config(args: &Args) -> anyhow::Result<TrainConfig> {
     let stored = args.out.join("config.toml");
-    let cfg = match (&args.config, args.resume && stored.is_file()) {
+    if args.resume && !args.out.is_dir() {
+        anyhow::bail!(
+            "--resume: {}: no such run directory (nothing was created)",
+            args.out.display()
+        );
+    }
+    let cfg = match (&args.config, args.resume) {
         (Some(path), _) => TrainConfig::load(path, &args.set)?,
-        (None, true) => TrainConfig::load(&stored, &args.set)?,
+        (None, true) if stored.is_file() => TrainConfig::load(&stored, &args.set)?,
+        (None, true) => anyhow::bail!(
+            "--resume: {} has no config.toml, so the run's configuration is unknown; pass the one it was started with as --config",
+            args.out.display()
+        ),
         (None, false) => TrainConfig::tiny_demo()
             .with_overrides(&args.set, Path::new("(built-in tiny default)"))?,
     };
@@ -154,6 +167,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let tensorboard = cfg.run.tensorboard;
     let mut trainer = Trainer::with_collective(cfg, &args.out, resume, device, collective)
         .with_context(|| format!("setting up the run in {}", args.out.display()))?;
+    if rank == 0 {
+        for w in trainer.warnings() {
+            eprintln!("warning: {w}");
+        }
+    }
     if trainer.iteration() > 0 && rank == 0 {
         eprintln!("resumed after iteration {}", trainer.iteration());
     }

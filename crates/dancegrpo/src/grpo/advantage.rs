@@ -1,7 +1,7 @@
 //! Group-relative advantages: `(r - mean) / (std_unbiased + 1e-8)` per group of
 //! `G` consecutive samples (or over the whole batch), clamped to `+-clip`.
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use crate::error::{Error, Result};
 
@@ -29,20 +29,23 @@ pub enum RewardMixing {
     Advantage,
 }
 
-/// Advantages before and after clamping, and how many groups were skipped.
+/// Advantages before and after clamping, and how failed rewards shaped them.
 #[derive(Debug)]
 pub struct Advantages {
     /// `(r - mean) / (std + 1e-8)` per sample, float32 `(B,)`.
     pub raw: Tensor,
     /// `raw` clamped to `+-clip`.
     pub clamped: Tensor,
-    /// Groups left at zero advantage because a reward was NaN.
+    /// Groups left at zero advantage: fewer than 2 of their rewards are valid.
     pub skipped_groups: usize,
+    /// Groups normalised over their valid rewards only (some failed).
+    pub partial_groups: usize,
 }
 
 /// Computes advantages of `rewards` `(B,)` with the reference's float32 ops.
-/// A group whose rewards are all equal gets zero advantages; a group holding a
-/// NaN reward is skipped (zero advantages) and counted.
+/// A group whose rewards are all equal gets zero advantages. A failed reward
+/// (non-finite) is left out of its group's mean and std and gets advantage 0;
+/// a group with fewer than 2 valid rewards is skipped (zero advantages) and counted.
 pub fn advantages(rewards: &Tensor, grouping: Grouping, clip: f64) -> Result<Advantages> {
     let b = rewards
         .size1()
@@ -62,29 +65,38 @@ pub fn advantages(rewards: &Tensor, grouping: Grouping, clip: f64) -> Result<Adv
         Grouping::Global => b,
     };
     let raw = rewards.zeros_like();
-    let mut skipped_groups = 0;
+    let (mut skipped_groups, mut partial_groups) = (0, 0);
     for g in 0..b / size {
-        let r = rewards.narrow(0, g * size, size);
-        if r.isnan().any().int64_value(&[]) != 0 {
+        let r = rewards.narrow(0, g * size, size); // (size,)
+        let valid = r.isfinite();
+        let n_valid = valid.sum(Kind::Int64).int64_value(&[]);
+        let a = if n_valid == size {
+            let std = r.std(true) + 1e-8;
+            (&r - r.mean(None)) / std
+        } else if n_valid >= 2 {
+            partial_groups += 1;
+            let v = r.masked_select(&valid); // (n_valid,)
+            let std = v.std(true) + 1e-8;
+            ((&r - v.mean(None)) / std).masked_fill(&valid.logical_not(), 0.0)
+        } else {
             skipped_groups += 1;
             continue;
-        }
-        let std = r.std(true) + 1e-8;
-        raw.narrow(0, g * size, size)
-            .copy_(&((&r - r.mean(None)) / std));
+        };
+        raw.narrow(0, g * size, size).copy_(&a);
     }
     let clamped = raw.clamp(-clip, clip);
     Ok(Advantages {
         raw,
         clamped,
         skipped_groups,
+        partial_groups,
     })
 }
 
 /// Advantage-level mixing of `parts` (weight, rewards `(B,)`): each part's
 /// advantages as [`advantages`] computes them (unclamped), summed with the
-/// weights, then clamped to `+-clip`. An item that failed (NaN) in any part
-/// counts as failed in every part, so its group is skipped in all of them.
+/// weights, then clamped to `+-clip`. An item that failed (non-finite) in any
+/// part counts as failed in every part, so every part leaves it out alike.
 pub fn mixed_advantages(
     parts: &[(f64, Tensor)],
     grouping: Grouping,
@@ -96,11 +108,11 @@ pub fn mixed_advantages(
         .1;
     let failed = parts
         .iter()
-        .map(|(_, r)| r.isnan())
+        .map(|(_, r)| r.isfinite().logical_not())
         .reduce(|a, b| a.logical_or(&b))
         .expect("at least one part");
     let mut raw = first.zeros_like();
-    let mut skipped_groups = 0;
+    let (mut skipped_groups, mut partial_groups) = (0, 0);
     for (weight, r) in parts {
         if r.size() != first.size() {
             return Err(Error::Input(format!(
@@ -110,7 +122,7 @@ pub fn mixed_advantages(
             )));
         }
         let a = advantages(&r.masked_fill(&failed, f64::NAN), grouping, f64::INFINITY)?;
-        skipped_groups = a.skipped_groups;
+        (skipped_groups, partial_groups) = (a.skipped_groups, a.partial_groups);
         raw += a.raw * *weight;
     }
     let clamped = raw.clamp(-clip, clip);
@@ -118,6 +130,7 @@ pub fn mixed_advantages(
         raw,
         clamped,
         skipped_groups,
+        partial_groups,
     })
 }
 
@@ -182,6 +195,42 @@ mod tests {
         );
         let clipped = advantages(&r, Grouping::PerPrompt { size: 4 }, 0.5).unwrap();
         assert_eq!(clipped.clamped.abs().max().double_value(&[]), 0.5);
+    }
+
+    #[test]
+    fn failed_rewards_are_left_out_of_their_group() {
+        // group 0: 1, NaN, 3, 5 -> over (1, 3, 5): mean 3, std 2 -> (-1, 0, 0, 1)
+        // group 1: 2, inf, NaN, 7 -> over (2, 7): mean 4.5, std 3.5355
+        //   -> (-0.70711, 0, 0, 0.70711)
+        // group 2: 4, NaN, NaN, NaN -> one valid: skipped (zeros)
+        let n = f32::NAN;
+        let r = Tensor::from_slice(&[
+            1.0f32,
+            n,
+            3.0,
+            5.0,
+            2.0,
+            f32::INFINITY,
+            n,
+            7.0,
+            4.0,
+            n,
+            n,
+            n,
+        ]);
+        let a = advantages(&r, Grouping::PerPrompt { size: 4 }, 5.0).unwrap();
+        let h = std::f32::consts::FRAC_1_SQRT_2;
+        let want = [-1.0, 0.0, 0.0, 1.0, -h, 0.0, 0.0, h, 0.0, 0.0, 0.0, 0.0];
+        let got = Vec::<f32>::try_from(&a.raw).unwrap();
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{got:?} vs {want:?}");
+        }
+        assert_eq!((a.skipped_groups, a.partial_groups), (1, 2));
+        // a group without failures is computed exactly as before (bit for bit)
+        let whole = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 6.0]);
+        let alone = advantages(&whole, Grouping::PerPrompt { size: 4 }, 5.0).unwrap();
+        let std = whole.std(true) + 1e-8;
+        assert!(alone.raw.equal(&((&whole - whole.mean(None)) / std)));
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub struct IterationConfig {
     /// How the parts of a combined reward ([`Reward::last_parts`]) make the
     /// advantages: their weighted score sum, or their weighted advantages.
     pub mixing: RewardMixing,
+    /// The iteration stops with an error, before training, when at least this
+    /// share of its rewards failed (1: only when all did).
+    pub max_failed_reward_share: f64,
     /// The update.
     pub update: UpdateConfig,
 }
@@ -74,8 +77,9 @@ pub struct StageSeconds {
     pub update: f64,
 }
 
-/// Mean, standard deviation (unbiased), min and max of the finite values.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+/// Mean, standard deviation (unbiased), min and max of the finite values
+/// (NaN, written `null`, where there is none: a gap, never a 0).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct Summary {
     /// Mean.
     pub mean: f64,
@@ -96,7 +100,13 @@ impl Summary {
             .map(|&x| x as f64)
             .collect();
         if x.is_empty() {
-            return Summary::default();
+            let nan = f64::NAN;
+            return Summary {
+                mean: nan,
+                std: nan,
+                min: nan,
+                max: nan,
+            };
         }
         let n = x.len() as f64;
         let mean = x.iter().sum::<f64>() / n;
@@ -122,8 +132,12 @@ pub struct IterationReport {
     pub reward: Summary,
     /// Items the reward could not score.
     pub failed_rewards: usize,
-    /// Groups skipped because a reward failed.
+    /// The last failure of this process's samples (`sample i: why`), if any.
+    pub reward_error: Option<String>,
+    /// Groups without advantages: fewer than 2 of their rewards are valid.
     pub skipped_groups: usize,
+    /// Groups normalised over their valid rewards only (some failed).
+    pub partial_groups: usize,
     /// Groups whose rewards were all equal (zero advantage).
     pub zero_variance_groups: usize,
     /// Summary of the clamped advantages.
@@ -193,15 +207,25 @@ pub fn run_iteration(
     let clock = Instant::now();
     report(Stage::Reward, 0, 1);
     let sample_prompts = sample_prompts(inputs.prompts, cond)?;
-    let scores = reward.score(&RewardBatch {
+    let mut scores = reward.score(&RewardBatch {
         images: &images,
         prompts: &sample_prompts,
     })?;
     seconds.reward = lap(clock, device);
     let clock = Instant::now();
     let shard = inputs.shard;
+    // an image from non-finite latents is a failure, whatever its pixels score
+    let broken = fail_nonfinite(&ro.pred_x0, &mut scores)?; // (b,) local
+    let broken = shard.gather(&broken)?.to_kind(Kind::Bool); // (B,)
     let parts = reward_parts(reward, &scores, shard)?; // global (B,) each
+    let parts: Vec<_> = parts
+        .into_iter()
+        .map(|(name, w, t)| (name, w, t.masked_fill(&broken, f64::NAN)))
+        .collect();
     let rewards = shard.gather(&scores_to_tensor(&scores))?; // (B,)
+    let reward_error = last_failure(&scores, shard);
+    let share = cfg.max_failed_reward_share;
+    check_rewards(&rewards, reward.name(), reward_error.as_deref(), share)?;
     let adv = match cfg.mixing {
         RewardMixing::Reward => advantages(&rewards, cfg.grouping, cfg.adv_clip_max)?,
         RewardMixing::Advantage => {
@@ -238,8 +262,10 @@ pub fn run_iteration(
         .collect::<Result<Vec<_>>>()?;
     let report = IterationReport {
         reward: Summary::of(&rewards),
-        failed_rewards: rewards.iter().filter(|r| r.is_nan()).count(),
+        failed_rewards: rewards.iter().filter(|r| !r.is_finite()).count(),
+        reward_error,
         skipped_groups: adv.skipped_groups,
+        partial_groups: adv.partial_groups,
         zero_variance_groups: zero_variance_groups(&rewards, cfg.grouping),
         advantage: Summary::of(&clamped),
         clamped_advantages: raw.iter().zip(&clamped).filter(|(a, b)| a != b).count(),
@@ -301,6 +327,60 @@ fn reward_parts(
         .collect()
 }
 
+/// Marks as failed each sample whose final latents `(b, L, c)` hold a
+/// non-finite value; returns the float mask `(b,)` (1: broken).
+fn fail_nonfinite(latents: &Tensor, scores: &mut [Score]) -> Result<Tensor> {
+    let b = latents.size()[0];
+    let broken = latents
+        .isfinite()
+        .logical_not()
+        .reshape([b, -1])
+        .any_dim(1, false); // (b,)
+    let flags: Vec<bool> = Vec::try_from(&broken.to_device(Device::Cpu))?;
+    for (s, bad) in scores.iter_mut().zip(&flags) {
+        if *bad {
+            *s = Score::Failed("non-finite latents (the model produced NaN or Inf)".into());
+        }
+    }
+    Ok(broken.to_device(Device::Cpu).to_kind(Kind::Float))
+}
+
+/// `sample i: why` of the last failed local sample (`i` its index in the iteration).
+fn last_failure(scores: &[Score], shard: &Shard) -> Option<String> {
+    scores
+        .iter()
+        .zip(shard.samples())
+        .rev()
+        .find_map(|(s, i)| match s {
+            Score::Failed(why) => Some(format!("sample {i}: {why}")),
+            Score::Value(_) => None,
+        })
+}
+
+/// Fails when more than the allowed share of an iteration's `rewards` failed
+/// (non-finite), naming the reward `name`, the share and `last_error` (this
+/// process's last failure).
+pub fn check_rewards(
+    rewards: &Tensor,
+    name: &str,
+    last_error: Option<&str>,
+    max_share: f64,
+) -> Result<()> {
+    let n = rewards.numel().max(1);
+    let failed = rewards
+        .isfinite()
+        .logical_not()
+        .sum(Kind::Int64)
+        .int64_value(&[]) as usize;
+    if (failed as f64) < max_share * n as f64 {
+        return Ok(());
+    }
+    let why = last_error.unwrap_or("(the failures were on other processes: see their logs)");
+    Err(Error::Health(format!(
+        "{failed} of {n} rewards of `{name}` failed (health.max_failed_reward_share = {max_share}); last error: {why}"
+    )))
+}
+
 /// Seconds since `start`, after the device has finished its queued work.
 fn lap(start: Instant, device: Device) -> f64 {
     if let Device::Cuda(i) = device {
@@ -342,8 +422,30 @@ mod tests {
     fn summaries_and_zero_variance_groups() {
         let s = Summary::of(&[1.0, 2.0, 3.0, f32::NAN]);
         assert_eq!((s.mean, s.std, s.min, s.max), (2.0, 1.0, 1.0, 3.0));
+        let none = Summary::of(&[f32::NAN, f32::INFINITY]);
+        assert!([none.mean, none.std, none.min, none.max]
+            .iter()
+            .all(|x| x.is_nan()));
         let r = [0.5, 0.5, 1.0, 2.0, f32::NAN, f32::NAN];
         assert_eq!(zero_variance_groups(&r, Grouping::PerPrompt { size: 2 }), 1);
         assert_eq!(zero_variance_groups(&r, Grouping::Global), 0);
+    }
+
+    #[test]
+    fn reward_failures_stop_at_the_configured_share() {
+        let r = Tensor::from_slice(&[1.0f32, f32::NAN, f32::NAN, 2.0]);
+        assert!(check_rewards(&r, "jpeg", Some("x"), 1.0).is_ok());
+        let err = check_rewards(&r, "remote", Some("remote: HTTP 500"), 0.5)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("2 of 4 rewards of `remote` failed") && err.ends_with("remote: HTTP 500"),
+            "{err}"
+        );
+        let all = Tensor::from_slice(&[f32::NAN, f32::INFINITY]);
+        assert!(check_rewards(&all, "jpeg", None, 1.0)
+            .unwrap_err()
+            .to_string()
+            .contains("other processes"));
     }
 }

@@ -152,8 +152,11 @@ pub struct UpdateStats {
     pub total_loss: f64,
     /// Per-transition losses `[b][k]` (float32 values, exact, in a float32 run).
     pub losses: Vec<Vec<f64>>,
-    /// Gradient norm before clipping, per optimizer step.
+    /// Gradient norm before clipping, per optimizer step (non-finite: skipped).
     pub grad_norms: Vec<f64>,
+    /// Optimizer steps skipped because their gradient norm was not finite
+    /// (the weights left as they were, the gradients dropped).
+    pub skipped_steps: usize,
     /// Learning rate of each optimizer step.
     pub lrs: Vec<f64>,
     /// Mean, min and max policy ratio over trained transitions.
@@ -412,7 +415,9 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Clips, steps AdamW at the scheduled learning rate and zeroes the gradients.
+    /// Clips, steps AdamW at the scheduled learning rate and zeroes the
+    /// gradients; with a non-finite gradient norm (the same in every process)
+    /// only drops the gradients and counts the step as skipped.
     fn optimizer_step(
         &mut self,
         optimizer: &mut AdamW,
@@ -425,15 +430,21 @@ impl Run<'_> {
         self.model.reduce_gradients(c, self.cfg.grad_reduce)?;
         observer.before_step(step, named)?;
         let norm = self.model.clip_gradients(c, self.cfg.max_grad_norm)?;
+        let norm = norm.double_value(&[]);
         let lr = self
             .cfg
             .lr_schedule
             .lr(self.cfg.learning_rate, optimizer.steps());
+        self.stats.grad_norms.push(norm);
+        self.stats.lrs.push(lr);
+        if !norm.is_finite() {
+            zero_grads(params);
+            self.stats.skipped_steps += 1;
+            return Ok(());
+        }
         optimizer.step(params, lr);
         self.model.parameters_changed()?;
         zero_grads(params);
-        self.stats.grad_norms.push(norm.double_value(&[]));
-        self.stats.lrs.push(lr);
         observer.after_step(step, named)
     }
 

@@ -12,6 +12,7 @@
 //! ([`activations`]).
 
 pub mod activations;
+pub mod check;
 pub mod flops;
 
 use std::path::Path;

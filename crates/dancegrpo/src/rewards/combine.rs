@@ -46,6 +46,9 @@ impl Reward for WeightedSum {
                 *t = match (&*t, s) {
                     (Score::Failed(why), _) => Score::Failed(why.clone()),
                     (_, Score::Failed(why)) => Score::Failed(format!("{}: {why}", reward.name())),
+                    (_, Score::Value(b)) if !b.is_finite() => {
+                        Score::Failed(format!("{}: score {b} is not finite", reward.name()))
+                    }
                     (Score::Value(a), Score::Value(b)) => Score::Value(a + (*weight as f32) * b),
                 };
             }
@@ -66,5 +69,48 @@ impl Reward for WeightedSum {
                 })
                 .collect(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Tensor;
+
+    /// Returns fixed scores whatever the batch.
+    struct Fixed(&'static str, Vec<Score>);
+    impl Reward for Fixed {
+        fn name(&self) -> &str {
+            self.0
+        }
+        fn score(&mut self, _: &RewardBatch) -> Result<Vec<Score>> {
+            Ok(self.1.clone())
+        }
+    }
+
+    #[test]
+    fn failures_and_non_finite_scores_fail_the_item_naming_the_reward() {
+        let v = Score::Value;
+        let a = Fixed("a", vec![v(1.0), v(f32::NAN), v(2.0), v(1.0)]);
+        let b = Fixed(
+            "b",
+            vec![v(0.5), v(0.5), v(f32::INFINITY), Score::Failed("x".into())],
+        );
+        let mut sum = WeightedSum::new(vec![(Box::new(a), 1.0), (Box::new(b), 2.0)]);
+        let images = Tensor::zeros([4, 2, 2, 3], (tch::Kind::Uint8, tch::Device::Cpu));
+        let prompts = vec![String::from("p"); 4];
+        let out = sum
+            .score(&RewardBatch {
+                images: &images,
+                prompts: &prompts,
+            })
+            .unwrap();
+        assert_eq!(out[0], v(2.0));
+        assert_eq!(out[1], Score::Failed("a: score NaN is not finite".into()));
+        assert_eq!(out[2], Score::Failed("b: score inf is not finite".into()));
+        assert_eq!(out[3], Score::Failed("b: x".into()));
+        assert!(super::super::scores_to_tensor(&[v(f32::INFINITY)])
+            .double_value(&[0])
+            .is_nan());
     }
 }

@@ -1,7 +1,8 @@
 //! Rewards: one trait for every scorer of (image, prompt) pairs.
 //!
 //! A reward never turns a failure into a number: each item is either a score
-//! or a recorded failure, and the GRPO advantages skip groups with a failure.
+//! or a recorded failure (a non-finite score is one too), and the GRPO
+//! advantages leave failed items out of their group's statistics.
 
 pub mod clip_score;
 pub mod combine;
@@ -57,13 +58,14 @@ pub struct RewardPart {
     pub scores: Vec<Score>,
 }
 
-/// Scores as a float32 tensor `(B,)`, failures as NaN (which the advantages skip).
+/// Scores as a float32 tensor `(B,)`, failures (and non-finite scores) as
+/// NaN, which the advantages leave out.
 pub fn scores_to_tensor(scores: &[Score]) -> Tensor {
     let v: Vec<f32> = scores
         .iter()
         .map(|s| match s {
-            Score::Value(x) => *x,
-            Score::Failed(_) => f32::NAN,
+            Score::Value(x) if x.is_finite() => *x,
+            _ => f32::NAN,
         })
         .collect();
     Tensor::from_slice(&v)

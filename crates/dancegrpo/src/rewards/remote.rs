@@ -12,7 +12,9 @@
 //! waiting `backoff * 2^k`, capped at 30 s); other HTTP statuses and malformed
 //! replies (not JSON, wrong number of scores) are not. When no attempt
 //! succeeds every item of the batch is a [`Score::Failed`] naming the cause.
-//! Each attempt is bounded by `timeout` (connect, send and receive together).
+//! Each attempt is bounded by `timeout` (connect, send and receive together),
+//! and a whole batch by `budget`. Redirects are not followed, and a reply
+//! larger than [`MAX_REPLY_BYTES`] fails the batch without a retry.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -38,26 +40,39 @@ pub struct RemoteConfig {
     pub retries: u32,
     /// Wait before the first retry; doubled for each further one.
     pub backoff: Duration,
+    /// Bound of one batch, every attempt and wait included: no retry starts
+    /// after it, and the last attempt's timeout is cut to what is left.
+    pub budget: Duration,
 }
 
+/// The most retries a configuration may ask for.
+pub const MAX_RETRIES: u32 = 10;
+
+/// The largest reply read (a reply of scores is a few kB); a larger one is
+/// malformed, not worth another attempt.
+pub const MAX_REPLY_BYTES: u64 = 16 << 20;
+
 impl RemoteConfig {
-    /// `url` with a `timeout_s` per attempt, `retries` retries and a 0.5 s first backoff.
+    /// `url` with a `timeout_s` per attempt, `retries` retries, a 0.5 s first
+    /// backoff and a 300 s budget per batch.
     pub fn new(url: &str, timeout_s: f64, retries: u32) -> Self {
         RemoteConfig {
             url: url.to_string(),
             timeout: Duration::from_secs_f64(timeout_s.max(0.0)),
             retries,
             backoff: Duration::from_millis(500),
+            budget: Duration::from_secs(300),
         }
     }
 
-    /// The longest [`RemoteReward::score`] can take when the service never answers:
-    /// every attempt's timeout plus every backoff.
+    /// The longest [`RemoteReward::score`] can take when the service never
+    /// answers: every attempt's timeout plus every backoff, at most the budget.
     pub fn worst_case(&self) -> Duration {
-        (0..=self.retries).map(|_| self.timeout).sum::<Duration>()
+        let all = (0..=self.retries).map(|_| self.timeout).sum::<Duration>()
             + (0..self.retries)
                 .map(|k| self.backoff_before(k))
-                .sum::<Duration>()
+                .sum::<Duration>();
+        all.min(self.budget)
     }
 
     /// The wait before retry `k` (0-based).
@@ -91,16 +106,20 @@ impl RemoteReward {
                 cfg.url
             )));
         }
-        if cfg.timeout.is_zero() {
+        if cfg.timeout.is_zero() || cfg.budget.is_zero() {
             return Err(Error::Input(format!(
-                "remote reward {}: the timeout must be positive",
+                "remote reward {}: the timeout and the budget must be positive",
                 cfg.url
             )));
         }
-        let agent = ureq::AgentBuilder::new()
-            .timeout(cfg.timeout)
-            .timeout_connect(cfg.timeout)
-            .build();
+        if cfg.retries > MAX_RETRIES {
+            return Err(Error::Input(format!(
+                "remote reward {}: at most {MAX_RETRIES} retries, got {}",
+                cfg.url, cfg.retries
+            )));
+        }
+        // a redirect is refused: following it would post the images elsewhere
+        let agent = ureq::AgentBuilder::new().redirects(0).build();
         Ok(RemoteReward {
             cfg,
             agent,
@@ -134,16 +153,27 @@ impl RemoteReward {
         Ok(serde_json::json!({"prompts": batch.prompts, "images": images}).to_string())
     }
 
-    fn attempt(&self, body: &str, n: usize) -> std::result::Result<Vec<Score>, AttemptError> {
+    fn attempt(
+        &self,
+        body: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> std::result::Result<Vec<Score>, AttemptError> {
         let resp = self
             .agent
             .post(&self.cfg.url)
+            .timeout(timeout)
             .set("Content-Type", "application/json")
             .send_string(body);
         let text = match resp {
-            Ok(r) => r
-                .into_string()
-                .map_err(|e| AttemptError::Retry(format!("reading the reply: {e}")))?,
+            Ok(r) if (300..400).contains(&r.status()) => {
+                let to = r.header("Location").unwrap_or("(no Location)").to_string();
+                return Err(AttemptError::Fatal(format!(
+                    "HTTP {} redirect to {to}: redirects are not followed; set the reward's url to the service's own address",
+                    r.status()
+                )));
+            }
+            Ok(r) => read_reply(r)?,
             Err(ureq::Error::Status(code, r)) => {
                 let mut text = r.into_string().unwrap_or_default();
                 text.truncate(200);
@@ -158,6 +188,20 @@ impl RemoteReward {
         };
         parse_reply(&text, n).map_err(AttemptError::Fatal)
     }
+}
+
+/// The reply's body, at most [`MAX_REPLY_BYTES`].
+fn read_reply(r: ureq::Response) -> std::result::Result<String, AttemptError> {
+    let mut bytes = Vec::new();
+    r.into_reader()
+        .take(MAX_REPLY_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| AttemptError::Retry(format!("reading the reply: {e}")))?;
+    if bytes.len() as u64 > MAX_REPLY_BYTES {
+        let msg = format!("the reply is larger than {MAX_REPLY_BYTES} bytes");
+        return Err(AttemptError::Fatal(msg));
+    }
+    String::from_utf8(bytes).map_err(|_| AttemptError::Fatal("the reply is not UTF-8".into()))
 }
 
 /// Reads `{"scores": [...], "errors": [...]}` for `n` items.
@@ -207,12 +251,22 @@ impl Reward for RemoteReward {
         let n = batch.prompts.len();
         self.attempts = 0;
         let mut last = String::new();
+        let start = std::time::Instant::now();
         for k in 0..=self.cfg.retries {
             if k > 0 {
-                std::thread::sleep(self.cfg.backoff_before(k - 1));
+                let wait = self.cfg.backoff_before(k - 1);
+                if start.elapsed() + wait >= self.cfg.budget {
+                    last = format!(
+                        "{last}; no time left in the batch budget of {:?}",
+                        self.cfg.budget
+                    );
+                    break;
+                }
+                std::thread::sleep(wait);
             }
             self.attempts += 1;
-            match self.attempt(&body, n) {
+            let left = self.cfg.budget.saturating_sub(start.elapsed());
+            match self.attempt(&body, n, self.cfg.timeout.min(left)) {
                 Ok(scores) => return Ok(scores),
                 Err(AttemptError::Retry(msg)) => last = msg,
                 Err(AttemptError::Fatal(msg)) => {
@@ -278,6 +332,8 @@ pub struct Reply {
     pub body: String,
     /// Wait before writing the reply.
     pub delay: Duration,
+    /// A `Location` header (for redirects).
+    pub location: Option<String>,
 }
 
 impl Reply {
@@ -287,6 +343,7 @@ impl Reply {
             status: 200,
             body,
             delay: Duration::ZERO,
+            location: None,
         }
     }
 }
@@ -391,9 +448,13 @@ fn serve(conn: TcpStream, index: usize, handler: &Handler) -> std::io::Result<()
     let reply = handler(index, &body);
     std::thread::sleep(reply.delay);
     let mut conn = conn;
+    let location = match &reply.location {
+        Some(to) => format!("Location: {to}\r\n"),
+        None => String::new(),
+    };
     write!(
         conn,
-        "HTTP/1.1 {} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+        "HTTP/1.1 {} X\r\nContent-Type: application/json\r\n{location}Content-Length: {}\r\nConnection: close\r\n\r\n{}",
         reply.status,
         reply.body.len(),
         reply.body

@@ -70,6 +70,9 @@ pub enum RewardSpec {
         /// Seconds before the first retry (doubled for each further one).
         #[serde(default = "default_backoff")]
         backoff_s: f64,
+        /// Seconds one batch may take, every attempt and wait included.
+        #[serde(default = "default_budget")]
+        budget_s: f64,
         /// Weight in the combined reward.
         #[serde(default = "one")]
         weight: f64,
@@ -90,6 +93,9 @@ fn default_retries() -> u32 {
 }
 fn default_backoff() -> f64 {
     0.5
+}
+fn default_budget() -> f64 {
+    300.0
 }
 
 /// The `--reward` forms [`RewardSpec::parse_cli`] accepts.
@@ -130,15 +136,26 @@ impl RewardSpec {
             RewardSpec::Remote {
                 url,
                 timeout_s,
+                retries,
                 backoff_s,
+                budget_s,
                 ..
             } => {
+                let max = super::remote::MAX_RETRIES;
+                let day = 86400.0;
                 if !url.starts_with("http://") {
                     Some(("url", format!("must be an http:// URL, got `{url}`")))
-                } else if !(timeout_s.is_finite() && *timeout_s > 0.0) {
-                    Some(("timeout_s", format!("must be > 0, got {timeout_s}")))
-                } else if !(backoff_s.is_finite() && *backoff_s >= 0.0) {
-                    Some(("backoff_s", format!("must be >= 0, got {backoff_s}")))
+                } else if !(*timeout_s > 0.0 && *timeout_s <= day) {
+                    Some((
+                        "timeout_s",
+                        format!("must be in (0, {day}], got {timeout_s}"),
+                    ))
+                } else if *retries > max {
+                    Some(("retries", format!("must be at most {max}, got {retries}")))
+                } else if !(*backoff_s >= 0.0 && *backoff_s <= 60.0) {
+                    Some(("backoff_s", format!("must be in [0, 60], got {backoff_s}")))
+                } else if !(*budget_s > 0.0 && *budget_s <= day) {
+                    Some(("budget_s", format!("must be in (0, {day}], got {budget_s}")))
                 } else {
                     None
                 }
@@ -173,10 +190,12 @@ impl RewardSpec {
                 timeout_s,
                 retries,
                 backoff_s,
+                budget_s,
                 ..
             } => {
                 let mut cfg = RemoteConfig::new(url, *timeout_s, *retries);
                 cfg.backoff = std::time::Duration::from_secs_f64(*backoff_s);
+                cfg.budget = std::time::Duration::from_secs_f64(*budget_s);
                 Box::new(RemoteReward::new(cfg)?)
             }
         })
@@ -233,6 +252,7 @@ impl RewardSpec {
                 timeout_s: default_timeout(),
                 retries: default_retries(),
                 backoff_s: default_backoff(),
+                budget_s: default_budget(),
                 weight,
             },
             _ => {

@@ -38,6 +38,9 @@ pub struct TrainState {
     pub data_position: u64,
     /// The first iteration's mean reward (for progress reports).
     pub first_reward: Option<f64>,
+    /// Optimizer steps skipped in a row (non-finite gradients) up to here.
+    #[serde(default)]
+    pub skipped_steps_in_a_row: u32,
 }
 
 /// The directory name of the checkpoint after `iteration`.

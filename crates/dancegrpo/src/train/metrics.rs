@@ -1,25 +1,22 @@
 //! What a run writes for the user: `metrics.jsonl` (one JSON object per
 //! iteration), `rewards.txt` (the reference's reward log: one mean reward per
-//! line), the reward curve PNG and image grids, written by a background thread
-//! so training never waits on the disk.
+//! line); the images are written by [`super::images`].
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::mpsc::{channel, Sender};
-use std::thread::JoinHandle;
+use std::path::Path;
 
 use serde::Serialize;
-use tch::Tensor;
 
 use crate::error::{Error, Result};
 use crate::grpo::iteration::{IterationReport, Summary};
 
-/// One line of `metrics.jsonl`.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+/// One line of `metrics.jsonl`. A quantity without a value (the mean reward
+/// of an iteration whose rewards all failed) is NaN, written `null`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Metrics {
     /// Iteration (1-based).
     pub iteration: u64,
-    /// Combined reward summary.
+    /// Combined reward summary over the valid rewards.
     pub reward_mean: f64,
     /// See `reward_mean`.
     pub reward_std: f64,
@@ -27,6 +24,10 @@ pub struct Metrics {
     pub rewards: Vec<(String, f64)>,
     /// Items whose reward failed.
     pub failed_rewards: usize,
+    /// Groups without advantages (fewer than 2 valid rewards).
+    pub skipped_groups: usize,
+    /// Optimizer steps skipped because their gradients were not finite.
+    pub skipped_steps: usize,
     /// Share of groups whose rewards were all equal.
     pub zero_variance_group_share: f64,
     /// Advantage summary (after clamping).
@@ -69,6 +70,8 @@ impl Metrics {
             reward_std: r.reward.std,
             rewards,
             failed_rewards: r.failed_rewards,
+            skipped_groups: r.skipped_groups,
+            skipped_steps: r.update.skipped_steps,
             zero_variance_group_share: r.zero_variance_groups as f64 / groups.max(1) as f64,
             advantage: r.advantage.clone(),
             clamped_advantages: r.clamped_advantages,
@@ -94,6 +97,8 @@ impl Metrics {
             ("reward/mean", self.reward_mean),
             ("reward/std", self.reward_std),
             ("reward/failed", self.failed_rewards as f64),
+            ("reward/skipped_groups", self.skipped_groups as f64),
+            ("train/skipped_steps", self.skipped_steps as f64),
             (
                 "reward/zero_variance_group_share",
                 self.zero_variance_group_share,
@@ -147,60 +152,4 @@ pub fn truncate_lines(path: &Path, lines: usize) -> Result<()> {
     };
     let kept: String = text.lines().take(lines).map(|l| format!("{l}\n")).collect();
     crate::io::atomic::write_bytes_atomic(path, kept.as_bytes())
-}
-
-/// A PNG to write off the training thread.
-struct Job {
-    path: PathBuf,
-    image: Tensor, // (H, W, 3) uint8 on the CPU
-}
-
-/// Writes PNGs on a background thread; [`ImageWriter::finish`] waits for all of them.
-pub struct ImageWriter {
-    tx: Option<Sender<Job>>,
-    handle: Option<JoinHandle<Result<()>>>,
-}
-
-impl ImageWriter {
-    /// Starts the writer thread.
-    pub fn start() -> Self {
-        let (tx, rx) = channel::<Job>();
-        let handle = std::thread::spawn(move || -> Result<()> {
-            for job in rx {
-                crate::io::image::write_png(&job.path, &job.image)?;
-            }
-            Ok(())
-        });
-        ImageWriter {
-            tx: Some(tx),
-            handle: Some(handle),
-        }
-    }
-
-    /// Queues `image` (uint8 `(H, W, 3)`) to be written to `path`.
-    pub fn write(&self, path: PathBuf, image: Tensor) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(Job {
-                path,
-                image: image.to_device(tch::Device::Cpu).contiguous(),
-            });
-        }
-    }
-
-    /// Waits until everything queued is written; reports the first error.
-    pub fn finish(&mut self) -> Result<()> {
-        self.tx.take();
-        match self.handle.take() {
-            Some(h) => h
-                .join()
-                .map_err(|_| Error::Input("the image writer thread panicked".into()))?,
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for ImageWriter {
-    fn drop(&mut self) {
-        let _ = self.finish();
-    }
 }

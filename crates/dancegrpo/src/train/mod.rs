@@ -3,16 +3,21 @@
 //! and the training loop.
 
 pub mod build;
+pub mod changes;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod ema;
 pub mod evaluate;
+pub mod health;
+pub mod images;
+pub mod lock;
 pub mod metrics;
 pub mod plot;
 pub mod tensorboard;
 pub mod trainer;
 mod validate;
 
+pub use changes::ConfigChange;
 pub use config::TrainConfig;
 pub use trainer::{Progress, Resume, Trainer};

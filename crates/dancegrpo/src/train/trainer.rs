@@ -15,7 +15,10 @@ use super::config::{AdvantageGrouping, TrainConfig};
 use super::data::{stack, DataOrder, PromptSet};
 use super::ema::Ema;
 use super::evaluate::truncate_eval;
-use super::metrics::{append_line, truncate_lines, ImageWriter, Metrics};
+use super::health;
+use super::images::ImageWriter;
+use super::lock::RunLock;
+use super::metrics::{append_line, truncate_lines, Metrics};
 use super::plot::line_plot;
 use super::tensorboard::{self, EventWriter};
 use crate::dist::fsdp::FullShard;
@@ -55,6 +58,8 @@ pub struct Progress<'a> {
     pub first_reward: f64,
     /// Seconds per iteration in this process so far.
     pub seconds_per_iteration: f64,
+    /// Something that went wrong in this iteration and did not stop the run.
+    pub warning: Option<&'a str>,
 }
 
 /// A training run.
@@ -79,6 +84,10 @@ pub struct Trainer {
     /// The fully sharded state, when `parallel.sharding = "full"`.
     pub(super) sharded: Option<Rc<FullShard>>,
     stage_report: Option<StageDisplay>,
+    skipped: health::SkippedSteps,
+    warnings: Vec<String>,
+    /// The run directory's lock, held by the writing process for the run's lifetime.
+    lock: Option<RunLock>,
 }
 
 /// Files a fresh run removes when an earlier, never checkpointed run left them.
@@ -102,7 +111,9 @@ impl Trainer {
         collective: Box<dyn Collective>,
     ) -> Result<Self> {
         cfg.check_world(collective.world_size())?;
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let mode = cfg.health.memory_check;
+        let warning =
+            crate::plan::check::check_memory(&cfg, collective.world_size(), device, mode)?;
         let ckpts = dir.join("checkpoints");
         let latest = checkpoint::latest(&ckpts);
         match (resume, &latest) {
@@ -121,7 +132,14 @@ impl Trainer {
             }
             _ => {}
         }
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let lock = match is_writer(collective.as_ref()) {
+            true => Some(RunLock::acquire(dir)?),
+            false => None,
+        };
         let mut trainer = Self::build(cfg, dir, device, Rc::from(collective))?;
+        trainer.lock = lock;
+        trainer.warnings.extend(warning);
         match &latest {
             Some(found) => trainer.restore(found)?,
             None if trainer.writes() => trainer.clear_logs()?,
@@ -144,6 +162,8 @@ impl Trainer {
     ) -> Result<Self> {
         crate::precision::set_tf32(cfg.precision.tf32);
         let (model, vae) = build_models(&cfg, device)?;
+        health::require_finite(&model.base_parameters(), "the model's transformer weights")?;
+        health::require_finite(&vae.parameters(), "the model's VAE weights")?;
         let (model, sharded) = super::build::shard(model, &cfg, collective.clone())?;
         let prompts = build_prompts(&cfg, model.as_ref())?;
         Ok(Trainer {
@@ -158,8 +178,9 @@ impl Trainer {
                 optimizer_steps: 0,
                 data_position: 0,
                 first_reward: None,
+                skipped_steps_in_a_row: 0,
             },
-            writer: ImageWriter::start(),
+            writer: ImageWriter::start(cfg.health.on_image_error),
             gold: match is_writer(collective.as_ref()) {
                 true => build_gold_rewards(&cfg, device)?,
                 false => Vec::new(),
@@ -167,6 +188,9 @@ impl Trainer {
             collective,
             sharded,
             stage_report: None,
+            skipped: health::SkippedSteps::default(),
+            warnings: Vec::new(),
+            lock: None,
             ema: match &cfg.optim.ema {
                 Some(e) => Some(Ema::new(e, &model.parameters())?),
                 None => None,
@@ -207,9 +231,13 @@ impl Trainer {
         checkpoint::load_weights(ckpt, self.model.as_ref())?;
         checkpoint::load_optimizer(ckpt, self.model.as_ref(), &mut self.optimizer)?;
         self.state = checkpoint::load_state(ckpt)?;
+        self.skipped.in_a_row = self.state.skipped_steps_in_a_row;
         if let Some(ema) = &mut self.ema {
             checkpoint::load_ema(ckpt, self.model.as_ref(), ema)?;
         }
+        let what = format!("checkpoint {}", ckpt.display());
+        self.require_finite(&self.model.parameters(), &what)?;
+        self.require_finite(&self.optimizer_state(), &what)?;
         if !self.writes() {
             return Ok(());
         }
@@ -223,6 +251,11 @@ impl Trainer {
     /// The model being trained.
     pub fn model(&self) -> &dyn PolicyModel {
         self.model.as_ref()
+    }
+
+    /// What the set-up found worth saying but not fatal (for the caller to show).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     /// Completed iterations.
@@ -256,7 +289,7 @@ impl Trainer {
             self.evaluate()?;
         }
         while self.state.iteration < self.cfg.run.iterations {
-            let metrics = self.step()?;
+            let metrics = self.step().map_err(|e| self.stopped(e))?;
             let done = self.state.iteration;
             let every = self.cfg.eval.every;
             if evaluates && every > 0 && done % every == 0 && done != self.cfg.run.iterations {
@@ -276,7 +309,10 @@ impl Trainer {
                     }
                 }
             }
+            self.writer.check().map_err(|e| self.stopped(e))?;
+            let warning = self.writer.take_warning();
             on_progress(&Progress {
+                warning: warning.as_deref(),
                 iteration: done,
                 total: self.cfg.run.iterations,
                 metrics: &metrics,
@@ -317,7 +353,7 @@ impl Trainer {
         };
         let entries = rows
             .iter()
-            .map(|&i| self.prompts.get(self.order.index(positions[i])))
+            .map(|&i| health::checked_prompt(self.prompts.as_ref(), self.order.index(positions[i])))
             .collect::<Result<Vec<_>>>()?;
         let (text, pooled) = stack(&entries);
         let (h, w) = (cfg.sampler.height / 8, cfg.sampler.width / 8);
@@ -367,13 +403,19 @@ impl Trainer {
             &mut NoObserver,
         )?;
         drop(pinned);
+        self.require_finite(
+            &self.model.parameters(),
+            "the trained weights after the update",
+        )?;
         if let Some(ema) = &mut self.ema {
             ema.update(&self.model.parameters());
         }
         self.state.iteration += 1;
         self.state.data_position += p;
         self.state.optimizer_steps = self.optimizer.steps();
-        self.state.first_reward.get_or_insert(it.report.reward.mean);
+        if it.report.reward.mean.is_finite() {
+            self.state.first_reward.get_or_insert(it.report.reward.mean);
+        }
         let means = it.report.reward_means.clone();
         let metrics = Metrics::new(self.state.iteration, &it.report, means, p as usize);
         let every = self.cfg.run.image_every;
@@ -386,7 +428,50 @@ impl Trainer {
         if self.writes() {
             self.record(&metrics)?;
         }
+        let max = self.cfg.health.max_skipped_steps;
+        self.skipped.add(&it.report, max)?;
+        self.state.skipped_steps_in_a_row = self.skipped.in_a_row;
         Ok(metrics)
+    }
+
+    /// Fails on every process when a tensor of `named` (this process's part)
+    /// is not finite anywhere, naming it where it was found.
+    fn require_finite(&self, named: &[(String, Tensor)], what: &str) -> Result<()> {
+        match health::any_nonfinite(named, self.collective.as_ref())? {
+            None => Ok(()),
+            Some(here) => Err(Error::Health(format!(
+                "{what}: `{}` holds non-finite values (NaN or Inf)",
+                here.as_deref().unwrap_or("a tensor of another process")
+            ))),
+        }
+    }
+
+    /// The optimizer's moments under their checkpoint names.
+    fn optimizer_state(&self) -> Vec<(String, Tensor)> {
+        let names = self.model.parameters().into_iter().map(|(n, _)| n);
+        let (m, v) = self.optimizer.moments();
+        names
+            .zip(m.iter().zip(v))
+            .flat_map(|(n, (m, v))| {
+                [
+                    (format!("exp_avg.{n}"), m.shallow_clone()),
+                    (format!("exp_avg_sq.{n}"), v.shallow_clone()),
+                ]
+            })
+            .collect()
+    }
+
+    /// A health error with the iteration it stopped in and the checkpoint to go back to.
+    fn stopped(&self, e: Error) -> Error {
+        let Error::Health(msg) = e else { return e };
+        let last = checkpoint::latest(&self.dir.join("checkpoints"));
+        let last = last.map_or("none (nothing was checkpointed)".into(), |p| {
+            p.display().to_string()
+        });
+        Error::Health(format!(
+            "run stopped at iteration {}: {msg}; the last good checkpoint is {last}",
+            self.state.iteration.max(1)
+        ))
     }
 
     fn record(&mut self, m: &Metrics) -> Result<()> {
@@ -400,7 +485,7 @@ impl Trainer {
     }
 
     /// `images/iter-N.png` from the iteration's images `(B, H, W, 3)` (rank 0).
-    fn write_grid(&self, iteration: u64, images: &Tensor) -> Result<()> {
+    fn write_grid(&mut self, iteration: u64, images: &Tensor) -> Result<()> {
         if !self.writes() {
             return Ok(());
         }
@@ -408,8 +493,7 @@ impl Trainer {
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let cols = self.cfg.sampler.group_size.min(8);
         let path = dir.join(format!("iter-{iteration:06}.png"));
-        self.writer.write(path, grid(images, cols));
-        Ok(())
+        self.writer.write(path, grid(images, cols))
     }
 
     fn save(&mut self) -> Result<()> {
@@ -441,7 +525,7 @@ impl Trainer {
     }
 
     /// Writes `reward_curve.png` from `rewards.txt`.
-    fn write_curve(&self) -> Result<()> {
+    fn write_curve(&mut self) -> Result<()> {
         let path = self.dir.join("rewards.txt");
         let text = std::fs::read_to_string(&path).unwrap_or_default();
         let pts: Vec<(f64, f64)> = text
@@ -451,20 +535,22 @@ impl Trainer {
             .collect();
         let smooth = moving_average(&pts, 5);
         let img = line_plot(&[(pts, [150, 180, 230]), (smooth, [20, 60, 200])], 480, 240);
-        self.writer.write(self.dir.join("reward_curve.png"), img);
-        Ok(())
+        self.writer.write(self.dir.join("reward_curve.png"), img)
     }
 }
 
+/// The mean of the last `k` finite values at every point (NaN where none is:
+/// an iteration without a reward stays a gap).
 fn moving_average(pts: &[(f64, f64)], k: usize) -> Vec<(f64, f64)> {
     (0..pts.len())
         .map(|i| {
             let lo = i.saturating_sub(k - 1);
-            let w = &pts[lo..=i];
-            (
-                pts[i].0,
-                w.iter().map(|p| p.1).sum::<f64>() / w.len() as f64,
-            )
+            let finite: Vec<f64> = pts[lo..=i]
+                .iter()
+                .map(|p| p.1)
+                .filter(|y| y.is_finite())
+                .collect();
+            (pts[i].0, finite.iter().sum::<f64>() / finite.len() as f64)
         })
         .collect()
 }
@@ -496,6 +582,7 @@ fn iteration_config(cfg: &TrainConfig) -> IterationConfig {
         },
         adv_clip_max: cfg.grpo.adv_clip_max,
         mixing: cfg.grpo.reward_mixing,
+        max_failed_reward_share: cfg.health.max_failed_reward_share,
         update: UpdateConfig {
             eta: cfg.sampler.eta,
             clip_range: cfg.grpo.clip_range,

@@ -2,12 +2,16 @@
 
 use std::path::Path;
 
-use super::config::{AdvantageGrouping, DataSource, TrainConfig};
+use super::config::{AdvantageGrouping, DataSource, ModelSource, TrainConfig};
 use crate::data::format::INFO_FILE;
 use crate::data::reference::INDEX_FILE;
 use crate::error::{Error, Result};
 
 type Rule<'a> = (&'a str, bool, String);
+
+/// The largest image side accepted (FLUX is trained up to 2 megapixels; this
+/// only keeps absurd sizes from reaching an allocation).
+const MAX_SIDE: i64 = 16384;
 
 impl TrainConfig {
     /// Checks every field; the error names the first offending one (`origin` is the file).
@@ -19,17 +23,22 @@ impl TrainConfig {
             ("sampler.height", s.height > 0 && s.height % 16 == 0, format!("must be a positive multiple of 16, got {}", s.height)),
             ("sampler.width", s.width > 0 && s.width % 16 == 0, format!("must be a positive multiple of 16, got {}", s.width)),
             ("sampler.steps", s.steps >= 2, format!("must be >= 2, got {}", s.steps)),
-            ("sampler.eta", s.eta >= 0.0 && s.eta.is_finite(), format!("must be >= 0, got {}", s.eta)),
-            ("sampler.shift", s.shift > 0.0, format!("must be > 0, got {}", s.shift)),
+            ("sampler.height", s.height <= MAX_SIDE, format!("must be at most {MAX_SIDE} pixels, got {}", s.height)),
+            ("sampler.width", s.width <= MAX_SIDE, format!("must be at most {MAX_SIDE} pixels, got {}", s.width)),
+            ("sampler.eta", s.eta >= 0.0 && s.eta.is_finite(), format!("must be finite and >= 0, got {}", s.eta)),
+            ("sampler.shift", positive(s.shift), format!("must be finite and > 0, got {}", s.shift)),
+            ("sampler.guidance", s.guidance.is_finite(), format!("must be finite, got {}", s.guidance)),
             ("sampler.group_size", s.group_size >= 2 || g.grouping == AdvantageGrouping::Global, format!("per-prompt advantages need >= 2 samples per prompt, got {}", s.group_size)),
             ("sampler.rollout_batch", s.rollout_batch >= 1, format!("must be >= 1, got {}", s.rollout_batch)),
             ("sampler.decode_batch", s.decode_batch >= 1, format!("must be >= 1, got {}", s.decode_batch)),
             ("grpo.timestep_fraction", g.timestep_fraction > 0.0 && g.timestep_fraction <= 1.0, format!("must be in (0, 1], got {}", g.timestep_fraction)),
-            ("grpo.clip_range", g.clip_range > 0.0, format!("must be > 0, got {}", g.clip_range)),
-            ("grpo.adv_clip_max", g.adv_clip_max > 0.0, format!("must be > 0, got {}", g.adv_clip_max)),
-            ("optim.learning_rate", o.learning_rate > 0.0, format!("must be > 0, got {}", o.learning_rate)),
+            ("grpo.clip_range", positive(g.clip_range), format!("must be finite and > 0, got {}", g.clip_range)),
+            ("grpo.adv_clip_max", positive(g.adv_clip_max), format!("must be finite and > 0, got {}", g.adv_clip_max)),
+            ("optim.learning_rate", o.learning_rate > 0.0 && o.learning_rate <= 1.0, format!("must be in (0, 1], got {}", o.learning_rate)),
+            ("optim.weight_decay", o.weight_decay >= 0.0 && o.weight_decay.is_finite(), format!("must be finite and >= 0, got {}", o.weight_decay)),
             ("optim.betas", (0.0..1.0).contains(&o.betas.0) && (0.0..1.0).contains(&o.betas.1), format!("must be in [0, 1), got {:?}", o.betas)),
-            ("optim.max_grad_norm", o.max_grad_norm > 0.0, format!("must be > 0, got {}", o.max_grad_norm)),
+            ("optim.eps", positive(o.eps), format!("must be finite and > 0, got {}", o.eps)),
+            ("optim.max_grad_norm", positive(o.max_grad_norm), format!("must be finite and > 0, got {}", o.max_grad_norm)),
             ("optim.gradient_accumulation", o.gradient_accumulation >= 1 && samples % o.gradient_accumulation.max(1) == 0,
                 format!("must divide the {samples} samples of an iteration (prompts_per_iteration x group_size), got {}", o.gradient_accumulation)),
             ("run.iterations", r.iterations >= 1, "must be >= 1".into()),
@@ -41,6 +50,8 @@ impl TrainConfig {
                 return Err(Error::config(origin, field, msg));
             }
         }
+        self.check_options(origin)?;
+        check_model(&self.model, origin)?;
         check_data(&self.data, "data", origin)?;
         if let Some(eval) = &self.eval.data {
             check_data(eval, "eval.data", origin)?;
@@ -66,6 +77,57 @@ impl TrainConfig {
         }
         Ok(())
     }
+}
+
+impl TrainConfig {
+    /// The optional sections: `[optim.lora]`, `[optim.ema]` and `[health]`.
+    fn check_options(&self, origin: &Path) -> Result<()> {
+        if let Some(l) = &self.optim.lora {
+            if l.rank < 1 {
+                let msg = format!("must be >= 1, got {}", l.rank);
+                return Err(Error::config(origin, "optim.lora.rank", msg));
+            }
+            if !positive(l.alpha) {
+                let msg = format!("must be finite and > 0, got {}", l.alpha);
+                return Err(Error::config(origin, "optim.lora.alpha", msg));
+            }
+        }
+        if let Some(e) = &self.optim.ema {
+            if !(0.0..1.0).contains(&e.decay) {
+                let msg = format!("must be in [0, 1), got {}", e.decay);
+                return Err(Error::config(origin, "optim.ema.decay", msg));
+            }
+        }
+        if let Some((field, msg)) = self.health.check() {
+            return Err(Error::config(origin, &format!("health.{field}"), msg));
+        }
+        Ok(())
+    }
+}
+
+/// Finite and above zero (NaN and infinities are not).
+fn positive(x: f64) -> bool {
+    x > 0.0 && x.is_finite()
+}
+
+/// A model directory must hold the two configs it is built from.
+fn check_model(model: &ModelSource, origin: &Path) -> Result<()> {
+    let path = match model {
+        ModelSource::Tiny { .. } => return Ok(()),
+        ModelSource::Dir { path } | ModelSource::Random { path, .. } => path,
+    };
+    let missing = ["transformer/config.json", "vae/config.json"]
+        .into_iter()
+        .find(|f| !path.join(f).is_file());
+    let msg = match missing {
+        None => return Ok(()),
+        Some(_) if !path.is_dir() => format!("{}: no such directory", path.display()),
+        Some(f) => format!(
+            "{}: {f} is missing (not a FLUX model directory in the diffusers layout)",
+            path.display()
+        ),
+    };
+    Err(Error::config(origin, "model.path", msg))
 }
 
 /// Checks a prompt source (`[data]` or `[eval.data]`, named by `section`):

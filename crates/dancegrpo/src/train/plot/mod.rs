@@ -30,7 +30,7 @@ const BORDER: usize = 2;
 /// Renders `series` (each a list of `(x, y)` and an RGB colour) into a
 /// `(height, width, 3)` uint8 image: a frame with tick labels, light grid lines
 /// at the labelled y values, a zero line if zero is in range, and the lines.
-/// Points with a non-finite coordinate are skipped; with no finite point the
+/// A point with a non-finite coordinate is a gap in its line; with no finite point the
 /// image is an unlabelled frame over the unit square.
 pub fn line_plot(series: &[Series], width: usize, height: usize) -> Tensor {
     let plan = Plan::new(series, width, height);
@@ -40,7 +40,9 @@ pub fn line_plot(series: &[Series], width: usize, height: usize) -> Tensor {
         canvas.text(&label, plan.layout.scale, INK);
     }
     for (points, colour) in series {
-        for w in points.windows(2) {
+        // a non-finite point (an iteration without a reward) is a gap in its line
+        let finite = |p: &(f64, f64)| p.0.is_finite() && p.1.is_finite();
+        for w in points.windows(2).filter(|w| finite(&w[0]) && finite(&w[1])) {
             let a = plan.to_px(w[0].0, w[0].1);
             let b = plan.to_px(w[1].0, w[1].1);
             canvas.line(a, b, *colour);
@@ -526,6 +528,10 @@ mod tests {
         let gap: Vec<Series> = vec![(vec![(0.0, 0.0), (1.0, f64::NAN), (2.0, 1.0)], [0, 0, 255])];
         let img = pixels(&line_plot(&gap, 100, 60));
         assert_eq!(img[0][0], [255, 255, 255]);
+        assert!(
+            img.iter().flatten().all(|&p| p != [0, 0, 255]),
+            "no segment drawn"
+        );
         for (w, h) in [(0, 0), (1, 1), (5, 5), (30, 12)] {
             assert_eq!(
                 line_plot(&straight_line(), w, h).size(),
