@@ -221,6 +221,12 @@ fn configuration_and_run_directory_errors_name_the_problem() {
         &["--out", o, "--config", cfg.to_str().unwrap()],
         &["rewards[0]", "sharpness"],
     );
+    let broken = root.join("broken.toml");
+    std::fs::write(&broken, "[sampler\nheight = 64\n").unwrap();
+    check(
+        &["--out", o, "--config", broken.to_str().unwrap()],
+        &["broken.toml: invalid TOML", "line 1"],
+    );
     check(
         &["--out", o, "--config", "/nonexistent/run.toml"],
         &["/nonexistent/run.toml"],

@@ -23,6 +23,14 @@ pub enum Error {
         /// What was wrong.
         msg: String,
     },
+    /// A TOML file did not parse.
+    #[error("{path}: invalid TOML: {msg}")]
+    Toml {
+        /// The TOML file.
+        path: PathBuf,
+        /// What was wrong (with its line and column).
+        msg: String,
+    },
     /// A safetensors file is malformed (bad header, truncated data, unknown dtype).
     #[error("{path}: invalid safetensors file: {msg}")]
     Safetensors {

@@ -69,6 +69,20 @@ impl Checkpoint {
         }
         let idx: Index = read_json(index)?;
         let shards: BTreeSet<&String> = idx.weight_map.values().collect();
+        // a shard is a file of `dir`: never `../x`, `/etc/x` or `sub/x`
+        let plain = |s: &str| {
+            let mut parts = Path::new(s).components();
+            matches!(parts.next(), Some(std::path::Component::Normal(_))) && parts.next().is_none()
+        };
+        if let Some(bad) = shards.iter().find(|s| !plain(s)) {
+            return Err(Error::Json {
+                path: index.to_path_buf(),
+                msg: format!(
+                    "weight_map names shard `{bad}`, not a file name inside {}",
+                    dir.display()
+                ),
+            });
+        }
         let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
         let ck = Self::from_files(dir.display().to_string(), paths)?;
         for (name, shard) in &idx.weight_map {

@@ -132,7 +132,11 @@ fn unsupported_or_malformed_config_values() {
             serde_json::json!([4, 4, 4]),
             "field `axes_dims_rope`",
         ),
-        ("num_layers", serde_json::json!("two"), "invalid JSON"),
+        (
+            "num_layers",
+            serde_json::json!("two"),
+            "field `num_layers`: invalid type: string \"two\"",
+        ),
         (
             "_class_name",
             serde_json::json!("UNet2DConditionModel"),
@@ -196,4 +200,18 @@ fn sharded_checkpoint_with_index_loads() {
         .parameters()
         .iter()
         .all(|(_, p)| p.kind() == Kind::BFloat16));
+    // an index naming a file outside the directory is refused before it is opened
+    let first = map.keys().next().unwrap().clone();
+    for outside in ["../../x.safetensors", "/etc/passwd", "sub/../x.safetensors"] {
+        let mut bad = map.clone();
+        bad.insert(first.clone(), outside.into());
+        let index = serde_json::json!({"metadata": {}, "weight_map": bad});
+        let path = dir.join("diffusion_pytorch_model.safetensors.index.json");
+        std::fs::write(&path, index.to_string()).unwrap();
+        let err = load_err(&dir);
+        assert!(
+            err.contains(&format!("shard `{outside}`, not a file name inside")),
+            "{err}"
+        );
+    }
 }

@@ -24,7 +24,7 @@ pub struct Args {
     threads: Option<i32>,
     /// The rise of the mean reward (last 10 iterations minus first 10) the demo
     /// must reach (default 1 kB from the seeded base, 0.25 kB from `--base`).
-    #[arg(long)]
+    #[arg(long, value_parser = finite)]
     min_rise: Option<f64>,
     /// Start from this model directory (e.g. written by `dancegrpo pretrain`)
     /// instead of the seeded tiny model.
@@ -88,4 +88,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(1));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A finite number (clap refuses NaN and infinities with exit 2).
+fn finite(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() => Ok(x),
+        Ok(x) => Err(format!("must be finite, got {x}")),
+        Err(e) => Err(e.to_string()),
+    }
 }

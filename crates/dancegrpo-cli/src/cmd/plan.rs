@@ -17,13 +17,13 @@ pub struct Args {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
     /// Processes (one per GPU).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i64).range(1..))]
     world: i64,
     /// Memory of one device (80GiB, 80GB, 141GB, 24G...).
     #[arg(long, default_value = "80GiB")]
     gpu_memory: String,
     /// T5 tokens per prompt, when the data does not say (default 512; 32 for the tiny model).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
     text_len: Option<i64>,
     /// Memory kept back for the CUDA context and allocator slack.
     #[arg(long, default_value = "2GiB")]

@@ -138,11 +138,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             d.accumulation_per_process
         );
     }
+    let mut device = parse_device(&args.device)?;
     if args.dry_run {
+        let mode = cfg.health.memory_check;
+        let fits = dancegrpo::plan::check::check_memory(&cfg, world, device, mode)?;
+        for w in fits.iter().filter(|_| rank == 0) {
+            eprintln!("warning: {w}");
+        }
         print!("{}", cfg.to_toml());
         return Ok(ExitCode::SUCCESS);
     }
-    let mut device = parse_device(&args.device)?;
     if let Some(n) = args.threads {
         tch::set_num_threads(n);
     }

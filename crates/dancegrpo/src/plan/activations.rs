@@ -27,6 +27,8 @@ pub struct Activations {
     pub bytes: u64,
     /// The phase that peaks and the shape it was counted at.
     pub detail: String,
+    /// The configuration fields that size its larger part.
+    pub field: &'static str,
 }
 
 /// Elements per token-width a block keeps for backward (see the module doc).
@@ -65,7 +67,13 @@ pub fn peak(cfg: &TrainConfig, c: &ModelCounts, text_len: i64, world: i64) -> Ac
         .into_iter()
         .max_by_key(|p| p.1)
         .expect("three phases");
+    let field = match (phase, trajectories > bytes) {
+        (_, true) => "run.prompts_per_iteration, sampler.group_size",
+        ("decode", _) => "sampler.height, sampler.width, sampler.decode_batch",
+        _ => "sampler.height, sampler.width",
+    };
     Activations {
+        field,
         bytes: (bytes + trajectories) as u64,
         detail: format!(
             "{phase} peaks; {h}x{w}: {tokens} image + {text_len} text tokens, width {d}, \

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 use tch::Device;
 
-use super::{plan, PlanLine, PlanOptions, GIB};
+use super::{plan, PlanOptions, GIB};
 use crate::error::{Error, Result};
 use crate::train::config::TrainConfig;
 
@@ -72,17 +72,7 @@ pub fn check_memory(
     );
     match mode {
         MemoryCheck::Warn => Ok(Some(msg)),
-        _ => Err(Error::config("config", field_of(largest), msg)),
-    }
-}
-
-/// The configuration field that sizes a plan line.
-fn field_of(line: &PlanLine) -> &'static str {
-    match line.key.as_str() {
-        "activations" => "sampler.height, sampler.width",
-        k if k.starts_with("frozen:rewards") => "rewards",
-        k if k.starts_with("frozen:") => "model",
-        _ => "parallel.sharding",
+        _ => Err(Error::config("config", largest.field, msg)),
     }
 }
 
@@ -107,7 +97,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("field `sampler.height, sampler.width`"),
+            err.contains("field `sampler.height, sampler.width, sampler.decode_batch`"),
             "{err}"
         );
         assert!(err.contains("one process would need about"), "{err}");

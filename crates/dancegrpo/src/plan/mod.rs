@@ -58,6 +58,8 @@ pub struct PlanLine {
     pub bytes: u64,
     /// How it was counted.
     pub detail: String,
+    /// The configuration field(s) that size it (what to change when it is too big).
+    pub field: &'static str,
 }
 
 /// The memory of one process.
@@ -329,12 +331,15 @@ fn plan_lines(
     }
     out.extend(compute_copies(cfg, c));
     let act = activations::peak(cfg, c, text_len, world);
-    out.push(line(
-        "activations",
-        "activations (estimate)",
-        act.bytes,
-        act.detail,
-    ));
+    out.push(PlanLine {
+        field: act.field,
+        ..line(
+            "activations",
+            "activations (estimate)",
+            act.bytes,
+            act.detail,
+        )
+    });
     let what = "CUDA context and allocator slack (estimate)";
     out.push(line("reserve", what, reserve, "fixed".into()));
     out
@@ -384,11 +389,17 @@ fn compute_copies(cfg: &TrainConfig, c: &ModelCounts) -> Option<PlanLine> {
 }
 
 fn line(key: &str, what: &str, bytes: u64, detail: String) -> PlanLine {
+    let field = match key {
+        k if k.starts_with("frozen:rewards") => "rewards",
+        k if k.starts_with("frozen:") => "model",
+        _ => "parallel.sharding",
+    };
     PlanLine {
         key: key.into(),
         what: what.into(),
         bytes,
         detail,
+        field,
     }
 }
 

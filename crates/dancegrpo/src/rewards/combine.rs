@@ -9,12 +9,16 @@ use crate::error::Result;
 pub struct WeightedSum {
     parts: Vec<(Box<dyn Reward>, f64)>,
     last: Vec<(String, Vec<Score>)>,
+    /// The parts' names joined by `+` (`hpsv2+remote`).
+    name: String,
 }
 
 impl WeightedSum {
     /// Combines `parts` (reward, weight).
     pub fn new(parts: Vec<(Box<dyn Reward>, f64)>) -> Self {
+        let names: Vec<&str> = parts.iter().map(|(r, _)| r.name()).collect();
         WeightedSum {
+            name: names.join("+"),
             parts,
             last: Vec::new(),
         }
@@ -33,7 +37,7 @@ impl WeightedSum {
 
 impl Reward for WeightedSum {
     fn name(&self) -> &str {
-        "weighted_sum"
+        &self.name
     }
 
     fn score(&mut self, batch: &RewardBatch) -> Result<Vec<Score>> {

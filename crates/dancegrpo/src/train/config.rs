@@ -387,9 +387,9 @@ impl TrainConfig {
     /// parsed as TOML, else taken as a string) and validates.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let value: toml::Value = toml::from_str(&text).map_err(|e| Error::Json {
+        let value: toml::Value = toml::from_str(&text).map_err(|e| Error::Toml {
             path: path.to_path_buf(),
-            msg: format!("TOML: {e}"),
+            msg: e.to_string().trim_end().to_string(),
         })?;
         Self::from_value(value, overrides, path)
     }

@@ -114,6 +114,16 @@ impl Trainer {
         let mode = cfg.health.memory_check;
         let warning =
             crate::plan::check::check_memory(&cfg, collective.world_size(), device, mode)?;
+        if resume == Resume::Latest && !dir.is_dir() {
+            let msg = format!("{}: no such run directory to resume", dir.display());
+            return Err(Error::Input(msg));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        // taken before the directory is read: another run may be writing it
+        let lock = match is_writer(collective.as_ref()) {
+            true => Some(RunLock::acquire(dir)?),
+            false => None,
+        };
         let ckpts = dir.join("checkpoints");
         let latest = checkpoint::latest(&ckpts);
         match (resume, &latest) {
@@ -132,11 +142,6 @@ impl Trainer {
             }
             _ => {}
         }
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let lock = match is_writer(collective.as_ref()) {
-            true => Some(RunLock::acquire(dir)?),
-            false => None,
-        };
         let mut trainer = Self::build(cfg, dir, device, Rc::from(collective))?;
         trainer.lock = lock;
         trainer.warnings.extend(warning);

@@ -13,16 +13,19 @@ type Rule<'a> = (&'a str, bool, String);
 /// only keeps absurd sizes from reaching an allocation).
 const MAX_SIDE: i64 = 16384;
 
+/// The most samples an iteration may have (the reference trains 12-48 per GPU).
+const MAX_SAMPLES: i64 = 1 << 20;
+
 impl TrainConfig {
     /// Checks every field; the error names the first offending one (`origin` is the file).
     pub fn validate(&self, origin: &Path) -> Result<()> {
         let (s, g, o, r) = (&self.sampler, &self.grpo, &self.optim, &self.run);
-        let samples = r.prompts_per_iteration * s.group_size;
+        let samples = r.prompts_per_iteration.saturating_mul(s.group_size);
         let rules: Vec<Rule> = vec![
             ("rewards", !self.rewards.is_empty(), "at least one reward is needed".into()),
             ("sampler.height", s.height > 0 && s.height % 16 == 0, format!("must be a positive multiple of 16, got {}", s.height)),
             ("sampler.width", s.width > 0 && s.width % 16 == 0, format!("must be a positive multiple of 16, got {}", s.width)),
-            ("sampler.steps", s.steps >= 2, format!("must be >= 2, got {}", s.steps)),
+            ("sampler.steps", (2..=10_000).contains(&s.steps), format!("must be in 2..=10000, got {}", s.steps)),
             ("sampler.height", s.height <= MAX_SIDE, format!("must be at most {MAX_SIDE} pixels, got {}", s.height)),
             ("sampler.width", s.width <= MAX_SIDE, format!("must be at most {MAX_SIDE} pixels, got {}", s.width)),
             ("sampler.eta", s.eta >= 0.0 && s.eta.is_finite(), format!("must be finite and >= 0, got {}", s.eta)),
@@ -43,6 +46,7 @@ impl TrainConfig {
                 format!("must divide the {samples} samples of an iteration (prompts_per_iteration x group_size), got {}", o.gradient_accumulation)),
             ("run.iterations", r.iterations >= 1, "must be >= 1".into()),
             ("run.prompts_per_iteration", r.prompts_per_iteration >= 1, format!("must be >= 1, got {}", r.prompts_per_iteration)),
+            ("run.prompts_per_iteration", samples <= MAX_SAMPLES, format!("x sampler.group_size = {samples} samples per iteration, more than {MAX_SAMPLES}")),
             ("run.checkpoint_every", r.checkpoint_every >= 1, "must be >= 1".into()),
         ];
         for (field, ok, msg) in rules {
@@ -137,13 +141,14 @@ fn check_data(source: &DataSource, section: &str, origin: &Path) -> Result<()> {
         DataSource::Synthetic {
             prompts, text_len, ..
         } => {
-            if *prompts == 0 {
+            if !(1..=1 << 24).contains(prompts) {
                 let field = format!("{section}.prompts");
-                return Err(Error::config(origin, &field, "must be >= 1"));
+                let msg = format!("must be in 1..={}, got {prompts}", 1 << 24);
+                return Err(Error::config(origin, &field, msg));
             }
-            if *text_len < 1 {
+            if !(1..=4096).contains(text_len) {
                 let field = format!("{section}.text_len");
-                let msg = format!("must be >= 1, got {text_len}");
+                let msg = format!("must be in 1..=4096, got {text_len}");
                 return Err(Error::config(origin, &field, msg));
             }
             return Ok(());

@@ -188,14 +188,10 @@ impl ClipConfig {
                 )),
             }
         };
-        let json_err = |key: &str, e: serde_json::Error| Error::Json {
-            path: path.to_path_buf(),
-            msg: format!("{key}: {e}"),
-        };
-        let text_config: ClipTextConfig =
-            serde_json::from_value(sub("text_config")?).map_err(|e| json_err("text_config", e))?;
-        let vision_config: ClipVisionConfig = serde_json::from_value(sub("vision_config")?)
-            .map_err(|e| json_err("vision_config", e))?;
+        use crate::io::json::from_value;
+        let text_config: ClipTextConfig = from_value(sub("text_config")?, path, "text_config")?;
+        let vision_config: ClipVisionConfig =
+            from_value(sub("vision_config")?, path, "vision_config")?;
         let num = |key: &str| value.get(key).and_then(|v| v.as_f64());
         let cfg = ClipConfig {
             text_config,

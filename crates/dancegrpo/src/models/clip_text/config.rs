@@ -111,10 +111,7 @@ impl ClipTextConfig {
                 ))
             }
         }
-        let cfg: ClipTextConfig = serde_json::from_value(value).map_err(|e| Error::Json {
-            path: path.to_path_buf(),
-            msg: e.to_string(),
-        })?;
+        let cfg: ClipTextConfig = crate::io::json::from_value(value, path, "")?;
         cfg.validate(path)?;
         Ok(cfg)
     }

@@ -86,10 +86,7 @@ impl FluxConfig {
                 ));
             }
         }
-        let cfg: FluxConfig = serde_json::from_value(value).map_err(|e| Error::Json {
-            path: path.to_path_buf(),
-            msg: e.to_string(),
-        })?;
+        let cfg: FluxConfig = crate::io::json::from_value(value, path, "")?;
         cfg.validate(path)?;
         Ok(cfg)
     }

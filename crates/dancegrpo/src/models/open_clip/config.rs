@@ -177,10 +177,7 @@ impl OpenClipConfig {
             UNSUPPORTED_VISION,
         )?;
         reject_unsupported(path, "text_cfg.", value.get("text_cfg"), UNSUPPORTED_TEXT)?;
-        let cfg: OpenClipConfig = serde_json::from_value(value).map_err(|e| Error::Json {
-            path: path.to_path_buf(),
-            msg: e.to_string(),
-        })?;
+        let cfg: OpenClipConfig = crate::io::json::from_value(value, path, "")?;
         cfg.validate(path)?;
         Ok(cfg)
     }

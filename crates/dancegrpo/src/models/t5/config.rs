@@ -120,10 +120,7 @@ impl T5Config {
                 ));
             }
         }
-        let cfg: T5Config = serde_json::from_value(value).map_err(|e| Error::Json {
-            path: path.to_path_buf(),
-            msg: e.to_string(),
-        })?;
+        let cfg: T5Config = crate::io::json::from_value(value, path, "")?;
         cfg.validate(path)?;
         Ok(cfg)
     }

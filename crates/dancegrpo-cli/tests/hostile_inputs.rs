@@ -1,0 +1,232 @@
+//! The bad-input matrix, driven through the real binary: every subcommand
+//! with bad arguments, configurations, weights, pickles, prompt files and
+//! datasets. Each case must exit 2 (the input was refused) or 1 (a run went
+//! wrong), name what was wrong, and never panic. The table of cases, with the
+//! ones tested elsewhere (reward servers, kills, NaN training), is
+//! `docs/hostile-inputs.md`.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use common::{bin, temp_dir};
+use dancegrpo::io::safetensors::{write_safetensors, SafetensorsFile};
+use dancegrpo::models::flux::{FluxConfig, FluxTransformer};
+use dancegrpo::models::open_clip::OpenClipConfig;
+use dancegrpo::models::vae::{Vae, VaeConfig};
+use dancegrpo::weights::Source;
+use tch::{Device, Kind, Tensor};
+
+/// One case: the arguments (`{D}` is replaced by the prepared directory),
+/// the exit code and what the message must contain.
+struct Case {
+    args: &'static str,
+    code: i32,
+    needles: &'static [&'static str],
+}
+
+const fn case(args: &'static str, code: i32, needles: &'static [&'static str]) -> Case {
+    Case {
+        args,
+        code,
+        needles,
+    }
+}
+
+/// Command lines and what they must say (paths under `{D}` are prepared by [`prepare`]).
+const CASES: &[Case] = &[
+    // arguments the parser refuses
+    case("align {D}/nothing --threads 0", 2, &["--threads", "0 is not in 1.."]),
+    case("train --threads 0", 2, &["--threads"]),
+    case("score {D}/bad.png --reward jpeg --prompt x --threads 0", 2, &["--threads"]),
+    case("preprocess --from-reference {D}/empty --out {D}/o --threads 0", 2, &["--threads"]),
+    case("generate --run {D}/empty --images 0", 2, &["--images"]),
+    case("generate --run {D}/empty --steps 0", 2, &["--steps"]),
+    case("bench train {D}/empty --iterations 0", 2, &["--iterations"]),
+    case("train --dist-timeout 0", 2, &["--dist-timeout"]),
+    case("plan --world 0", 2, &["--world"]),
+    case("plan --text-len 0", 2, &["--text-len"]),
+    case("demo --min-rise nan", 2, &["--min-rise", "finite"]),
+    case("pretrain --lr nan --out {D}/p", 2, &["learning_rate", "NaN"]),
+    case("train --bogus", 2, &["--bogus"]),
+    // devices
+    case("train --device cuda:0 --out {D}/cuda", 2, &["cuda:0", "without CUDA"]),
+    case("generate --run {D}/empty --device cuda:0", 2, &["cuda:0"]),
+    case("score {D}/bad.png --reward jpeg --prompt x --device cuda:7", 2, &["cuda:7"]),
+    case("align {D}/nothing --device tpu", 2, &["unknown device `tpu`"]),
+    case("bench matmul --device cuda:0", 2, &["cuda:0"]),
+    // configurations
+    case("train --config {D}/syntax.toml --out {D}/r", 2, &["syntax.toml: invalid TOML", "line"]),
+    case("train --config {D}/unknown.toml --out {D}/r", 2, &["unknown field `heigth`"]),
+    case("train --config {D}/binary.txt --out {D}/r", 2, &["binary.txt", "UTF-8"]),
+    case("train --config {D}/empty --out {D}/r", 2, &["empty"]),
+    case("train --set optim.learning_rate=inf --out {D}/r", 2, &["optim.learning_rate", "(0, 1]"]),
+    case("train --set optim.learning_rate=1e30 --out {D}/r", 2, &["optim.learning_rate"]),
+    case("train --set sampler.guidance=nan --out {D}/r", 2, &["sampler.guidance", "finite"]),
+    case("train --set sampler.eta=-1 --out {D}/r", 2, &["sampler.eta"]),
+    case("train --set sampler.height=100000 --out {D}/r", 2, &["sampler.height", "at most"]),
+    case("train --set sampler.steps=1000000000 --out {D}/r", 2, &["sampler.steps"]),
+    case("train --set run.prompts_per_iteration=100000000 --set sampler.group_size=100000 --out {D}/r", 2, &["samples per iteration"]),
+    case("train --set data.prompts=1000000000000 --out {D}/r", 2, &["data.prompts"]),
+    case("train --set optim.lora={rank=0,alpha=1.0} --out {D}/r", 2, &["optim.lora.rank"]),
+    case("train --set optim.ema={decay=1.5} --out {D}/r", 2, &["optim.ema.decay"]),
+    case("train --set rewards=[{kind=\"remote\",url=\"http://127.0.0.1:9/x\",retries=1000000}] --out {D}/r", 2, &["rewards[0].retries", "at most 10"]),
+    case("train --set rewards=[{kind=\"remote\",url=\"https://x/y\"}] --out {D}/r", 2, &["rewards[0].url"]),
+    case("train --set model={kind=\"dir\",path=\"{D}/nothing\"} --dry-run", 2, &["model.path", "no such directory"]),
+    case("train --set model={kind=\"dir\",path=\"{D}/empty\"} --dry-run", 2, &["model.path", "transformer/config.json is missing"]),
+    case("train --set data={kind=\"dataset\",path=\"{D}/empty\"} --out {D}/r", 2, &["data.path", "dataset.json is missing"]),
+    case("train --set sampler.height=16384 --set sampler.width=16384 --out {D}/r", 2, &["sampler.height, sampler.width", "would need about"]),
+    case("plan --gpu-memory lots", 2, &["memory size `lots`"]),
+    // run directories
+    case("train --resume --out {D}/nothing", 2, &["no such run directory"]),
+    case("train --resume --out {D}/empty", 2, &["has no config.toml", "--config"]),
+    case("train --out {D}/file/run", 2, &["file"]),
+    case("generate --run {D}/nothing", 2, &["config.toml"]),
+    case("export --checkpoint {D}/empty --out {D}/x", 2, &["not a training checkpoint"]),
+    // weights
+    case("train --set model={kind=\"dir\",path=\"{D}/truncated\"} --out {D}/r", 2, &["diffusion_pytorch_model.safetensors"]),
+    case("train --set model={kind=\"dir\",path=\"{D}/typo_config\"} --out {D}/r", 2, &["config.json", "field `num_layers`: invalid type"]),
+    case("train --set model={kind=\"dir\",path=\"{D}/escape\"} --out {D}/r", 2, &["shard `../outside.safetensors`, not a file name inside"]),
+    case("train --set model={kind=\"dir\",path=\"{D}/nan\"} --out {D}/r", 1, &["`context_embedder.weight` holds non-finite values"]),
+    // pickles: interpreted, never executed
+    case("score {D}/good.png --reward hpsv2:{D}/evil_hps --prompt x", 2, &["HPS_v2.1_compressed.pt", "os.system"]),
+    // images and prompt files
+    case("score {D}/bad.png --reward jpeg --prompt x", 2, &["bad.png", "not a PNG or JPEG"]),
+    case("score {D}/nothing.png --reward jpeg --prompt x", 2, &["nothing.png"]),
+    case("score {D}/bad.png --reward bogus --prompt x", 2, &["unknown reward `bogus`"]),
+    case("score {D}/bad.png --reward jpeg --prompts {D}/binary.txt", 2, &["binary.txt", "UTF-8"]),
+    case("preprocess --model {D}/empty --prompts {D}/binary.txt --out {D}/o", 2, &["binary.txt", "not valid UTF-8"]),
+    case("preprocess --from-reference {D}/empty --out {D}/o", 2, &["videos2caption.json"]),
+    case("align {D}/empty", 2, &["case.json"]),
+    case("bench train {D}/nothing", 2, &["no such case directory"]),
+];
+
+#[test]
+fn every_bad_input_is_refused_by_name_without_a_panic() {
+    let dir = temp_dir("hostile", "matrix");
+    prepare(&dir);
+    let d = dir.to_str().unwrap();
+    let mut failures = Vec::new();
+    for c in CASES {
+        let args: Vec<String> = split(c.args).iter().map(|a| a.replace("{D}", d)).collect();
+        let out = bin().args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        let code = out.status.code();
+        let missing: Vec<_> = c.needles.iter().filter(|n| !err.contains(*n)).collect();
+        if code != Some(c.code) || !missing.is_empty() || err.contains("panicked") {
+            failures.push(format!(
+                "{}: exit {code:?} (want {}), missing {missing:?}:\n{err}",
+                c.args, c.code
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(!dir.join("pwned").exists(), "pickled code was executed");
+    assert!(!dir.join("nothing").exists() && !dir.join("r").join("checkpoints").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Splits on spaces, except inside `{...}` and `[...]` (TOML values).
+fn split(args: &str) -> Vec<String> {
+    let (mut out, mut cur, mut depth) = (Vec::new(), String::new(), 0);
+    for ch in args.chars() {
+        match ch {
+            '{' | '[' => depth += 1,
+            '}' | ']' => depth -= 1,
+            ' ' if depth == 0 => {
+                out.push(std::mem::take(&mut cur));
+                continue;
+            }
+            _ => {}
+        }
+        cur.push(ch);
+    }
+    out.push(cur);
+    out
+}
+
+/// Writes the inputs the cases name.
+fn prepare(d: &Path) {
+    std::fs::create_dir_all(d.join("empty")).unwrap();
+    std::fs::write(d.join("file"), "x").unwrap();
+    std::fs::write(d.join("bad.png"), "not an image").unwrap();
+    let image = Tensor::zeros([8, 8, 3], (Kind::Uint8, Device::Cpu));
+    dancegrpo::io::image::write_png(&d.join("good.png"), &image).unwrap();
+    std::fs::write(d.join("binary.txt"), b"\xff\xfe\x00bad\n").unwrap();
+    std::fs::write(d.join("syntax.toml"), "[sampler\nheight = 64\n").unwrap();
+    std::fs::write(d.join("unknown.toml"), "[sampler]\nheigth = 64\n").unwrap();
+    let weights = |m: &Path| m.join("transformer/diffusion_pytorch_model.safetensors");
+    let truncated = model_dir(&d.join("truncated"));
+    let bytes = std::fs::read(weights(&truncated)).unwrap();
+    std::fs::write(weights(&truncated), &bytes[..bytes.len() / 2]).unwrap();
+    let typo = model_dir(&d.join("typo_config"));
+    let cfg = typo.join("transformer/config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
+    json["num_layers"] = "one".into();
+    std::fs::write(&cfg, json.to_string()).unwrap();
+    let escape = model_dir(&d.join("escape"));
+    let index = serde_json::json!({"weight_map": {"x_embedder.weight": "../outside.safetensors"}});
+    std::fs::remove_file(weights(&escape)).unwrap();
+    let index_path = escape.join("transformer/diffusion_pytorch_model.safetensors.index.json");
+    std::fs::write(index_path, index.to_string()).unwrap();
+    let nan = model_dir(&d.join("nan"));
+    poison(&weights(&nan), "context_embedder.weight");
+    evil_hps(&d.join("evil_hps"), &d.join("pwned"));
+}
+
+/// A tiny FLUX model directory (transformer and VAE) at `dir`.
+fn model_dir(dir: &Path) -> PathBuf {
+    let flux = FluxTransformer::new(
+        FluxConfig::tiny(),
+        Source::Seeded(0),
+        Kind::Float,
+        Device::Cpu,
+    );
+    flux.unwrap().save_dir(&dir.join("transformer")).unwrap();
+    let vae = Vae::new(
+        VaeConfig::tiny(),
+        Source::Seeded(1),
+        Kind::Float,
+        Device::Cpu,
+    );
+    vae.unwrap().save_dir(&dir.join("vae")).unwrap();
+    dir.to_path_buf()
+}
+
+/// Puts a NaN into tensor `name` of the safetensors file `path`.
+fn poison(path: &Path, name: &str) {
+    let file = SafetensorsFile::open(path).unwrap();
+    let tensors: Vec<(String, Tensor)> = file
+        .names()
+        .map(|n| (n.to_string(), file.tensor(n).unwrap()))
+        .collect();
+    drop(file);
+    let t = &tensors.iter().find(|(n, _)| n == name).unwrap().1;
+    let _ = t.view([-1]).get(0).fill_(f64::NAN);
+    write_safetensors(path, &tensors, &BTreeMap::new()).unwrap();
+}
+
+/// An HPSv2 directory whose `.pt` pickle calls `os.system("touch <marker>")`.
+fn evil_hps(dir: &Path, marker: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let cfg = serde_json::to_string(&OpenClipConfig::tiny()).unwrap();
+    std::fs::write(dir.join("model_config.json"), cfg).unwrap();
+    let cmd = format!("touch {}", marker.display());
+    let mut pickle = b"\x80\x02cos\nsystem\n".to_vec();
+    pickle.push(b'X');
+    pickle.extend((cmd.len() as u32).to_le_bytes());
+    pickle.extend(cmd.as_bytes());
+    pickle.extend(b"\x85R.");
+    let file = std::fs::File::create(dir.join("HPS_v2.1_compressed.pt")).unwrap();
+    let mut zip = zip::ZipWriter::new(file);
+    let opts =
+        zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    zip.start_file("archive/data.pkl", opts).unwrap();
+    zip.write_all(&pickle).unwrap();
+    zip.start_file("archive/byteorder", opts).unwrap();
+    zip.write_all(b"little").unwrap();
+    zip.finish().unwrap();
+}
