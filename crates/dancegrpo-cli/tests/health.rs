@@ -110,6 +110,9 @@ fn a_nan_optimizer_state_is_refused_on_resume() {
     std::fs::remove_dir_all(&root).unwrap();
 }
 
+/// A loopback server's answer to request `i` with body `b`.
+type Handler = dyn Fn(usize, &[u8]) -> Reply + Send + Sync;
+
 /// The tiny run with one remote reward at `url`.
 fn remote_run(out: &Path, url: &str, extra: &[&str]) -> Output {
     let reward = format!(
@@ -122,7 +125,7 @@ fn remote_run(out: &Path, url: &str, extra: &[&str]) -> Output {
 #[test]
 fn a_reward_that_fails_for_every_item_stops_the_run_and_writes_no_zero() {
     let root = temp_dir("health", "remote-fails");
-    let cases: Vec<(&str, Box<dyn Fn(usize, &[u8]) -> Reply + Send + Sync>, &str)> = vec![
+    let cases: Vec<(&str, Box<Handler>, &str)> = vec![
         (
             "http-500",
             Box::new(|_, _| Reply {
