@@ -201,6 +201,8 @@ fn expected_scalars(m: &serde_json::Value) -> Vec<(String, f32)> {
         ("reward/mean", &m["reward_mean"]),
         ("reward/std", &m["reward_std"]),
         ("reward/failed", &m["failed_rewards"]),
+        ("reward/skipped_groups", &m["skipped_groups"]),
+        ("train/skipped_steps", &m["skipped_steps"]),
         (
             "reward/zero_variance_group_share",
             &m["zero_variance_group_share"],
