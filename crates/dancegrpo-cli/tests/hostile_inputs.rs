@@ -7,16 +7,11 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use common::{bin, temp_dir};
-use dancegrpo::io::safetensors::{write_safetensors, SafetensorsFile};
-use dancegrpo::models::flux::{FluxConfig, FluxTransformer};
+use common::{bin, poison_tensor, temp_dir, tiny_model_dir as model_dir};
 use dancegrpo::models::open_clip::OpenClipConfig;
-use dancegrpo::models::vae::{Vae, VaeConfig};
-use dancegrpo::weights::Source;
 use tch::{Device, Kind, Tensor};
 
 /// One case: the arguments (`{D}` is replaced by the prepared directory),
@@ -173,40 +168,8 @@ fn prepare(d: &Path) {
     let index_path = escape.join("transformer/diffusion_pytorch_model.safetensors.index.json");
     std::fs::write(index_path, index.to_string()).unwrap();
     let nan = model_dir(&d.join("nan"));
-    poison(&weights(&nan), "context_embedder.weight");
+    poison_tensor(&weights(&nan), "context_embedder.weight");
     evil_hps(&d.join("evil_hps"), &d.join("pwned"));
-}
-
-/// A tiny FLUX model directory (transformer and VAE) at `dir`.
-fn model_dir(dir: &Path) -> PathBuf {
-    let flux = FluxTransformer::new(
-        FluxConfig::tiny(),
-        Source::Seeded(0),
-        Kind::Float,
-        Device::Cpu,
-    );
-    flux.unwrap().save_dir(&dir.join("transformer")).unwrap();
-    let vae = Vae::new(
-        VaeConfig::tiny(),
-        Source::Seeded(1),
-        Kind::Float,
-        Device::Cpu,
-    );
-    vae.unwrap().save_dir(&dir.join("vae")).unwrap();
-    dir.to_path_buf()
-}
-
-/// Puts a NaN into tensor `name` of the safetensors file `path`.
-fn poison(path: &Path, name: &str) {
-    let file = SafetensorsFile::open(path).unwrap();
-    let tensors: Vec<(String, Tensor)> = file
-        .names()
-        .map(|n| (n.to_string(), file.tensor(n).unwrap()))
-        .collect();
-    drop(file);
-    let t = &tensors.iter().find(|(n, _)| n == name).unwrap().1;
-    let _ = t.view([-1]).get(0).fill_(f64::NAN);
-    write_safetensors(path, &tensors, &BTreeMap::new()).unwrap();
 }
 
 /// An HPSv2 directory whose `.pt` pickle calls `os.system("touch <marker>")`.

@@ -165,3 +165,32 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// A tiny FLUX model directory (transformer and VAE, seeded) at `dir`.
+pub fn tiny_model_dir(dir: &Path) -> PathBuf {
+    use dancegrpo::models::flux::{FluxConfig, FluxTransformer};
+    use dancegrpo::models::vae::{Vae, VaeConfig};
+    use dancegrpo::weights::Source;
+    let cpu = tch::Device::Cpu;
+    let flux = FluxTransformer::new(FluxConfig::tiny(), Source::Seeded(0), Kind::Float, cpu);
+    flux.unwrap().save_dir(&dir.join("transformer")).unwrap();
+    let vae = Vae::new(VaeConfig::tiny(), Source::Seeded(1), Kind::Float, cpu);
+    vae.unwrap().save_dir(&dir.join("vae")).unwrap();
+    dir.to_path_buf()
+}
+
+/// Puts a NaN into the first element of tensor `name` of the safetensors
+/// file `path` (its metadata kept).
+pub fn poison_tensor(path: &Path, name: &str) {
+    use dancegrpo::io::safetensors::{write_safetensors, SafetensorsFile};
+    let file = SafetensorsFile::open(path).unwrap();
+    let tensors: Vec<(String, Tensor)> = file
+        .names()
+        .map(|n| (n.to_string(), file.tensor(n).unwrap()))
+        .collect();
+    let meta = file.metadata().clone();
+    drop(file);
+    let t = &tensors.iter().find(|(n, _)| n == name).unwrap().1;
+    let _ = t.view([-1]).get(0).fill_(f64::NAN);
+    write_safetensors(path, &tensors, &meta).unwrap();
+}

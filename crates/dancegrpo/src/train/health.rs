@@ -114,6 +114,22 @@ pub fn any_nonfinite(
     Ok(any.then_some(here))
 }
 
+/// [`require_finite`] on every process of `c` (this process holds its part
+/// of `named`): all fail together, naming the tensor where it was found.
+pub fn require_finite_everywhere(
+    named: &[(String, Tensor)],
+    what: &str,
+    c: &dyn Collective,
+) -> Result<()> {
+    match any_nonfinite(named, c)? {
+        None => Ok(()),
+        Some(here) => Err(Error::Health(format!(
+            "{what}: `{}` holds non-finite values (NaN or Inf)",
+            here.as_deref().unwrap_or("a tensor of another process")
+        ))),
+    }
+}
+
 /// Counts optimizer steps skipped in a row across iterations.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SkippedSteps {
@@ -220,6 +236,9 @@ mod tests {
             Some(Some("b".into()))
         );
         assert_eq!(any_nonfinite(&[], &SingleProcess).unwrap(), None);
+        let err = require_finite_everywhere(&both, "resumed", &SingleProcess);
+        let err = err.unwrap_err().to_string();
+        assert!(err.contains("resumed: `b` holds non-finite"), "{err}");
     }
 
     #[test]

@@ -241,8 +241,9 @@ impl Trainer {
             checkpoint::load_ema(ckpt, self.model.as_ref(), ema)?;
         }
         let what = format!("checkpoint {}", ckpt.display());
-        self.require_finite(&self.model.parameters(), &what)?;
-        self.require_finite(&self.optimizer_state(), &what)?;
+        let c = self.collective.as_ref();
+        health::require_finite_everywhere(&self.model.parameters(), &what, c)?;
+        health::require_finite_everywhere(&self.optimizer_state(), &what, c)?;
         if !self.writes() {
             return Ok(());
         }
@@ -408,9 +409,11 @@ impl Trainer {
             &mut NoObserver,
         )?;
         drop(pinned);
-        self.require_finite(
+        let after = "the trained weights after the update";
+        health::require_finite_everywhere(
             &self.model.parameters(),
-            "the trained weights after the update",
+            after,
+            self.collective.as_ref(),
         )?;
         if let Some(ema) = &mut self.ema {
             ema.update(&self.model.parameters());
@@ -437,18 +440,6 @@ impl Trainer {
         self.skipped.add(&it.report, max)?;
         self.state.skipped_steps_in_a_row = self.skipped.in_a_row;
         Ok(metrics)
-    }
-
-    /// Fails on every process when a tensor of `named` (this process's part)
-    /// is not finite anywhere, naming it where it was found.
-    fn require_finite(&self, named: &[(String, Tensor)], what: &str) -> Result<()> {
-        match health::any_nonfinite(named, self.collective.as_ref())? {
-            None => Ok(()),
-            Some(here) => Err(Error::Health(format!(
-                "{what}: `{}` holds non-finite values (NaN or Inf)",
-                here.as_deref().unwrap_or("a tensor of another process")
-            ))),
-        }
     }
 
     /// The optimizer's moments under their checkpoint names.
