@@ -6,8 +6,8 @@ use dancegrpo::grpo::{
     advantages, grpo_update, AdamW, AdamWConfig, Grouping, LrSchedule, Trainable, UpdateBatching,
     UpdateConfig, UpdateInputs, UpdateObserver,
 };
+use dancegrpo::models::flux::packing;
 use dancegrpo::models::flux::{FluxConfig, FluxTransformer};
-use dancegrpo::models::vae::packing;
 use dancegrpo::models::{ActivationCheckpointing, VelocityModel};
 use dancegrpo::precision::ReduceDtype;
 use dancegrpo::rng::Philox;
@@ -504,6 +504,9 @@ impl VelocityModel for BatchVariant {
     }
     fn parameters(&self) -> Vec<(String, Tensor)> {
         self.0.parameters()
+    }
+    fn layout(&self) -> &dyn dancegrpo::models::TokenLayout {
+        self.0.layout()
     }
 }
 

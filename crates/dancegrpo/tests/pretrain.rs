@@ -6,8 +6,8 @@ mod common;
 
 use std::path::Path;
 
-use dancegrpo::models::flux::FluxTransformer;
-use dancegrpo::models::vae::{packing, Vae, VaeParts};
+use dancegrpo::models::flux::{packing, FluxTransformer};
+use dancegrpo::models::vae::{Vae, VaeParts};
 use dancegrpo::models::{FlowInputs, VelocityModel};
 use dancegrpo::pretrain::{self, PretrainConfig, StageConfig};
 use dancegrpo::rng::Philox;

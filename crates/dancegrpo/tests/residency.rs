@@ -7,8 +7,8 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use dancegrpo::autograd::reset_grad;
+use dancegrpo::models::flux::packing;
 use dancegrpo::models::flux::{FluxConfig, FluxTransformer};
-use dancegrpo::models::vae::packing;
 use dancegrpo::models::{ActivationCheckpointing, FlowInputs, Residency, VelocityModel};
 use dancegrpo::weights::Source;
 use tch::{Device, Kind, Tensor};

@@ -8,8 +8,9 @@ const CPU: Device = Device::Cpu;
 use super::judge::Rule;
 use super::{errors, Case, Precision, Stage, StageAcc, StageReport, TensorCheck};
 use crate::error::Result;
+use crate::models::flux::packing;
 use crate::models::flux::Trace;
-use crate::models::vae::{packing, to_uint8, Vae};
+use crate::models::vae::{to_uint8, Vae};
 
 /// Bound of the stage against the float32 reference when a case has no truth.
 pub const TOL: f64 = 1e-5;

@@ -71,7 +71,8 @@ pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
         precision.frozen_kind(),
         case.device(),
     )?;
-    let (images, _) = decode(&vae, &ro.pred_x0, h, w, 1)?;
+    let layout = crate::models::flux::FluxPacking;
+    let (images, _) = decode(&vae, &layout, &ro.pred_x0, [16, h, w], 1)?;
     acc.compare("decode/image", &images, &case.reference("decode/image")?);
     let adv = advantages(
         &case.expected("rewards")?.to_kind(kind),

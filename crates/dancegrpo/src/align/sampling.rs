@@ -4,7 +4,7 @@
 use super::judge::Rule;
 use super::{Case, Precision, Stage, StageAcc, StageReport};
 use crate::error::Result;
-use crate::models::vae::packing;
+use crate::models::flux::packing;
 use crate::models::VelocityModel;
 use crate::sampler::sde::{sde_step, At, Next};
 use crate::sampler::Schedule;

@@ -9,8 +9,7 @@ use super::update::{grpo_update, UpdateConfig, UpdateInputs, UpdateObserver, Upd
 use super::{advantages, mixed_advantages, AdamW, Grouping, RewardMixing};
 use crate::dist::Shard;
 use crate::error::{Error, Result};
-use crate::models::vae::Vae;
-use crate::models::VelocityModel;
+use crate::models::{LatentDecoder, VelocityModel};
 use crate::rewards::{scores_to_tensor, Reward, RewardBatch, RewardPart, Score};
 use crate::sampler::rollout::{decode, rollout_reporting, RolloutSettings};
 use crate::sampler::{Conditioning, Draws, Schedule};
@@ -179,7 +178,7 @@ pub struct IterationInputs<'a> {
 /// Runs one GRPO iteration on `model`.
 pub fn run_iteration(
     model: &dyn VelocityModel,
-    vae: &Vae,
+    decoder: &dyn LatentDecoder,
     reward: &mut dyn Reward,
     optimizer: &mut AdamW,
     inputs: &IterationInputs,
@@ -188,7 +187,6 @@ pub fn run_iteration(
 ) -> Result<Iteration> {
     let cond = inputs.cond;
     let device = cond.device();
-    let [_, h, w] = inputs.latent;
     let mut seconds = StageSeconds::default();
     let report = inputs.report.unwrap_or(&|_, _, _| {});
     let clock = Instant::now();
@@ -202,7 +200,14 @@ pub fn run_iteration(
     seconds.rollout = lap(clock, device);
     report(Stage::Decode, 0, 1);
     let clock = Instant::now();
-    let (_, images) = decode(vae, &ro.pred_x0, h, w, cfg.decode_batch)?;
+    let layout = model.layout();
+    let (_, images) = decode(
+        decoder,
+        layout,
+        &ro.pred_x0,
+        inputs.latent,
+        cfg.decode_batch,
+    )?;
     seconds.decode = lap(clock, device);
     let clock = Instant::now();
     report(Stage::Reward, 0, 1);

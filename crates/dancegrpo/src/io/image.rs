@@ -8,6 +8,16 @@ use tch::{Kind, Tensor};
 use crate::error::{Error, Result};
 use crate::io::atomic::write_atomic;
 
+/// Image in [-1, 1] (b, 3, H, W) -> uint8 (b, H, W, 3): `clamp(x/2 + 0.5, 0, 1) * 255`,
+/// rounded half to even (as numpy's `round`).
+pub fn to_uint8(image: &Tensor) -> Tensor {
+    let x = (image * 0.5 + 0.5)
+        .clamp(0.0, 1.0)
+        .permute([0, 2, 3, 1])
+        .to_kind(crate::nn::upcast_kind(image.kind()));
+    (x * 255.0).round().to_kind(Kind::Uint8)
+}
+
 /// Writes `image` (H, W, 3) uint8 to `path` as an RGB PNG.
 pub fn write_png(path: &Path, image: &Tensor) -> Result<()> {
     let (h, w, c) = image

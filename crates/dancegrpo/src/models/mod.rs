@@ -3,12 +3,15 @@
 pub mod clip;
 pub mod clip_text;
 pub mod flux;
+pub mod latent;
 pub mod lora;
 pub mod open_clip;
 pub mod t5;
 pub mod vae;
 
 use tch::Tensor;
+
+pub use latent::{LatentDecoder, TokenLayout};
 
 use crate::dist::Collective;
 use crate::error::Result;
@@ -63,6 +66,9 @@ pub trait VelocityModel {
 
     /// All parameters with their checkpoint names, in a stable order.
     fn parameters(&self) -> Vec<(String, Tensor)>;
+
+    /// How the model reads latents (packing and position ids).
+    fn layout(&self) -> &dyn TokenLayout;
 
     /// Sums the gradients of [`Self::parameters`] over the processes of `c`
     /// before an optimizer step (data parallelism: one all-reduce per bucket).

@@ -5,8 +5,8 @@ use tch::{Kind, Tensor};
 
 use super::{euler_step, Schedule};
 use crate::error::Result;
-use crate::models::vae::{packing, to_uint8, Vae};
-use crate::models::{FlowInputs, VelocityModel};
+use crate::io::image::to_uint8;
+use crate::models::{FlowInputs, LatentDecoder, VelocityModel};
 
 /// Sampling settings.
 #[derive(Debug, Clone)]
@@ -20,26 +20,28 @@ pub struct OdeSettings {
 }
 
 /// Generates one image per row of `text` (b, Lt, d) / `pooled` (b, p) from the
-/// initial noise `noise` (b, 16, h, w), decoding the last predicted x0 as the
-/// reference does. Returns uint8 images (b, 8h, 8w, 3).
+/// initial noise `noise` (b, c, h, w), decoding the last predicted x0 as the
+/// reference does. Returns uint8 images (b, H, W, 3).
 pub fn generate(
     model: &dyn VelocityModel,
-    vae: &Vae,
+    decoder: &dyn LatentDecoder,
     text: &Tensor,
     pooled: &Tensor,
     noise: &Tensor,
     settings: &OdeSettings,
 ) -> Result<Tensor> {
     let _guard = tch::no_grad_guard();
-    let (b, _, h, w) = noise.size4()?;
+    let (b, c, h, w) = noise.size4()?;
+    let latent = [c, h, w];
     let device = noise.device();
     let schedule = Schedule::shifted(settings.steps, settings.shift);
-    let txt_ids = packing::text_ids(text.size()[1], device);
-    let img_ids = packing::image_ids(h, w, device);
+    let layout = model.layout();
+    let txt_ids = layout.text_ids(text.size()[1], device);
+    let img_ids = layout.image_ids(latent, device);
     let guidance = settings
         .guidance
         .map(|g| Tensor::full([b], g, (Kind::Float, device)));
-    let mut z = packing::pack(noise)?; // (b, L, 64)
+    let mut z = layout.pack(noise)?; // (b, L, d)
     let mut x0 = z.shallow_clone();
     for i in 0..schedule.steps() {
         let t = schedule.model_timestep(i, b).to_device(device);
@@ -55,6 +57,6 @@ pub fn generate(
         let v = model.velocity(&inputs)?;
         (z, x0) = euler_step(&z, &v, schedule.sigma(i), schedule.sigma(i + 1));
     }
-    let latents = vae.denormalize(&packing::unpack(&x0, h, w)?);
-    Ok(to_uint8(&vae.decode(&latents, None)))
+    let latents = layout.unpack(&x0, latent)?; // (b, c, h, w)
+    Ok(to_uint8(&decoder.decode_latents(&latents)))
 }

@@ -6,8 +6,8 @@ use tch::{Device, Tensor};
 use super::sde::{sde_step, At, Next};
 use super::{Conditioning, Draws, Schedule};
 use crate::error::Result;
-use crate::models::vae::{packing, to_uint8, Vae};
-use crate::models::VelocityModel;
+use crate::io::image::to_uint8;
+use crate::models::{LatentDecoder, TokenLayout, VelocityModel};
 
 /// How a rollout is run.
 #[derive(Debug, Clone, Copy)]
@@ -111,7 +111,7 @@ fn rollout_batch(
         .collect::<Result<Vec<_>>>()?;
     // the SDE state has the schedule's kind (float32; float64 in the float64 replay)
     let z0 = Tensor::cat(&noise0, 0).to_kind(schedule.sigmas.kind());
-    let mut z = packing::pack(&z0.to_device(device))?; // (n, L, c)
+    let mut z = model.layout().pack(&z0.to_device(device))?; // (n, L, c)
     let token_shape = [z.size()[1], z.size()[2]];
     let (mut zs, mut lps) = (vec![z.shallow_clone()], Vec::new());
     let mut x0 = z.shallow_clone();
@@ -139,16 +139,21 @@ fn rollout_batch(
     Ok((Tensor::stack(&zs, 1), Tensor::stack(&lps, 1), x0))
 }
 
-/// Decodes predicted x0 `(B, L, c)` of latent size `h x w` to images, `batch`
-/// at a time: float images `(B, 3, 8h, 8w)` in [-1, 1] (unclamped) and uint8
-/// `(B, 8h, 8w, 3)`.
-pub fn decode(vae: &Vae, x0: &Tensor, h: i64, w: i64, batch: i64) -> Result<(Tensor, Tensor)> {
+/// Decodes predicted x0 tokens `(B, L, d)` of latent shape `latent` (read
+/// with `layout`) to images, `batch` at a time: float images `(B, 3, H, W)` in
+/// [-1, 1] (unclamped) and uint8 `(B, H, W, 3)`.
+pub fn decode(
+    decoder: &dyn LatentDecoder,
+    layout: &dyn TokenLayout,
+    x0: &Tensor,
+    latent: [i64; 3],
+    batch: i64,
+) -> Result<(Tensor, Tensor)> {
     let _guard = tch::no_grad_guard();
     let (mut images, mut bytes) = (Vec::new(), Vec::new());
     for samples in batches(x0.size()[0], batch) {
         let part = x0.narrow(0, samples[0], samples.len() as i64);
-        let z = vae.denormalize(&packing::unpack(&part, h, w)?);
-        let image = vae.decode(&z, None);
+        let image = decoder.decode_latents(&layout.unpack(&part, latent)?);
         bytes.push(to_uint8(&image));
         images.push(image);
     }

@@ -78,8 +78,9 @@ impl Trainer {
         let entries = (0..n).map(|i| set.get(i)).collect::<Result<Vec<_>>>()?;
         let (text, pooled) = stack(&entries);
         let (s, dev) = (&self.cfg.sampler, self.device);
+        let [c, h, w] = self.decoder.latent_shape(s.height, s.width);
         let noise = crate::rng::Philox::for_stream(self.cfg.run.seed, "eval/noise")
-            .normal_tensor(&[n as i64, 16, s.height / 8, s.width / 8]);
+            .normal_tensor(&[n as i64, c, h, w]);
         let settings = OdeSettings {
             steps: s.steps,
             shift: s.shift,
@@ -92,7 +93,7 @@ impl Trainer {
         let pinned = sharded.as_ref().map(|s| s.pinned());
         let images = generate(
             self.model.as_ref(),
-            &self.vae,
+            self.decoder.as_ref(),
             &text.to_device(dev),
             &pooled.to_device(dev),
             &noise.to_device(dev),

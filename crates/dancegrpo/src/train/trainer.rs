@@ -27,8 +27,7 @@ use crate::error::{Error, Result};
 use crate::grpo::iteration::{run_iteration, IterationConfig, IterationInputs, Stage};
 use crate::grpo::{AdamW, AdamWConfig, Grouping, NoObserver, UpdateConfig};
 use crate::io::image::grid;
-use crate::models::vae::{packing, Vae};
-use crate::models::PolicyModel;
+use crate::models::{LatentDecoder, PolicyModel};
 use crate::rewards::combine::WeightedSum;
 use crate::rewards::Reward;
 use crate::sampler::rollout::RolloutSettings;
@@ -68,7 +67,8 @@ pub struct Trainer {
     pub(super) dir: PathBuf,
     pub(super) device: Device,
     pub(super) model: Box<dyn PolicyModel>,
-    pub(super) vae: Vae,
+    /// The frozen latent decoder (FLUX: its VAE).
+    pub(super) decoder: Box<dyn LatentDecoder>,
     pub(super) reward: WeightedSum,
     optimizer: AdamW,
     pub(super) prompts: Box<dyn PromptSet>,
@@ -168,7 +168,7 @@ impl Trainer {
         crate::precision::set_tf32(cfg.precision.tf32);
         let (model, vae) = build_models(&cfg, device)?;
         health::require_finite(&model.base_parameters(), "the model's transformer weights")?;
-        health::require_finite(&vae.parameters(), "the model's VAE weights")?;
+        health::require_finite(&vae.decoder_parameters(), "the model's VAE weights")?;
         let (model, sharded) = super::build::shard(model, &cfg, collective.clone())?;
         let prompts = build_prompts(&cfg, model.as_ref())?;
         Ok(Trainer {
@@ -205,7 +205,7 @@ impl Trainer {
             dir: dir.to_path_buf(),
             device,
             model,
-            vae,
+            decoder: Box::new(vae),
         })
     }
 
@@ -362,12 +362,15 @@ impl Trainer {
             .map(|&i| health::checked_prompt(self.prompts.as_ref(), self.order.index(positions[i])))
             .collect::<Result<Vec<_>>>()?;
         let (text, pooled) = stack(&entries);
-        let (h, w) = (cfg.sampler.height / 8, cfg.sampler.width / 8);
+        let latent = self
+            .decoder
+            .latent_shape(cfg.sampler.height, cfg.sampler.width);
+        let layout = self.model.layout();
         let cond = Conditioning::new(
             text.to_device(dev),
             pooled.to_device(dev),
-            packing::text_ids(text.size()[1], dev),
-            packing::image_ids(h, w, dev),
+            layout.text_ids(text.size()[1], dev),
+            layout.image_ids(latent, dev),
             self.model.guidance_embeds().then_some(cfg.sampler.guidance),
             group,
         )?;
@@ -388,7 +391,7 @@ impl Trainer {
             draws,
             shard: &shard,
             schedule: &self.schedule,
-            latent: [16, h, w],
+            latent,
             report: self.stage_report.as_deref(),
         };
         let icfg = iteration_config(cfg);
@@ -401,7 +404,7 @@ impl Trainer {
         let pinned = sharded.as_ref().map(|s| s.pinned());
         let it = run_iteration(
             self.model.as_ref(),
-            &self.vae,
+            self.decoder.as_ref(),
             &mut self.reward,
             &mut self.optimizer,
             &inputs,

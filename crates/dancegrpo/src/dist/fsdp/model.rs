@@ -58,6 +58,10 @@ impl<M: Shardable> VelocityModel for ShardedModel<M> {
         self.inner.velocity(inputs)
     }
 
+    fn layout(&self) -> &dyn crate::models::TokenLayout {
+        self.inner.layout()
+    }
+
     fn velocity_backward(
         &self,
         inputs: &FlowInputs,

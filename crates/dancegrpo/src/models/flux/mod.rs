@@ -6,7 +6,9 @@ mod checkpoint;
 pub mod config;
 pub mod embeddings;
 pub mod model;
+pub mod packing;
 mod policy;
 
 pub use config::FluxConfig;
 pub use model::{FluxTransformer, Trace};
+pub use packing::FluxPacking;

@@ -292,6 +292,10 @@ impl VelocityModel for FluxTransformer {
         self.forward_traced(inputs, None)
     }
 
+    fn layout(&self) -> &dyn crate::models::TokenLayout {
+        &super::packing::FluxPacking
+    }
+
     fn velocity_backward(
         &self,
         inputs: &FlowInputs,
@@ -356,8 +360,8 @@ mod tests {
             t: Tensor::from_slice(&[0.5f32, 0.25][..b as usize]), // exact in bf16 after x1000
             text: rng.normal_tensor(&[b, 8, cfg.joint_attention_dim]),
             pooled: rng.normal_tensor(&[b, cfg.pooled_projection_dim]),
-            txt_ids: crate::models::vae::packing::text_ids(8, Device::Cpu),
-            img_ids: crate::models::vae::packing::image_ids(8, 8, Device::Cpu),
+            txt_ids: crate::models::flux::packing::text_ids(8, Device::Cpu),
+            img_ids: crate::models::flux::packing::image_ids(8, 8, Device::Cpu),
             g: Tensor::from_slice(&[4.0f32, 4.0][..b as usize]),
         }
     }

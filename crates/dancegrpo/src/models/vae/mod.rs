@@ -6,13 +6,14 @@ mod blocks;
 pub mod config;
 mod decoder;
 mod encoder;
-pub mod packing;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
+/// Moved to [`crate::io::image::to_uint8`] (a pixel conversion, not the VAE's).
+pub use crate::io::image::to_uint8;
 pub use config::VaeConfig;
 pub use decoder::Decoder;
 pub use encoder::{Encoder, LatentDistribution};
@@ -202,12 +203,17 @@ impl Vae {
     }
 }
 
-/// Image in [-1, 1] (b, 3, H, W) -> uint8 (b, H, W, 3): `clamp(x/2 + 0.5, 0, 1) * 255`,
-/// rounded half to even (as numpy's `round`).
-pub fn to_uint8(image: &Tensor) -> Tensor {
-    let x = (image * 0.5 + 0.5)
-        .clamp(0.0, 1.0)
-        .permute([0, 2, 3, 1])
-        .to_kind(crate::nn::upcast_kind(image.kind()));
-    (x * 255.0).round().to_kind(Kind::Uint8)
+impl crate::models::LatentDecoder for Vae {
+    fn latent_shape(&self, height: i64, width: i64) -> [i64; 3] {
+        let factor = 1 << (self.config.block_out_channels.len() - 1); // 8 for FLUX's
+        [self.config.latent_channels, height / factor, width / factor]
+    }
+
+    fn decode_latents(&self, latents: &Tensor) -> Tensor {
+        self.decode(&self.denormalize(latents), None)
+    }
+
+    fn decoder_parameters(&self) -> Vec<(String, Tensor)> {
+        self.parameters()
+    }
 }

@@ -5,6 +5,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
+use crate::models::TokenLayout;
 
 /// (b, c, h, w) -> (b, h/2 * w/2, 4c)
 pub fn pack(latents: &Tensor) -> Result<Tensor> {
@@ -61,6 +62,28 @@ pub fn image_ids(h: i64, w: i64, device: Device) -> Tensor {
 /// Position ids `(seq, 3)` of the text tokens: all zeros.
 pub fn text_ids(seq: i64, device: Device) -> Tensor {
     Tensor::zeros([seq, 3], (Kind::Float, device))
+}
+
+/// FLUX's [`TokenLayout`]: the functions of this module.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FluxPacking;
+
+impl TokenLayout for FluxPacking {
+    fn pack(&self, latents: &Tensor) -> Result<Tensor> {
+        pack(latents)
+    }
+
+    fn unpack(&self, tokens: &Tensor, [_, h, w]: [i64; 3]) -> Result<Tensor> {
+        unpack(tokens, h, w)
+    }
+
+    fn image_ids(&self, [_, h, w]: [i64; 3], device: Device) -> Tensor {
+        image_ids(h, w, device)
+    }
+
+    fn text_ids(&self, len: i64, device: Device) -> Tensor {
+        text_ids(len, device)
+    }
 }
 
 #[cfg(test)]
