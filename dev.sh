@@ -6,7 +6,7 @@
 # and runs cargo with that environment so `tch` builds against it.
 #
 #   ./dev.sh demo            set up, build (release) and run the built-in tiny demo
-#   ./dev.sh test            set up and run the whole test suite
+#   ./dev.sh test            set up and run the whole test suite, then build the docs (no warning)
 #   ./dev.sh build [--cuda]  set up and build the release binary (CUDA: libtorch_cuda linked)
 #   ./dev.sh setup           only install the Python environment
 #   ./dev.sh cargo ARGS...   any cargo command inside the environment
@@ -105,6 +105,8 @@ case "$cmd" in
         # --no-fail-fast: a red run shows every failing test binary at once
         cargo test --workspace --release --lib --bins --tests --no-fail-fast "$@" 2>&1 | tee "$log"
         status=${PIPESTATUS[0]}
+        # the documentation builds without a warning (the library denies missing docs)
+        RUSTDOCFLAGS="-D warnings" cargo doc --workspace --release --no-deps -q || status=1
         set -e
         # One closing line over every test binary.
         awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$log"

@@ -8,6 +8,8 @@
 //! trained from scratch on procedural images) and [`rng`] (counter-based random
 //! numbers).
 
+#![deny(missing_docs)]
+
 pub mod align;
 pub mod autograd;
 pub mod data;

@@ -35,7 +35,7 @@ pub struct Args {
     /// Sampling steps (default: the run's).
     #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
     steps: Option<i64>,
-    /// Output PNG (default: <run>/generated.png).
+    /// Output PNG (default: `<run>/generated.png`).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Device: `cpu` or `cuda:N`.

@@ -1,8 +1,8 @@
 //! Prompt-embedding datasets: the FLUX text encoders run once over a prompts
-//! file ([`preprocess`]), or the reference's `.pt` files converted
+//! file ([`preprocess()`]), or the reference's `.pt` files converted
 //! ([`convert_reference`]); the trainer reads the result ([`EmbeddingDataset`],
 //! a [`crate::train::data::PromptSet`]), or the reference's files in place
-//! ([`ReferenceSet`], the reader the conversion uses). Layout in [`format`].
+//! ([`ReferenceSet`], the reader the conversion uses). Layout in [`mod@format`].
 
 pub mod encode;
 pub mod format;

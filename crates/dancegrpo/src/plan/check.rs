@@ -1,5 +1,5 @@
 //! The memory check a run makes before it loads or allocates anything: the
-//! [`plan`](super::plan) of one process against the memory of its device (a
+//! [`plan`](super::plan()) of one process against the memory of its device (a
 //! GPU's own, the machine's for the CPU). A run that cannot fit stops with an
 //! error naming the field that makes it too big, instead of dying in the
 //! allocator minutes later.

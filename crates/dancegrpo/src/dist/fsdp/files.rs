@@ -35,7 +35,7 @@ pub struct UnitLayout {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShardManifest {
-    /// [`FORMAT`].
+    /// The format tag (`FORMAT`, checked on read).
     pub format: String,
     /// Processes that wrote it.
     pub world: i64,
