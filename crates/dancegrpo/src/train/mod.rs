@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod ema;
+mod engine;
 pub mod evaluate;
 pub mod health;
 pub mod images;

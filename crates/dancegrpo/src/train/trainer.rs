@@ -11,7 +11,7 @@ use tch::{Device, Kind, Tensor};
 use super::build::{build_eval_prompts, build_gold_rewards};
 pub use super::build::{build_models, build_prompts, build_rewards};
 use super::checkpoint::{self, TrainState};
-use super::config::{AdvantageGrouping, TrainConfig};
+use super::config::TrainConfig;
 use super::data::{stack, DataOrder, PromptSet};
 use super::ema::Ema;
 use super::evaluate::truncate_eval;
@@ -24,13 +24,12 @@ use super::tensorboard::{self, EventWriter};
 use crate::dist::fsdp::FullShard;
 use crate::dist::{is_writer, Collective, Shard, SingleProcess, Subset};
 use crate::error::{Error, Result};
-use crate::grpo::iteration::{run_iteration, IterationConfig, IterationInputs, Stage};
-use crate::grpo::{AdamW, AdamWConfig, Grouping, NoObserver, UpdateConfig};
+use crate::grpo::iteration::{run_iteration, IterationInputs, Stage};
+use crate::grpo::{AdamW, NoObserver};
 use crate::io::image::grid;
 use crate::models::{LatentDecoder, PolicyModel};
 use crate::rewards::combine::WeightedSum;
 use crate::rewards::Reward;
-use crate::sampler::rollout::RolloutSettings;
 use crate::sampler::{Conditioning, Draws, Schedule, Seeded};
 
 /// A progress display's callback: `(stage, done, total)`.
@@ -88,6 +87,8 @@ pub struct Trainer {
     warnings: Vec<String>,
     /// The run directory's lock, held by the writing process for the run's lifetime.
     lock: Option<RunLock>,
+    /// Each iteration's mean reward so far (what `rewards.txt` holds; the writer's).
+    curve: Vec<f64>,
 }
 
 /// Files a fresh run removes when an earlier, never checkpointed run left them.
@@ -177,7 +178,7 @@ impl Trainer {
             eval_prompts: build_eval_prompts(&cfg, model.as_ref())?,
             schedule: Schedule::shifted(cfg.sampler.steps, cfg.sampler.shift),
             reward: build_rewards(&cfg, device)?,
-            optimizer: AdamW::new(adam(&cfg), &params(model.as_ref())),
+            optimizer: AdamW::new(cfg.adam(), &params(model.as_ref())),
             state: TrainState {
                 iteration: 0,
                 optimizer_steps: 0,
@@ -196,6 +197,7 @@ impl Trainer {
             skipped: health::SkippedSteps::default(),
             warnings: Vec::new(),
             lock: None,
+            curve: Vec::new(),
             ema: match &cfg.optim.ema {
                 Some(e) => Some(Ema::new(e, &model.parameters())?),
                 None => None,
@@ -250,6 +252,7 @@ impl Trainer {
         let n = self.state.iteration as usize;
         truncate_lines(&self.dir.join("metrics.jsonl"), n)?;
         truncate_lines(&self.dir.join("rewards.txt"), n)?;
+        self.curve = read_curve(&self.dir.join("rewards.txt"));
         truncate_eval(&self.dir.join("eval.jsonl"), self.state.iteration)?;
         Ok(())
     }
@@ -394,7 +397,7 @@ impl Trainer {
             latent,
             report: self.stage_report.as_deref(),
         };
-        let icfg = iteration_config(cfg);
+        let icfg = cfg.iteration_config();
         // a sharded model gathers each unit once per iteration (again after
         // every optimizer step), not once per forward
         let sharded = match self.cfg.parallel.gather {
@@ -477,6 +480,7 @@ impl Trainer {
         let line = serde_json::to_string(m).expect("serialisable metrics");
         append_line(&self.dir.join("metrics.jsonl"), &line)?;
         append_line(&self.dir.join("rewards.txt"), &format!("{}", m.reward_mean))?;
+        self.curve.push(m.reward_mean);
         if let Some(events) = &mut self.events {
             events.scalars(m.iteration, &m.scalars())?;
         }
@@ -523,19 +527,23 @@ impl Trainer {
         self.write_curve()
     }
 
-    /// Writes `reward_curve.png` from `rewards.txt`.
+    /// Writes `reward_curve.png` from the run's mean rewards.
     fn write_curve(&mut self) -> Result<()> {
-        let path = self.dir.join("rewards.txt");
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
-        let pts: Vec<(f64, f64)> = text
-            .lines()
-            .enumerate()
-            .filter_map(|(i, l)| l.trim().parse::<f64>().ok().map(|y| (i as f64 + 1.0, y)))
+        let pts: Vec<(f64, f64)> = (self.curve.iter().enumerate())
+            .map(|(i, &y)| (i as f64 + 1.0, y))
             .collect();
         let smooth = moving_average(&pts, 5);
         let img = line_plot(&[(pts, [150, 180, 230]), (smooth, [20, 60, 200])], 480, 240);
         self.writer.write(self.dir.join("reward_curve.png"), img)
     }
+}
+
+/// The mean rewards of `rewards.txt` (a line that does not parse is a gap),
+/// read once when a run resumes.
+fn read_curve(path: &Path) -> Vec<f64> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let parse = |l: &str| l.trim().parse::<f64>().unwrap_or(f64::NAN);
+    text.lines().map(parse).collect()
 }
 
 /// The mean of the last `k` finite values at every point (NaN where none is:
@@ -556,43 +564,4 @@ fn moving_average(pts: &[(f64, f64)], k: usize) -> Vec<(f64, f64)> {
 
 fn params(model: &dyn PolicyModel) -> Vec<Tensor> {
     model.parameters().into_iter().map(|(_, p)| p).collect()
-}
-
-fn adam(cfg: &TrainConfig) -> AdamWConfig {
-    AdamWConfig {
-        betas: cfg.optim.betas,
-        eps: cfg.optim.eps,
-        weight_decay: cfg.optim.weight_decay,
-    }
-}
-
-fn iteration_config(cfg: &TrainConfig) -> IterationConfig {
-    IterationConfig {
-        rollout: RolloutSettings {
-            eta: cfg.sampler.eta,
-            batch: cfg.sampler.rollout_batch,
-        },
-        decode_batch: cfg.sampler.decode_batch,
-        grouping: match cfg.grpo.grouping {
-            AdvantageGrouping::PerPrompt => Grouping::PerPrompt {
-                size: cfg.sampler.group_size,
-            },
-            AdvantageGrouping::Global => Grouping::Global,
-        },
-        adv_clip_max: cfg.grpo.adv_clip_max,
-        mixing: cfg.grpo.reward_mixing,
-        max_failed_reward_share: cfg.health.max_failed_reward_share,
-        update: UpdateConfig {
-            eta: cfg.sampler.eta,
-            clip_range: cfg.grpo.clip_range,
-            timestep_fraction: cfg.grpo.timestep_fraction,
-            trainable: cfg.grpo.trainable,
-            grad_accum: cfg.optim.gradient_accumulation,
-            max_grad_norm: cfg.optim.max_grad_norm,
-            learning_rate: cfg.optim.learning_rate,
-            lr_schedule: cfg.optim.lr_schedule,
-            batching: cfg.optim.update_batching,
-            grad_reduce: cfg.precision.reduce,
-        },
-    }
 }

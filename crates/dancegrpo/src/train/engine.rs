@@ -1,0 +1,91 @@
+//! The one mapping from the user's configuration ([`TrainConfig`]) to the
+//! engine's: the iteration's settings and the optimizer's.
+
+use super::config::{AdvantageGrouping, TrainConfig};
+use crate::grpo::iteration::IterationConfig;
+use crate::grpo::{AdamWConfig, Grouping, UpdateConfig};
+use crate::sampler::rollout::RolloutSettings;
+
+impl TrainConfig {
+    /// The settings of one GRPO iteration ([`crate::grpo::run_iteration`]).
+    pub fn iteration_config(&self) -> IterationConfig {
+        let (s, g, o) = (&self.sampler, &self.grpo, &self.optim);
+        IterationConfig {
+            rollout: RolloutSettings {
+                eta: s.eta,
+                batch: s.rollout_batch,
+            },
+            decode_batch: s.decode_batch,
+            grouping: match g.grouping {
+                AdvantageGrouping::PerPrompt => Grouping::PerPrompt { size: s.group_size },
+                AdvantageGrouping::Global => Grouping::Global,
+            },
+            adv_clip_max: g.adv_clip_max,
+            mixing: g.reward_mixing,
+            max_failed_reward_share: self.health.max_failed_reward_share,
+            update: UpdateConfig {
+                eta: s.eta,
+                clip_range: g.clip_range,
+                timestep_fraction: g.timestep_fraction,
+                trainable: g.trainable,
+                grad_accum: o.gradient_accumulation,
+                max_grad_norm: o.max_grad_norm,
+                learning_rate: o.learning_rate,
+                lr_schedule: o.lr_schedule,
+                batching: o.update_batching,
+                grad_reduce: self.precision.reduce,
+            },
+        }
+    }
+
+    /// AdamW's settings (the learning rate comes with each step).
+    pub fn adam(&self) -> AdamWConfig {
+        AdamWConfig {
+            betas: self.optim.betas,
+            eps: self.optim.eps,
+            weight_decay: self.optim.weight_decay,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn every_field_reaches_the_engine() {
+        let set = [
+            "sampler.eta=0.7",
+            "sampler.rollout_batch=4",
+            "sampler.decode_batch=2",
+            "grpo.clip_range=0.3",
+            "grpo.timestep_fraction=0.5",
+            "grpo.adv_clip_max=3.0",
+            "optim.learning_rate=0.002",
+            "optim.max_grad_norm=0.5",
+            "optim.eps=1e-6",
+            "optim.weight_decay=0.01",
+            "health.max_failed_reward_share=0.5",
+        ]
+        .map(String::from);
+        let cfg = TrainConfig::tiny_demo()
+            .with_overrides(&set, Path::new("test"))
+            .unwrap();
+        let it = cfg.iteration_config();
+        assert_eq!(
+            (it.rollout.eta, it.rollout.batch, it.decode_batch),
+            (0.7, 4, 2)
+        );
+        assert!(matches!(it.grouping, Grouping::PerPrompt { size: 8 }));
+        assert_eq!((it.adv_clip_max, it.max_failed_reward_share), (3.0, 0.5));
+        let u = &it.update;
+        assert_eq!((u.eta, u.clip_range, u.timestep_fraction), (0.7, 0.3, 0.5));
+        assert_eq!(
+            (u.learning_rate, u.max_grad_norm, u.grad_accum),
+            (0.002, 0.5, 16)
+        );
+        let a = cfg.adam();
+        assert_eq!((a.eps, a.weight_decay), (1e-6, 0.01));
+    }
+}
