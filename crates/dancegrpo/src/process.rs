@@ -4,16 +4,14 @@
 /// Peak resident memory of this process in MiB (`VmHWM` of `/proc/self/status`),
 /// where the platform reports it.
 pub fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb / 1024.0)
+    Some(proc_kb("/proc/self/status", "VmHWM:")? as f64 / 1024.0)
+}
+
+/// The `key:   N kB` line of a `/proc` file, in kB.
+fn proc_kb(file: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let line = text.lines().find_map(|l| l.strip_prefix(key))?;
+    line.trim().trim_end_matches("kB").trim().parse().ok()
 }
 
 extern "C" {
@@ -30,18 +28,7 @@ pub fn device_memory_bytes(device: tch::Device) -> Option<u64> {
             let bytes = unsafe { dg_cuda_total_memory(i as std::os::raw::c_int) };
             (bytes >= 0).then_some(bytes as u64)
         }
-        _ => {
-            let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-            let kb: u64 = info
-                .lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))?
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse()
-                .ok()?;
-            Some(kb * 1024)
-        }
+        _ => Some(proc_kb("/proc/meminfo", "MemTotal:")? * 1024),
     }
 }
 

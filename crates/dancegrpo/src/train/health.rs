@@ -75,28 +75,21 @@ pub fn first_nonfinite(named: &[(String, Tensor)]) -> Result<Option<String>> {
     if named.is_empty() {
         return Ok(None);
     }
+    // one flag per tensor, stacked where they live: a single transfer (a
+    // device transfer per tensor would synchronise once per tensor)
+    let device = named[0].1.device();
     let flags: Vec<Tensor> = named
         .iter()
-        .map(|(_, t)| {
-            t.detach()
-                .isfinite()
-                .logical_not()
-                .any()
-                .to_device(tch::Device::Cpu)
-        })
+        .map(|(_, t)| t.detach().isfinite().logical_not().any().to_device(device))
         .collect();
-    let flags: Vec<bool> = Vec::try_from(&Tensor::stack(&flags, 0))?;
+    let flags = Tensor::stack(&flags, 0).to_device(tch::Device::Cpu);
+    let flags: Vec<bool> = Vec::try_from(&flags)?;
     Ok(flags.iter().position(|&b| b).map(|i| named[i].0.clone()))
 }
 
 /// Fails, naming the tensor and `what` holds it, when a tensor of `named` is not finite.
 pub fn require_finite(named: &[(String, Tensor)], what: &str) -> Result<()> {
-    match first_nonfinite(named)? {
-        None => Ok(()),
-        Some(name) => Err(Error::Health(format!(
-            "{what}: `{name}` holds non-finite values (NaN or Inf)"
-        ))),
-    }
+    require_finite_everywhere(named, what, &crate::dist::SingleProcess)
 }
 
 /// [`first_nonfinite`] over the parts every process of `c` holds: whether any

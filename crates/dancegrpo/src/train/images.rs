@@ -100,21 +100,23 @@ impl ImageWriter {
 
     /// Waits until everything queued is written, then [`ImageWriter::check`]s.
     pub fn finish(&mut self) -> Result<()> {
-        self.tx.take();
-        if let Some(h) = self.handle.take() {
-            h.join()
-                .map_err(|_| Error::Input("the image writer thread panicked".into()))?;
-        }
+        self.join()?;
         self.check()
+    }
+
+    /// Closes the queue and waits for the thread to write what it holds.
+    fn join(&mut self) -> Result<()> {
+        self.tx.take();
+        match self.handle.take().map(JoinHandle::join) {
+            Some(Err(_)) => Err(Error::Input("the image writer thread panicked".into())),
+            _ => Ok(()),
+        }
     }
 }
 
 impl Drop for ImageWriter {
     fn drop(&mut self) {
-        self.tx.take();
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
+        let _ = self.join();
     }
 }
 
@@ -128,9 +130,7 @@ mod tests {
 
     /// Waits for the thread to have tried everything queued so far.
     fn drain(w: &mut ImageWriter) {
-        let (tx, handle) = (w.tx.take(), w.handle.take());
-        drop(tx);
-        handle.unwrap().join().unwrap();
+        w.join().unwrap();
     }
 
     #[test]
