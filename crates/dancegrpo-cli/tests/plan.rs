@@ -44,3 +44,75 @@ fn plan_names_bad_input() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/run.toml"));
 }
+
+/// The repository's `configs/` directory.
+fn configs() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs")
+}
+
+#[test]
+fn configs_demo_toml_is_the_built_in_default() {
+    let dry = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_dancegrpo"))
+            .args(["train", "--dry-run"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let file = configs().join("demo.toml");
+    let from_file = dry(&["--config", file.to_str().unwrap()]);
+    assert!(from_file.contains("iterations = 150"), "{from_file}");
+    assert_eq!(from_file, dry(&[]));
+}
+
+#[test]
+fn configs_flux_dev_hps_mirrors_the_recipe_and_fits_16_gpus() {
+    let text = std::fs::read_to_string(configs().join("flux-dev-hps.toml")).unwrap();
+    for line in [
+        "height = 720",
+        "steps = 16",
+        "group_size = 12",
+        "clip_range = 1e-4",
+        "learning_rate = 1e-5",
+        "gradient_accumulation = 64",
+        "prompts_per_iteration = 16",
+        "mode = \"bf16\"",
+        "sharding = \"full\"",
+    ] {
+        assert!(text.contains(line), "{line}");
+    }
+    // the placeholders replaced by the architecture-only test data; prompts synthetic
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dancegrpo/tests/data");
+    let (head, tail) = text.split_once("[data]").unwrap();
+    let tail = &tail[tail.find("\n[").unwrap()..];
+    let text = format!(
+        "{head}[data]\nkind = \"synthetic\"\nprompts = 16\nseed = 0\ntext_len = 512\n{tail}"
+    )
+    .replace(
+        "/path/to/FLUX.1-dev",
+        data.join("flux1-dev").to_str().unwrap(),
+    )
+    .replace(
+        "/path/to/HPSv2.1",
+        data.join("hpsv2-vit-h-14").to_str().unwrap(),
+    );
+    let dir = std::env::temp_dir().join(format!("dancegrpo-recipe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("flux-dev-hps.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = plan(&[path.to_str().unwrap(), "--world", "16", "--json"]);
+    let _ = std::fs::remove_dir_all(&dir);
+    let p: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(
+        (p["fits"].as_bool(), p["world"].as_u64()),
+        (Some(true), Some(16))
+    );
+    assert_eq!(out.status.code(), Some(0));
+}

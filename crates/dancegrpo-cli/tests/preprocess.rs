@@ -293,7 +293,10 @@ fn an_interrupted_run_resumes_byte_identical() {
     let e = fails(runv(&args(&part3), &["--max-sequence-length", "16"]));
     assert!(e.contains("max_sequence_length") && e.contains("16"), "{e}");
     let e = fails(runv(&args(&part3), &["--batch", "5"]));
-    assert!(e.contains("--batch 2") && e.contains("--batch 5"), "{e}");
+    assert!(
+        e.contains("batch 2") && e.contains("batch 5") && e.contains("set by --batch"),
+        "{e}"
+    );
     let e = fails(runv(&args(&part3), &["--dtype", "bf16"]));
     assert!(e.contains("dtype"), "{e}");
     let text = std::fs::read_to_string(&prompts).unwrap();

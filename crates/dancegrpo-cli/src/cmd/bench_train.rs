@@ -5,16 +5,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use dancegrpo::align::{Case, GrpoCase};
+use dancegrpo::align::{train_config, Case, GrpoCase};
 use dancegrpo::dist::Shard;
-use dancegrpo::grpo::{
-    run_iteration, AdamW, IterationConfig, IterationInputs, NoObserver, RewardMixing,
-};
+use dancegrpo::grpo::{run_iteration, AdamW, IterationInputs, NoObserver};
 use dancegrpo::models::vae::Vae;
 use dancegrpo::models::{ActivationCheckpointing, VelocityModel};
 use dancegrpo::rewards::hps::HpsReward;
 use dancegrpo::sampler::draws::{InitNoise, NoisePrecision};
-use dancegrpo::sampler::rollout::RolloutSettings;
 use dancegrpo::sampler::Seeded;
 use tch::{Kind, Tensor};
 
@@ -62,19 +59,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let init = case.input("init_noise")?.size();
     let params: Vec<Tensor> = g.model.parameters().into_iter().map(|(_, p)| p).collect();
     let mut opt = AdamW::new(g.adam, &params);
-    let grouping = case.grouping()?;
-    let icfg = IterationConfig {
-        rollout: RolloutSettings {
-            eta: g.cfg.eta,
-            batch: args.rollout_batch,
-        },
-        decode_batch: 1,
-        grouping,
-        adv_clip_max: case.hyper_f64("adv_clip_max")?,
-        mixing: RewardMixing::Reward,
-        max_failed_reward_share: 1.0,
-        update: g.cfg,
-    };
+    let mut train = train_config(&case)?;
+    train.sampler.rollout_batch = args.rollout_batch;
+    train.sampler.decode_batch = 1;
+    let icfg = train.iteration_config();
     let mut times: Vec<[f64; 4]> = Vec::new();
     let shard = Shard::whole(g.cond.samples());
     for it in 0..args.warmup + args.iterations {

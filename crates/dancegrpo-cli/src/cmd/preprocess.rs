@@ -36,10 +36,10 @@ pub struct Args {
     #[arg(long, default_value_t = 512)]
     max_sequence_length: usize,
     /// Prompts per encoder call.
-    #[arg(long, default_value_t = 8)]
-    batch: usize,
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+    batch: u64,
     /// Prompts per shard.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
     shard_size: u64,
     /// Drop prompts containing CJK ideographs (U+4E00..U+9FFF, as the reference does).
     #[arg(long)]
@@ -80,20 +80,22 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             dtype,
             stop_after_shards: args.stop_after_shards,
         };
-        convert_reference(&opts, &mut |p| printer.print(p)).with_context(|| {
-            format!(
-                "converting {} into {}",
-                reference.display(),
-                args.out.display()
-            )
-        })?
+        convert_reference(&opts, &mut |p| printer.print(p))
+            .map_err(with_flag)
+            .with_context(|| {
+                format!(
+                    "converting {} into {}",
+                    reference.display(),
+                    args.out.display()
+                )
+            })?
     } else {
         let opts = PreprocessOptions {
             model: args.model.clone().expect("clap: --model with --prompts"),
             prompts: args.prompts.clone().expect("clap: --prompts"),
             out: args.out.clone(),
             max_sequence_length: args.max_sequence_length,
-            batch: args.batch,
+            batch: args.batch as usize,
             shard_size: args.shard_size,
             skip_cjk: args.skip_cjk,
             dtype: dtype.unwrap_or(EmbedDtype::F32),
@@ -101,6 +103,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             stop_after_shards: args.stop_after_shards,
         };
         preprocess(&opts, &mut |p| printer.print(p))
+            .map_err(with_flag)
             .with_context(|| format!("preprocessing into {}", args.out.display()))?
     };
     printer.end();
@@ -113,6 +116,36 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(3));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The flag of `preprocess` that sets a dataset field the library names.
+fn flag_of(field: &str) -> Option<&'static str> {
+    Some(match field {
+        "source.model" => "--model",
+        "source.skip_cjk" => "--skip-cjk",
+        "source.max_sequence_length" => "--max-sequence-length",
+        "source.batch" => "--batch",
+        "source.device" => "--device",
+        "source.dir" | "source.kind" => "--from-reference",
+        "source.prompts_hash" => "--prompts",
+        "shard_size" => "--shard-size",
+        "dtype" => "--dtype",
+        _ => return None,
+    })
+}
+
+/// Adds the command-line flag behind a dataset setting the library names (the
+/// library speaks of fields; only the CLI knows its flags).
+fn with_flag(e: dancegrpo::Error) -> anyhow::Error {
+    let flag = match &e {
+        dancegrpo::Error::Config { field, .. } => flag_of(field).map(|f| (field.clone(), f)),
+        _ => None,
+    };
+    match flag {
+        Some((field, f)) => anyhow::Error::new(e)
+            .context(format!("`{field}` is set by {f} (or write another --out)")),
+        None => e.into(),
+    }
 }
 
 fn summarize(args: &Args, r: &PreprocessReport) {

@@ -171,7 +171,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     let tensorboard = cfg.run.tensorboard;
     let mut trainer = Trainer::with_collective(cfg, &args.out, resume, device, collective)
-        .with_context(|| format!("setting up the run in {}", args.out.display()))?;
+        .with_context(|| match resume {
+            Resume::Fresh => format!(
+                "setting up the run in {} (to continue a run there, pass --resume)",
+                args.out.display()
+            ),
+            Resume::Latest => format!("resuming the run in {}", args.out.display()),
+        })?;
     if rank == 0 {
         for w in trainer.warnings() {
             eprintln!("warning: {w}");

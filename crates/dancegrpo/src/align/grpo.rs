@@ -10,12 +10,14 @@ use super::{Case, Precision};
 use crate::error::{Error, Result};
 use crate::grpo::update::TransitionBatch;
 use crate::grpo::{
-    AdamW, AdamWConfig, LrSchedule, Trainable, UpdateBatching, UpdateConfig, UpdateObserver,
+    AdamW, AdamWConfig, Grouping, LrSchedule, RewardMixing, Trainable, UpdateBatching,
+    UpdateConfig, UpdateObserver,
 };
 use crate::models::flux::FluxTransformer;
 use crate::nn::upcast_kind;
 use crate::precision::ReduceDtype;
 use crate::sampler::{Conditioning, Recorded, Rollout, Schedule};
+use crate::train::config::{AdvantageGrouping, TrainConfig};
 
 /// Everything a GRPO iteration needs from a case (the align stages and `bench train`).
 pub struct GrpoCase {
@@ -63,25 +65,9 @@ impl GrpoCase {
             case.input("sde_noise")?,
             case.input("perms")?,
         )?;
-        let betas = case
-            .hyper("adam_betas")?
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        let beta = |i: usize| betas.get(i).and_then(|b| b.as_f64());
-        let (Some(b1), Some(b2)) = (beta(0), beta(1)) else {
-            return Err(Error::config(
-                case.dir().join("case.json"),
-                "hyperparameters.adam_betas",
-                "want two numbers",
-            ));
-        };
-        let adam = AdamWConfig {
-            betas: (b1, b2),
-            eps: case.hyper_f64("adam_eps")?,
-            weight_decay: case.hyper_f64("weight_decay")?,
-        };
-        let cfg = update_config(case)?;
+        let train = train_config(case)?;
+        let cfg = train.iteration_config().update;
+        let adam = train.adam();
         Ok(GrpoCase {
             model,
             cond,
@@ -102,29 +88,59 @@ impl GrpoCase {
     }
 }
 
-fn update_config(case: &Case) -> Result<UpdateConfig> {
+/// The case's hyperparameters as a trainer configuration, so that a fixture and
+/// a user's run reach the engine through the same mapping
+/// ([`TrainConfig::iteration_config`], [`TrainConfig::adam`]). Fields the case
+/// does not set keep the tiny default's values.
+pub fn train_config(case: &Case) -> Result<TrainConfig> {
+    let file = case.dir().join("case.json");
     let scheduler = case.hyper("lr_scheduler")?.as_str().unwrap_or_default();
     if scheduler != "constant_with_warmup" {
         return Err(Error::config(
-            case.dir().join("case.json"),
+            &file,
             "hyperparameters.lr_scheduler",
             format!("`{scheduler}` is not supported (constant_with_warmup is)"),
         ));
     }
-    Ok(UpdateConfig {
-        eta: case.hyper_f64("eta")?,
-        clip_range: case.hyper_f64("clip_range")?,
-        timestep_fraction: case.hyper_f64("timestep_fraction")?,
-        trainable: Trainable::AllButLast,
-        grad_accum: case.hyper_i64("gradient_accumulation_steps")?,
-        max_grad_norm: case.hyper_f64("max_grad_norm")?,
-        learning_rate: case.hyper_f64("learning_rate")?,
-        lr_schedule: LrSchedule::ConstantWithWarmup {
-            warmup_steps: case.hyper_i64("lr_warmup_steps")? as u64,
-        },
-        batching: UpdateBatching::PerSample,
-        grad_reduce: ReduceDtype::Fp32,
-    })
+    let betas = case
+        .hyper("adam_betas")?
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let beta = |i: usize| betas.get(i).and_then(|b| b.as_f64());
+    let (Some(b1), Some(b2)) = (beta(0), beta(1)) else {
+        return Err(Error::config(
+            &file,
+            "hyperparameters.adam_betas",
+            "want two numbers",
+        ));
+    };
+    let mut t = TrainConfig::tiny_demo();
+    t.sampler.eta = case.hyper_f64("eta")?;
+    t.sampler.group_size = case.group_size()?;
+    t.grpo.grouping = match case.grouping()? {
+        Grouping::Global => AdvantageGrouping::Global,
+        Grouping::PerPrompt { .. } => AdvantageGrouping::PerPrompt,
+    };
+    t.grpo.clip_range = case.hyper_f64("clip_range")?;
+    t.grpo.timestep_fraction = case.hyper_f64("timestep_fraction")?;
+    t.grpo.adv_clip_max = case.hyper_f64("adv_clip_max")?;
+    t.grpo.trainable = Trainable::AllButLast;
+    t.grpo.reward_mixing = RewardMixing::Reward;
+    let o = &mut t.optim;
+    o.gradient_accumulation = case.hyper_i64("gradient_accumulation_steps")?;
+    o.max_grad_norm = case.hyper_f64("max_grad_norm")?;
+    o.learning_rate = case.hyper_f64("learning_rate")?;
+    o.lr_schedule = LrSchedule::ConstantWithWarmup {
+        warmup_steps: case.hyper_i64("lr_warmup_steps")? as u64,
+    };
+    o.update_batching = UpdateBatching::PerSample;
+    o.betas = (b1, b2);
+    o.eps = case.hyper_f64("adam_eps")?;
+    o.weight_decay = case.hyper_f64("weight_decay")?;
+    t.precision.reduce = ReduceDtype::Fp32;
+    t.health.max_failed_reward_share = 1.0;
+    Ok(t)
 }
 
 /// The stored rollout (`sample/latents`, `sample/log_probs`) in `kind`, one

@@ -27,7 +27,7 @@ use serde::Serialize;
 use tch::Kind;
 
 pub use case::Case;
-pub use grpo::GrpoCase;
+pub use grpo::{train_config, GrpoCase};
 pub use judge::{errors, Reference, StageAcc, TensorCheck};
 
 use crate::error::Result;

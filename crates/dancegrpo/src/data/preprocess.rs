@@ -108,10 +108,10 @@ pub fn preprocess(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<PreprocessReport> {
     if opts.batch == 0 {
-        return Err(Error::Input("--batch must be >= 1".into()));
+        return Err(Error::Input("batch must be >= 1".into()));
     }
     if opts.shard_size == 0 {
-        return Err(Error::Input("--shard-size must be >= 1".into()));
+        return Err(Error::Input("shard_size must be >= 1".into()));
     }
     let file = read_prompts(&opts.prompts, opts.skip_cjk)?;
     if file.prompts.is_empty() {
@@ -159,7 +159,7 @@ pub fn preprocess(
         match file.prompts.get(index as usize) {
             Some(p) if p.text == prompt => Ok(()),
             Some(p) => Err(Error::Input(format!(
-                "{}: prompt {index} is {prompt:?} in the dataset but {:?} on line {} of {}: the prompts file changed; use the same file or another --out",
+                "{}: prompt {index} is {prompt:?} in the dataset but {:?} on line {} of {}: the prompts file changed; use the same file or another output directory",
                 opts.out.join(super::format::MANIFEST_FILE).display(),
                 p.text,
                 p.line,
@@ -214,7 +214,7 @@ pub fn convert_reference(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<PreprocessReport> {
     if opts.shard_size == 0 {
-        return Err(Error::Input("--shard-size must be >= 1".into()));
+        return Err(Error::Input("shard_size must be >= 1".into()));
     }
     let set = ReferenceSet::open(&opts.reference)?;
     let index_path = opts.reference.join(INDEX_FILE);
@@ -241,7 +241,7 @@ pub fn convert_reference(
         match items.get(index as usize) {
             Some(it) if it.caption == prompt => Ok(()),
             _ => Err(Error::Input(format!(
-                "{}: item {index} differs from the dataset's manifest: the reference changed; use another --out",
+                "{}: item {index} differs from the dataset's manifest: the reference changed; use another output directory",
                 index_path.display()
             ))),
         }

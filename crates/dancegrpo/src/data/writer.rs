@@ -80,7 +80,7 @@ impl DatasetWriter {
                         std::io::Error::new(
                             std::io::ErrorKind::AlreadyExists,
                             format!(
-                                "exists and is not a dataset (no {INFO_FILE}, but `{}`); choose a new --out or remove it",
+                                "exists and is not a dataset (no {INFO_FILE}, but `{}`); choose a new output directory or remove it",
                                 e.file_name().to_string_lossy()
                             ),
                         ),
@@ -329,7 +329,7 @@ fn check_same_settings(path: &Path, stored: &DatasetInfo, now: &DatasetInfo) -> 
         Err(Error::config(
             path,
             field,
-            format!("the dataset was made with {a}, this run has {b}; use the same settings or another --out"),
+            format!("the dataset was made with {a}, this run has {b}; use the same settings or another output directory"),
         ))
     };
     match (&stored.source, &now.source) {
@@ -354,11 +354,7 @@ fn check_same_settings(path: &Path, stored: &DatasetInfo, now: &DatasetInfo) -> 
             },
         ) => {
             if m0 != m1 {
-                return differ(
-                    "source.model",
-                    format!("--model {m0}"),
-                    format!("--model {m1}"),
-                );
+                return differ("source.model", format!("model {m0}"), format!("model {m1}"));
             }
             if s0 != s1 {
                 return differ(
@@ -370,8 +366,8 @@ fn check_same_settings(path: &Path, stored: &DatasetInfo, now: &DatasetInfo) -> 
             if l0 != l1 {
                 return differ(
                     "source.max_sequence_length",
-                    format!("--max-sequence-length {l0}"),
-                    format!("--max-sequence-length {l1}"),
+                    format!("max_sequence_length {l0}"),
+                    format!("max_sequence_length {l1}"),
                 );
             }
             if c0 != c1 {
@@ -380,8 +376,8 @@ fn check_same_settings(path: &Path, stored: &DatasetInfo, now: &DatasetInfo) -> 
             if b0 != b1 {
                 return differ(
                     "source.batch",
-                    format!("--batch {b0}"),
-                    format!("--batch {b1} (batched encoders round differently)"),
+                    format!("batch {b0}"),
+                    format!("batch {b1} (batched encoders round differently)"),
                 );
             }
             if v0 != v1 {
@@ -396,8 +392,8 @@ fn check_same_settings(path: &Path, stored: &DatasetInfo, now: &DatasetInfo) -> 
             if d0 != d1 {
                 return differ(
                     "source.dir",
-                    format!("--from-reference {d0}"),
-                    format!("--from-reference {d1}"),
+                    format!("reference {d0}"),
+                    format!("reference {d1}"),
                 );
             }
         }
@@ -412,15 +408,15 @@ fn check_same_settings(path: &Path, stored: &DatasetInfo, now: &DatasetInfo) -> 
     if stored.shard_size != now.shard_size {
         return differ(
             "shard_size",
-            format!("--shard-size {}", stored.shard_size),
-            format!("--shard-size {}", now.shard_size),
+            format!("shard_size {}", stored.shard_size),
+            format!("shard_size {}", now.shard_size),
         );
     }
     if stored.dtype != now.dtype {
         return differ(
             "dtype",
-            format!("--dtype {}", stored.dtype.name()),
-            format!("--dtype {}", now.dtype.name()),
+            format!("dtype {}", stored.dtype.name()),
+            format!("dtype {}", now.dtype.name()),
         );
     }
     if (stored.text_len, stored.text_dim, stored.pooled_dim)
@@ -465,7 +461,7 @@ fn check_same_input(path: &Path, stored: &DatasetInfo, now: &DatasetInfo) -> Res
             path,
             field,
             format!(
-                "{what} changed: the dataset was made from {} prompts (hash {h0}), this run has {} (hash {h1}); use the same input or another --out",
+                "{what} changed: the dataset was made from {} prompts (hash {h0}), this run has {} (hash {h1}); use the same input or another output directory",
                 stored.prompts, now.prompts
             ),
         ));

@@ -178,7 +178,7 @@ pub struct OptimConfig {
     pub eps: f64,
     /// Gradient-norm bound.
     pub max_grad_norm: f64,
-    /// Samples per optimizer step (per process).
+    /// Samples whose gradients make one optimizer step, over all processes.
     pub gradient_accumulation: i64,
     /// Learning-rate schedule.
     pub lr_schedule: LrSchedule,

@@ -130,7 +130,7 @@ impl Trainer {
         match (resume, &latest) {
             (Resume::Fresh, Some(found)) => {
                 return Err(Error::Input(format!(
-                    "{} already holds checkpoint {}: resume it (--resume) or choose another output directory",
+                    "{} already holds checkpoint {}: resume it or choose another output directory",
                     dir.display(),
                     found.display()
                 )))
