@@ -22,7 +22,7 @@
 //!   errors are figures, and only a non-finite one fails.
 //!
 //! `K`, `FLOOR` and `F64_TOL` were chosen from measurements written down in
-//! the README ("Parity across CPUs").
+//! `docs/alignment.md` ("Parity across CPUs").
 
 use serde::Serialize;
 use tch::{Kind, Tensor};

@@ -1,4 +1,4 @@
-//! A reward computed by an HTTP service (see README "Rewards" for the protocol).
+//! A reward computed by an HTTP service (the protocol: `docs/rewards.md`).
 //!
 //! One `POST` per batch, `Content-Type: application/json`:
 //!

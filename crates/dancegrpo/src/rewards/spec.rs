@@ -57,7 +57,7 @@ pub enum RewardSpec {
         #[serde(default = "one")]
         weight: f64,
     },
-    /// A reward service over HTTP (protocol: README "Rewards").
+    /// A reward service over HTTP (the protocol: `docs/rewards.md`).
     Remote {
         /// `http://host:port/path`.
         url: String,
