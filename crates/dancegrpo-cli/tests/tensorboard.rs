@@ -1,8 +1,9 @@
-//! TensorBoard event files of `dancegrpo train`, read back with a reader
-//! written here (TFRecord framing with both CRCs checked by a bitwise CRC-32C,
-//! and the `tensorflow.Event` protobuf fields decoded by hand), compared with
-//! `metrics.jsonl` and `eval.jsonl`; a resumed run's new file and its
-//! `SessionLog START`.
+//! TensorBoard event files of `dancegrpo train`, read back independently of
+//! the library's hand-written encoder (TFRecord framing with both CRCs checked
+//! through the `crc32c` crate, `tensorflow.Event` decoded by `prost` from
+//! messages declared after TensorFlow's `.proto`s), compared with
+//! `metrics.jsonl`, `eval.jsonl`, `config.toml` and the PNG grids; a resumed
+//! run's new file and its `SessionLog START`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -22,7 +23,7 @@ fn train(out: &Path, extra: &[&str]) {
             "--set",
             "run.checkpoint_every=2",
             "--set",
-            "run.image_every=0",
+            "run.image_every=2",
         ])
         .args(["--set", "eval.every=2", "--set", "eval.prompts=2"])
         .args(extra)
@@ -31,23 +32,7 @@ fn train(out: &Path, extra: &[&str]) {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
-/// CRC-32C bit by bit (independent of the library's table-driven one).
-fn crc32c(bytes: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in bytes {
-        crc ^= b as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 {
-                (crc >> 1) ^ 0x82F6_3B78
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
-/// The mask as the format describes it.
+/// TensorFlow's mask of a CRC-32C, as the TFRecord format describes it.
 #[allow(clippy::manual_rotate)]
 fn masked(crc: u32) -> u32 {
     ((crc >> 15) | (crc << 17)).wrapping_add(0xa282_ead8)
@@ -58,19 +43,12 @@ fn records(path: &Path) -> Vec<Vec<u8>> {
     let bytes = std::fs::read(path).unwrap();
     let (mut out, mut at) = (Vec::new(), 0usize);
     let u32_at = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().unwrap());
+    let crc = |b: &[u8]| masked(crc32c::crc32c(b));
     while at < bytes.len() {
         let len = u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
-        assert_eq!(
-            u32_at(at + 8),
-            masked(crc32c(&bytes[at..at + 8])),
-            "length crc"
-        );
+        assert_eq!(u32_at(at + 8), crc(&bytes[at..at + 8]), "length crc");
         let payload = &bytes[at + 12..at + 12 + len];
-        assert_eq!(
-            u32_at(at + 12 + len),
-            masked(crc32c(payload)),
-            "payload crc"
-        );
+        assert_eq!(u32_at(at + 12 + len), crc(payload), "payload crc");
         out.push(payload.to_vec());
         at += 12 + len + 4;
     }
@@ -78,98 +56,147 @@ fn records(path: &Path) -> Vec<Vec<u8>> {
     out
 }
 
-/// The fields of an `Event` this test looks at.
+/// TensorFlow's messages (`event.proto`, `summary.proto`, `tensor.proto`),
+/// declared for `prost` with their field numbers: an independent decoder.
+mod proto {
+    /// `tensorflow.Event`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Event {
+        #[prost(double, tag = "1")]
+        pub wall_time: f64,
+        #[prost(int64, tag = "2")]
+        pub step: i64,
+        #[prost(string, optional, tag = "3")]
+        pub file_version: Option<String>,
+        #[prost(message, optional, tag = "5")]
+        pub summary: Option<Summary>,
+        #[prost(message, optional, tag = "7")]
+        pub session_log: Option<SessionLog>,
+    }
+    /// `tensorflow.SessionLog`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct SessionLog {
+        #[prost(int32, tag = "1")]
+        pub status: i32,
+    }
+    /// `tensorflow.Summary`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Summary {
+        #[prost(message, repeated, tag = "1")]
+        pub value: Vec<Value>,
+    }
+    /// `tensorflow.Summary.Value`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Value {
+        #[prost(string, tag = "1")]
+        pub tag: String,
+        #[prost(float, optional, tag = "2")]
+        pub simple_value: Option<f32>,
+        #[prost(message, optional, tag = "4")]
+        pub image: Option<Image>,
+        #[prost(message, optional, tag = "8")]
+        pub tensor: Option<TensorProto>,
+        #[prost(message, optional, tag = "9")]
+        pub metadata: Option<SummaryMetadata>,
+    }
+    /// `tensorflow.Summary.Image`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Image {
+        #[prost(int32, tag = "1")]
+        pub height: i32,
+        #[prost(int32, tag = "2")]
+        pub width: i32,
+        #[prost(int32, tag = "3")]
+        pub colorspace: i32,
+        #[prost(bytes = "vec", tag = "4")]
+        pub encoded_image_string: Vec<u8>,
+    }
+    /// `tensorflow.TensorProto` (the fields a string tensor uses).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct TensorProto {
+        #[prost(int32, tag = "1")]
+        pub dtype: i32,
+        #[prost(message, optional, tag = "2")]
+        pub tensor_shape: Option<TensorShapeProto>,
+        #[prost(bytes = "vec", repeated, tag = "8")]
+        pub string_val: Vec<Vec<u8>>,
+    }
+    /// `tensorflow.TensorShapeProto`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct TensorShapeProto {
+        #[prost(message, repeated, tag = "2")]
+        pub dim: Vec<Dim>,
+    }
+    /// `tensorflow.TensorShapeProto.Dim`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Dim {
+        #[prost(int64, tag = "1")]
+        pub size: i64,
+    }
+    /// `tensorflow.SummaryMetadata`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct SummaryMetadata {
+        #[prost(message, optional, tag = "1")]
+        pub plugin_data: Option<PluginData>,
+    }
+    /// `tensorflow.SummaryMetadata.PluginData`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct PluginData {
+        #[prost(string, tag = "1")]
+        pub plugin_name: String,
+    }
+}
+
+/// What this test looks at in an `Event`.
 #[derive(Debug, Default)]
 struct Event {
     wall_time: f64,
     step: i64,
     file_version: Option<String>,
     scalars: Vec<(String, f32)>,
-    session_status: Option<u64>,
-}
-
-/// A protobuf field: its number and value.
-enum Field<'a> {
-    Varint(u64),
-    Fixed64([u8; 8]),
-    Bytes(&'a [u8]),
-    Fixed32([u8; 4]),
-}
-
-fn varint(b: &[u8], at: &mut usize) -> u64 {
-    let (mut v, mut shift) = (0u64, 0);
-    loop {
-        let byte = b[*at];
-        *at += 1;
-        v |= ((byte & 0x7F) as u64) << shift;
-        if byte < 0x80 {
-            return v;
-        }
-        shift += 7;
-    }
-}
-
-fn fields(b: &[u8]) -> Vec<(u64, Field<'_>)> {
-    let (mut out, mut at) = (Vec::new(), 0);
-    while at < b.len() {
-        let key = varint(b, &mut at);
-        let field = match key & 7 {
-            0 => Field::Varint(varint(b, &mut at)),
-            1 => {
-                at += 8;
-                Field::Fixed64(b[at - 8..at].try_into().unwrap())
-            }
-            2 => {
-                let n = varint(b, &mut at) as usize;
-                at += n;
-                Field::Bytes(&b[at - n..at])
-            }
-            5 => {
-                at += 4;
-                Field::Fixed32(b[at - 4..at].try_into().unwrap())
-            }
-            w => panic!("wire type {w}"),
-        };
-        out.push((key >> 3, field));
-    }
-    out
-}
-
-fn decode_value(b: &[u8]) -> (String, f32) {
-    let (mut tag, mut value) = (None, None);
-    for (n, f) in fields(b) {
-        match (n, f) {
-            (1, Field::Bytes(s)) => tag = Some(String::from_utf8(s.to_vec()).unwrap()),
-            (2, Field::Fixed32(x)) => value = Some(f32::from_le_bytes(x)),
-            _ => panic!("unexpected Summary.Value field {n}"),
-        }
-    }
-    (tag.unwrap(), value.unwrap())
+    /// `(tag, height, width, PNG)`.
+    images: Vec<(String, i32, i32, Vec<u8>)>,
+    /// `(tag, text)` of text-plugin summaries.
+    texts: Vec<(String, String)>,
+    session_status: Option<i32>,
 }
 
 fn decode_event(b: &[u8]) -> Event {
-    let mut e = Event::default();
-    for (n, f) in fields(b) {
-        match (n, f) {
-            (1, Field::Fixed64(x)) => e.wall_time = f64::from_le_bytes(x),
-            (2, Field::Varint(v)) => e.step = v as i64,
-            (3, Field::Bytes(s)) => e.file_version = Some(String::from_utf8(s.to_vec()).unwrap()),
-            (5, Field::Bytes(s)) => {
-                for (n, f) in fields(s) {
-                    match (n, f) {
-                        (1, Field::Bytes(v)) => e.scalars.push(decode_value(v)),
-                        _ => panic!("unexpected Summary field {n}"),
-                    }
-                }
+    use prost::Message;
+    let e = proto::Event::decode(b).expect("a tensorflow.Event");
+    let mut out = Event {
+        wall_time: e.wall_time,
+        step: e.step,
+        file_version: e.file_version,
+        session_status: e.session_log.map(|l| l.status),
+        ..Event::default()
+    };
+    for v in e.summary.map(|s| s.value).unwrap_or_default() {
+        match (v.simple_value, v.image, v.tensor) {
+            (Some(x), None, None) => out.scalars.push((v.tag, x)),
+            (None, Some(i), None) => {
+                assert_eq!(i.colorspace, 3, "RGB");
+                out.images
+                    .push((v.tag, i.height, i.width, i.encoded_image_string));
             }
-            (7, Field::Bytes(s)) => match fields(s).as_slice() {
-                [(1, Field::Varint(status))] => e.session_status = Some(*status),
-                _ => panic!("unexpected SessionLog"),
-            },
-            _ => panic!("unexpected Event field {n}"),
+            (None, None, Some(t)) => {
+                let plugin = v
+                    .metadata
+                    .and_then(|m| m.plugin_data)
+                    .map(|p| p.plugin_name);
+                assert_eq!(plugin.as_deref(), Some("text"));
+                assert_eq!(t.dtype, 7, "DT_STRING");
+                assert!(t.tensor_shape.is_some_and(|s| s.dim.is_empty()), "a scalar");
+                let [text] = &t.string_val[..] else {
+                    panic!("one string")
+                };
+                out.texts
+                    .push((v.tag, String::from_utf8(text.clone()).unwrap()));
+            }
+            _ => panic!("a summary value of an unexpected kind: {}", v.tag),
         }
     }
-    e
+    out
 }
 
 /// The event files of a run, in TensorBoard's (name) order.
@@ -260,6 +287,50 @@ fn eval_events(evs: &[Event]) -> Vec<(i64, f32)> {
         .collect()
 }
 
+/// The run's `config.toml`, once, as a Markdown code block at `step`.
+fn assert_config_text(evs: &[Event], run: &Path, step: i64) {
+    let texts: Vec<(i64, &(String, String))> = evs
+        .iter()
+        .flat_map(|e| e.texts.iter().map(move |t| (e.step, t)))
+        .collect();
+    let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    let block: String = config.lines().map(|l| format!("    {l}\n")).collect();
+    assert_eq!(texts.len(), 1, "{texts:?}");
+    assert_eq!((texts[0].0, texts[0].1 .0.as_str()), (step, "config"));
+    assert_eq!(texts[0].1 .1, block);
+}
+
+/// Each `(tag, step, dir)`: an image summary whose PNG holds the pixels of
+/// `<run>/<dir>/iter-<step>.png`.
+fn assert_images(evs: &[Event], run: &Path, want: &[(&str, i64, &str)]) {
+    let tag = want[0].0;
+    let got: Vec<(i64, &(String, i32, i32, Vec<u8>))> = evs
+        .iter()
+        .flat_map(|e| e.images.iter().map(move |i| (e.step, i)))
+        .filter(|(_, i)| i.0 == tag)
+        .collect();
+    assert_eq!(got.len(), want.len(), "{tag}");
+    for ((step, (_, h, w, png)), (_, want_step, dir)) in got.iter().zip(want) {
+        assert_eq!(step, want_step, "{tag}");
+        let file = run.join(dir).join(format!("iter-{step:06}.png"));
+        let (fh, fw, pixels) = decode_png(&std::fs::read(&file).unwrap());
+        assert_eq!((*h as u32, *w as u32), (fh, fw), "{}", file.display());
+        assert_eq!(decode_png(png), (fh, fw, pixels), "{tag} at {step}");
+    }
+}
+
+/// `(height, width, RGB bytes)` of a PNG.
+fn decode_png(bytes: &[u8]) -> (u32, u32, Vec<u8>) {
+    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes))
+        .read_info()
+        .unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    buf.truncate(info.buffer_size());
+    (info.height, info.width, buf)
+}
+
 #[test]
 fn event_files_hold_the_logged_metrics_and_a_resume_restarts_at_its_step() {
     let root = temp_dir("run");
@@ -291,6 +362,17 @@ fn event_files_hold_the_logged_metrics_and_a_resume_restarts_at_its_step() {
 
     let evs = events(&files[0]);
     assert_eq!(evs[0].file_version.as_deref(), Some("brain.Event:2"));
+    assert_config_text(&evs, &run, 0);
+    assert_images(&evs, &run, &[("rollout/images", 2, "images")]);
+    assert_images(
+        &evs,
+        &run,
+        &[
+            ("eval/images", 0, "eval"),
+            ("eval/images", 2, "eval"),
+            ("eval/images", 3, "eval"),
+        ],
+    );
     assert!(evs
         .iter()
         .all(|e| e.wall_time >= t0.floor() && e.wall_time <= t1));
@@ -348,6 +430,7 @@ fn event_files_hold_the_logged_metrics_and_a_resume_restarts_at_its_step() {
         "SessionLog START at step 3"
     );
     assert!(new[1].scalars.is_empty());
+    assert_config_text(&new, &run, 3);
 
     // what TensorBoard shows: the old points at steps >= 3 purged by START
     let mut merged: Vec<Event> = events(&files[0]);

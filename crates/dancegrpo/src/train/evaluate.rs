@@ -129,6 +129,9 @@ impl Trainer {
         let dir = self.dir.join("eval");
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let name = format!("iter-{:06}.png", record.iteration);
+        if let Some(events) = &mut self.events {
+            events.image(record.iteration, "eval/images", &image)?;
+        }
         self.writer.write(dir.join(name), image)?;
         let line = serde_json::to_string(record).expect("serialisable eval record");
         append_line(&self.dir.join("eval.jsonl"), &line)?;

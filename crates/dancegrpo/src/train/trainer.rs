@@ -228,9 +228,17 @@ impl Trainer {
             return Ok(None);
         }
         let mut events = EventWriter::create(&self.dir.join(tensorboard::DIR))?;
+        let step = match resumed {
+            true => self.state.iteration + 1,
+            false => 0,
+        };
         if resumed {
-            events.session_start(self.state.iteration + 1)?;
+            events.session_start(step)?;
         }
+        let toml = self.cfg.to_toml();
+        // indented: a Markdown code block in the Text dashboard
+        let text: String = toml.lines().map(|l| format!("    {l}\n")).collect();
+        events.text(step, "config", &text)?;
         Ok(Some(events))
     }
 
@@ -496,7 +504,11 @@ impl Trainer {
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let cols = self.cfg.sampler.group_size.min(8);
         let path = dir.join(format!("iter-{iteration:06}.png"));
-        self.writer.write(path, grid(images, cols))
+        let image = grid(images, cols);
+        if let Some(events) = &mut self.events {
+            events.image(iteration, "rollout/images", &image)?;
+        }
+        self.writer.write(path, image)
     }
 
     fn save(&mut self) -> Result<()> {

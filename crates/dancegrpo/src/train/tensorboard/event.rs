@@ -1,12 +1,21 @@
 //! Hand-encoded `tensorflow.Event` protobufs (the payload of each record of an
-//! event file), only the fields TensorBoard's scalar dashboard needs:
+//! event file), only the fields TensorBoard's scalar, image and text dashboards
+//! need. Hand-written because no maintained crate writes TensorBoard events, and
+//! these few messages are simpler to encode than to generate; the CLI test reads
+//! them back with `prost` from messages declared after TensorFlow's `.proto`s.
 //!
 //! ```text
-//! Event      { double wall_time = 1; int64 step = 2; string file_version = 3;
-//!              Summary summary = 5; SessionLog session_log = 7; }
-//! Summary    { repeated Value value = 1; }
-//! Value      { string tag = 1; float simple_value = 2; }
-//! SessionLog { SessionStatus status = 1; }   // START = 1
+//! Event       { double wall_time = 1; int64 step = 2; string file_version = 3;
+//!               Summary summary = 5; SessionLog session_log = 7; }
+//! Summary     { repeated Value value = 1; }
+//! Value       { string tag = 1; float simple_value = 2; Image image = 4;
+//!               TensorProto tensor = 8; SummaryMetadata metadata = 9; }
+//! Image       { int32 height = 1; int32 width = 2; int32 colorspace = 3;
+//!               bytes encoded_image_string = 4; }     // colorspace 3: RGB
+//! TensorProto { DataType dtype = 1; TensorShapeProto tensor_shape = 2;
+//!               repeated bytes string_val = 8; }      // DT_STRING = 7, shape {}: a scalar
+//! SummaryMetadata { PluginData plugin_data = 1; }     // PluginData { string plugin_name = 1; }
+//! SessionLog  { SessionStatus status = 1; }           // START = 1
 //! ```
 
 /// The `file_version` of the first event of every file.
@@ -35,7 +44,30 @@ pub enum EventBody<'a> {
     /// `SessionLog { status: START }`: TensorBoard drops the points of earlier
     /// files at this step and later (a restarted run).
     SessionStart,
+    /// One PNG image summary (the Images dashboard).
+    Image {
+        /// The summary's tag.
+        tag: &'a str,
+        /// The encoded PNG.
+        png: &'a [u8],
+        /// Image height in pixels.
+        height: u32,
+        /// Image width in pixels.
+        width: u32,
+    },
+    /// One text summary (the Text dashboard renders it as Markdown).
+    Text {
+        /// The summary's tag.
+        tag: &'a str,
+        /// The Markdown text.
+        text: &'a str,
+    },
 }
+
+/// `DataType.DT_STRING`.
+const DT_STRING: u64 = 7;
+/// `Summary.Image.colorspace` of RGB.
+const RGB: u64 = 3;
 
 /// The encoded `Event` at `wall_time` (seconds since the epoch) and `step`.
 pub fn encode_event(wall_time: f64, step: i64, body: &EventBody) -> Vec<u8> {
@@ -53,8 +85,52 @@ pub fn encode_event(wall_time: f64, step: i64, body: &EventBody) -> Vec<u8> {
             put_varint(&mut log, SESSION_START);
             put_bytes(&mut out, 7, &log);
         }
+        EventBody::Image {
+            tag,
+            png,
+            height,
+            width,
+        } => {
+            let mut image = Vec::with_capacity(png.len() + 16);
+            put_uint(&mut image, 1, *height as u64);
+            put_uint(&mut image, 2, *width as u64);
+            put_uint(&mut image, 3, RGB);
+            put_bytes(&mut image, 4, png);
+            put_bytes(&mut out, 5, &summary_value(tag, 4, &image, None));
+        }
+        EventBody::Text { tag, text } => {
+            let mut tensor = Vec::with_capacity(text.len() + 8);
+            put_uint(&mut tensor, 1, DT_STRING);
+            put_bytes(&mut tensor, 2, &[]); // shape {}: a scalar
+            put_bytes(&mut tensor, 8, text.as_bytes());
+            let mut plugin = Vec::new();
+            put_bytes(&mut plugin, 1, b"text");
+            let mut metadata = Vec::new();
+            put_bytes(&mut metadata, 1, &plugin);
+            let value = summary_value(tag, 8, &tensor, Some(&metadata));
+            put_bytes(&mut out, 5, &value);
+        }
     }
     out
+}
+
+/// A `Summary` holding one `Value` with `tag`, the message `field` of it and
+/// optional `metadata`.
+fn summary_value(tag: &str, field: u64, message: &[u8], metadata: Option<&[u8]>) -> Vec<u8> {
+    let mut v = Vec::with_capacity(tag.len() + message.len() + 16);
+    put_bytes(&mut v, 1, tag.as_bytes());
+    put_bytes(&mut v, field, message);
+    if let Some(m) = metadata {
+        put_bytes(&mut v, 9, m);
+    }
+    let mut summary = Vec::with_capacity(v.len() + 4);
+    put_bytes(&mut summary, 1, &v);
+    summary
+}
+
+fn put_uint(out: &mut Vec<u8>, field: u64, v: u64) {
+    put_key(out, field, Wire::Varint);
+    put_varint(out, v);
 }
 
 /// The encoded `Summary` of scalar `values`.
@@ -112,5 +188,34 @@ mod tests {
             &e[9..],
             [0x10, 0, 0x2A, 10, 0x0A, 8, 0x0A, 1, b'a', 0x15, 0, 0, 0x80, 0x3F]
         );
+        // summary { value { tag: "i" image { height: 2 width: 3 colorspace: 3 encoded: "P" } } }
+        let body = EventBody::Image {
+            tag: "i",
+            png: b"P",
+            height: 2,
+            width: 3,
+        };
+        let e = encode_event(0.0, 0, &body);
+        let image = [0x08, 2, 0x10, 3, 0x18, 3, 0x22, 1, b'P'];
+        let mut want = vec![0x10, 0, 0x2A, 16, 0x0A, 14, 0x0A, 1, b'i', 0x22, 9];
+        want.extend_from_slice(&image);
+        assert_eq!(&e[9..], want);
+        // summary { value { tag: "t" tensor { dtype: DT_STRING tensor_shape {} string_val: "x" }
+        //                   metadata { plugin_data { plugin_name: "text" } } } }
+        let e = encode_event(
+            0.0,
+            0,
+            &EventBody::Text {
+                tag: "t",
+                text: "x",
+            },
+        );
+        let tensor = [0x08, 7, 0x12, 0, 0x42, 1, b'x'];
+        let meta = [0x0A, 6, 0x0A, 4, b't', b'e', b'x', b't'];
+        let mut want = vec![0x10, 0, 0x2A, 24, 0x0A, 22, 0x0A, 1, b't', 0x42, 7];
+        want.extend_from_slice(&tensor);
+        want.extend_from_slice(&[0x4A, 8]);
+        want.extend_from_slice(&meta);
+        assert_eq!(&e[9..], want);
     }
 }
