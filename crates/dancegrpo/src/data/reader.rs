@@ -9,7 +9,7 @@ use super::format::{
     POOLED_PROMPT_EMBEDS, PROMPT_EMBEDS,
 };
 use crate::error::{Error, Result};
-use crate::io::safetensors::{Dtype, SafetensorsFile};
+use crate::io::safetensors::{dtype_of, SafetensorsFile};
 use crate::train::data::{PromptEntry, PromptSet};
 
 /// A complete prompt-embedding dataset, its shards memory-mapped.
@@ -55,7 +55,7 @@ impl EmbeddingDataset {
                 info.prompts
             )));
         }
-        let dtype = Dtype::from_kind(info.dtype.kind()).expect("f32/bf16");
+        let dtype = dtype_of(info.dtype.kind()).expect("f32/bf16");
         let mut shards = Vec::new();
         for k in 0..info.shard_count() {
             let path = dir.join(shard_name(k));
@@ -91,7 +91,7 @@ impl EmbeddingDataset {
                         path: path.clone(),
                         msg: format!(
                             "tensor `{name}` is {}, the dataset is {}",
-                            t.dtype.name(),
+                            t.dtype,
                             info.dtype.name()
                         ),
                     });

@@ -293,7 +293,7 @@ impl DatasetWriter {
             return false;
         };
         let i = &self.info;
-        let dtype = crate::io::safetensors::Dtype::from_kind(i.dtype.kind());
+        let dtype = crate::io::safetensors::dtype_of(i.dtype.kind());
         let ok = |name: &str, shape: &[i64]| {
             f.info(name)
                 .is_some_and(|t| t.shape == shape && Some(t.dtype) == dtype)

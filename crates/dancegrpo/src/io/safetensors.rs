@@ -1,132 +1,82 @@
-//! Safetensors files: memory-mapped reading with full header validation, and
-//! atomic writing.
+//! Safetensors files through the `safetensors` crate, memory-mapped.
 //!
-//! Format: an 8-byte little-endian header length `n`, `n` bytes of JSON mapping
-//! tensor names to `{dtype, shape, data_offsets: [begin, end]}` (offsets relative
-//! to the end of the header), an optional `__metadata__` map of strings, then the
-//! raw little-endian tensor data.
+//! The crate parses and validates the header (the JSON, every dtype, shapes
+//! against `data_offsets`, offsets contiguous and covering exactly the data
+//! after the header) and supplies the header's types for writing. What stays
+//! here: the memory map, the mapping between safetensors dtypes and libtorch
+//! kinds, errors that name the file and say what is wrong in a user's words,
+//! and writing, which streams tensor by tensor through [`write_atomic`] (a
+//! sibling file, flushed to disk, then renamed) with the tensors in the
+//! caller's order and `__metadata__` sorted, so a file's bytes depend only on
+//! its contents. (The crate's own writer sorts tensors by dtype, does not
+//! flush to disk before renaming, and orders `__metadata__` by hash.)
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
+use safetensors::tensor::Metadata;
+use safetensors::{SafeTensorError, SafeTensors};
 use tch::{Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::io::atomic::write_atomic;
 
-/// Element types a safetensors file may hold (the subset libtorch can represent).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dtype {
-    /// 64-bit float.
-    F64,
-    /// 32-bit float.
-    F32,
-    /// 16-bit IEEE float.
-    F16,
-    /// bfloat16.
-    BF16,
-    /// 64-bit signed integer.
-    I64,
-    /// 32-bit signed integer.
-    I32,
-    /// 16-bit signed integer.
-    I16,
-    /// 8-bit signed integer.
-    I8,
-    /// 8-bit unsigned integer.
-    U8,
-    /// Boolean (one byte).
-    Bool,
+pub use safetensors::Dtype;
+
+/// The libtorch kind of a safetensors dtype (`None`: libtorch has none here,
+/// e.g. the 8-bit floats).
+pub fn kind_of(dtype: Dtype) -> Option<Kind> {
+    Some(match dtype {
+        Dtype::F64 => Kind::Double,
+        Dtype::F32 => Kind::Float,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::I64 => Kind::Int64,
+        Dtype::I32 => Kind::Int,
+        Dtype::I16 => Kind::Int16,
+        Dtype::I8 => Kind::Int8,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::BOOL => Kind::Bool,
+        _ => return None,
+    })
 }
 
-impl Dtype {
-    fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "F64" => Dtype::F64,
-            "F32" => Dtype::F32,
-            "F16" => Dtype::F16,
-            "BF16" => Dtype::BF16,
-            "I64" => Dtype::I64,
-            "I32" => Dtype::I32,
-            "I16" => Dtype::I16,
-            "I8" => Dtype::I8,
-            "U8" => Dtype::U8,
-            "BOOL" => Dtype::Bool,
-            _ => return None,
-        })
-    }
-
-    /// The name used in safetensors headers.
-    pub fn name(self) -> &'static str {
-        match self {
-            Dtype::F64 => "F64",
-            Dtype::F32 => "F32",
-            Dtype::F16 => "F16",
-            Dtype::BF16 => "BF16",
-            Dtype::I64 => "I64",
-            Dtype::I32 => "I32",
-            Dtype::I16 => "I16",
-            Dtype::I8 => "I8",
-            Dtype::U8 => "U8",
-            Dtype::Bool => "BOOL",
-        }
-    }
-
-    /// The matching libtorch kind.
-    pub fn kind(self) -> Kind {
-        match self {
-            Dtype::F64 => Kind::Double,
-            Dtype::F32 => Kind::Float,
-            Dtype::F16 => Kind::Half,
-            Dtype::BF16 => Kind::BFloat16,
-            Dtype::I64 => Kind::Int64,
-            Dtype::I32 => Kind::Int,
-            Dtype::I16 => Kind::Int16,
-            Dtype::I8 => Kind::Int8,
-            Dtype::U8 => Kind::Uint8,
-            Dtype::Bool => Kind::Bool,
-        }
-    }
-
-    /// The dtype for a libtorch kind, if safetensors can store it.
-    pub fn from_kind(kind: Kind) -> Option<Self> {
-        Some(match kind {
-            Kind::Double => Dtype::F64,
-            Kind::Float => Dtype::F32,
-            Kind::Half => Dtype::F16,
-            Kind::BFloat16 => Dtype::BF16,
-            Kind::Int64 => Dtype::I64,
-            Kind::Int => Dtype::I32,
-            Kind::Int16 => Dtype::I16,
-            Kind::Int8 => Dtype::I8,
-            Kind::Uint8 => Dtype::U8,
-            Kind::Bool => Dtype::Bool,
-            _ => return None,
-        })
-    }
-
-    /// Bytes per element.
-    pub fn size(self) -> usize {
-        match self {
-            Dtype::F64 | Dtype::I64 => 8,
-            Dtype::F32 | Dtype::I32 => 4,
-            Dtype::F16 | Dtype::BF16 | Dtype::I16 => 2,
-            Dtype::I8 | Dtype::U8 | Dtype::Bool => 1,
-        }
-    }
+/// The safetensors dtype of a libtorch kind, if safetensors can store it.
+pub fn dtype_of(kind: Kind) -> Option<Dtype> {
+    [
+        Dtype::F64,
+        Dtype::F32,
+        Dtype::F16,
+        Dtype::BF16,
+        Dtype::I64,
+        Dtype::I32,
+        Dtype::I16,
+        Dtype::I8,
+        Dtype::U8,
+        Dtype::BOOL,
+    ]
+    .into_iter()
+    .find(|&d| kind_of(d) == Some(kind))
 }
 
 /// Where one tensor lives in a file.
 #[derive(Debug, Clone)]
 pub struct TensorInfo {
-    /// Element type.
+    /// Element type (one libtorch can hold: [`kind_of`] is `Some`).
     pub dtype: Dtype,
     /// Shape (empty for a scalar).
     pub shape: Vec<i64>,
     /// Byte range in the data section.
     pub range: std::ops::Range<usize>,
+}
+
+impl TensorInfo {
+    /// The libtorch kind of the tensor.
+    pub fn kind(&self) -> Kind {
+        kind_of(self.dtype).expect("checked when the file was opened")
+    }
 }
 
 /// A memory-mapped safetensors file whose header has been validated.
@@ -146,17 +96,37 @@ impl SafetensorsFile {
         // SAFETY: the map is read-only; a file truncated under us by another
         // process is the one hazard, as with every memory-mapped loader.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-        let (data_start, tensors, metadata) =
-            parse_header(&mmap).map_err(|msg| Error::Safetensors {
-                path: path.clone(),
-                msg,
-            })?;
+        let bad = |msg: String| Error::Safetensors {
+            path: path.clone(),
+            msg,
+        };
+        let (n, header) = SafeTensors::read_metadata(&mmap).map_err(|e| bad(explain(&mmap, e)))?;
+        let mut tensors = BTreeMap::new();
+        for (name, info) in header.tensors() {
+            if kind_of(info.dtype).is_none() {
+                return Err(bad(format!(
+                    "tensor `{name}` has dtype {}, which is not supported",
+                    info.dtype
+                )));
+            }
+            let (b, e) = info.data_offsets;
+            let shape = info.shape.iter().map(|&d| d as i64).collect();
+            tensors.insert(
+                name,
+                TensorInfo {
+                    dtype: info.dtype,
+                    shape,
+                    range: b..e,
+                },
+            );
+        }
+        let metadata = header.metadata().clone().unwrap_or_default();
         Ok(SafetensorsFile {
             path,
             mmap,
-            data_start,
+            data_start: 8 + n,
             tensors,
-            metadata,
+            metadata: metadata.into_iter().collect(),
         })
     }
 
@@ -194,110 +164,41 @@ impl SafetensorsFile {
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
         let bytes = self.bytes(name)?;
         let info = &self.tensors[name];
-        Ok(Tensor::f_from_data_size(
-            bytes,
-            &info.shape,
-            info.dtype.kind(),
-        )?)
+        Ok(Tensor::f_from_data_size(bytes, &info.shape, info.kind())?)
     }
 }
 
-type Header = (
-    usize,
-    BTreeMap<String, TensorInfo>,
-    BTreeMap<String, String>,
-);
-
-fn parse_header(buf: &[u8]) -> std::result::Result<Header, String> {
-    if buf.len() < 8 {
-        return Err(format!(
+/// A user's words for what the crate found wrong in the file `buf`.
+fn explain(buf: &[u8], e: SafeTensorError) -> String {
+    let n = buf
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+    match e {
+        SafeTensorError::HeaderTooSmall => format!(
             "file is {} bytes, shorter than the 8-byte header length",
             buf.len()
-        ));
-    }
-    let n = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes")) as usize;
-    if n > buf.len() - 8 {
-        return Err(format!(
-            "header length {n} exceeds the file size {} (truncated?)",
+        ),
+        SafeTensorError::InvalidHeaderLength | SafeTensorError::HeaderTooLarge => format!(
+            "header length {} exceeds the file size {} (truncated?) or the 100 MB limit",
+            n.unwrap_or(0),
             buf.len()
-        ));
-    }
-    let json: serde_json::Value = serde_json::from_slice(&buf[8..8 + n])
-        .map_err(|e| format!("header is not valid JSON: {e}"))?;
-    let obj = json.as_object().ok_or("header is not a JSON object")?;
-    let data_len = buf.len() - 8 - n;
-    let mut tensors = BTreeMap::new();
-    let mut metadata = BTreeMap::new();
-    for (name, value) in obj {
-        if name == "__metadata__" {
-            metadata = parse_metadata(value)?;
-            continue;
+        ),
+        SafeTensorError::InvalidHeader(e) => format!("header is not UTF-8: {e}"),
+        SafeTensorError::InvalidHeaderDeserialization(e) => {
+            format!("header is not valid JSON for safetensors: {e}")
         }
-        let info = parse_info(name, value)?;
-        if info.range.end > data_len {
-            return Err(format!(
-                "tensor `{name}` ends at data byte {} but the data section has only {data_len} bytes (truncated file?)",
-                info.range.end
-            ));
+        SafeTensorError::MetadataIncompleteBuffer => format!(
+            "the tensors of the header do not cover the {} data bytes after it exactly (truncated file, or trailing bytes?)",
+            buf.len() as u64 - 8 - n.unwrap_or(0)
+        ),
+        SafeTensorError::InvalidOffset(name) => format!(
+            "tensor `{name}`: data_offsets do not start where the previous tensor ends"
+        ),
+        SafeTensorError::TensorInvalidInfo => {
+            "a tensor's data_offsets span another size than its shape and dtype need".into()
         }
-        tensors.insert(name.clone(), info);
+        other => other.to_string(),
     }
-    Ok((8 + n, tensors, metadata))
-}
-
-fn parse_metadata(
-    value: &serde_json::Value,
-) -> std::result::Result<BTreeMap<String, String>, String> {
-    let obj = value.as_object().ok_or("`__metadata__` is not an object")?;
-    obj.iter()
-        .map(|(k, v)| match v.as_str() {
-            Some(s) => Ok((k.clone(), s.to_string())),
-            None => Err(format!("`__metadata__.{k}` is not a string")),
-        })
-        .collect()
-}
-
-fn parse_info(name: &str, value: &serde_json::Value) -> std::result::Result<TensorInfo, String> {
-    let bad = |what: &str| format!("tensor `{name}`: {what}");
-    let dtype_s = value
-        .get("dtype")
-        .and_then(|d| d.as_str())
-        .ok_or_else(|| bad("no dtype"))?;
-    let dtype =
-        Dtype::parse(dtype_s).ok_or_else(|| bad(&format!("unsupported dtype {dtype_s}")))?;
-    let shape: Vec<i64> = value
-        .get("shape")
-        .and_then(|s| s.as_array())
-        .ok_or_else(|| bad("no shape"))?
-        .iter()
-        .map(|d| {
-            d.as_u64()
-                .map(|d| d as i64)
-                .ok_or_else(|| bad("shape entry is not an integer"))
-        })
-        .collect::<std::result::Result<_, _>>()?;
-    let offs = value
-        .get("data_offsets")
-        .and_then(|o| o.as_array())
-        .filter(|o| o.len() == 2)
-        .ok_or_else(|| bad("no data_offsets pair"))?;
-    let (b, e) = match (offs[0].as_u64(), offs[1].as_u64()) {
-        (Some(b), Some(e)) if b <= e => (b as usize, e as usize),
-        _ => return Err(bad("invalid data_offsets")),
-    };
-    let numel: i64 = shape.iter().product();
-    if (e - b) as i64 != numel * dtype.size() as i64 {
-        return Err(bad(&format!(
-            "data_offsets span {} bytes but shape {shape:?} of {dtype_s} needs {}",
-            e - b,
-            numel * dtype.size() as i64
-        )));
-    }
-    Ok(TensorInfo {
-        dtype,
-        shape,
-        range: b..e,
-    })
 }
 
 /// Writes `tensors` (any device, contiguous or not) to `path` atomically: the
@@ -308,36 +209,33 @@ pub fn write_safetensors(
     metadata: &BTreeMap<String, String>,
 ) -> Result<()> {
     let path = path.as_ref();
-    let mut header = serde_json::Map::new();
-    if !metadata.is_empty() {
-        header.insert(
-            "__metadata__".into(),
-            serde_json::to_value(metadata).expect("strings"),
-        );
-    }
+    let bad = |msg: String| Error::Safetensors {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let mut infos = Vec::with_capacity(tensors.len());
     let mut cpu = Vec::with_capacity(tensors.len());
     let mut offset = 0usize;
     for (name, t) in tensors {
-        let dtype = Dtype::from_kind(t.kind()).ok_or_else(|| Error::Safetensors {
-            path: path.to_path_buf(),
-            msg: format!(
+        let dtype = dtype_of(t.kind()).ok_or_else(|| {
+            bad(format!(
                 "tensor `{name}` has kind {:?}, which safetensors cannot store",
                 t.kind()
-            ),
+            ))
         })?;
         let t = t.to_device(tch::Device::Cpu).contiguous();
-        let nbytes = t.numel() * dtype.size();
-        header.insert(
-            name.clone(),
-            serde_json::json!({"dtype": dtype.name(), "shape": t.size(), "data_offsets": [offset, offset + nbytes]}),
-        );
+        let nbytes = t.numel() * t.kind().elt_size_in_bytes();
+        let shape = t.size().iter().map(|&d| d as usize).collect();
+        let info = safetensors::tensor::TensorInfo {
+            dtype,
+            shape,
+            data_offsets: (offset, offset + nbytes),
+        };
+        infos.push((name.clone(), info));
         offset += nbytes;
         cpu.push(t);
     }
-    let mut head = serde_json::to_vec(&header).expect("serialisable header");
-    while head.len() % 8 != 0 {
-        head.push(b' ');
-    }
+    let head = header_bytes(infos, metadata).map_err(|e| bad(e.to_string()))?;
     write_atomic(path, |w| {
         w.write_all(&(head.len() as u64).to_le_bytes())?;
         w.write_all(&head)?;
@@ -348,6 +246,25 @@ pub fn write_safetensors(
         }
         Ok(())
     })
+}
+
+/// The header JSON of `infos` (in their order, after `__metadata__`), padded
+/// with spaces to a multiple of 8 bytes; the crate's [`Metadata`] validates it.
+fn header_bytes(
+    infos: Vec<(String, safetensors::tensor::TensorInfo)>,
+    metadata: &BTreeMap<String, String>,
+) -> std::result::Result<Vec<u8>, SafeTensorError> {
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert("__metadata__".into(), serde_json::to_value(metadata)?);
+    }
+    for (name, info) in &infos {
+        header.insert(name.clone(), serde_json::to_value(info)?);
+    }
+    Metadata::new(None, infos)?;
+    let mut head = serde_json::to_vec(&header)?;
+    head.resize(head.len().next_multiple_of(8), b' ');
+    Ok(head)
 }
 
 #[cfg(test)]
@@ -370,6 +287,15 @@ mod tests {
             &BTreeMap::new(),
         )
         .unwrap();
+        // the bytes the format prescribes: header in the given order, padded to 8
+        let bytes = std::fs::read(&p).unwrap();
+        let head = r#"{"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},"b":{"dtype":"I64","shape":[3],"data_offsets":[16,40]}}"#;
+        let padded = head.len().next_multiple_of(8);
+        assert_eq!(&bytes[..8], &(padded as u64).to_le_bytes());
+        assert_eq!(&bytes[8..8 + head.len()], head.as_bytes());
+        assert!(bytes[8 + head.len()..8 + padded].iter().all(|&b| b == b' '));
+        assert_eq!(bytes.len(), 8 + padded + 40);
+        assert_eq!(&bytes[8 + padded..8 + padded + 4], &1.5f32.to_le_bytes());
         let f = SafetensorsFile::open(&p).unwrap();
         assert_eq!(f.names().collect::<Vec<_>>(), vec!["a", "b"]);
         assert!(f.tensor("a").unwrap().equal(&a));
@@ -387,6 +313,54 @@ mod tests {
             err.contains("a.safetensors") && err.contains("truncated"),
             "{err}"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A file with `header` (JSON) and `data` bytes.
+    fn raw(path: &Path, header: &str, data: usize) {
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.resize(bytes.len() + data, 0);
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn bad_headers_are_named() {
+        let dir = std::env::temp_dir().join(format!("dg-st-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("x.safetensors");
+        let err = |header: &str, data: usize| {
+            raw(&p, header, data);
+            SafetensorsFile::open(&p).err().unwrap().to_string()
+        };
+        let e = err(
+            r#"{"w":{"dtype":"F8_E4M3","shape":[2],"data_offsets":[0,2]}}"#,
+            2,
+        );
+        assert!(
+            e.contains("x.safetensors") && e.contains("`w` has dtype F8_E4M3"),
+            "{e}"
+        );
+        let e = err(
+            r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
+            12,
+        );
+        assert!(e.contains("tensor `w`: data_offsets"), "{e}");
+        let e = err(
+            r#"{"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
+            8,
+        );
+        assert!(e.contains("another size than its shape"), "{e}");
+        let e = err(
+            r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+            9,
+        );
+        assert!(e.contains("do not cover the 9 data bytes"), "{e}");
+        let e = err(
+            r#"{"w":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}}"#,
+            8,
+        );
+        assert!(e.contains("not valid JSON for safetensors"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
