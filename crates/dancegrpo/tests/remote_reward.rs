@@ -1,15 +1,18 @@
 //! The remote reward client against a loopback server: timeouts, retries with
-//! backoff, a dead service, malformed replies; never a hang, never a 0 score.
+//! backoff, a dead service, malformed replies; never a hang, never a 0 score;
+//! HTTPS with a self-signed certificate, and plain HTTP only on loopback.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dancegrpo::io::image::read_image;
+use dancegrpo::rewards::loopback::echo;
 use dancegrpo::rewards::remote::{
-    base64_decode, LoopbackServer, RemoteConfig, RemoteReward, Reply,
+    base64_decode, check_url, LoopbackServer, RemoteConfig, RemoteReward, Reply,
 };
 use dancegrpo::rewards::{Reward, RewardBatch, Score};
+use rustls_pki_types::PrivateKeyDer;
 use tch::{Device, Kind, Tensor};
 
 fn batch_images() -> Tensor {
@@ -182,12 +185,9 @@ fn malformed_replies_fail_the_batch_without_retrying() {
 
 #[test]
 fn bad_configs_and_inputs_are_errors() {
-    let mut cfg = RemoteConfig::new("https://example.com/x", 1.0, 0);
-    assert!(RemoteReward::new(cfg.clone())
-        .err()
-        .unwrap()
-        .to_string()
-        .contains("http://"));
+    let mut cfg = RemoteConfig::new("ftp://example.com/x", 1.0, 0);
+    let err = RemoteReward::new(cfg.clone()).err().unwrap().to_string();
+    assert!(err.contains("scheme `ftp`"), "{err}");
     cfg.url = "http://127.0.0.1:9/x".into();
     cfg.timeout = Duration::ZERO;
     assert!(RemoteReward::new(cfg).is_err());
@@ -251,4 +251,45 @@ fn the_batch_budget_bounds_every_retry() {
     cfg.budget = Duration::from_secs(1);
     let err = RemoteReward::new(cfg).err().unwrap().to_string();
     assert!(err.contains("at most 10 retries"), "{err}");
+}
+
+#[test]
+fn https_with_a_private_ca_and_plain_http_only_on_loopback() {
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let key = PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into());
+    let server = LoopbackServer::start_tls(echo, cert.cert.der().clone(), key).unwrap();
+    assert!(server.url().starts_with("https://127.0.0.1:"));
+    // a self-signed certificate is nobody's root: every item fails, naming it
+    let mut r = client(&server.url(), 5000, 0, 0);
+    all_failed(&score(&mut r).0, "UnknownIssuer");
+    // trusted through ca_file: scored over TLS
+    let dir = std::env::temp_dir().join(format!("dancegrpo-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pem = dir.join("ca.pem");
+    std::fs::write(&pem, cert.cert.pem()).unwrap();
+    let mut cfg = RemoteConfig::new(&server.url(), 5.0, 0);
+    cfg.ca_file = Some(pem.clone());
+    let mut r = RemoteReward::new(cfg.clone()).unwrap();
+    let (s, _) = score(&mut r);
+    assert_eq!(s, [Score::Value(0.0), Score::Value(1.0), Score::Value(2.0)]);
+    // a ca_file that holds no certificate is refused, naming file and field
+    std::fs::write(&pem, "not a certificate").unwrap();
+    let err = RemoteReward::new(cfg).err().unwrap().to_string();
+    assert!(err.contains("ca.pem") && err.contains("`ca_file`"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+    // plain http: loopback only, unless allowed
+    for ok in [
+        "http://127.0.0.1:9/x",
+        "http://localhost/x",
+        "http://[::1]:80/",
+        "https://10.0.0.1/x",
+    ] {
+        assert_eq!(check_url(ok, false), Ok(()), "{ok}");
+    }
+    let err = check_url("http://10.0.0.1:8000/score", false).unwrap_err();
+    assert!(
+        err.contains("unencrypted") && err.contains("allow_plain_http"),
+        "{err}"
+    );
+    assert_eq!(check_url("http://10.0.0.1:8000/score", true), Ok(()));
 }

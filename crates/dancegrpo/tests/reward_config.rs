@@ -87,7 +87,7 @@ fn bad_reward_values_name_their_field() {
     let remote = "[[rewards]]\nkind = \"remote\"\nurl = \"http://127.0.0.1:1/x\"\n";
     let e = err(
         remote,
-        &["rewards=[{kind=\"remote\", url=\"http://h/x\", timeout_s=0.0}]"],
+        &["rewards=[{kind=\"remote\", url=\"https://h/x\", timeout_s=0.0}]"],
     );
     assert!(
         e.contains("rewards[0].timeout_s") && e.contains("(0, 86400]"),
@@ -147,6 +147,8 @@ fn a_training_step_mixes_two_rewards_at_advantage_level() {
         retries: 0,
         backoff_s: 0.0,
         budget_s: 60.0,
+        ca_file: None,
+        allow_plain_http: false,
         weight: 0.5,
     });
     cfg.grpo.reward_mixing = RewardMixing::Advantage;

@@ -8,9 +8,11 @@ pub mod clip_score;
 pub mod combine;
 pub mod hps;
 pub mod jpeg;
+pub mod loopback;
 pub mod pickscore;
 pub mod remote;
 pub mod spec;
+pub mod tls;
 
 use tch::Tensor;
 

@@ -16,11 +16,8 @@
 //! and a whole batch by `budget`. Redirects are not followed, and a reply
 //! larger than [`MAX_REPLY_BYTES`] fails the batch without a retry.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::io::Read;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -29,10 +26,13 @@ use super::{Reward, RewardBatch, Score};
 use crate::error::{Error, Result};
 use crate::io::image::encode_png;
 
+pub use super::loopback::{LoopbackServer, Reply};
+
 /// Where and how to call the service.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RemoteConfig {
-    /// `http://host:port/path` (plain HTTP; put a TLS terminator in front for HTTPS).
+    /// `https://host:port/path`, or `http://` to a loopback address (any
+    /// host with [`RemoteConfig::allow_plain_http`]).
     pub url: String,
     /// Bound of one attempt (connect, send and receive).
     pub timeout: Duration,
@@ -43,6 +43,12 @@ pub struct RemoteConfig {
     /// Bound of one batch, every attempt and wait included: no retry starts
     /// after it, and the last attempt's timeout is cut to what is left.
     pub budget: Duration,
+    /// PEM certificates of the CAs to trust besides the system's and the
+    /// bundled Mozilla roots (a service with a private CA).
+    pub ca_file: Option<PathBuf>,
+    /// Allow plain `http://` to hosts other than loopback (prompts and images
+    /// then cross the network unencrypted).
+    pub allow_plain_http: bool,
 }
 
 /// The most retries a configuration may ask for.
@@ -62,6 +68,8 @@ impl RemoteConfig {
             retries,
             backoff: Duration::from_millis(500),
             budget: Duration::from_secs(300),
+            ca_file: None,
+            allow_plain_http: false,
         }
     }
 
@@ -82,6 +90,28 @@ impl RemoteConfig {
     }
 }
 
+/// Whether the reward may call `url`: `https://` anywhere, `http://` to a
+/// loopback host (`localhost`, `127.0.0.0/8`, `::1`), or anywhere when
+/// `allow_plain_http`. The error says why not.
+pub fn check_url(url: &str, allow_plain_http: bool) -> std::result::Result<(), String> {
+    let parsed = url::Url::parse(url).map_err(|e| format!("not a URL: {e}"))?;
+    let loopback = match parsed.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => return Err("no host".into()),
+    };
+    match parsed.scheme() {
+        "https" => Ok(()),
+        "http" if loopback || allow_plain_http => Ok(()),
+        "http" => Err(format!(
+            "plain http:// to {} would send the prompts and images unencrypted: use https://, or set allow_plain_http = true",
+            parsed.host_str().unwrap_or_default()
+        )),
+        other => Err(format!("scheme `{other}` (want https://, or http:// on loopback)")),
+    }
+}
+
 /// Why an attempt failed.
 enum AttemptError {
     /// Worth another attempt (timeout, connection, 5xx, 429).
@@ -98,11 +128,11 @@ pub struct RemoteReward {
 }
 
 impl RemoteReward {
-    /// A client for `cfg` (the URL must be `http://`; the timeout positive).
+    /// A client for `cfg` ([`check_url`]; the timeout positive).
     pub fn new(cfg: RemoteConfig) -> Result<Self> {
-        if !cfg.url.starts_with("http://") {
+        if let Err(why) = check_url(&cfg.url, cfg.allow_plain_http) {
             return Err(Error::Input(format!(
-                "remote reward url `{}`: only http:// URLs are supported",
+                "remote reward url `{}`: {why}",
                 cfg.url
             )));
         }
@@ -119,7 +149,11 @@ impl RemoteReward {
             )));
         }
         // a redirect is refused: following it would post the images elsewhere
-        let agent = ureq::AgentBuilder::new().redirects(0).build();
+        let tls = super::tls::client_config(cfg.ca_file.as_deref())?;
+        let agent = ureq::AgentBuilder::new()
+            .redirects(0)
+            .tls_config(tls)
+            .build();
         Ok(RemoteReward {
             cfg,
             agent,
@@ -298,145 +332,6 @@ pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
     GeneralPurpose::new(&base64::alphabet::STANDARD, config)
         .decode(text)
         .ok()
-}
-
-/// What a [`LoopbackServer`] handler answers: status, JSON body, and a delay
-/// before answering.
-pub struct Reply {
-    /// HTTP status.
-    pub status: u16,
-    /// Body (sent as `application/json`).
-    pub body: String,
-    /// Wait before writing the reply.
-    pub delay: Duration,
-    /// A `Location` header (for redirects).
-    pub location: Option<String>,
-}
-
-impl Reply {
-    /// `200` with `body`, no delay.
-    pub fn ok(body: String) -> Self {
-        Reply {
-            status: 200,
-            body,
-            delay: Duration::ZERO,
-            location: None,
-        }
-    }
-}
-
-type Handler = dyn Fn(usize, &[u8]) -> Reply + Send + Sync;
-
-/// A minimal HTTP/1.1 server on `127.0.0.1` for tests and benchmarks: each
-/// connection is served on its own thread by `handler(request_index, body)`,
-/// one request per connection. Stops when dropped.
-pub struct LoopbackServer {
-    addr: std::net::SocketAddr,
-    requests: Arc<AtomicUsize>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl LoopbackServer {
-    /// Starts a server on a free port.
-    pub fn start(handler: impl Fn(usize, &[u8]) -> Reply + Send + Sync + 'static) -> Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("127.0.0.1:0", e))?;
-        let addr = listener
-            .local_addr()
-            .map_err(|e| Error::io("127.0.0.1:0", e))?;
-        let requests = Arc::new(AtomicUsize::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let handler: Arc<Handler> = Arc::new(handler);
-        let (req, st) = (requests.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                if st.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(conn) = conn else { continue };
-                let index = req.fetch_add(1, Ordering::SeqCst);
-                let h = handler.clone();
-                std::thread::spawn(move || {
-                    let _ = serve(conn, index, &*h);
-                });
-            }
-        });
-        Ok(LoopbackServer {
-            addr,
-            requests,
-            stop,
-            thread: Some(thread),
-        })
-    }
-
-    /// `http://127.0.0.1:PORT/score`.
-    pub fn url(&self) -> String {
-        format!("http://{}/score", self.addr)
-    }
-
-    /// Connections accepted so far.
-    pub fn requests(&self) -> usize {
-        self.requests.load(Ordering::SeqCst)
-    }
-
-    /// A handler answering every request with `scores[i] = i` (one per prompt).
-    pub fn echo() -> Result<Self> {
-        Self::start(|_, body| {
-            let n = serde_json::from_slice::<Value>(body)
-                .ok()
-                .and_then(|v| v.get("prompts").and_then(Value::as_array).map(Vec::len))
-                .unwrap_or(0);
-            let scores: Vec<f64> = (0..n).map(|i| i as f64).collect();
-            Reply::ok(serde_json::json!({ "scores": scores }).to_string())
-        })
-    }
-}
-
-impl Drop for LoopbackServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(self.addr);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn serve(conn: TcpStream, index: usize, handler: &Handler) -> std::io::Result<()> {
-    let mut reader = BufReader::new(conn.try_clone()?);
-    let mut len = 0usize;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 {
-            return Ok(());
-        }
-        let line = line.trim_end();
-        if line.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = line.split_once(':') {
-            if k.trim().eq_ignore_ascii_case("content-length") {
-                len = v.trim().parse().unwrap_or(0);
-            }
-        }
-    }
-    let mut body = vec![0u8; len];
-    reader.read_exact(&mut body)?;
-    let reply = handler(index, &body);
-    std::thread::sleep(reply.delay);
-    let mut conn = conn;
-    let location = match &reply.location {
-        Some(to) => format!("Location: {to}\r\n"),
-        None => String::new(),
-    };
-    write!(
-        conn,
-        "HTTP/1.1 {} X\r\nContent-Type: application/json\r\n{location}Content-Length: {}\r\nConnection: close\r\n\r\n{}",
-        reply.status,
-        reply.body.len(),
-        reply.body
-    )?;
-    conn.flush()
 }
 
 #[cfg(test)]

@@ -59,7 +59,7 @@ pub enum RewardSpec {
     },
     /// A reward service over HTTP (the protocol: `docs/rewards.md`).
     Remote {
-        /// `http://host:port/path`.
+        /// `https://host:port/path`, or `http://` to a loopback address.
         url: String,
         /// Seconds one attempt may take.
         #[serde(default = "default_timeout")]
@@ -73,6 +73,14 @@ pub enum RewardSpec {
         /// Seconds one batch may take, every attempt and wait included.
         #[serde(default = "default_budget")]
         budget_s: f64,
+        /// A PEM file of CA certificates to trust besides the system's and the
+        /// bundled Mozilla roots (a service with a private CA).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ca_file: Option<PathBuf>,
+        /// Allow plain `http://` to hosts other than loopback (prompts and
+        /// images then cross the network unencrypted).
+        #[serde(default)]
+        allow_plain_http: bool,
         /// Weight in the combined reward.
         #[serde(default = "one")]
         weight: f64,
@@ -139,12 +147,13 @@ impl RewardSpec {
                 retries,
                 backoff_s,
                 budget_s,
+                allow_plain_http,
                 ..
             } => {
                 let max = super::remote::MAX_RETRIES;
                 let day = 86400.0;
-                if !url.starts_with("http://") {
-                    Some(("url", format!("must be an http:// URL, got `{url}`")))
+                if let Err(why) = super::remote::check_url(url, *allow_plain_http) {
+                    Some(("url", format!("`{url}`: {why}")))
                 } else if !(*timeout_s > 0.0 && *timeout_s <= day) {
                     Some((
                         "timeout_s",
@@ -191,11 +200,15 @@ impl RewardSpec {
                 retries,
                 backoff_s,
                 budget_s,
+                ca_file,
+                allow_plain_http,
                 ..
             } => {
                 let mut cfg = RemoteConfig::new(url, *timeout_s, *retries);
                 cfg.backoff = std::time::Duration::from_secs_f64(*backoff_s);
                 cfg.budget = std::time::Duration::from_secs_f64(*budget_s);
+                cfg.ca_file = ca_file.clone();
+                cfg.allow_plain_http = *allow_plain_http;
                 Box::new(RemoteReward::new(cfg)?)
             }
         })
@@ -253,6 +266,8 @@ impl RewardSpec {
                 retries: default_retries(),
                 backoff_s: default_backoff(),
                 budget_s: default_budget(),
+                ca_file: None,
+                allow_plain_http: false,
                 weight,
             },
             _ => {
