@@ -147,6 +147,9 @@ mod proto {
     }
 }
 
+/// `(tag, height, width, PNG)` of an image summary.
+type ImageSummary = (String, i32, i32, Vec<u8>);
+
 /// What this test looks at in an `Event`.
 #[derive(Debug, Default)]
 struct Event {
@@ -155,7 +158,7 @@ struct Event {
     file_version: Option<String>,
     scalars: Vec<(String, f32)>,
     /// `(tag, height, width, PNG)`.
-    images: Vec<(String, i32, i32, Vec<u8>)>,
+    images: Vec<ImageSummary>,
     /// `(tag, text)` of text-plugin summaries.
     texts: Vec<(String, String)>,
     session_status: Option<i32>,
@@ -304,7 +307,7 @@ fn assert_config_text(evs: &[Event], run: &Path, step: i64) {
 /// `<run>/<dir>/iter-<step>.png`.
 fn assert_images(evs: &[Event], run: &Path, want: &[(&str, i64, &str)]) {
     let tag = want[0].0;
-    let got: Vec<(i64, &(String, i32, i32, Vec<u8>))> = evs
+    let got: Vec<(i64, &ImageSummary)> = evs
         .iter()
         .flat_map(|e| e.images.iter().map(move |i| (e.step, i)))
         .filter(|(_, i)| i.0 == tag)

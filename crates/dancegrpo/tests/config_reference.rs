@@ -388,7 +388,7 @@ fn generate() -> String {
     section::<HealthConfig>(&mut out, "[health]", "HealthConfig", &types);
     let mut used: Vec<&str> = Vec::new();
     for line in out.lines() {
-        for (name, _) in &types.enums {
+        for name in types.enums.keys() {
             if line.contains(&format!("[{name}](#")) && !used.contains(&name.as_str()) {
                 used.push(name);
             }
