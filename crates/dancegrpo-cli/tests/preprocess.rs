@@ -9,9 +9,9 @@ mod common;
 
 use common::{copy_dir, write_reference};
 use dancegrpo::data::EmbeddingDataset;
+use dancegrpo::data::PromptSet;
 use dancegrpo::io::safetensors::SafetensorsFile;
 use dancegrpo::io::torch_pt::write_torch_pt_view;
-use dancegrpo::train::data::PromptSet;
 use tch::{Kind, Tensor};
 
 fn bin() -> Command {

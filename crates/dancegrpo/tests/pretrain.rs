@@ -185,7 +185,7 @@ fn short_pretrain_lowers_the_losses_and_the_trainer_loads_it_bit_identically() {
     let t = Tensor::from_slice(&[0.75f32, 0.3]);
     let prompts = build_prompts(&tcfg, &model).unwrap();
     let entries: Vec<_> = (0..2).map(|i| prompts.get(i).unwrap()).collect();
-    let (text, pooled) = dancegrpo::train::data::stack(&entries);
+    let (text, pooled) = dancegrpo::data::stack(&entries);
     let ours = velocity(&pre.transformer, &x, &t, &text, &pooled);
     assert!(velocity(&model, &x, &t, &text, &pooled).equal(&ours));
     let z = rng.normal_tensor(&[2, 16, 4, 4]);

@@ -6,13 +6,13 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
+use dancegrpo::data::stack;
 use dancegrpo::io::image::{grid, write_png};
 use dancegrpo::models::PolicyModel;
 use dancegrpo::rewards::{scores_to_tensor, Reward, RewardBatch};
 use dancegrpo::rng::Philox;
 use dancegrpo::sampler::generate::{generate, OdeSettings};
 use dancegrpo::train::checkpoint;
-use dancegrpo::train::data::stack;
 use dancegrpo::train::trainer::{build_models, build_prompts, build_rewards};
 use dancegrpo::train::TrainConfig;
 use tch::Kind;

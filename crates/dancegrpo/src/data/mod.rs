@@ -1,7 +1,7 @@
 //! Prompt-embedding datasets: the FLUX text encoders run once over a prompts
 //! file ([`preprocess()`]), or the reference's `.pt` files converted
 //! ([`convert_reference`]); the trainer reads the result ([`EmbeddingDataset`],
-//! a [`crate::train::data::PromptSet`]), or the reference's files in place
+//! a [`PromptSet`]), or the reference's files in place
 //! ([`ReferenceSet`], the reader the conversion uses). Layout in [`mod@format`].
 
 pub mod encode;
@@ -11,6 +11,7 @@ pub mod prompts;
 pub mod reader;
 pub mod reference;
 pub mod reference_set;
+pub mod set;
 pub mod writer;
 
 pub use encode::FluxTextEncoder;
@@ -20,3 +21,4 @@ pub use preprocess::{
 };
 pub use reader::EmbeddingDataset;
 pub use reference_set::ReferenceSet;
+pub use set::{stack, PromptEntry, PromptSet, SyntheticPrompts};

@@ -8,9 +8,9 @@ use super::format::{
     parse_manifest, shard_name, DatasetInfo, ManifestEntry, INFO_FILE, MANIFEST_FILE,
     POOLED_PROMPT_EMBEDS, PROMPT_EMBEDS,
 };
+use super::set::{PromptEntry, PromptSet};
 use crate::error::{Error, Result};
 use crate::io::safetensors::{dtype_of, SafetensorsFile};
-use crate::train::data::{PromptEntry, PromptSet};
 
 /// A complete prompt-embedding dataset, its shards memory-mapped.
 pub struct EmbeddingDataset {

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use super::format::EmbedDtype;
 use super::reference::{read_reference_index, ReferenceItem, ReferenceTensors, INDEX_FILE};
+use super::set::{PromptEntry, PromptSet};
 use crate::error::{Error, Result};
-use crate::train::data::{PromptEntry, PromptSet};
 
 /// The reference's `videos2caption.json` and `.pt` tensors, read one item at a time.
 pub struct ReferenceSet {

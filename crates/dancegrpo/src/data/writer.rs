@@ -474,7 +474,7 @@ mod tests {
     use super::*;
     use crate::data::format::{EmbedDtype, FORMAT_NAME, FORMAT_VERSION};
     use crate::data::EmbeddingDataset;
-    use crate::train::data::PromptSet;
+    use crate::data::PromptSet;
     use tch::{Device, Kind};
 
     fn info(prompts: u64) -> DatasetInfo {

@@ -11,13 +11,13 @@ use super::config::{PretrainConfig, TimestepSampling};
 use super::images::ProceduralImages;
 use super::optimise::StageOptimiser;
 use super::{Stage, StepProgress};
+use crate::data::{PromptSet, SyntheticPrompts};
 use crate::error::Result;
 use crate::models::flux::packing;
 use crate::models::flux::FluxTransformer;
 use crate::models::vae::Vae;
 use crate::models::{FlowInputs, VelocityModel};
 use crate::rng::Philox;
-use crate::train::data::{PromptSet, SyntheticPrompts};
 
 /// First image index of the flow stage (disjoint from the VAE stage's images).
 const FLOW_IMAGES: u64 = 1 << 32;
@@ -48,7 +48,7 @@ impl ClassPrompts {
         let entries = (0..cfg.classes)
             .map(|i| set.get(i))
             .collect::<Result<Vec<_>>>()?;
-        let (text, pooled) = crate::train::data::stack(&entries);
+        let (text, pooled) = crate::data::stack(&entries);
         Ok(ClassPrompts {
             text: text.to_device(device),
             pooled: pooled.to_device(device),

@@ -8,8 +8,8 @@ use std::rc::Rc;
 use tch::{Device, Kind};
 
 use super::config::{DataSource, ModelSource, TrainConfig};
-use super::data::{PromptSet, SyntheticPrompts};
 use crate::data::{EmbeddingDataset, ReferenceSet};
+use crate::data::{PromptSet, SyntheticPrompts};
 use crate::dist::fsdp::{FullShard, ShardedModel, Split};
 use crate::dist::{Collective, Sharding};
 use crate::error::{Error, Result};

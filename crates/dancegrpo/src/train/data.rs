@@ -1,67 +1,8 @@
-//! Prompts for training: a set of conditioning entries and the data order, a
-//! pure function of `(seed, position)` (one seeded permutation per epoch).
+//! The training data order: position `n` of the prompt stream as a pure
+//! function of `(seed, n)` (one seeded permutation per epoch). The prompt
+//! sets it indexes are [`crate::data::PromptSet`]s.
 
-use tch::{Kind, Tensor};
-
-use crate::error::{Error, Result};
 use crate::rng::Philox;
-
-/// One prompt's conditioning.
-pub struct PromptEntry {
-    /// Text token embeddings `(Lt, d)`.
-    pub text: Tensor,
-    /// Pooled embedding `(p,)`.
-    pub pooled: Tensor,
-    /// The caption.
-    pub caption: String,
-}
-
-/// A collection of prompts the trainer draws from.
-pub trait PromptSet {
-    /// Number of prompts.
-    fn len(&self) -> u64;
-    /// Whether there are none.
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    /// Prompt `index`.
-    fn get(&self, index: u64) -> Result<PromptEntry>;
-}
-
-/// Seeded random embeddings standing in for encoded prompts (tiny models, demos).
-pub struct SyntheticPrompts {
-    /// Number of prompts.
-    pub count: u64,
-    /// Seed.
-    pub seed: u64,
-    /// Text length.
-    pub text_len: i64,
-    /// Text embedding width.
-    pub text_dim: i64,
-    /// Pooled width.
-    pub pooled_dim: i64,
-}
-
-impl PromptSet for SyntheticPrompts {
-    fn len(&self) -> u64 {
-        self.count
-    }
-
-    fn get(&self, index: u64) -> Result<PromptEntry> {
-        if index >= self.count {
-            return Err(Error::Input(format!(
-                "prompt {index} of {} synthetic prompts",
-                self.count
-            )));
-        }
-        let mut rng = Philox::for_stream(self.seed, &format!("prompt/{index}"));
-        Ok(PromptEntry {
-            text: rng.normal_tensor(&[self.text_len, self.text_dim]),
-            pooled: rng.normal_tensor(&[self.pooled_dim]),
-            caption: format!("synthetic prompt {index}"),
-        })
-    }
-}
 
 /// The data order: position `n` of the stream maps to a prompt index, epoch by epoch.
 pub struct DataOrder {
@@ -94,19 +35,6 @@ impl DataOrder {
         }
         self.cached.as_ref().expect("cached").1[(position % self.len) as usize]
     }
-}
-
-/// Stacks entries into `(P, Lt, d)` and `(P, p)`.
-pub fn stack(entries: &[PromptEntry]) -> (Tensor, Tensor) {
-    let text: Vec<Tensor> = entries
-        .iter()
-        .map(|e| e.text.to_kind(Kind::Float))
-        .collect();
-    let pooled: Vec<Tensor> = entries
-        .iter()
-        .map(|e| e.pooled.to_kind(Kind::Float))
-        .collect();
-    (Tensor::stack(&text, 0), Tensor::stack(&pooled, 0))
 }
 
 #[cfg(test)]

@@ -8,9 +8,9 @@ use std::path::Path;
 use serde::Serialize;
 use tch::Kind;
 
-use super::data::{stack, PromptSet};
 use super::metrics::append_line;
 use super::trainer::Trainer;
+use crate::data::{stack, PromptSet};
 use crate::error::{Error, Result};
 use crate::io::image::grid;
 use crate::rewards::{scores_to_tensor, Reward, RewardBatch, Score};

@@ -12,7 +12,7 @@
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use super::data::{PromptEntry, PromptSet};
+use crate::data::{PromptEntry, PromptSet};
 use crate::dist::Collective;
 use crate::error::{Error, Result};
 use crate::grpo::iteration::IterationReport;
