@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use super::autoencoder::HELD_OUT;
 use super::flow::ClassPrompts;
@@ -22,7 +22,8 @@ use crate::error::{Error, Result};
 use crate::io::atomic::write_bytes_atomic;
 use crate::io::image::{grid, write_png};
 use crate::sampler::generate::{generate, OdeSettings};
-use crate::train::plot::line_plot;
+use crate::train::curve::rolling_mean;
+use crate::train::plot::{render, Chart, Corner, Scale, Series, Style};
 
 /// Columns (classes) of `samples.png`.
 const SAMPLE_CLASSES: u64 = 8;
@@ -126,7 +127,7 @@ pub(super) fn write_model(pre: &Pretrained, cfg: &PretrainConfig, dir: &Path) ->
     write_png(&dir.join("samples.png"), &samples_grid(pre, cfg)?)?;
     write_png(
         &dir.join("loss.png"),
-        &loss_plot(&pre.report.vae_losses, &pre.report.flow_losses),
+        &loss_plot(&pre.report.vae_losses, &pre.report.flow_losses)?,
     )?;
     let json = serde_json::json!({
         "format": "dancegrpo-pretrain",
@@ -194,25 +195,36 @@ fn samples_grid(pre: &Pretrained, cfg: &PretrainConfig) -> Result<Tensor> {
     Ok(grid(&all, n as i64))
 }
 
-/// Two stacked panels of `log10(loss)` per step with a moving average, uint8 `(2h, w, 3)`.
-fn loss_plot(vae: &[f64], flow: &[f64]) -> Tensor {
-    let panel = |losses: &[f64]| {
-        let pts: Vec<(f64, f64)> = losses
-            .iter()
-            .enumerate()
-            .map(|(i, l)| (i as f64 + 1.0, l.max(1e-12).log10()))
+/// Two stacked charts of the VAE's and the flow's loss per step (log scale)
+/// with a rolling mean, uint8 `(2 * 260, 640, 3)`.
+fn loss_plot(vae: &[f64], flow: &[f64]) -> Result<Tensor> {
+    let chart = |title: &str, losses: &[f64]| {
+        let points: Vec<(f64, f64)> = (losses.iter().enumerate())
+            .map(|(i, &l)| (i as f64 + 1.0, l))
             .collect();
-        let k = (pts.len() / 50).max(1);
-        let smooth: Vec<(f64, f64)> = (0..pts.len())
-            .map(|i| {
-                let w = &pts[i.saturating_sub(k - 1)..=i];
-                (
-                    pts[i].0,
-                    w.iter().map(|p| p.1).sum::<f64>() / w.len() as f64,
-                )
-            })
-            .collect();
-        line_plot(&[(pts, [150, 180, 230]), (smooth, [20, 60, 200])], 480, 200)
+        let k = (points.len() / 50).max(1);
+        let mut series = vec![Series {
+            name: "per step".into(),
+            points: points.clone(),
+            colour: [160, 185, 230],
+            style: Style::Line { width: 1 },
+        }];
+        if k > 1 {
+            series.push(Series {
+                name: format!("mean of the last {k}"),
+                points: rolling_mean(&points, k),
+                colour: [20, 60, 200],
+                style: Style::Line { width: 2 },
+            });
+        }
+        Chart {
+            title: title.into(),
+            x_title: "step".into(),
+            y_title: "loss".into(),
+            y_scale: Scale::Log,
+            series,
+            legend: Corner::UpperRight,
+        }
     };
-    Tensor::cat(&[panel(vae), panel(flow)], 0).to_kind(Kind::Uint8)
+    render(&[chart("VAE", vae), chart("flow matching", flow)], 640, 260)
 }

@@ -4,15 +4,19 @@
 //! of the held-out set `[eval.data]` when there is one, else of the training set.
 
 use std::path::Path;
+use std::rc::Rc;
 
 use serde::Serialize;
-use tch::Kind;
+use tch::{Device, Kind, Tensor};
 
-use super::metrics::append_line;
-use super::trainer::Trainer;
+use super::config::TrainConfig;
 use crate::data::{stack, PromptSet};
-use crate::error::{Error, Result};
+use crate::dist::fsdp::FullShard;
+use crate::dist::Gather;
+use crate::error::Result;
 use crate::io::image::grid;
+use crate::models::{LatentDecoder, PolicyModel};
+use crate::rewards::combine::WeightedSum;
 use crate::rewards::{scores_to_tensor, Reward, RewardBatch, Score};
 use crate::sampler::generate::{generate, OdeSettings};
 
@@ -61,84 +65,125 @@ fn nan_mean(scores: &[Score]) -> f64 {
         .double_value(&[])
 }
 
-impl Trainer {
-    /// The prompt set evaluations draw from, and which one it is.
-    pub fn eval_prompts(&self) -> (&dyn PromptSet, EvalPromptSet) {
-        match &self.eval_prompts {
-            Some(set) => (set.as_ref(), EvalPromptSet::HeldOut),
-            None => (self.prompts.as_ref(), EvalPromptSet::Training),
+/// Fixed-seed evaluation's own parts: the held-out prompt set (if any), the
+/// gold rewards and the settings it samples with.
+pub struct Evaluator {
+    /// `[eval.data]`; without it the training set's first prompts are used.
+    held_out: Option<Box<dyn PromptSet>>,
+    /// Rewards that score the evaluation images but are never trained on.
+    gold: Vec<Box<dyn Reward>>,
+    /// How many prompts (`eval.prompts`).
+    prompts: u64,
+    /// Seed of the fixed noise (`run.seed`).
+    seed: u64,
+    /// Image size `(height, width)`.
+    size: (i64, i64),
+    /// The deterministic sampler's settings (`guidance` as the config gives it).
+    ode: OdeSettings,
+    /// When a sharded model is gathered.
+    gather: Gather,
+}
+
+/// What one evaluation borrows from the run.
+pub struct EvalInputs<'a> {
+    /// The model being trained.
+    pub model: &'a dyn PolicyModel,
+    /// Its latent decoder.
+    pub decoder: &'a dyn LatentDecoder,
+    /// The training reward.
+    pub reward: &'a mut WeightedSum,
+    /// The training prompt set (used without `[eval.data]`).
+    pub training: &'a dyn PromptSet,
+    /// The fully sharded state, when there is one.
+    pub sharded: Option<&'a Rc<FullShard>>,
+    /// Where the model computes.
+    pub device: Device,
+    /// Completed training iterations.
+    pub iteration: u64,
+}
+
+impl Evaluator {
+    /// The evaluation `cfg` describes, over `held_out` prompts (or the
+    /// training set's) with the `gold` rewards.
+    pub fn new(
+        cfg: &TrainConfig,
+        held_out: Option<Box<dyn PromptSet>>,
+        gold: Vec<Box<dyn Reward>>,
+    ) -> Self {
+        let s = &cfg.sampler;
+        Evaluator {
+            held_out,
+            gold,
+            prompts: cfg.eval.prompts.max(1),
+            seed: cfg.run.seed,
+            size: (s.height, s.width),
+            ode: OdeSettings {
+                steps: s.steps,
+                shift: s.shift,
+                guidance: Some(s.guidance),
+            },
+            gather: cfg.parallel.gather,
         }
     }
 
-    /// Evaluates the current model: `eval/iter-N.png`, a line of `eval.jsonl`
-    /// and the `eval/*` TensorBoard scalars. Returns the line.
-    pub fn evaluate(&mut self) -> Result<EvalRecord> {
-        let (set, prompt_set) = self.eval_prompts();
-        let n = set.len().min(self.cfg.eval.prompts.max(1));
+    /// The prompt set evaluations draw from (given the training set), and which one it is.
+    pub fn prompt_set<'a>(
+        &'a self,
+        training: &'a dyn PromptSet,
+    ) -> (&'a dyn PromptSet, EvalPromptSet) {
+        match &self.held_out {
+            Some(set) => (set.as_ref(), EvalPromptSet::HeldOut),
+            None => (training, EvalPromptSet::Training),
+        }
+    }
+
+    /// Samples the evaluation prompts with the fixed noise and scores them:
+    /// the record and the image grid (uint8 `(H, W, 3)`, one row).
+    pub fn evaluate(&mut self, inp: EvalInputs) -> Result<(EvalRecord, Tensor)> {
+        let (set, prompt_set) = self.prompt_set(inp.training);
+        let n = set.len().min(self.prompts);
         let entries = (0..n).map(|i| set.get(i)).collect::<Result<Vec<_>>>()?;
-        let (text, pooled) = stack(&entries);
-        let (s, dev) = (&self.cfg.sampler, self.device);
-        let [c, h, w] = self.decoder.latent_shape(s.height, s.width);
-        let noise = crate::rng::Philox::for_stream(self.cfg.run.seed, "eval/noise")
-            .normal_tensor(&[n as i64, c, h, w]);
+        let (text, pooled) = stack(&entries); // (n, Lt, d), (n, p)
+        let [c, h, w] = inp.decoder.latent_shape(self.size.0, self.size.1);
+        let noise = crate::rng::Philox::for_stream(self.seed, "eval/noise")
+            .normal_tensor(&[n as i64, c, h, w]); // (n, c, h, w)
         let settings = OdeSettings {
-            steps: s.steps,
-            shift: s.shift,
-            guidance: self.model.guidance_embeds().then_some(s.guidance),
+            guidance: self.ode.guidance.filter(|_| inp.model.guidance_embeds()),
+            ..self.ode
         };
-        let sharded = match self.cfg.parallel.gather {
-            crate::dist::Gather::Iteration => self.sharded.clone(),
-            crate::dist::Gather::PerBlock => None,
+        let pinned = match self.gather {
+            Gather::Iteration => inp.sharded.map(|s| s.pinned()),
+            Gather::PerBlock => None,
         };
-        let pinned = sharded.as_ref().map(|s| s.pinned());
+        let dev = inp.device;
         let images = generate(
-            self.model.as_ref(),
-            self.decoder.as_ref(),
+            inp.model,
+            inp.decoder,
             &text.to_device(dev),
             &pooled.to_device(dev),
             &noise.to_device(dev),
             &settings,
-        )?;
+        )?; // (n, H, W, 3)
         drop(pinned);
         let captions: Vec<String> = entries.iter().map(|e| e.caption.clone()).collect();
         let batch = RewardBatch {
             images: &images,
             prompts: &captions,
         };
-        let reward_mean = nan_mean(&self.reward.score(&batch)?);
+        let reward_mean = nan_mean(&inp.reward.score(&batch)?);
         let mut gold = serde_json::Map::new();
         for reward in &mut self.gold {
             let mean = nan_mean(&reward.score(&batch)?);
             gold.insert(reward.name().to_string(), mean.into());
         }
         let record = EvalRecord {
-            iteration: self.state.iteration,
+            iteration: inp.iteration,
             reward_mean,
             gold,
             prompt_set,
             prompts: n,
         };
-        // every process of a sharded model evaluates; one writes
-        if self.writes() {
-            self.write_eval(&record, grid(&images, n as i64))?;
-        }
-        Ok(record)
-    }
-
-    fn write_eval(&mut self, record: &EvalRecord, image: tch::Tensor) -> Result<()> {
-        let dir = self.dir.join("eval");
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        let name = format!("iter-{:06}.png", record.iteration);
-        if let Some(events) = &mut self.events {
-            events.image(record.iteration, "eval/images", &image)?;
-        }
-        self.writer.write(dir.join(name), image)?;
-        let line = serde_json::to_string(record).expect("serialisable eval record");
-        append_line(&self.dir.join("eval.jsonl"), &line)?;
-        if let Some(events) = &mut self.events {
-            events.scalars(record.iteration, &record.scalars())?;
-        }
-        Ok(())
+        Ok((record, grid(&images, n as i64)))
     }
 }
 

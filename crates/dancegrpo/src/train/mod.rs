@@ -6,6 +6,7 @@ pub mod build;
 pub mod changes;
 pub mod checkpoint;
 pub mod config;
+pub mod curve;
 pub mod data;
 pub mod ema;
 mod engine;

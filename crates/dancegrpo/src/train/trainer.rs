@@ -12,14 +12,14 @@ use super::build::{build_eval_prompts, build_gold_rewards};
 pub use super::build::{build_models, build_prompts, build_rewards};
 use super::checkpoint::{self, TrainState};
 use super::config::TrainConfig;
+use super::curve::RewardCurve;
 use super::data::DataOrder;
 use super::ema::Ema;
-use super::evaluate::truncate_eval;
+use super::evaluate::{truncate_eval, EvalInputs, EvalPromptSet, EvalRecord, Evaluator};
 use super::health;
 use super::images::ImageWriter;
 use super::lock::RunLock;
 use super::metrics::{append_line, truncate_lines, Metrics};
-use super::plot::line_plot;
 use super::tensorboard::{self, EventWriter};
 use crate::data::{stack, PromptSet};
 use crate::dist::fsdp::FullShard;
@@ -30,7 +30,6 @@ use crate::grpo::{AdamW, NoObserver};
 use crate::io::image::grid;
 use crate::models::{LatentDecoder, PolicyModel};
 use crate::rewards::combine::WeightedSum;
-use crate::rewards::Reward;
 use crate::sampler::{Conditioning, Draws, Schedule, Seeded};
 
 /// A progress display's callback: `(stage, done, total)`.
@@ -72,13 +71,13 @@ pub struct Trainer {
     pub(super) reward: WeightedSum,
     optimizer: AdamW,
     pub(super) prompts: Box<dyn PromptSet>,
-    pub(super) eval_prompts: Option<Box<dyn PromptSet>>,
     order: DataOrder,
     schedule: Schedule,
     pub(super) state: TrainState,
     pub(super) writer: ImageWriter,
     pub(super) ema: Option<Ema>,
-    pub(super) gold: Vec<Box<dyn Reward>>,
+    /// Fixed-seed evaluation: its prompts, gold rewards and settings.
+    evaluator: Evaluator,
     pub(super) events: Option<EventWriter>,
     collective: Rc<dyn Collective>,
     /// The fully sharded state, when `parallel.sharding = "full"`.
@@ -88,8 +87,8 @@ pub struct Trainer {
     warnings: Vec<String>,
     /// The run directory's lock, held by the writing process for the run's lifetime.
     lock: Option<RunLock>,
-    /// Each iteration's mean reward so far (what `rewards.txt` holds; the writer's).
-    curve: Vec<f64>,
+    /// The reward curve's series (the writer's).
+    curve: RewardCurve,
 }
 
 /// Files a fresh run removes when an earlier, never checkpointed run left them.
@@ -176,7 +175,14 @@ impl Trainer {
         Ok(Trainer {
             order: DataOrder::new(cfg.run.seed, prompts.len()),
             prompts,
-            eval_prompts: build_eval_prompts(&cfg, model.as_ref())?,
+            evaluator: Evaluator::new(
+                &cfg,
+                build_eval_prompts(&cfg, model.as_ref())?,
+                match is_writer(collective.as_ref()) {
+                    true => build_gold_rewards(&cfg, device)?,
+                    false => Vec::new(),
+                },
+            ),
             schedule: Schedule::shifted(cfg.sampler.steps, cfg.sampler.shift),
             reward: build_rewards(&cfg, device)?,
             optimizer: AdamW::new(cfg.adam(), &params(model.as_ref())),
@@ -188,17 +194,13 @@ impl Trainer {
                 skipped_steps_in_a_row: 0,
             },
             writer: ImageWriter::start(cfg.health.on_image_error),
-            gold: match is_writer(collective.as_ref()) {
-                true => build_gold_rewards(&cfg, device)?,
-                false => Vec::new(),
-            },
             collective,
             sharded,
             stage_report: None,
             skipped: health::SkippedSteps::default(),
             warnings: Vec::new(),
             lock: None,
-            curve: Vec::new(),
+            curve: RewardCurve::default(),
             ema: match &cfg.optim.ema {
                 Some(e) => Some(Ema::new(e, &model.parameters())?),
                 None => None,
@@ -261,8 +263,8 @@ impl Trainer {
         let n = self.state.iteration as usize;
         truncate_lines(&self.dir.join("metrics.jsonl"), n)?;
         truncate_lines(&self.dir.join("rewards.txt"), n)?;
-        self.curve = read_curve(&self.dir.join("rewards.txt"));
         truncate_eval(&self.dir.join("eval.jsonl"), self.state.iteration)?;
+        self.curve = RewardCurve::read(&self.dir);
         Ok(())
     }
 
@@ -489,7 +491,7 @@ impl Trainer {
         let line = serde_json::to_string(m).expect("serialisable metrics");
         append_line(&self.dir.join("metrics.jsonl"), &line)?;
         append_line(&self.dir.join("rewards.txt"), &format!("{}", m.reward_mean))?;
-        self.curve.push(m.reward_mean);
+        self.curve.push_reward(m.reward_mean);
         if let Some(events) = &mut self.events {
             events.scalars(m.iteration, &m.scalars())?;
         }
@@ -540,39 +542,48 @@ impl Trainer {
         self.write_curve()
     }
 
-    /// Writes `reward_curve.png` from the run's mean rewards.
+    /// Writes `reward_curve.png`.
     fn write_curve(&mut self) -> Result<()> {
-        let pts: Vec<(f64, f64)> = (self.curve.iter().enumerate())
-            .map(|(i, &y)| (i as f64 + 1.0, y))
-            .collect();
-        let smooth = moving_average(&pts, 5);
-        let img = line_plot(&[(pts, [150, 180, 230]), (smooth, [20, 60, 200])], 480, 240);
-        self.writer.write(self.dir.join("reward_curve.png"), img)
+        let image = self.curve.image()?;
+        self.writer.write(self.dir.join("reward_curve.png"), image)
     }
-}
 
-/// The mean rewards of `rewards.txt` (a line that does not parse is a gap),
-/// read once when a run resumes.
-fn read_curve(path: &Path) -> Vec<f64> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let parse = |l: &str| l.trim().parse::<f64>().unwrap_or(f64::NAN);
-    text.lines().map(parse).collect()
-}
+    /// The prompt set evaluations draw from, and which one it is.
+    pub fn eval_prompts(&self) -> (&dyn PromptSet, EvalPromptSet) {
+        self.evaluator.prompt_set(self.prompts.as_ref())
+    }
 
-/// The mean of the last `k` finite values at every point (NaN where none is:
-/// an iteration without a reward stays a gap).
-fn moving_average(pts: &[(f64, f64)], k: usize) -> Vec<(f64, f64)> {
-    (0..pts.len())
-        .map(|i| {
-            let lo = i.saturating_sub(k - 1);
-            let finite: Vec<f64> = pts[lo..=i]
-                .iter()
-                .map(|p| p.1)
-                .filter(|y| y.is_finite())
-                .collect();
-            (pts[i].0, finite.iter().sum::<f64>() / finite.len() as f64)
-        })
-        .collect()
+    /// Evaluates the current model; the writer adds `eval/iter-N.png`, a line
+    /// of `eval.jsonl`, the `eval/*` TensorBoard summaries and a point of the
+    /// reward curve. Returns the line.
+    pub fn evaluate(&mut self) -> Result<EvalRecord> {
+        let inputs = EvalInputs {
+            model: self.model.as_ref(),
+            decoder: self.decoder.as_ref(),
+            reward: &mut self.reward,
+            training: self.prompts.as_ref(),
+            sharded: self.sharded.as_ref(),
+            device: self.device,
+            iteration: self.state.iteration,
+        };
+        let (record, image) = self.evaluator.evaluate(inputs)?;
+        // every process of a sharded model evaluates; one writes
+        if !self.writes() {
+            return Ok(record);
+        }
+        let dir = self.dir.join("eval");
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        if let Some(events) = &mut self.events {
+            events.scalars(record.iteration, &record.scalars())?;
+            events.image(record.iteration, "eval/images", &image)?;
+        }
+        let name = format!("iter-{:06}.png", record.iteration);
+        self.writer.write(dir.join(name), image)?;
+        let line = serde_json::to_string(&record).expect("serialisable eval record");
+        append_line(&self.dir.join("eval.jsonl"), &line)?;
+        self.curve.push_eval(record.iteration, record.reward_mean);
+        Ok(record)
+    }
 }
 
 fn params(model: &dyn PolicyModel) -> Vec<Tensor> {
