@@ -120,6 +120,9 @@ pub fn runs(points: &[(f64, f64)], scale: Scale) -> Vec<Vec<(f64, f64)>> {
         .collect()
 }
 
+/// Consecutive points of a line, in axis coordinates.
+type Run = Vec<(f64, f64)>;
+
 fn drawable((x, y): (f64, f64), scale: Scale) -> bool {
     x.is_finite() && y.is_finite() && (scale == Scale::Linear || y > 0.0)
 }
@@ -165,8 +168,7 @@ fn draw<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, chart: &Chart) -> Res
             |r: Vec<(f64, f64)>| r.into_iter().map(|(x, y)| (x, axis_y(y, scale))).collect();
         runs(&s.points, scale).into_iter().map(on_axis).collect()
     };
-    let series: Vec<(&Series, Vec<Vec<(f64, f64)>>)> =
-        chart.series.iter().map(|s| (s, shown(s))).collect();
+    let series: Vec<(&Series, Vec<Run>)> = chart.series.iter().map(|s| (s, shown(s))).collect();
     let all = || series.iter().flat_map(|(_, runs)| runs.iter().flatten());
     let xs = extent(all().map(|p| p.0));
     let ys = extent(all().map(|p| p.1));
