@@ -4,6 +4,7 @@
 //! a [`PromptSet`]), or the reference's files in place
 //! ([`ReferenceSet`], the reader the conversion uses). Layout in [`mod@format`].
 
+mod compat;
 pub mod encode;
 pub mod format;
 pub mod preprocess;

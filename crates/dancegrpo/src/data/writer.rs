@@ -15,9 +15,10 @@ use std::path::{Path, PathBuf};
 
 use tch::Tensor;
 
+use super::compat::{check_same_input, check_same_settings};
 use super::format::{
-    parse_manifest, shard_name, DatasetCounts, DatasetInfo, DatasetSource, ManifestEntry,
-    INFO_FILE, MANIFEST_FILE, POOLED_PROMPT_EMBEDS, PROMPT_EMBEDS,
+    parse_manifest, shard_name, DatasetCounts, DatasetInfo, ManifestEntry, INFO_FILE,
+    MANIFEST_FILE, POOLED_PROMPT_EMBEDS, PROMPT_EMBEDS,
 };
 use crate::error::{Error, Result};
 use crate::io::atomic::write_bytes_atomic;
@@ -66,90 +67,103 @@ impl DatasetWriter {
             truncated_clip: 0,
             truncated_t5: 0,
         };
-        let info_path = dir.join(INFO_FILE);
-        if !info_path.exists() {
-            if dir.exists() {
-                let entries: Vec<_> = fs::read_dir(dir)
-                    .map_err(|e| Error::io(dir, e))?
-                    .filter_map(|e| e.ok())
-                    .filter(|e| !is_temporary(&e.file_name().to_string_lossy()))
-                    .collect();
-                if let Some(e) = entries.first() {
-                    return Err(Error::io(
-                        dir,
-                        std::io::Error::new(
-                            std::io::ErrorKind::AlreadyExists,
-                            format!(
-                                "exists and is not a dataset (no {INFO_FILE}, but `{}`); choose a new output directory or remove it",
-                                e.file_name().to_string_lossy()
-                            ),
-                        ),
-                    ));
-                }
-            }
-            fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-            w.remove_temporaries()?;
-            write_bytes_atomic(&info_path, w.info.to_json().as_bytes())?;
-            write_bytes_atomic(&dir.join(MANIFEST_FILE), b"")?;
-            w.open_manifest()?;
-            return Ok((w, WriterStart::Fresh));
+        match dir.join(INFO_FILE).exists() {
+            false => w.start_fresh().map(|_| (w, WriterStart::Fresh)),
+            true => w.resume(check_prompt).map(|start| (w, start)),
         }
-        let stored = DatasetInfo::read(dir)?;
-        let now = w.info.clone();
+    }
+
+    /// A new dataset in a missing or empty directory.
+    fn start_fresh(&mut self) -> Result<()> {
+        let dir = self.dir.clone();
+        refuse_foreign_dir(&dir)?;
+        fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        self.remove_temporaries()?;
+        write_bytes_atomic(&dir.join(INFO_FILE), self.info.to_json().as_bytes())?;
+        write_bytes_atomic(&dir.join(MANIFEST_FILE), b"")?;
+        self.open_manifest()
+    }
+
+    /// Continues the interrupted dataset in `self.dir` made with the same
+    /// settings: keeps its complete shards, cuts back the rest.
+    fn resume(
+        &mut self,
+        check_prompt: &mut dyn FnMut(u64, &str) -> Result<()>,
+    ) -> Result<WriterStart> {
+        let dir = self.dir.clone();
+        let info_path = dir.join(INFO_FILE);
+        let stored = DatasetInfo::read(&dir)?;
+        let now = self.info.clone();
         check_same_settings(&info_path, &stored, &now)?;
         // Keep the stored description (e.g. the prompts file name as first given).
-        w.info = DatasetInfo {
+        self.info = DatasetInfo {
             complete: false,
             counts: None,
             ..stored.clone()
         };
-        let manifest_path = dir.join(MANIFEST_FILE);
-        // A crash right after the first dataset.json may leave no manifest yet.
-        if !manifest_path.exists() && !stored.complete {
-            write_bytes_atomic(&manifest_path, b"")?;
-        }
-        let bytes = fs::read(&manifest_path).map_err(|e| Error::io(&manifest_path, e))?;
-        let (entries, bad) = parse_manifest(&manifest_path, &bytes, &w.info);
-        if let Some(msg) = &bad {
-            // Only a line cut short by a crash may follow the good ones.
-            if !msg.contains("cut short") {
-                return Err(Error::Input(format!(
-                    "{msg}; the dataset cannot be resumed, remove {} and start again",
-                    dir.display()
-                )));
-            }
-        }
+        let entries = self.read_manifest(stored.complete)?;
         for (e, _) in &entries {
             check_prompt(e.index, &e.prompt)?;
         }
         check_same_input(&info_path, &stored, &now)?;
-        // Keep shards while each is in place and all its lines are in the manifest.
-        let mut keep = 0u64;
-        let mut keep_bytes = 0u64;
-        while keep < w.info.shard_count() {
-            let rows = w.info.shard_rows(keep);
-            let last_line = keep * w.info.shard_size + rows; // lines needed
-            if (entries.len() as u64) < last_line || !w.shard_is_valid(keep, rows) {
-                break;
-            }
-            keep_bytes = entries[last_line as usize - 1].1;
-            keep += 1;
-        }
-        let kept_lines = (keep * w.info.shard_size).min(entries.len() as u64) as usize;
+        let (keep, keep_bytes) = self.kept_shards(&entries);
+        let kept_lines = (keep * self.info.shard_size).min(entries.len() as u64) as usize;
         for (e, _) in &entries[..kept_lines] {
-            w.truncated_clip += (e.truncated_clip == Some(true)) as u64;
-            w.truncated_t5 += (e.truncated_t5 == Some(true)) as u64;
+            self.truncated_clip += (e.truncated_clip == Some(true)) as u64;
+            self.truncated_t5 += (e.truncated_t5 == Some(true)) as u64;
         }
         if stored.complete {
-            if keep == w.info.shard_count() && entries.len() as u64 == w.info.prompts {
-                return Ok((w, WriterStart::Complete));
+            if keep == self.info.shard_count() && entries.len() as u64 == self.info.prompts {
+                return Ok(WriterStart::Complete);
             }
             return Err(Error::Input(format!(
                 "{} is marked complete but its shards or manifest are not; remove it and start again",
                 dir.display()
             )));
         }
-        // Cut the manifest back, remove later shards and temporaries.
+        self.cut_back(keep, keep_bytes)?;
+        Ok(WriterStart::Resumed { shards: keep })
+    }
+
+    /// The manifest's good lines with the byte offset after each; only a line
+    /// cut short by a crash may follow them.
+    fn read_manifest(&self, complete: bool) -> Result<Vec<(ManifestEntry, u64)>> {
+        let manifest_path = self.dir.join(MANIFEST_FILE);
+        // A crash right after the first dataset.json may leave no manifest yet.
+        if !manifest_path.exists() && !complete {
+            write_bytes_atomic(&manifest_path, b"")?;
+        }
+        let bytes = fs::read(&manifest_path).map_err(|e| Error::io(&manifest_path, e))?;
+        let (entries, bad) = parse_manifest(&manifest_path, &bytes, &self.info);
+        match bad {
+            Some(msg) if !msg.contains("cut short") => Err(Error::Input(format!(
+                "{msg}; the dataset cannot be resumed, remove {} and start again",
+                self.dir.display()
+            ))),
+            _ => Ok(entries),
+        }
+    }
+
+    /// How many shards are in place with all their lines in the manifest, and
+    /// the manifest's length in bytes up to them.
+    fn kept_shards(&self, entries: &[(ManifestEntry, u64)]) -> (u64, u64) {
+        let (mut keep, mut keep_bytes) = (0u64, 0u64);
+        while keep < self.info.shard_count() {
+            let rows = self.info.shard_rows(keep);
+            let last_line = keep * self.info.shard_size + rows; // lines needed
+            if (entries.len() as u64) < last_line || !self.shard_is_valid(keep, rows) {
+                break;
+            }
+            keep_bytes = entries[last_line as usize - 1].1;
+            keep += 1;
+        }
+        (keep, keep_bytes)
+    }
+
+    /// Cuts the manifest back to `keep_bytes`, removes the shards from `keep`
+    /// on and temporaries, and reopens the manifest for appending.
+    fn cut_back(&mut self, keep: u64, keep_bytes: u64) -> Result<()> {
+        let manifest_path = self.dir.join(MANIFEST_FILE);
         let f = OpenOptions::new()
             .write(true)
             .open(&manifest_path)
@@ -158,19 +172,18 @@ impl DatasetWriter {
             .and_then(|_| f.sync_all())
             .map_err(|e| Error::io(&manifest_path, e))?;
         for k in keep.. {
-            let p = dir.join(shard_name(k));
+            let p = self.dir.join(shard_name(k));
             if !p.exists() {
-                if k >= w.info.shard_count() {
+                if k >= self.info.shard_count() {
                     break;
                 }
                 continue;
             }
             fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
         }
-        w.remove_temporaries()?;
-        w.shards_done = keep;
-        w.open_manifest()?;
-        Ok((w, WriterStart::Resumed { shards: keep }))
+        self.remove_temporaries()?;
+        self.shards_done = keep;
+        self.open_manifest()
     }
 
     /// The dataset directory.
@@ -317,162 +330,37 @@ impl DatasetWriter {
     }
 }
 
+/// Refuses a directory that holds something but no dataset.
+fn refuse_foreign_dir(dir: &Path) -> Result<()> {
+    let Ok(rd) = fs::read_dir(dir) else {
+        return Ok(());
+    };
+    let foreign =
+        (rd.filter_map(|e| e.ok())).find(|e| !is_temporary(&e.file_name().to_string_lossy()));
+    match foreign {
+        None => Ok(()),
+        Some(e) => Err(Error::io(
+            dir,
+            std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!(
+                    "exists and is not a dataset (no {INFO_FILE}, but `{}`); choose a new output directory or remove it",
+                    e.file_name().to_string_lossy()
+                ),
+            ),
+        )),
+    }
+}
+
 /// A temporary file of an atomic write (`.NAME.tmp-PID`).
 fn is_temporary(name: &str) -> bool {
     name.starts_with('.') && name.contains(".tmp-")
 }
 
-/// Fails, naming the setting, when `stored` (from `path`) was made with
-/// other settings than `now`.
-fn check_same_settings(path: &Path, stored: &DatasetInfo, now: &DatasetInfo) -> Result<()> {
-    let differ = |field: &str, a: String, b: String| {
-        Err(Error::config(
-            path,
-            field,
-            format!("the dataset was made with {a}, this run has {b}; use the same settings or another output directory"),
-        ))
-    };
-    match (&stored.source, &now.source) {
-        (
-            DatasetSource::Encoders {
-                model: m0,
-                skip_cjk: s0,
-                max_sequence_length: l0,
-                clip_length: c0,
-                batch: b0,
-                device: v0,
-                ..
-            },
-            DatasetSource::Encoders {
-                model: m1,
-                skip_cjk: s1,
-                max_sequence_length: l1,
-                clip_length: c1,
-                batch: b1,
-                device: v1,
-                ..
-            },
-        ) => {
-            if m0 != m1 {
-                return differ("source.model", format!("model {m0}"), format!("model {m1}"));
-            }
-            if s0 != s1 {
-                return differ(
-                    "source.skip_cjk",
-                    format!("skip_cjk {s0}"),
-                    format!("skip_cjk {s1}"),
-                );
-            }
-            if l0 != l1 {
-                return differ(
-                    "source.max_sequence_length",
-                    format!("max_sequence_length {l0}"),
-                    format!("max_sequence_length {l1}"),
-                );
-            }
-            if c0 != c1 {
-                return differ("source.clip_length", c0.to_string(), c1.to_string());
-            }
-            if b0 != b1 {
-                return differ(
-                    "source.batch",
-                    format!("batch {b0}"),
-                    format!("batch {b1} (batched encoders round differently)"),
-                );
-            }
-            if v0 != v1 {
-                return differ(
-                    "source.device",
-                    format!("device {v0}"),
-                    format!("device {v1}"),
-                );
-            }
-        }
-        (DatasetSource::Reference { dir: d0, .. }, DatasetSource::Reference { dir: d1, .. }) => {
-            if d0 != d1 {
-                return differ(
-                    "source.dir",
-                    format!("reference {d0}"),
-                    format!("reference {d1}"),
-                );
-            }
-        }
-        (a, b) => {
-            let kind = |s: &DatasetSource| match s {
-                DatasetSource::Encoders { .. } => "text encoders",
-                DatasetSource::Reference { .. } => "a reference directory",
-            };
-            return differ("source.kind", kind(a).into(), kind(b).into());
-        }
-    }
-    if stored.shard_size != now.shard_size {
-        return differ(
-            "shard_size",
-            format!("shard_size {}", stored.shard_size),
-            format!("shard_size {}", now.shard_size),
-        );
-    }
-    if stored.dtype != now.dtype {
-        return differ(
-            "dtype",
-            format!("dtype {}", stored.dtype.name()),
-            format!("dtype {}", now.dtype.name()),
-        );
-    }
-    if (stored.text_len, stored.text_dim, stored.pooled_dim)
-        != (now.text_len, now.text_dim, now.pooled_dim)
-    {
-        return differ(
-            "text_len/text_dim/pooled_dim",
-            format!(
-                "{:?}",
-                (stored.text_len, stored.text_dim, stored.pooled_dim)
-            ),
-            format!("{:?}", (now.text_len, now.text_dim, now.pooled_dim)),
-        );
-    }
-    Ok(())
-}
-
-/// Fails when the input (prompts file or reference index) changed since `stored`.
-fn check_same_input(path: &Path, stored: &DatasetInfo, now: &DatasetInfo) -> Result<()> {
-    let (field, h0, h1, what) = match (&stored.source, &now.source) {
-        (
-            DatasetSource::Encoders {
-                prompts_hash: a, ..
-            },
-            DatasetSource::Encoders {
-                prompts_hash: b, ..
-            },
-        ) => ("source.prompts_hash", a, b, "the prompts file"),
-        (
-            DatasetSource::Reference { index_hash: a, .. },
-            DatasetSource::Reference { index_hash: b, .. },
-        ) => (
-            "source.index_hash",
-            a,
-            b,
-            "the reference's videos2caption.json",
-        ),
-        _ => return Ok(()),
-    };
-    if h0 != h1 || stored.prompts != now.prompts {
-        return Err(Error::config(
-            path,
-            field,
-            format!(
-                "{what} changed: the dataset was made from {} prompts (hash {h0}), this run has {} (hash {h1}); use the same input or another output directory",
-                stored.prompts, now.prompts
-            ),
-        ));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::format::{EmbedDtype, FORMAT_NAME, FORMAT_VERSION};
+    use crate::data::format::{DatasetSource, EmbedDtype, FORMAT_NAME, FORMAT_VERSION};
     use crate::data::EmbeddingDataset;
     use crate::data::PromptSet;
     use tch::{Device, Kind};
