@@ -6,7 +6,7 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 use super::update::{grpo_update, UpdateConfig, UpdateInputs, UpdateObserver, UpdateStats};
-use super::{advantages, mixed_advantages, AdamW, Grouping, RewardMixing};
+use super::{advantages, mixed_advantages, AdamW, Advantages, Grouping, RewardMixing};
 use crate::dist::Shard;
 use crate::error::{Error, Result};
 use crate::models::{LatentDecoder, VelocityModel};
@@ -185,14 +185,13 @@ pub fn run_iteration(
     cfg: &IterationConfig,
     observer: &mut dyn UpdateObserver,
 ) -> Result<Iteration> {
-    let cond = inputs.cond;
-    let device = cond.device();
+    let device = inputs.cond.device();
     let mut seconds = StageSeconds::default();
     let report = inputs.report.unwrap_or(&|_, _, _| {});
     let clock = Instant::now();
     let ro = rollout_reporting(
         model,
-        (cond, inputs.draws, inputs.schedule, inputs.latent),
+        (inputs.cond, inputs.draws, inputs.schedule, inputs.latent),
         &cfg.rollout,
         device,
         &|done, total| report(Stage::Rollout, done, total),
@@ -200,52 +199,27 @@ pub fn run_iteration(
     seconds.rollout = lap(clock, device);
     report(Stage::Decode, 0, 1);
     let clock = Instant::now();
-    let layout = model.layout();
-    let (_, images) = decode(
-        decoder,
-        layout,
-        &ro.pred_x0,
-        inputs.latent,
-        cfg.decode_batch,
-    )?;
+    let x0 = &ro.pred_x0;
+    let (_, images) = decode(decoder, model.layout(), x0, inputs.latent, cfg.decode_batch)?;
     seconds.decode = lap(clock, device);
     let clock = Instant::now();
     report(Stage::Reward, 0, 1);
-    let sample_prompts = sample_prompts(inputs.prompts, cond)?;
+    let sample_prompts = sample_prompts(inputs.prompts, inputs.cond)?;
     let mut scores = reward.score(&RewardBatch {
         images: &images,
         prompts: &sample_prompts,
     })?;
     seconds.reward = lap(clock, device);
     let clock = Instant::now();
-    let shard = inputs.shard;
-    // an image from non-finite latents is a failure, whatever its pixels score
-    let broken = fail_nonfinite(&ro.pred_x0, &mut scores)?; // (b,) local
-    let broken = shard.gather(&broken)?.to_kind(Kind::Bool); // (B,)
-    let parts = reward_parts(reward, &scores, shard)?; // global (B,) each
-    let parts: Vec<_> = parts
-        .into_iter()
-        .map(|(name, w, t)| (name, w, t.masked_fill(&broken, f64::NAN)))
-        .collect();
-    let rewards = shard.gather(&scores_to_tensor(&scores))?; // (B,)
-    let reward_error = last_failure(&scores, shard);
-    let share = cfg.max_failed_reward_share;
-    check_rewards(&rewards, reward.name(), reward_error.as_deref(), share)?;
-    let adv = match cfg.mixing {
-        RewardMixing::Reward => advantages(&rewards, cfg.grouping, cfg.adv_clip_max)?,
-        RewardMixing::Advantage => {
-            let parts: Vec<(f64, Tensor)> = parts
-                .iter()
-                .map(|(_, w, t)| (*w, t.shallow_clone()))
-                .collect();
-            mixed_advantages(&parts, cfg.grouping, cfg.adv_clip_max)?
-        }
-    };
+    let scored = score_groups(reward, x0, &mut scores, inputs.shard, cfg)?;
     let update_inputs = UpdateInputs {
         rollout: &ro,
-        shard,
-        advantages: &shard.local_rows(&adv.clamped).to_device(device),
-        cond,
+        shard: inputs.shard,
+        advantages: &inputs
+            .shard
+            .local_rows(&scored.adv.clamped)
+            .to_device(device),
+        cond: inputs.cond,
         schedule: inputs.schedule,
         draws: inputs.draws,
     };
@@ -254,35 +228,94 @@ pub fn run_iteration(
         inner: observer,
         report,
         done: 0,
-        total: (cond.samples() * t) as usize,
+        total: (inputs.cond.samples() * t) as usize,
     };
     let update = grpo_update(model, optimizer, &update_inputs, &cfg.update, &mut counting)?;
     seconds.update = lap(clock, device);
-    let rewards: Vec<f32> = Vec::try_from(&rewards)?;
-    let clamped: Vec<f32> = Vec::try_from(&adv.clamped)?;
-    let raw: Vec<f32> = Vec::try_from(&adv.raw)?;
-    let reward_means = parts
-        .iter()
-        .map(|(name, _, t)| Ok((name.clone(), Summary::of(&Vec::<f32>::try_from(t)?).mean)))
-        .collect::<Result<Vec<_>>>()?;
-    let report = IterationReport {
-        reward: Summary::of(&rewards),
-        failed_rewards: rewards.iter().filter(|r| !r.is_finite()).count(),
-        reward_error,
-        skipped_groups: adv.skipped_groups,
-        partial_groups: adv.partial_groups,
-        zero_variance_groups: zero_variance_groups(&rewards, cfg.grouping),
-        advantage: Summary::of(&clamped),
-        clamped_advantages: raw.iter().zip(&clamped).filter(|(a, b)| a != b).count(),
-        rewards,
-        reward_means,
-        update,
-        seconds,
-    };
     Ok(Iteration {
-        report,
+        report: scored.report(update, seconds, cfg.grouping)?,
         images: images.to_device(Device::Cpu).to_kind(Kind::Uint8),
     })
+}
+
+/// An iteration's rewards over all processes and their advantages.
+struct Scored {
+    /// Weighted rewards `(B,)` (NaN: failed).
+    rewards: Tensor,
+    /// Each reward's `(name, weight, scores (B,))`.
+    parts: Vec<(String, f64, Tensor)>,
+    /// The last failure's message, if any item failed.
+    reward_error: Option<String>,
+    /// Group-relative advantages of `rewards` (or of the parts, mixed).
+    adv: Advantages,
+}
+
+/// Gathers this process's `scores` into the batch's rewards (an image from
+/// non-finite latents `x0` fails, whatever its pixels score), stops the run
+/// past `cfg.max_failed_reward_share`, and computes the advantages.
+fn score_groups(
+    reward: &dyn Reward,
+    x0: &Tensor,
+    scores: &mut [Score],
+    shard: &Shard,
+    cfg: &IterationConfig,
+) -> Result<Scored> {
+    let broken = fail_nonfinite(x0, scores)?; // (b,) local
+    let broken = shard.gather(&broken)?.to_kind(Kind::Bool); // (B,)
+    let parts: Vec<(String, f64, Tensor)> =
+        (reward_parts(reward, scores, shard)?.into_iter()) // global (B,) each
+            .map(|(name, w, t)| (name, w, t.masked_fill(&broken, f64::NAN)))
+            .collect();
+    let rewards = shard.gather(&scores_to_tensor(scores))?; // (B,)
+    let reward_error = last_failure(scores, shard);
+    let share = cfg.max_failed_reward_share;
+    check_rewards(&rewards, reward.name(), reward_error.as_deref(), share)?;
+    let adv = match cfg.mixing {
+        RewardMixing::Reward => advantages(&rewards, cfg.grouping, cfg.adv_clip_max)?,
+        RewardMixing::Advantage => {
+            let weighted: Vec<(f64, Tensor)> = (parts.iter())
+                .map(|(_, w, t)| (*w, t.shallow_clone()))
+                .collect();
+            mixed_advantages(&weighted, cfg.grouping, cfg.adv_clip_max)?
+        }
+    };
+    Ok(Scored {
+        rewards,
+        parts,
+        reward_error,
+        adv,
+    })
+}
+
+impl Scored {
+    /// The iteration's report with the update's statistics and stage times.
+    fn report(
+        self,
+        update: UpdateStats,
+        seconds: StageSeconds,
+        grouping: Grouping,
+    ) -> Result<IterationReport> {
+        let rewards: Vec<f32> = Vec::try_from(&self.rewards)?;
+        let clamped: Vec<f32> = Vec::try_from(&self.adv.clamped)?;
+        let raw: Vec<f32> = Vec::try_from(&self.adv.raw)?;
+        let reward_means = (self.parts.iter())
+            .map(|(name, _, t)| Ok((name.clone(), Summary::of(&Vec::<f32>::try_from(t)?).mean)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(IterationReport {
+            reward: Summary::of(&rewards),
+            failed_rewards: rewards.iter().filter(|r| !r.is_finite()).count(),
+            reward_error: self.reward_error,
+            skipped_groups: self.adv.skipped_groups,
+            partial_groups: self.adv.partial_groups,
+            zero_variance_groups: zero_variance_groups(&rewards, grouping),
+            advantage: Summary::of(&clamped),
+            clamped_advantages: raw.iter().zip(&clamped).filter(|(a, b)| a != b).count(),
+            rewards,
+            reward_means,
+            update,
+            seconds,
+        })
+    }
 }
 
 /// Forwards to `inner` and reports the update's progress in transitions.

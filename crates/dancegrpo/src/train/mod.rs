@@ -2,6 +2,7 @@
 //! with exact resume, metrics, plots and TensorBoard event files, evaluation,
 //! and the training loop.
 
+pub mod batch;
 pub mod build;
 pub mod changes;
 pub mod checkpoint;

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
+use super::batch::{Batch, BatchSource};
 use super::build::{build_eval_prompts, build_gold_rewards};
 pub use super::build::{build_models, build_prompts, build_rewards};
 use super::checkpoint::{self, TrainState};
@@ -21,16 +22,16 @@ use super::images::ImageWriter;
 use super::lock::RunLock;
 use super::metrics::{append_line, truncate_lines, Metrics};
 use super::tensorboard::{self, EventWriter};
-use crate::data::{stack, PromptSet};
+use crate::data::PromptSet;
 use crate::dist::fsdp::FullShard;
 use crate::dist::{is_writer, Collective, Shard, SingleProcess, Subset};
 use crate::error::{Error, Result};
-use crate::grpo::iteration::{run_iteration, IterationInputs, Stage};
+use crate::grpo::iteration::{run_iteration, Iteration, IterationInputs, Stage};
 use crate::grpo::{AdamW, NoObserver};
 use crate::io::image::grid;
 use crate::models::{LatentDecoder, PolicyModel};
 use crate::rewards::combine::WeightedSum;
-use crate::sampler::{Conditioning, Draws, Schedule, Seeded};
+use crate::sampler::{Draws, Schedule};
 
 /// A progress display's callback: `(stage, done, total)`.
 pub type StageDisplay = Box<dyn Fn(Stage, usize, usize)>;
@@ -353,85 +354,66 @@ impl Trainer {
 
     /// One GRPO iteration; appends its metrics (rank 0).
     pub fn step(&mut self) -> Result<Metrics> {
-        let (cfg, dev) = (&self.cfg, self.device);
+        let cfg = &self.cfg;
         let p = cfg.run.prompts_per_iteration as u64;
-        let g = cfg.sampler.group_size;
-        let positions: Vec<u64> =
-            (self.state.data_position..self.state.data_position + p).collect();
+        let collective = self.collective.clone();
         let shard = Shard::of_rank(
-            p as i64 * g,
+            p as i64 * cfg.sampler.group_size,
             cfg.optim.gradient_accumulation,
-            self.collective.as_ref(),
+            collective.as_ref(),
         );
-        // one conditioning row per prompt (groups of G), or per local sample
-        let (rows, group): (Vec<usize>, i64) = match shard.samples().len() as i64 == shard.total() {
-            true => ((0..p as usize).collect(), g),
-            false => (
-                shard.samples().iter().map(|&s| (s / g) as usize).collect(),
-                1,
-            ),
-        };
-        let entries = rows
-            .iter()
-            .map(|&i| health::checked_prompt(self.prompts.as_ref(), self.order.index(positions[i])))
-            .collect::<Result<Vec<_>>>()?;
-        let (text, pooled) = stack(&entries);
-        let latent = self
-            .decoder
-            .latent_shape(cfg.sampler.height, cfg.sampler.width);
-        let layout = self.model.layout();
-        let cond = Conditioning::new(
-            text.to_device(dev),
-            pooled.to_device(dev),
-            layout.text_ids(text.size()[1], dev),
-            layout.image_ids(latent, dev),
-            self.model.guidance_embeds().then_some(cfg.sampler.guidance),
-            group,
-        )?;
-        let captions: Vec<String> = entries.iter().map(|e| e.caption.clone()).collect();
-        let seeded = Seeded {
-            seed: cfg.run.seed,
+        let source = BatchSource {
+            prompts: self.prompts.as_ref(),
+            order: &mut self.order,
+            position: self.state.data_position,
             iteration: self.state.iteration,
-            prompt_ids: positions,
-            group: g,
-            init: cfg.sampler.init_noise,
-            precision: cfg.sampler.noise_precision,
         };
-        let subset = Subset::new(&seeded, shard.samples().to_vec());
-        let draws: &dyn Draws = if group == g { &seeded } else { &subset };
+        let batch = Batch::new(
+            cfg,
+            source,
+            (self.model.as_ref(), self.decoder.as_ref()),
+            &shard,
+            self.device,
+        )?;
+        let subset = Subset::new(&batch.seeded, shard.samples().to_vec());
+        let draws: &dyn Draws = match batch.per_sample {
+            false => &batch.seeded,
+            true => &subset,
+        };
         let inputs = IterationInputs {
-            cond: &cond,
-            prompts: &captions,
+            cond: &batch.cond,
+            prompts: &batch.captions,
             draws,
             shard: &shard,
             schedule: &self.schedule,
-            latent,
+            latent: batch.latent,
             report: self.stage_report.as_deref(),
         };
-        let icfg = cfg.iteration_config();
         // a sharded model gathers each unit once per iteration (again after
         // every optimizer step), not once per forward
-        let sharded = match self.cfg.parallel.gather {
-            crate::dist::Gather::Iteration => self.sharded.clone(),
+        let pinned = match cfg.parallel.gather {
+            crate::dist::Gather::Iteration => self.sharded.as_ref().map(|s| s.pinned()),
             crate::dist::Gather::PerBlock => None,
         };
-        let pinned = sharded.as_ref().map(|s| s.pinned());
         let it = run_iteration(
             self.model.as_ref(),
             self.decoder.as_ref(),
             &mut self.reward,
             &mut self.optimizer,
             &inputs,
-            &icfg,
+            &cfg.iteration_config(),
             &mut NoObserver,
         )?;
         drop(pinned);
+        self.after_step(it, &shard, p)
+    }
+
+    /// An iteration's bookkeeping: health of the new weights, EMA, state,
+    /// metrics, the image grid and the skipped-step count.
+    fn after_step(&mut self, it: Iteration, shard: &Shard, p: u64) -> Result<Metrics> {
         let after = "the trained weights after the update";
-        health::require_finite_everywhere(
-            &self.model.parameters(),
-            after,
-            self.collective.as_ref(),
-        )?;
+        let c = self.collective.as_ref();
+        health::require_finite_everywhere(&self.model.parameters(), after, c)?;
         if let Some(ema) = &mut self.ema {
             ema.update(&self.model.parameters());
         }
@@ -445,10 +427,8 @@ impl Trainer {
         let metrics = Metrics::new(self.state.iteration, &it.report, means, p as usize);
         let every = self.cfg.run.image_every;
         if every > 0 && self.state.iteration % every == 0 {
-            let images = shard
-                .gather(&it.images.to_kind(Kind::Float))?
-                .to_kind(Kind::Uint8);
-            self.write_grid(self.state.iteration, &images)?;
+            let images = shard.gather(&it.images.to_kind(Kind::Float))?; // (B, H, W, 3)
+            self.write_grid(self.state.iteration, &images.to_kind(Kind::Uint8))?;
         }
         if self.writes() {
             self.record(&metrics)?;
