@@ -9,6 +9,7 @@
 use std::ops::Range;
 use std::sync::Once;
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use tch::Tensor;
@@ -153,6 +154,31 @@ pub fn extent(values: impl Iterator<Item = f64>) -> Range<f64> {
     lo - pad..hi + pad
 }
 
+/// The grid, tick labels and axis titles of `chart`.
+fn draw_mesh<DB: DrawingBackend>(ctx: &mut Ctx<'_, DB>, chart: &Chart) -> Result<()> {
+    let scale = chart.y_scale;
+    let y_label = |v: &f64| match scale {
+        Scale::Linear => label(*v),
+        Scale::Log => label(10f64.powf(*v)),
+    };
+    ctx.configure_mesh()
+        .x_desc(chart.x_title.as_str())
+        .y_desc(chart.y_title.as_str())
+        .label_style(("sans-serif", 11))
+        .axis_desc_style(("sans-serif", 12))
+        .light_line_style(RGBColor(242, 242, 242))
+        .bold_line_style(RGBColor(225, 225, 225))
+        .x_labels(6)
+        .x_label_formatter(&|x| label(*x))
+        .y_labels(5)
+        .y_label_formatter(&y_label)
+        .draw()
+        .map_err(plot_error)
+}
+
+/// A chart's drawing context on linear `f64` axes.
+type Ctx<'a, DB> = ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
 /// A tick label: integers as integers, else 4 significant digits.
 fn label(v: f64) -> String {
     match v.fract() == 0.0 && v.abs() < 1e6 {
@@ -179,23 +205,7 @@ fn draw<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, chart: &Chart) -> Res
         .y_label_area_size(56)
         .build_cartesian_2d(xs, ys)
         .map_err(plot_error)?;
-    let y_label = |v: &f64| match scale {
-        Scale::Linear => label(*v),
-        Scale::Log => label(10f64.powf(*v)),
-    };
-    ctx.configure_mesh()
-        .x_desc(chart.x_title.as_str())
-        .y_desc(chart.y_title.as_str())
-        .label_style(("sans-serif", 11))
-        .axis_desc_style(("sans-serif", 12))
-        .light_line_style(RGBColor(242, 242, 242))
-        .bold_line_style(RGBColor(225, 225, 225))
-        .x_labels(6)
-        .x_label_formatter(&|x| label(*x))
-        .y_labels(5)
-        .y_label_formatter(&y_label)
-        .draw()
-        .map_err(plot_error)?;
+    draw_mesh(&mut ctx, chart)?;
     for (s, runs) in series {
         let [r, g, b] = s.colour;
         let colour = RGBColor(r, g, b);
