@@ -12,7 +12,7 @@ use super::format::{
     absolute, fnv1a64, DatasetInfo, DatasetSource, EmbedDtype, ManifestEntry, FORMAT_NAME,
     FORMAT_VERSION,
 };
-use super::prompts::read_prompts;
+use super::prompts::{read_prompts, PromptFile};
 use super::reference::INDEX_FILE;
 use super::reference_set::ReferenceSet;
 use super::writer::{DatasetWriter, WriterStart};
@@ -128,7 +128,33 @@ pub fn preprocess(
         opts.dtype.kind(),
         opts.device,
     )?;
-    let info = DatasetInfo {
+    let info = encoders_info(opts, &file, &encoder);
+    let mut check = |index: u64, prompt: &str| same_prompt(opts, &file, index, prompt);
+    let (writer, start) = DatasetWriter::start(&opts.out, info, &mut check)?;
+    let lines: Vec<usize> = file.prompts.iter().map(|p| p.line).collect();
+    let skipped = (file.skipped_empty, file.skipped_cjk);
+    let texts: Vec<&str> = file.prompts.iter().map(|p| p.text.as_str()).collect();
+    run_shards(
+        writer,
+        start,
+        opts.stop_after_shards,
+        skipped,
+        &lines,
+        progress,
+        &mut |range, tick| {
+            let texts = &texts[range.start as usize..range.end as usize];
+            encode_shard(&encoder, texts, opts.batch, tick)
+        },
+    )
+}
+
+/// The description of a dataset encoded from `file` by `encoder` as `opts` say.
+fn encoders_info(
+    opts: &PreprocessOptions,
+    file: &PromptFile,
+    encoder: &FluxTextEncoder,
+) -> DatasetInfo {
+    DatasetInfo {
         format: FORMAT_NAME.into(),
         version: FORMAT_VERSION,
         source: DatasetSource::Encoders {
@@ -153,59 +179,54 @@ pub fn preprocess(
         dtype: opts.dtype,
         counts: None,
         complete: false,
-    };
-    let prompts_path = opts.prompts.clone();
-    let mut check = |index: u64, prompt: &str| -> Result<()> {
-        match file.prompts.get(index as usize) {
-            Some(p) if p.text == prompt => Ok(()),
-            Some(p) => Err(Error::Input(format!(
-                "{}: prompt {index} is {prompt:?} in the dataset but {:?} on line {} of {}: the prompts file changed; use the same file or another output directory",
-                opts.out.join(super::format::MANIFEST_FILE).display(),
-                p.text,
-                p.line,
-                prompts_path.display()
-            ))),
-            None => Err(Error::Input(format!(
-                "{}: prompt {index} is {prompt:?} in the dataset but {} has only {} prompts: the prompts file changed",
-                opts.out.join(super::format::MANIFEST_FILE).display(),
-                prompts_path.display(),
-                file.prompts.len()
-            ))),
+    }
+}
+
+/// Fails when the dataset's prompt `index` is not `prompt` in the prompts `file`.
+fn same_prompt(
+    opts: &PreprocessOptions,
+    file: &PromptFile,
+    index: u64,
+    prompt: &str,
+) -> Result<()> {
+    let manifest = opts.out.join(super::format::MANIFEST_FILE);
+    match file.prompts.get(index as usize) {
+        Some(p) if p.text == prompt => Ok(()),
+        Some(p) => Err(Error::Input(format!(
+            "{}: prompt {index} is {prompt:?} in the dataset but {:?} on line {} of {}: the prompts file changed; use the same file or another output directory",
+            manifest.display(),
+            p.text,
+            p.line,
+            opts.prompts.display()
+        ))),
+        None => Err(Error::Input(format!(
+            "{}: prompt {index} is {prompt:?} in the dataset but {} has only {} prompts: the prompts file changed",
+            manifest.display(),
+            opts.prompts.display(),
+            file.prompts.len()
+        ))),
+    }
+}
+
+/// Encodes one shard's `texts` in encoder calls of `batch` prompts.
+fn encode_shard(
+    encoder: &FluxTextEncoder,
+    texts: &[&str],
+    batch: usize,
+    tick: &mut dyn FnMut(u64),
+) -> Result<ShardRows> {
+    let (mut embeds, mut pooled, mut entries) = (Vec::new(), Vec::new(), Vec::new());
+    for chunk in texts.chunks(batch) {
+        let out = encoder.encode(chunk)?;
+        for (j, text) in chunk.iter().enumerate() {
+            let truncated = (Some(out.truncated_clip[j]), Some(out.truncated_t5[j]));
+            entries.push((text.to_string(), truncated.0, truncated.1));
         }
-    };
-    let (writer, start) = DatasetWriter::start(&opts.out, info, &mut check)?;
-    let lines: Vec<usize> = file.prompts.iter().map(|p| p.line).collect();
-    run_shards(
-        writer,
-        start,
-        opts.stop_after_shards,
-        (file.skipped_empty, file.skipped_cjk),
-        &lines,
-        progress,
-        &mut |range, tick| {
-            let mut embeds = Vec::new();
-            let mut pooled = Vec::new();
-            let mut entries = Vec::new();
-            let texts: Vec<&str> = file.prompts[range.start as usize..range.end as usize]
-                .iter()
-                .map(|p| p.text.as_str())
-                .collect();
-            for chunk in texts.chunks(opts.batch) {
-                let out = encoder.encode(chunk)?;
-                for (j, text) in chunk.iter().enumerate() {
-                    entries.push((
-                        text.to_string(),
-                        Some(out.truncated_clip[j]),
-                        Some(out.truncated_t5[j]),
-                    ));
-                }
-                embeds.push(out.prompt_embeds);
-                pooled.push(out.pooled);
-                tick(entries.len() as u64);
-            }
-            Ok((Tensor::cat(&embeds, 0), Tensor::cat(&pooled, 0), entries))
-        },
-    )
+        embeds.push(out.prompt_embeds); // (chunk, Lt, d)
+        pooled.push(out.pooled); // (chunk, p)
+        tick(entries.len() as u64);
+    }
+    Ok((Tensor::cat(&embeds, 0), Tensor::cat(&pooled, 0), entries))
 }
 
 /// Converts the reference directory `opts.reference` into the dataset `opts.out`.
@@ -219,24 +240,8 @@ pub fn convert_reference(
     let set = ReferenceSet::open(&opts.reference)?;
     let index_path = opts.reference.join(INDEX_FILE);
     let dtype = opts.dtype.unwrap_or(set.dtype());
-    let (lt, d, p) = set.dims();
+    let info = reference_info(opts, &set, dtype);
     let items = set.items();
-    let info = DatasetInfo {
-        format: FORMAT_NAME.into(),
-        version: FORMAT_VERSION,
-        source: DatasetSource::Reference {
-            dir: absolute(&opts.reference),
-            index_hash: fnv1a64([set.index_bytes()]),
-        },
-        prompts: items.len() as u64,
-        shard_size: opts.shard_size,
-        text_len: lt,
-        text_dim: d,
-        pooled_dim: p,
-        dtype,
-        counts: None,
-        complete: false,
-    };
     let mut check = |index: u64, prompt: &str| -> Result<()> {
         match items.get(index as usize) {
             Some(it) if it.caption == prompt => Ok(()),
@@ -255,27 +260,101 @@ pub fn convert_reference(
         (0, 0),
         &lines,
         progress,
-        &mut |range, tick| {
-            let mut embeds = Vec::new();
-            let mut pooled = Vec::new();
-            let mut entries = Vec::new();
-            let first = range.start as usize;
-            for (i, item) in items[first..range.end as usize].iter().enumerate() {
-                let t = set.load(first + i)?;
-                embeds.push(t.prompt_embed.to_kind(dtype.kind()));
-                pooled.push(t.pooled.to_kind(dtype.kind()));
-                entries.push((item.caption.clone(), None, None));
-                if entries.len() % 64 == 0 {
-                    tick(entries.len() as u64);
-                }
-            }
-            Ok((
-                Tensor::stack(&embeds, 0),
-                Tensor::stack(&pooled, 0),
-                entries,
-            ))
-        },
+        &mut |range, tick| load_shard(&set, range, dtype, tick),
     )
+}
+
+/// The description of the dataset converted from the reference `set`.
+fn reference_info(opts: &ConvertOptions, set: &ReferenceSet, dtype: EmbedDtype) -> DatasetInfo {
+    let (lt, d, p) = set.dims();
+    DatasetInfo {
+        format: FORMAT_NAME.into(),
+        version: FORMAT_VERSION,
+        source: DatasetSource::Reference {
+            dir: absolute(&opts.reference),
+            index_hash: fnv1a64([set.index_bytes()]),
+        },
+        prompts: set.items().len() as u64,
+        shard_size: opts.shard_size,
+        text_len: lt,
+        text_dim: d,
+        pooled_dim: p,
+        dtype,
+        counts: None,
+        complete: false,
+    }
+}
+
+/// Reads the reference's items in `range` as one shard in `dtype`.
+fn load_shard(
+    set: &ReferenceSet,
+    range: std::ops::Range<u64>,
+    dtype: EmbedDtype,
+    tick: &mut dyn FnMut(u64),
+) -> Result<ShardRows> {
+    let (mut embeds, mut pooled, mut entries) = (Vec::new(), Vec::new(), Vec::new());
+    let first = range.start as usize;
+    for (i, item) in set.items()[first..range.end as usize].iter().enumerate() {
+        let t = set.load(first + i)?;
+        embeds.push(t.prompt_embed.to_kind(dtype.kind())); // (Lt, d)
+        pooled.push(t.pooled.to_kind(dtype.kind())); // (p,)
+        entries.push((item.caption.clone(), None, None));
+        if entries.len() % 64 == 0 {
+            tick(entries.len() as u64);
+        }
+    }
+    Ok((
+        Tensor::stack(&embeds, 0),
+        Tensor::stack(&pooled, 0),
+        entries,
+    ))
+}
+
+/// The manifest entries of shard `k`'s `rows` (its first index `start`),
+/// noting the truncated prompts with their lines.
+fn manifest_entries(
+    rows: Vec<(String, Option<bool>, Option<bool>)>,
+    start: u64,
+    k: u64,
+    lines: &[usize],
+    truncated: &mut Vec<Truncated>,
+) -> Vec<ManifestEntry> {
+    (rows.into_iter().enumerate())
+        .map(|(r, (prompt, clip, t5))| {
+            let index = start + r as u64;
+            if clip == Some(true) || t5 == Some(true) {
+                truncated.push(Truncated {
+                    index,
+                    line: lines[index as usize],
+                    clip: clip == Some(true),
+                    t5: t5 == Some(true),
+                });
+            }
+            ManifestEntry {
+                index,
+                prompt,
+                shard: k,
+                offset: r as u64,
+                truncated_clip: clip,
+                truncated_t5: t5,
+            }
+        })
+        .collect()
+}
+
+impl PreprocessReport {
+    /// The report of a run that found nothing to do.
+    fn nothing_done(info: DatasetInfo, start: WriterStart) -> Self {
+        PreprocessReport {
+            info,
+            start,
+            processed: 0,
+            seconds: 0.0,
+            prompts_per_second: 0.0,
+            truncated: Vec::new(),
+            stopped: false,
+        }
+    }
 }
 
 type ShardRows = (Tensor, Tensor, Vec<(String, Option<bool>, Option<bool>)>);
@@ -297,15 +376,7 @@ fn run_shards(
     let total = writer.info().prompts;
     if start == WriterStart::Complete {
         let info = DatasetInfo::read(writer.dir())?;
-        return Ok(PreprocessReport {
-            info,
-            start,
-            processed: 0,
-            seconds: 0.0,
-            prompts_per_second: 0.0,
-            truncated: Vec::new(),
-            stopped: false,
-        });
+        return Ok(PreprocessReport::nothing_done(info, start));
     }
     let first = writer.next_index();
     let mut truncated = Vec::new();
@@ -332,29 +403,7 @@ fn run_shards(
                 prompts_per_second: (range.start + n - first) as f64 / secs.max(1e-9),
             });
         })?;
-        let entries: Vec<ManifestEntry> = rows
-            .into_iter()
-            .enumerate()
-            .map(|(r, (prompt, clip, t5))| {
-                let index = range.start + r as u64;
-                if clip == Some(true) || t5 == Some(true) {
-                    truncated.push(Truncated {
-                        index,
-                        line: lines[index as usize],
-                        clip: clip == Some(true),
-                        t5: t5 == Some(true),
-                    });
-                }
-                ManifestEntry {
-                    index,
-                    prompt,
-                    shard: k,
-                    offset: r as u64,
-                    truncated_clip: clip,
-                    truncated_t5: t5,
-                }
-            })
-            .collect();
+        let entries = manifest_entries(rows, range.start, k, lines, &mut truncated);
         writer.write_shard(&embeds, &pooled, &entries)?;
         written_now += 1;
         let secs = t0.elapsed().as_secs_f64();
