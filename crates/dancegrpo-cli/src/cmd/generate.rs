@@ -3,19 +3,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
 
 use anyhow::Context;
-use dancegrpo::data::stack;
 use dancegrpo::io::image::{grid, write_png};
-use dancegrpo::models::PolicyModel;
-use dancegrpo::rewards::{scores_to_tensor, Reward, RewardBatch};
-use dancegrpo::rng::Philox;
-use dancegrpo::sampler::generate::{generate, OdeSettings};
 use dancegrpo::train::checkpoint;
-use dancegrpo::train::trainer::{build_models, build_prompts, build_rewards};
+use dancegrpo::train::generate::{generate_from_run, GenerateRequest};
 use dancegrpo::train::TrainConfig;
-use tch::Kind;
 
 /// Arguments of `dancegrpo generate`.
 #[derive(clap::Args)]
@@ -47,7 +40,6 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let device = super::train::parse_device(&args.device)?;
     let cfg = TrainConfig::load(&args.run.join("config.toml"), &[])?;
-    let (model, vae) = build_models(&cfg, device)?;
     let ckpt = match args.checkpoint.as_deref() {
         Some("base") => None,
         Some(path) => Some(PathBuf::from(path)),
@@ -56,47 +48,21 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("no complete checkpoint in {}", args.run.display()))?,
         ),
     };
-    if let Some(dir) = &ckpt {
-        checkpoint::load_weights_whole(dir, &model)?;
-    }
-    let prompts = build_prompts(&cfg, &model)?;
-    let entries = (0..args.images as u64)
-        .map(|i| prompts.get(i % prompts.len()))
-        .collect::<dancegrpo::Result<Vec<_>>>()?;
-    let (text, pooled) = stack(&entries);
-    let (h, w) = (cfg.sampler.height / 8, cfg.sampler.width / 8);
-    let noise =
-        Philox::for_stream(args.seed, "generate/noise").normal_tensor(&[args.images, 16, h, w]);
-    let settings = OdeSettings {
-        steps: args.steps.unwrap_or(cfg.sampler.steps),
-        shift: cfg.sampler.shift,
-        guidance: model.guidance_embeds().then_some(cfg.sampler.guidance),
+    let req = GenerateRequest {
+        checkpoint: ckpt.as_deref(),
+        images: args.images,
+        seed: args.seed,
+        steps: args.steps,
     };
-    let start = Instant::now();
-    let images = generate(
-        &model,
-        &vae,
-        &text.to_device(device),
-        &pooled.to_device(device),
-        &noise.to_device(device),
-        &settings,
-    )?;
-    let secs = start.elapsed().as_secs_f64();
-    let captions: Vec<String> = entries.iter().map(|e| e.caption.clone()).collect();
-    let mut reward = build_rewards(&cfg, device)?;
-    let scores = reward.score(&RewardBatch {
-        images: &images,
-        prompts: &captions,
-    })?;
-    let mean = scores_to_tensor(&scores)
-        .nanmean(None::<&[i64]>, false, None::<Kind>)
-        .double_value(&[]);
+    let g = generate_from_run(&cfg, &req, device)?;
     let out = args.out.unwrap_or_else(|| args.run.join("generated.png"));
-    write_png(&out, &grid(&images, args.images.min(8)))?;
+    write_png(&out, &grid(&g.images, args.images.min(8)))?;
     let from = ckpt.map_or("the base model".to_string(), |c| c.display().to_string());
     println!(
-        "generate: {} images from {from} in {secs:.2}s, mean reward {mean:.4}; wrote {}",
+        "generate: {} images from {from} in {:.2}s, mean reward {:.4}; wrote {}",
         args.images,
+        g.seconds,
+        g.mean_reward,
         out.display()
     );
     Ok(ExitCode::SUCCESS)

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use dancegrpo::io::image::read_image;
 use dancegrpo::rewards::spec::{RewardSpec, CLI_FORMS};
-use dancegrpo::rewards::{RewardBatch, Score};
+use dancegrpo::rewards::{score_by_size, Score};
 use tch::Tensor;
 
 /// Arguments of `dancegrpo score`.
@@ -67,39 +67,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut reward = spec
         .build(device)
         .with_context(|| format!("--reward {}", args.reward))?;
-    // One model call per distinct image size, in order of first appearance.
-    let mut scores: Vec<Option<Score>> = vec![None; images.len()];
-    let mut sizes: Vec<Vec<i64>> = Vec::new();
-    for img in &images {
-        if !sizes.contains(&img.size()) {
-            sizes.push(img.size());
-        }
-    }
-    for size in sizes {
-        let idx: Vec<usize> = (0..images.len())
-            .filter(|&i| images[i].size() == size)
-            .collect();
-        let batch: Vec<Tensor> = idx.iter().map(|&i| images[i].shallow_clone()).collect();
-        let batch = Tensor::stack(&batch, 0);
-        let batch_prompts: Vec<String> = idx.iter().map(|&i| prompts[i].clone()).collect();
-        let got = reward.score(&RewardBatch {
-            images: &batch,
-            prompts: &batch_prompts,
-        })?;
-        anyhow::ensure!(
-            got.len() == idx.len(),
-            "the reward returned {} scores for {} images",
-            got.len(),
-            idx.len()
-        );
-        for (i, s) in idx.into_iter().zip(got) {
-            scores[i] = Some(s);
-        }
-    }
+    let scores = score_by_size(reward.as_mut(), &images, &prompts)?;
     let mut items = Vec::new();
     let mut failed = 0;
     for (path, s) in args.images.iter().zip(scores) {
-        match s.expect("every image scored") {
+        match s {
             Score::Value(v) => {
                 println!("{v:.6}\t{}", path.display());
                 items.push(serde_json::json!({"path": path, "score": v}));

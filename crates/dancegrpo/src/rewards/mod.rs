@@ -90,6 +90,57 @@ pub fn fail_empty_prompts(prompts: &[String], scores: Vec<Score>) -> Vec<Score> 
         .collect()
 }
 
+/// Scores images of any sizes with `reward`: one call per distinct size
+/// (`(H, W, 3)` uint8 each), in order of first appearance; the scores come
+/// back in the images' order.
+pub fn score_by_size(
+    reward: &mut dyn Reward,
+    images: &[Tensor],
+    prompts: &[String],
+) -> crate::error::Result<Vec<Score>> {
+    if images.len() != prompts.len() {
+        return Err(crate::error::Error::Input(format!(
+            "{} images but {} prompts",
+            images.len(),
+            prompts.len()
+        )));
+    }
+    let mut scores: Vec<Option<Score>> = vec![None; images.len()];
+    let mut sizes: Vec<Vec<i64>> = Vec::new();
+    for img in images {
+        if !sizes.contains(&img.size()) {
+            sizes.push(img.size());
+        }
+    }
+    for size in sizes {
+        let idx: Vec<usize> = (0..images.len())
+            .filter(|&i| images[i].size() == size)
+            .collect();
+        let batch: Vec<Tensor> = idx.iter().map(|&i| images[i].shallow_clone()).collect();
+        let batch = Tensor::stack(&batch, 0); // (n, H, W, 3)
+        let batch_prompts: Vec<String> = idx.iter().map(|&i| prompts[i].clone()).collect();
+        let got = reward.score(&RewardBatch {
+            images: &batch,
+            prompts: &batch_prompts,
+        })?;
+        if got.len() != idx.len() {
+            return Err(crate::error::Error::Input(format!(
+                "the reward `{}` returned {} scores for {} images",
+                reward.name(),
+                got.len(),
+                idx.len()
+            )));
+        }
+        for (i, s) in idx.into_iter().zip(got) {
+            scores[i] = Some(s);
+        }
+    }
+    Ok(scores
+        .into_iter()
+        .map(|s| s.expect("every size scored"))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,6 +12,7 @@ pub mod data;
 pub mod ema;
 mod engine;
 pub mod evaluate;
+pub mod generate;
 pub mod health;
 pub mod images;
 pub mod lock;

@@ -1,0 +1,94 @@
+//! Images from a run: deterministic ODE samples of the run's first prompts
+//! (cycled) from any of its checkpoints or its base model, scored by the run's
+//! reward (`dancegrpo generate`).
+
+use std::path::Path;
+use std::time::Instant;
+
+use tch::{Device, Kind, Tensor};
+
+use super::build::{build_models, build_prompts, build_rewards};
+use super::checkpoint;
+use super::config::TrainConfig;
+use crate::data::stack;
+use crate::error::Result;
+use crate::models::{LatentDecoder, PolicyModel};
+use crate::rewards::{scores_to_tensor, Reward, RewardBatch};
+use crate::rng::Philox;
+use crate::sampler::generate::{generate, OdeSettings};
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest<'a> {
+    /// The checkpoint whose weights are used (`None`: the base model).
+    pub checkpoint: Option<&'a Path>,
+    /// Number of images (prompts `0..` of the run's prompt set, cycled).
+    pub images: i64,
+    /// Seed of the initial noise.
+    pub seed: u64,
+    /// Sampling steps (`None`: the run's `sampler.steps`).
+    pub steps: Option<i64>,
+}
+
+/// Generated images and their reward.
+pub struct Generated {
+    /// The images, uint8 `(n, H, W, 3)`.
+    pub images: Tensor,
+    /// Their prompts.
+    pub captions: Vec<String>,
+    /// The run's reward, averaged over the images that scored.
+    pub mean_reward: f64,
+    /// Seconds the sampling took (model loading and scoring excluded).
+    pub seconds: f64,
+}
+
+/// Builds the run `cfg`'s model on `device`, loads `req.checkpoint` and
+/// samples and scores `req.images` images.
+pub fn generate_from_run(
+    cfg: &TrainConfig,
+    req: &GenerateRequest,
+    device: Device,
+) -> Result<Generated> {
+    let (model, vae) = build_models(cfg, device)?;
+    if let Some(dir) = req.checkpoint {
+        checkpoint::load_weights_whole(dir, &model)?;
+    }
+    let prompts = build_prompts(cfg, &model)?;
+    let entries = (0..req.images as u64)
+        .map(|i| prompts.get(i % prompts.len()))
+        .collect::<Result<Vec<_>>>()?;
+    let (text, pooled) = stack(&entries); // (n, Lt, d), (n, p)
+    let [c, h, w] = vae.latent_shape(cfg.sampler.height, cfg.sampler.width);
+    let noise =
+        Philox::for_stream(req.seed, "generate/noise").normal_tensor(&[req.images, c, h, w]);
+    let settings = OdeSettings {
+        steps: req.steps.unwrap_or(cfg.sampler.steps),
+        shift: cfg.sampler.shift,
+        guidance: model.guidance_embeds().then_some(cfg.sampler.guidance),
+    };
+    let start = Instant::now();
+    let images = generate(
+        &model,
+        &vae,
+        &text.to_device(device),
+        &pooled.to_device(device),
+        &noise.to_device(device),
+        &settings,
+    )?; // (n, H, W, 3)
+    let seconds = start.elapsed().as_secs_f64();
+    let captions: Vec<String> = entries.iter().map(|e| e.caption.clone()).collect();
+    let mut reward = build_rewards(cfg, device)?;
+    let scores = reward.score(&RewardBatch {
+        images: &images,
+        prompts: &captions,
+    })?;
+    let mean_reward = scores_to_tensor(&scores)
+        .nanmean(None::<&[i64]>, false, None::<Kind>)
+        .double_value(&[]);
+    Ok(Generated {
+        images,
+        captions,
+        mean_reward,
+        seconds,
+    })
+}
