@@ -6,7 +6,7 @@
 # and runs cargo with that environment so `tch` builds against it.
 #
 #   ./dev.sh demo            set up, build (release) and run the built-in tiny demo
-#   ./dev.sh test            set up and run the whole test suite, then build the docs (no warning)
+#   ./dev.sh test            set up and run the whole test suite and the doc examples, then build the docs (no warning)
 #   ./dev.sh build [--cuda]  set up and build the release binary (CUDA: libtorch_cuda linked)
 #   ./dev.sh setup           only install the Python environment
 #   ./dev.sh cargo ARGS...   any cargo command inside the environment
@@ -105,6 +105,9 @@ case "$cmd" in
         # --no-fail-fast: a red run shows every failing test binary at once
         cargo test --workspace --release --lib --bins --tests --no-fail-fast "$@" 2>&1 | tee "$log"
         status=${PIPESTATUS[0]}
+        # the examples in the documentation (load a model, one iteration, score images)
+        cargo test --release --doc -p dancegrpo "$@" 2>&1 | tee -a "$log"
+        [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
         # the documentation builds without a warning (the library denies missing docs)
         RUSTDOCFLAGS="-D warnings" cargo doc --workspace --release --no-deps -q || status=1
         set -e

@@ -17,6 +17,23 @@ pub enum JpegObjective {
 }
 
 /// The JPEG size reward.
+///
+/// Scoring images (any [`Reward`](super::Reward) is called the same way):
+///
+/// ```
+/// use dancegrpo::rewards::jpeg::{JpegObjective, JpegReward};
+/// use dancegrpo::rewards::{Reward, RewardBatch, Score};
+///
+/// let mut reward = JpegReward::new(JpegObjective::Compressibility, 95)?;
+/// let flat = tch::Tensor::full([1, 64, 64, 3], 128, (tch::Kind::Uint8, tch::Device::Cpu));
+/// let noisy = tch::Tensor::randint(256, [1, 64, 64, 3], (tch::Kind::Uint8, tch::Device::Cpu));
+/// let images = tch::Tensor::cat(&[flat, noisy], 0); // (2, H, W, 3)
+/// let prompts = vec!["a grey square".to_string(), "noise".to_string()];
+/// let scores = reward.score(&RewardBatch { images: &images, prompts: &prompts })?;
+/// let [Score::Value(flat), Score::Value(noisy)] = scores[..] else { panic!("{scores:?}") };
+/// assert!(flat > noisy); // -kB: the flat image compresses better
+/// # Ok::<(), dancegrpo::Error>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct JpegReward {
     objective: JpegObjective,

@@ -62,6 +62,23 @@ pub struct Progress<'a> {
 }
 
 /// A training run.
+///
+/// One GRPO iteration of the built-in tiny run (what `dancegrpo demo` trains):
+///
+/// ```
+/// use dancegrpo::train::{Resume, TrainConfig, Trainer};
+///
+/// let dir = std::env::temp_dir().join(format!("dancegrpo-doc-{}", std::process::id()));
+/// let mut cfg = TrainConfig::tiny_demo();
+/// cfg.run.iterations = 1;
+/// let mut trainer = Trainer::new(cfg, &dir, Resume::Fresh, tch::Device::Cpu)?;
+/// let metrics = trainer.step()?;
+/// assert_eq!((metrics.iteration, trainer.iteration()), (1, 1));
+/// assert!(metrics.reward_mean.is_finite());
+/// # drop(trainer);
+/// # std::fs::remove_dir_all(&dir).unwrap();
+/// # Ok::<(), dancegrpo::Error>(())
+/// ```
 pub struct Trainer {
     pub(super) cfg: TrainConfig,
     pub(super) dir: PathBuf,

@@ -100,6 +100,19 @@ impl FluxTransformer {
     }
 
     /// Loads a diffusers `transformer/` directory (config.json + safetensors, single or sharded).
+    ///
+    /// ```
+    /// use dancegrpo::models::flux::FluxTransformer;
+    /// use dancegrpo::models::{PolicyModel, VelocityModel};
+    /// use std::path::Path;
+    ///
+    /// // the reference fixture's tiny FLUX (FLUX.1-dev loads the same way)
+    /// let dir = Path::new("../../../shared/fixtures/public/flux_tiny_a/transformer");
+    /// let model = FluxTransformer::from_dir(dir, tch::Kind::Float, tch::Device::Cpu)?;
+    /// assert!(model.guidance_embeds());
+    /// assert!(model.parameters().len() > 10);
+    /// # Ok::<(), dancegrpo::Error>(())
+    /// ```
     pub fn from_dir(dir: &Path, kind: Kind, device: Device) -> Result<Self> {
         let config = FluxConfig::from_file(&dir.join("config.json"))?;
         let ck = Checkpoint::open_dir(dir, "diffusion_pytorch_model")?;
