@@ -1,5 +1,15 @@
 //! CLIP byte-level BPE tokenizer (HF `CLIPTokenizer(Fast)` and open_clip's
 //! `SimpleTokenizer`).
+//!
+//! Hand-written, unlike T5's (which runs on the `tokenizers` crate): the
+//! reference tokenizes CLIP text in Python outside that library. FLUX's
+//! diffusers pipeline loads the slow `CLIPTokenizer`, which, with `ftfy`
+//! installed (open_clip, the HPSv2 reward's package, depends on it), cleans
+//! text with `ftfy.fix_text`, whitespace collapsing and lowercasing before a
+//! Python BPE; HPSv2 runs open_clip's `SimpleTokenizer`, which also unescapes
+//! HTML. The crate's CLIP pipeline (NFC, whitespace, lowercase) does neither, so
+//! it cannot match those ids on such text. Known gap: `ftfy`'s mojibake repair
+//! (`clean.rs` implements its other fixes).
 
 use std::collections::HashMap;
 use std::io::Read;

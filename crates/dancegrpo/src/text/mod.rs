@@ -1,10 +1,13 @@
 //! Text tokenizers of the prompt encoders and the reward model, exact to the
-//! reference (HF `tokenizers` 0.20 and open_clip's `SimpleTokenizer`).
+//! reference: T5 through Hugging Face's `tokenizers` crate (what
+//! `T5TokenizerFast` runs), CLIP written here (the reference's CLIP tokenizers
+//! are Python: transformers' slow `CLIPTokenizer` and open_clip's
+//! `SimpleTokenizer`; see [`clip`]).
 //!
 //! * [`ClipTokenizer`]: CLIP byte-level BPE with the `</w>` end-of-word suffix, read
 //!   from a HF `tokenizer.json`, a `vocab.json` + `merges.txt` pair, or open_clip's
 //!   `bpe_simple_vocab_16e6.txt.gz` (with open_clip's own text cleaning).
-//! * [`T5Tokenizer`]: T5 Unigram (Viterbi over piece scores), read from a HF
+//! * [`T5Tokenizer`]: T5 Unigram (the `tokenizers` crate), read from a HF
 //!   `tokenizer.json` or a sentencepiece `spiece.model`.
 //!
 //! Both return an [`Encoding`] of fixed length (truncated, then padded); [`batch_ids`]
