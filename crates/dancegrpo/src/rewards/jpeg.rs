@@ -18,7 +18,7 @@ pub enum JpegObjective {
 
 /// The JPEG size reward.
 ///
-/// Scoring images (any [`Reward`](super::Reward) is called the same way):
+/// Scoring images (any [`Reward`] is called the same way):
 ///
 /// ```
 /// use dancegrpo::rewards::jpeg::{JpegObjective, JpegReward};

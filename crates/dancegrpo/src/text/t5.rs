@@ -5,8 +5,8 @@
 //! sentencepiece `spiece.model` is converted into the same pipeline.
 //!
 //! What stays here: `</s>`, truncation and padding to the length the caller
-//! asks for ([`assemble`]), reading `spiece.model` (its protobuf, [`spiece`]),
-//! and errors that name the file and the field.
+//! asks for, reading `spiece.model` (its protobuf), and errors that name the
+//! file and the field.
 
 use std::path::Path;
 
