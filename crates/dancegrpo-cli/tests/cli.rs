@@ -1,5 +1,7 @@
 //! Tests that run the real `dancegrpo` binary.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -53,11 +55,7 @@ fn copy_dir(from: &Path, to: &Path) {
 #[test]
 fn align_json_passes_on_the_public_case() {
     let out = run(&["align", case_dir().to_str().unwrap(), "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_ok(&out);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["case"], "flux_tiny_a");
     assert_eq!(report["pass"], true);
@@ -248,11 +246,7 @@ fn demo_reward_rises_and_generate_reads_its_checkpoints() {
         }
         let out = run(&args);
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        common::assert_ok(&out);
         let bytes = std::fs::read(&png).unwrap();
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
         // generate uses other noise than eval: compare loosely with the eval reward
@@ -288,11 +282,7 @@ fn bench_train_prints_stage_times_and_a_json_line() {
         "--rollout-batch",
         "4",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_ok(&out);
     let text = String::from_utf8_lossy(&out.stdout);
     let json: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
     for key in [

@@ -1,5 +1,7 @@
 //! `dancegrpo plan` through the real binary: table, JSON, exit status, bad input.
 
+mod common;
+
 use std::process::{Command, Output};
 
 fn plan(args: &[&str]) -> Output {
@@ -58,11 +60,7 @@ fn configs_demo_toml_is_the_built_in_default() {
             .args(extra)
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        common::assert_ok(&out);
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let file = configs().join("demo.toml");

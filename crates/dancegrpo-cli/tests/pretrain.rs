@@ -1,6 +1,8 @@
 //! `dancegrpo pretrain` end to end with tiny step counts: the files, the JSON
 //! line, replacing an earlier output, and bad arguments.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
@@ -68,11 +70,7 @@ fn pretrain_writes_a_model_directory_and_a_json_line() {
     assert_eq!(json["config"]["flow"]["batch"], 2);
     // an earlier pretrain output is replaced
     let again = pretrain(&[&["--out", out.to_str().unwrap(), "--seed", "4"][..], &TINY].concat());
-    assert!(
-        again.status.success(),
-        "{}",
-        String::from_utf8_lossy(&again.stderr)
-    );
+    common::assert_ok(&again);
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("pretrain.json")).unwrap()).unwrap();
     assert_eq!(json["config"]["seed"], 4);

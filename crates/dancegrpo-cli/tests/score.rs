@@ -1,5 +1,7 @@
 //! `dancegrpo score` and `dancegrpo bench rewards`, run as the real binary.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -80,11 +82,7 @@ fn hpsv2_scores_of_the_fixture_images_equal_the_fixture_rewards() {
     ];
     args.extend(paths.iter().map(|p| s(p)));
     let out = run(&args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_ok(&out);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(stdout.lines().count(), 5, "{stdout}");
     assert!(
@@ -136,11 +134,7 @@ fn jpeg_scores_png_and_jpeg_files_and_gray_images() {
         s(&dir.join("flat.jpg")),
         s(&dir.join("gray.png")),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_ok(&out);
     let v = json_line(&out);
     assert_eq!(v["reward"], "jpeg_compressibility");
     let got: Vec<f64> = scores(&v).into_iter().map(Option::unwrap).collect();
@@ -274,11 +268,7 @@ fn bench_rewards_reports_every_reward() {
         "--repeats",
         "1",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_ok(&out);
     let v = json_line(&out);
     assert_eq!(v["bench"], "rewards");
     let names: Vec<&str> = v["results"]

@@ -39,11 +39,7 @@ fn train(out: &Path, extra: &[&str]) -> Output {
         .args(extra)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_ok(&out);
     out
 }
 
@@ -83,11 +79,7 @@ fn continue_cmd(dir: &Path) -> Command {
 /// Runs `dir` to its end ([`continue_cmd`]).
 fn finish_run(dir: &Path) {
     let out = continue_cmd(dir).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_ok(&out);
 }
 
 #[test]
@@ -335,11 +327,7 @@ fn lora_runs_save_adapters_and_resume_exactly() {
             cmd.arg("--resume");
         }
         let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        common::assert_ok(&out);
     };
     let (whole, split) = (root.join("whole"), root.join("split"));
     run(&whole, "4", false);
@@ -410,11 +398,7 @@ fn evaluation_runs_on_its_cadence_with_gold_rewards() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_ok(&out);
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("eval.jsonl"))
         .unwrap()
         .lines()

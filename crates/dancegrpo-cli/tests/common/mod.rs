@@ -76,6 +76,16 @@ pub fn write_reference(
     (embeds, pooled, captions)
 }
 
+/// Fails the test, showing the command's stderr, unless it succeeded.
+pub fn assert_ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "exit {:?}\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The `dancegrpo` binary under test.
 pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_dancegrpo"))

@@ -1,15 +1,11 @@
 //! CLIP byte-level BPE tokenizer (HF `CLIPTokenizer(Fast)` and open_clip's
 //! `SimpleTokenizer`).
 //!
-//! Hand-written, unlike T5's (which runs on the `tokenizers` crate): the
-//! reference tokenizes CLIP text in Python outside that library. FLUX's
-//! diffusers pipeline loads the slow `CLIPTokenizer`, which, with `ftfy`
-//! installed (open_clip, the HPSv2 reward's package, depends on it), cleans
-//! text with `ftfy.fix_text`, whitespace collapsing and lowercasing before a
-//! Python BPE; HPSv2 runs open_clip's `SimpleTokenizer`, which also unescapes
-//! HTML. The crate's CLIP pipeline (NFC, whitespace, lowercase) does neither, so
-//! it cannot match those ids on such text. Known gap: `ftfy`'s mojibake repair
-//! (`clean.rs` implements its other fixes).
+//! Hand-written, unlike T5's: the reference's CLIP tokenizers are Python, not
+//! the `tokenizers` library (FLUX's slow `CLIPTokenizer` cleans with ftfy, which
+//! open_clip installs, then collapses whitespace and lowercases; HPSv2's
+//! open_clip `SimpleTokenizer` also unescapes HTML), and that library's CLIP
+//! pipeline does neither. Known gap: ftfy's mojibake repair.
 
 use std::collections::HashMap;
 use std::io::Read;
