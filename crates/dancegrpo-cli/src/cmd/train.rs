@@ -129,14 +129,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         report_changes(&args, &cfg)?;
     }
     cfg.check_world(world)?;
-    let d = cfg.derived(world);
     if rank == 0 {
-        eprintln!(
-            "train: {} iterations; per iteration {} prompts x {} = {} samples over {} process(es), {} per process; {} optimizer steps of {} samples each ({} per process)",
-            cfg.run.iterations, cfg.run.prompts_per_iteration, cfg.sampler.group_size, d.samples_per_iteration,
-            d.world_size, d.samples_per_process, d.optimizer_steps_per_iteration, d.effective_batch,
-            d.accumulation_per_process
-        );
+        print_batch_sizes(&cfg, world);
     }
     let mut device = parse_device(&args.device)?;
     if args.dry_run {
@@ -151,23 +145,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(n) = args.threads {
         tch::set_num_threads(n);
     }
-    let collective: Box<dyn Collective> = match &launch {
-        None => Box::new(SingleProcess),
-        Some(l) => {
-            if let Device::Cuda(_) = device {
-                device = Device::Cuda(l.local_rank as usize); // one GPU per process
-            }
-            let timeout = Duration::from_secs(args.dist_timeout);
-            let backend = DistBackend::for_device(device);
-            Box::new(ProcessGroup::join(l, backend, timeout).with_context(|| {
-                format!("joining {world} processes as rank {rank} ({backend:?})")
-            })?)
-        }
-    };
-    let resume = if args.resume {
-        Resume::Latest
-    } else {
-        Resume::Fresh
+    let collective = join(launch.as_ref(), &mut device, args.dist_timeout)?;
+    let resume = match args.resume {
+        true => Resume::Latest,
+        false => Resume::Fresh,
     };
     let tensorboard = cfg.run.tensorboard;
     let mut trainer = Trainer::with_collective(cfg, &args.out, resume, device, collective)
@@ -178,35 +159,67 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             ),
             Resume::Latest => format!("resuming the run in {}", args.out.display()),
         })?;
-    if rank == 0 {
-        for w in trainer.warnings() {
-            eprintln!("warning: {w}");
-        }
+    if rank != 0 {
+        trainer.run(&mut |_| {})?;
+        return Ok(ExitCode::SUCCESS);
     }
-    if trainer.iteration() > 0 && rank == 0 {
+    for w in trainer.warnings() {
+        eprintln!("warning: {w}");
+    }
+    if trainer.iteration() > 0 {
         eprintln!("resumed after iteration {}", trainer.iteration());
     }
-    match rank {
-        0 => {
-            let display = TrainProgress::new(trainer.iteration() + 1);
-            display.attach(&mut trainer);
-            trainer.run(&mut |p| display.iteration(p))?
-        }
-        _ => trainer.run(&mut |_| {})?,
-    }
-    if rank == 0 {
-        eprintln!();
-        println!("run directory: {}", args.out.display());
-        if tensorboard {
-            let logdir = args.out.join(dancegrpo::train::tensorboard::DIR);
-            println!("curves: tensorboard --logdir {}", logdir.display());
-        }
-        let memory = serde_json::json!({
-            "peak_rss_mib": dancegrpo::process::peak_rss_mib(),
-            "peak_device_mib": dancegrpo::process::peak_device_mib(device),
-            "device": args.device,
-        });
-        println!("peak memory: {memory}");
-    }
+    let display = TrainProgress::new(trainer.iteration() + 1);
+    display.attach(&mut trainer);
+    trainer.run(&mut |p| display.iteration(p))?;
+    eprintln!();
+    print_summary(&args, tensorboard, device);
     Ok(ExitCode::SUCCESS)
+}
+
+/// The run's batch sizes, as the configuration and the process count give them.
+fn print_batch_sizes(cfg: &TrainConfig, world: i64) {
+    let d = cfg.derived(world);
+    eprintln!(
+        "train: {} iterations; per iteration {} prompts x {} = {} samples over {} process(es), {} per process; {} optimizer steps of {} samples each ({} per process)",
+        cfg.run.iterations, cfg.run.prompts_per_iteration, cfg.sampler.group_size, d.samples_per_iteration,
+        d.world_size, d.samples_per_process, d.optimizer_steps_per_iteration, d.effective_batch,
+        d.accumulation_per_process
+    );
+}
+
+/// This process's collective: alone, or joined to the others torchrun started
+/// (a CUDA process then takes the GPU of its local rank).
+fn join(
+    launch: Option<&Launch>,
+    device: &mut Device,
+    timeout_s: u64,
+) -> anyhow::Result<Box<dyn Collective>> {
+    let Some(l) = launch else {
+        return Ok(Box::new(SingleProcess));
+    };
+    if let Device::Cuda(_) = device {
+        *device = Device::Cuda(l.local_rank as usize); // one GPU per process
+    }
+    let backend = DistBackend::for_device(*device);
+    let group = ProcessGroup::join(l, backend, Duration::from_secs(timeout_s));
+    let (world, rank) = (l.world_size, l.rank);
+    Ok(Box::new(group.with_context(|| {
+        format!("joining {world} processes as rank {rank} ({backend:?})")
+    })?))
+}
+
+/// Where the run went, how to see its curves, and its peak memory.
+fn print_summary(args: &Args, tensorboard: bool, device: Device) {
+    println!("run directory: {}", args.out.display());
+    if tensorboard {
+        let logdir = args.out.join(dancegrpo::train::tensorboard::DIR);
+        println!("curves: tensorboard --logdir {}", logdir.display());
+    }
+    let memory = serde_json::json!({
+        "peak_rss_mib": dancegrpo::process::peak_rss_mib(),
+        "peak_device_mib": dancegrpo::process::peak_device_mib(device),
+        "device": args.device,
+    });
+    println!("peak memory: {memory}");
 }

@@ -22,6 +22,7 @@ use crate::error::Result;
 use crate::grpo::{advantages, grpo_update, UpdateInputs};
 use crate::models::vae::Vae;
 use crate::sampler::rollout::{decode, rollout, RolloutSettings};
+use crate::sampler::Rollout;
 
 /// Bound of the stage against the float32 reference when a case has no truth
 /// (errors compound along the iteration).
@@ -35,11 +36,34 @@ pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
         Stage::EndToEnd,
         Rule::composed(precision, TOL, COMPOSED_FLOOR),
     );
+    let ro = rollout_and_decode(case, &g, precision, &mut acc)?;
+    let adv = advantages(
+        &case.expected("rewards")?.to_kind(kind),
+        case.grouping()?,
+        case.hyper_f64("adv_clip_max")?,
+    )?;
+    acc.compare(
+        "advantages_clamped",
+        &adv.clamped,
+        &case.reference("advantages_clamped")?,
+    );
+    first_window(case, &g, &ro, &adv.clamped, &mut acc)?;
+    Ok(acc.finish())
+}
+
+/// The rollout from the recorded draws and its decoded images, compared.
+fn rollout_and_decode(
+    case: &Case,
+    g: &GrpoCase,
+    precision: Precision,
+    acc: &mut StageAcc,
+) -> Result<Rollout> {
     let (c, h, w) = latent_shape(case)?;
     let settings = RolloutSettings {
         eta: g.cfg.eta,
         batch: 1,
     };
+    let dev = case.device();
     let ro = rollout(
         &g.model,
         &g.cond,
@@ -47,7 +71,7 @@ pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
         &g.schedule,
         [c, h, w],
         &settings,
-        case.device(),
+        dev,
     )?;
     acc.compare(
         "sample/latents",
@@ -66,31 +90,29 @@ pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
         &ro.pred_x0,
         &pred.map(|t| t.select(1, last)),
     );
-    let vae = Vae::from_dir(
-        &case.dir().join("vae"),
-        precision.frozen_kind(),
-        case.device(),
-    )?;
+    let vae = Vae::from_dir(&case.dir().join("vae"), precision.frozen_kind(), dev)?;
     let layout = crate::models::flux::FluxPacking;
-    let (images, _) = decode(&vae, &layout, &ro.pred_x0, [16, h, w], 1)?;
+    let (images, _) = decode(&vae, &layout, &ro.pred_x0, [c, h, w], 1)?;
     acc.compare("decode/image", &images, &case.reference("decode/image")?);
-    let adv = advantages(
-        &case.expected("rewards")?.to_kind(kind),
-        case.grouping()?,
-        case.hyper_f64("adv_clip_max")?,
-    )?;
-    acc.compare(
-        "advantages_clamped",
-        &adv.clamped,
-        &case.reference("advantages_clamped")?,
-    );
+    Ok(ro)
+}
+
+/// The update on `advantages` `(B,)`: the first accumulation window's losses,
+/// its gradient norm and gradients, compared.
+fn first_window(
+    case: &Case,
+    g: &GrpoCase,
+    ro: &Rollout,
+    advantages: &Tensor,
+    acc: &mut StageAcc,
+) -> Result<()> {
     let mut rec = Recorder::default();
     let mut opt = g.optimizer();
     let shard = Shard::whole(ro.latents.size()[0]);
     let inputs = UpdateInputs {
-        rollout: &ro,
+        rollout: ro,
         shard: &shard,
-        advantages: &adv.clamped.to_device(case.device()),
+        advantages: &advantages.to_device(case.device()),
         cond: &g.cond,
         schedule: &g.schedule,
         draws: &g.draws,
@@ -115,10 +137,10 @@ pub fn run(case: &Case, precision: Precision) -> Result<StageReport> {
         let key = format!("grad_window0/{name}");
         acc.compare(&key, grad, &case.reference(&key)?);
     }
-    Ok(acc.finish())
+    Ok(())
 }
 
-/// `(16, h, w)` latent shape of the case, from its recorded initial noise.
+/// `(c, h, w)` latent shape of the case, from its recorded initial noise.
 fn latent_shape(case: &Case) -> Result<(i64, i64, i64)> {
     let s = case.input("init_noise")?.size();
     Ok((s[1], s[2], s[3]))

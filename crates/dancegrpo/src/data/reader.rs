@@ -55,50 +55,9 @@ impl EmbeddingDataset {
                 info.prompts
             )));
         }
-        let dtype = dtype_of(info.dtype.kind()).expect("f32/bf16");
-        let mut shards = Vec::new();
-        for k in 0..info.shard_count() {
-            let path = dir.join(shard_name(k));
-            if !path.is_file() {
-                return Err(Error::not_found(
-                    &path,
-                    format!(
-                        "shard {k} of {} is missing from the dataset",
-                        info.shard_count()
-                    ),
-                ));
-            }
-            let f = SafetensorsFile::open(&path)?;
-            let rows = info.shard_rows(k) as i64;
-            for (name, shape) in [
-                (PROMPT_EMBEDS, vec![rows, info.text_len, info.text_dim]),
-                (POOLED_PROMPT_EMBEDS, vec![rows, info.pooled_dim]),
-            ] {
-                let t = f.info(name).ok_or_else(|| Error::MissingTensor {
-                    source_desc: path.display().to_string(),
-                    name: name.to_string(),
-                })?;
-                if t.shape != shape {
-                    return Err(Error::ShapeMismatch {
-                        source_desc: path.display().to_string(),
-                        name: name.to_string(),
-                        expected: shape,
-                        found: t.shape.clone(),
-                    });
-                }
-                if t.dtype != dtype {
-                    return Err(Error::Safetensors {
-                        path: path.clone(),
-                        msg: format!(
-                            "tensor `{name}` is {}, the dataset is {}",
-                            t.dtype,
-                            info.dtype.name()
-                        ),
-                    });
-                }
-            }
-            shards.push(f);
-        }
+        let shards = (0..info.shard_count())
+            .map(|k| open_shard(dir, &info, k))
+            .collect::<Result<Vec<_>>>()?;
         Ok(EmbeddingDataset {
             dir: dir.to_path_buf(),
             info,
@@ -135,6 +94,48 @@ impl EmbeddingDataset {
             kind,
         )?)
     }
+}
+
+/// Shard `k` of the dataset in `dir`, its two tensors of the shapes and dtype
+/// `info` announces.
+fn open_shard(dir: &Path, info: &DatasetInfo, k: u64) -> Result<SafetensorsFile> {
+    let path = dir.join(shard_name(k));
+    if !path.is_file() {
+        let msg = format!(
+            "shard {k} of {} is missing from the dataset",
+            info.shard_count()
+        );
+        return Err(Error::not_found(&path, msg));
+    }
+    let f = SafetensorsFile::open(&path)?;
+    let dtype = dtype_of(info.dtype.kind()).expect("f32/bf16");
+    let rows = info.shard_rows(k) as i64;
+    for (name, shape) in [
+        (PROMPT_EMBEDS, vec![rows, info.text_len, info.text_dim]),
+        (POOLED_PROMPT_EMBEDS, vec![rows, info.pooled_dim]),
+    ] {
+        let t = f.info(name).ok_or_else(|| Error::MissingTensor {
+            source_desc: path.display().to_string(),
+            name: name.to_string(),
+        })?;
+        if t.shape != shape {
+            return Err(Error::ShapeMismatch {
+                source_desc: path.display().to_string(),
+                name: name.to_string(),
+                expected: shape,
+                found: t.shape.clone(),
+            });
+        }
+        if t.dtype != dtype {
+            let msg = format!(
+                "tensor `{name}` is {}, the dataset is {}",
+                t.dtype,
+                info.dtype.name()
+            );
+            return Err(Error::Safetensors { path, msg });
+        }
+    }
+    Ok(f)
 }
 
 impl PromptSet for EmbeddingDataset {
