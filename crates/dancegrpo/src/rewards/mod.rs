@@ -73,6 +73,14 @@ pub fn scores_to_tensor(scores: &[Score]) -> Tensor {
     Tensor::from_slice(&v)
 }
 
+/// The mean of the scores that are numbers (NaN when none is), in float32
+/// as the scores are, accumulated by libtorch's `nanmean`.
+pub fn mean_score(scores: &[Score]) -> f64 {
+    scores_to_tensor(scores)
+        .nanmean(None::<&[i64]>, false, None::<tch::Kind>)
+        .double_value(&[])
+}
+
 /// Marks items whose prompt is empty (or only whitespace) as failed: a text
 /// reward of an image against no text means nothing, and a silent score would
 /// train on it.

@@ -103,15 +103,7 @@ impl ClipTokenizer {
     pub fn from_tokenizer_json(path: &Path) -> Result<Self> {
         let root_value: Value = read_json(path)?;
         let root = Field::root(path, &root_value);
-        let model = root.get("model", "model")?;
-        let kind = model.get("type", "model.type")?.str()?;
-        if kind != "BPE" {
-            return Err(Error::config(
-                path,
-                "model.type",
-                format!("expected BPE, found {kind}"),
-            ));
-        }
+        let model = root.model("BPE")?;
         check_bpe_options(model)?;
         let vocab = parse_vocab(model.get("vocab", "model.vocab")?)?;
         let merges = parse_merges(model.get("merges", "model.merges")?)?;

@@ -41,6 +41,17 @@ impl<'a> Field<'a> {
             .ok_or_else(|| Error::config(self.path, name, "missing"))
     }
 
+    /// The `model` member of a `tokenizer.json` root, which must be of type `want`.
+    pub fn model(&self, want: &str) -> Result<Field<'a>> {
+        let model = self.get("model", "model")?;
+        let kind = model.get("type", "model.type")?.str()?;
+        if kind != want {
+            let msg = format!("expected {want}, found {kind}");
+            return Err(Error::config(self.path, "model.type", msg));
+        }
+        Ok(model)
+    }
+
     /// The member `key`, or `None` when absent or null.
     pub fn opt(&self, key: &str, name: &'a str) -> Option<Field<'a>> {
         match self.value.get(key) {

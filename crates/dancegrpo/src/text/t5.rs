@@ -146,15 +146,7 @@ impl T5Tokenizer {
 /// loses the path inside its tagged model).
 fn check_unigram_json(path: &Path, value: &Value) -> Result<()> {
     let root = Field::root(path, value);
-    let model = root.get("model", "model")?;
-    let kind = model.get("type", "model.type")?.str()?;
-    if kind != "Unigram" {
-        return Err(Error::config(
-            path,
-            "model.type",
-            format!("expected Unigram, found {kind}"),
-        ));
-    }
+    let model = root.model("Unigram")?;
     let vocab = model.get("vocab", "model.vocab")?.array()?;
     if let Some(f) = model.opt("unk_id", "model.unk_id") {
         match f.u64()? {

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::rc::Rc;
 
 use serde::Serialize;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use super::config::TrainConfig;
 use crate::data::{stack, PromptSet};
@@ -17,7 +17,7 @@ use crate::error::Result;
 use crate::io::image::grid;
 use crate::models::{LatentDecoder, PolicyModel};
 use crate::rewards::combine::WeightedSum;
-use crate::rewards::{scores_to_tensor, Reward, RewardBatch, Score};
+use crate::rewards::{mean_score, Reward, RewardBatch};
 use crate::sampler::generate::{generate, OdeSettings};
 
 /// Which prompts an evaluation used (recorded in each line of `eval.jsonl`).
@@ -57,12 +57,6 @@ impl EvalRecord {
             .chain(gold)
             .collect()
     }
-}
-
-fn nan_mean(scores: &[Score]) -> f64 {
-    scores_to_tensor(scores)
-        .nanmean(None::<&[i64]>, false, None::<Kind>)
-        .double_value(&[])
 }
 
 /// Fixed-seed evaluation's own parts: the held-out prompt set (if any), the
@@ -170,10 +164,10 @@ impl Evaluator {
             images: &images,
             prompts: &captions,
         };
-        let reward_mean = nan_mean(&inp.reward.score(&batch)?);
+        let reward_mean = mean_score(&inp.reward.score(&batch)?);
         let mut gold = serde_json::Map::new();
         for reward in &mut self.gold {
-            let mean = nan_mean(&reward.score(&batch)?);
+            let mean = mean_score(&reward.score(&batch)?);
             gold.insert(reward.name().to_string(), mean.into());
         }
         let record = EvalRecord {

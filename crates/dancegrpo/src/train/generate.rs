@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use super::build::{build_models, build_prompts, build_rewards};
 use super::checkpoint;
@@ -13,7 +13,7 @@ use super::config::TrainConfig;
 use crate::data::stack;
 use crate::error::Result;
 use crate::models::{LatentDecoder, PolicyModel};
-use crate::rewards::{scores_to_tensor, Reward, RewardBatch};
+use crate::rewards::{mean_score, Reward, RewardBatch};
 use crate::rng::Philox;
 use crate::sampler::generate::{generate, OdeSettings};
 
@@ -82,9 +82,7 @@ pub fn generate_from_run(
         images: &images,
         prompts: &captions,
     })?;
-    let mean_reward = scores_to_tensor(&scores)
-        .nanmean(None::<&[i64]>, false, None::<Kind>)
-        .double_value(&[]);
+    let mean_reward = mean_score(&scores);
     Ok(Generated {
         images,
         captions,
