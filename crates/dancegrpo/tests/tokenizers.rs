@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 
 use dancegrpo::io::safetensors::SafetensorsFile;
-use dancegrpo::text::{batch_ids, ClipTokenizer, Encoding, Padding, T5Tokenizer};
+use dancegrpo::text::{batch_ids, ClipTokenizer, Encoding, Padding, T5Tokenizer, TextHandling};
 
 fn case_strings(case: &Path, key: &str) -> Vec<String> {
     let text = std::fs::read_to_string(case.join("case.json")).unwrap();
@@ -267,4 +267,50 @@ fn malformed_tokenizer_json_names_file_and_field() {
         err.contains("model.type") && err.contains("WordPiece"),
         "{err}"
     );
+}
+
+/// A `vocab.json` + `merges.txt` pair tokenizes as transformers' slow
+/// `CLIPTokenizer` with ftfy (FLUX's pipeline) or as `CLIPTokenizerFast`
+/// (`CLIPProcessor`), as asked; 7 of the 14 prompts tell the two apart.
+#[test]
+fn clip_slow_and_fast_handling_match_transformers() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/clip-slow");
+    let text = std::fs::read_to_string(dir.join("cases.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let cases = json["cases"].as_array().unwrap();
+    let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
+    let mut differ = 0;
+    for (handling, key) in [
+        (TextHandling::SlowFtfy, "slow"),
+        (TextHandling::Fast, "fast"),
+    ] {
+        let tok = ClipTokenizer::from_vocab_merges(&vocab, &merges, handling).unwrap();
+        let (start, end) = tok.special_ids();
+        for case in cases {
+            let prompt = case["prompt"].as_str().unwrap();
+            let want: Vec<i64> = serde_json::from_value(case[key].clone()).unwrap();
+            let mut got = vec![start];
+            got.extend(tok.tokenize(prompt));
+            got.push(end);
+            assert_eq!(got, want, "{key}: {prompt:?}");
+            differ += usize::from(key == "slow" && case["slow"] != case["fast"]);
+        }
+    }
+    assert_eq!((cases.len(), differ), (14, 7));
+    // A directory holding both forms follows the loader that is named: the slow
+    // tokenizer reads the pair, the fast one `tokenizer.json`.
+    let both = common::temp_dir("clip-slow-both");
+    for f in ["vocab.json", "merges.txt"] {
+        std::fs::copy(dir.join(f), both.join(f)).unwrap();
+    }
+    let json = common::public_cases()[0].join("text_encoders/tokenizer/tokenizer.json");
+    std::fs::copy(&json, both.join("tokenizer.json")).unwrap();
+    let prompt = cases[2]["prompt"].as_str().unwrap();
+    let slow = ClipTokenizer::from_dir_as(&both, TextHandling::SlowFtfy).unwrap();
+    let pair = ClipTokenizer::from_vocab_merges(&vocab, &merges, TextHandling::SlowFtfy).unwrap();
+    assert_eq!(slow.tokenize(prompt), pair.tokenize(prompt));
+    let fast = ClipTokenizer::from_dir(&both).unwrap();
+    let from_json = ClipTokenizer::from_tokenizer_json(&json).unwrap();
+    assert_eq!(fast.tokenize(prompt), from_json.tokenize(prompt));
+    assert_ne!(fast.tokenize(prompt), slow.tokenize(prompt));
 }

@@ -12,7 +12,7 @@ use super::{Case, Precision, Stage, StageAcc, StageReport, TensorCheck};
 use crate::error::{Error, Result};
 use crate::models::clip_text::ClipTextModel;
 use crate::models::t5::T5Encoder;
-use crate::text::{batch_ids, ClipTokenizer, Padding, T5Tokenizer};
+use crate::text::{batch_ids, ClipTokenizer, Padding, T5Tokenizer, TextHandling};
 
 /// Bound of the stage against the float32 reference when a case has no truth.
 pub const TOL: f64 = 1e-5;
@@ -81,7 +81,7 @@ fn compare_token_ids(case: &Case, expected: &ReferenceFiles, acc: &mut StageAcc)
     let prompts = case.strings("prompts (dataset order)")?;
 
     let dir = case.dir().join("text_encoders");
-    let clip = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
+    let clip = ClipTokenizer::from_dir_as(&dir.join("tokenizer"), TextHandling::SlowFtfy)?;
     let t5 = T5Tokenizer::from_dir(&dir.join("tokenizer_2"))?;
     let want_t5 = expected.expected("t5_input_ids")?;
     let t5_len = want_t5.size()[1] as usize;

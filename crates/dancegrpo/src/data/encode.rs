@@ -11,7 +11,7 @@ use tch::{Device, Kind, Tensor};
 use crate::error::{Error, Result};
 use crate::models::clip_text::ClipTextModel;
 use crate::models::t5::T5Encoder;
-use crate::text::{batch_ids, ClipTokenizer, Padding, T5Tokenizer};
+use crate::text::{batch_ids, ClipTokenizer, Padding, T5Tokenizer, TextHandling};
 
 /// CLIP sequence length of FLUX.
 pub const CLIP_LENGTH: usize = 77;
@@ -66,7 +66,8 @@ impl FluxTextEncoder {
         if max_sequence_length < 1 {
             return Err(Error::Input("max_sequence_length must be >= 1".into()));
         }
-        let clip_tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
+        let clip_tokenizer =
+            ClipTokenizer::from_dir_as(&dir.join("tokenizer"), TextHandling::SlowFtfy)?;
         let t5_tokenizer = T5Tokenizer::from_dir(&dir.join("tokenizer_2"))?;
         let clip = ClipTextModel::from_dir(&dir.join("text_encoder"), kind, device)?;
         let t5 = T5Encoder::from_dir(&dir.join("text_encoder_2"), kind, device)?;

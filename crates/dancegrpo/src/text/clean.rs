@@ -1,11 +1,12 @@
-//! open_clip's text cleaning: `ftfy.fix_text`, `html.unescape` twice, whitespace
-//! collapse and strip, Python `str.lower`.
+//! The text cleaning of the Python CLIP tokenizers: `ftfy.fix_text`, then
+//! (open_clip only) `html.unescape` twice, then whitespace collapse and strip and
+//! Python's `str.lower`.
 //!
-//! Differences from the reference, all outside plain ASCII prompts:
-//! * of `ftfy.fix_text` only the character-level fixers are implemented (HTML
-//!   entities, C1 controls as Windows-1252, Latin ligatures, full/half width forms,
-//!   curly quotes, line breaks, terminal escapes, control characters, NFC); its
-//!   mojibake repair (`fix_encoding`, e.g. `cafÃ©` -> `café`) is not.
+//! `ftfy.fix_text` (6.3.1, default settings) is followed step by step: HTML
+//! entities, mojibake repair ([`super::mojibake`]), C1 controls as Windows-1252,
+//! Latin ligatures, full/half width forms, curly quotes, line breaks, terminal
+//! escapes, control characters, NFC; each line repeated until it stops changing.
+//! Not followed: ftfy's split of lines over 1,000,000 characters.
 //!
 //! HTML unescaping follows Python's `html.unescape` (and ftfy's stricter variant)
 //! exactly, with the HTML5 entity table (`html5_entities.tsv`: the 2231 names of
@@ -16,28 +17,43 @@ use std::collections::HashMap;
 use regex::Regex;
 use unicode_normalization::UnicodeNormalization;
 
+use super::mojibake::Mojibake;
+
 /// The HTML5 named character references: `name[;]<TAB>hex code points`.
 const HTML5_ENTITIES: &str = include_str!("html5_entities.tsv");
 
 /// Windows-1252 for 0x80..=0x9F (undefined bytes map to themselves), as used by
 /// `html.unescape` for `&#128;`.. and by ftfy's `fix_c1_controls`.
-const CP1252: [char; 32] = [
+pub(super) const CP1252: [char; 32] = [
     '€', '\u{81}', '‚', 'ƒ', '„', '…', '†', '‡', 'ˆ', '‰', 'Š', '‹', 'Œ', '\u{8d}', 'Ž', '\u{8f}',
     '\u{90}', '‘', '’', '“', '”', '•', '–', '—', '˜', '™', 'š', '›', 'œ', '\u{9d}', 'ž', 'Ÿ',
 ];
 
-/// open_clip's `_clean_lower` (`whitespace_clean(basic_clean(text)).lower()`).
-pub(crate) struct OpenClipCleaner {
+/// Which Python tokenizer's cleaning a [`TextCleaner`] reproduces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cleaning {
+    /// open_clip's `_clean_lower`: `whitespace_clean(basic_clean(text)).lower()`
+    /// (ftfy, `html.unescape` twice).
+    OpenClip,
+    /// transformers' slow `CLIPTokenizer` with ftfy installed:
+    /// `whitespace_clean(ftfy.fix_text(text)).lower()`.
+    SlowClipTokenizer,
+}
+
+/// A Python CLIP tokenizer's text cleaning.
+pub(crate) struct TextCleaner {
+    cleaning: Cleaning,
     ansi: Regex,
     /// Python's `html.entities.html5`: name (with `;` where required) -> text.
     html5: HashMap<String, String>,
     /// ftfy's entity table: `&name;` -> text, plus all-caps variants.
     ftfy: HashMap<String, String>,
+    mojibake: Mojibake,
 }
 
-impl OpenClipCleaner {
-    /// A cleaner (compiles its one regex).
-    pub fn new() -> Self {
+impl TextCleaner {
+    /// A cleaner (compiles its regexes).
+    pub fn new(cleaning: Cleaning) -> Self {
         let html5: HashMap<String, String> = HTML5_ENTITIES
             .lines()
             .filter_map(|line| {
@@ -49,10 +65,12 @@ impl OpenClipCleaner {
                 Some((name.to_string(), text))
             })
             .collect();
-        let mut cleaner = OpenClipCleaner {
+        let mut cleaner = TextCleaner {
+            cleaning,
             ansi: Regex::new(r"\x1b\[(?:\d|;)*[a-zA-Z]").expect("static regex"),
             html5,
             ftfy: HashMap::new(),
+            mojibake: Mojibake::new(),
         };
         cleaner.ftfy = cleaner.ftfy_entities();
         cleaner
@@ -78,11 +96,13 @@ impl OpenClipCleaner {
         out
     }
 
-    /// Cleans `text` as open_clip does before BPE.
+    /// Cleans `text` as the tokenizer does before BPE.
     pub fn clean(&self, text: &str) -> String {
-        let fixed = self.fix_text(text);
-        let unescaped = self.html_unescape(&self.html_unescape(&fixed));
-        let collapsed = unescaped
+        let mut fixed = self.fix_text(text);
+        if self.cleaning == Cleaning::OpenClip {
+            fixed = self.html_unescape(&self.html_unescape(&fixed));
+        }
+        let collapsed = fixed
             .split(py_space)
             .filter(|w| !w.is_empty())
             .collect::<Vec<_>>()
@@ -90,8 +110,8 @@ impl OpenClipCleaner {
         collapsed.to_lowercase()
     }
 
-    /// ftfy's `fix_text` without mojibake repair: line by line, each line fixed
-    /// until stable; HTML unescaping stops for good at the first line with `<`.
+    /// ftfy's `fix_text`: line by line, each line fixed until stable; HTML
+    /// unescaping stops for good at the first line with `<`.
     fn fix_text(&self, text: &str) -> String {
         let mut html = true;
         let mut out = String::with_capacity(text.len());
@@ -118,7 +138,10 @@ impl OpenClipCleaner {
         } else {
             text.to_string()
         };
-        s = s.chars().flat_map(fix_char).collect();
+        s = self.mojibake.fix_encoding(&s);
+        for fix in [c1_control, latin_ligature, character_width, uncurl_quote] as [CharFix; 4] {
+            s = s.chars().flat_map(fix).collect();
+        }
         s = s
             .replace("\r\n", "\n")
             .replace(['\r', '\u{2028}', '\u{2029}', '\u{85}'], "\n");
@@ -127,14 +150,20 @@ impl OpenClipCleaner {
     }
 }
 
-/// Per-character ftfy fixes: C1 controls, ligatures, character width, curly quotes.
-fn fix_char(c: char) -> Vec<char> {
-    let mapped: &str = match c {
-        '\u{80}'..='\u{9f}' => return vec![CP1252[c as usize - 0x80]],
-        '\u{2bc}' | '\u{2018}'..='\u{201b}' => "'",
-        '\u{201c}'..='\u{201f}' => "\"",
-        '\u{3000}' => " ",
-        '\u{ff01}'..='\u{ffef}' => return c.to_string().nfkc().collect(),
+/// A character fix of ftfy's: the replacement of one character.
+type CharFix = fn(char) -> Vec<char>;
+
+/// ftfy's `fix_c1_controls`: C1 controls read as Windows-1252.
+fn c1_control(c: char) -> Vec<char> {
+    match c {
+        '\u{80}'..='\u{9f}' => vec![CP1252[c as usize - 0x80]],
+        _ => vec![c],
+    }
+}
+
+/// ftfy's `fix_latin_ligatures`.
+fn latin_ligature(c: char) -> Vec<char> {
+    let mapped = match c {
         'Ĳ' => "IJ",
         'ĳ' => "ij",
         'ŉ' => "ʼn",
@@ -162,6 +191,24 @@ fn fix_char(c: char) -> Vec<char> {
     mapped.chars().collect()
 }
 
+/// ftfy's `fix_character_width`: full and half width forms as NFKC has them.
+fn character_width(c: char) -> Vec<char> {
+    match c {
+        '\u{3000}' => vec![' '],
+        '\u{ff01}'..='\u{ffef}' => c.to_string().nfkc().collect(),
+        _ => vec![c],
+    }
+}
+
+/// ftfy's `uncurl_quotes`.
+fn uncurl_quote(c: char) -> Vec<char> {
+    match c {
+        '\u{2bc}' | '\u{2018}'..='\u{201b}' => vec!['\''],
+        '\u{201c}'..='\u{201f}' => vec!['"'],
+        _ => vec![c],
+    }
+}
+
 /// Characters ftfy's `remove_control_chars` deletes.
 fn is_ftfy_control(c: char) -> bool {
     matches!(c, '\u{0}'..='\u{8}' | '\u{b}' | '\u{e}'..='\u{1f}' | '\u{7f}'
@@ -173,7 +220,7 @@ fn py_space(c: char) -> bool {
     c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
 }
 
-impl OpenClipCleaner {
+impl TextCleaner {
     /// ftfy's `unescape_html`: `&#?[0-9A-Za-z]{1,24};` replaced when it is in
     /// ftfy's table, or numeric and decoded by `html.unescape`.
     fn ftfy_unescape(&self, text: &str) -> String {
@@ -299,7 +346,7 @@ mod tests {
 
     #[test]
     fn html_unescape_matches_python() {
-        let c = OpenClipCleaner::new();
+        let c = TextCleaner::new(Cleaning::OpenClip);
         let html_unescape = |t: &str| c.html_unescape(t);
         assert_eq!(html_unescape("a &amp; b &lt;c&gt;"), "a & b <c>");
         assert_eq!(html_unescape("&amp;amp;"), "&amp;");
@@ -318,12 +365,36 @@ mod tests {
 
     #[test]
     fn open_clip_clean_fixes_quotes_width_and_whitespace() {
-        let c = OpenClipCleaner::new();
+        let c = TextCleaner::new(Cleaning::OpenClip);
         assert_eq!(
             c.clean("  It’s a  “ＴＥＳＴ”\n\tof &amp;amp; ﬁsh  "),
             "it's a \"test\" of & fish"
         );
         assert_eq!(c.clean("ΟΔΟΣ"), "οδος");
         assert_eq!(c.clean("\u{1b}[31mred\u{1b}[0m\u{1c}x"), "redx");
+    }
+
+    /// `ftfy.fix_text` on 3,025 strings, mojibake one and two layers deep in
+    /// the ten encodings ftfy knows, lost bytes, NBSPs turned into spaces, random
+    /// Unicode (made by `tools/ftfy_reference.py` with ftfy 6.3.1).
+    #[test]
+    fn fix_text_matches_ftfy() {
+        let c = TextCleaner::new(Cleaning::OpenClip);
+        let cases = include_str!("testdata/ftfy_cases.jsonl");
+        let mut wrong = Vec::new();
+        for line in cases.lines() {
+            let [input, want]: [String; 2] = serde_json::from_str(line).expect("case");
+            let got = c.fix_text(&input);
+            if got != want {
+                wrong.push(format!("{input:?}: got {got:?}, ftfy {want:?}"));
+            }
+        }
+        assert!(
+            wrong.is_empty(),
+            "{} differ:\n{}",
+            wrong.len(),
+            wrong[..wrong.len().min(20)].join("\n")
+        );
+        assert_eq!(cases.lines().count(), 3025);
     }
 }

@@ -5,7 +5,13 @@
 //! the `tokenizers` library (FLUX's slow `CLIPTokenizer` cleans with ftfy, which
 //! open_clip installs, then collapses whitespace and lowercases; HPSv2's
 //! open_clip `SimpleTokenizer` also unescapes HTML), and that library's CLIP
-//! pipeline does neither. Known gap: ftfy's mojibake repair.
+//! pipeline does neither. ftfy itself is reproduced in `clean` and `mojibake`.
+//!
+//! Which Python tokenizer a directory stands for depends on who loads it:
+//! diffusers' FLUX pipeline loads the slow `CLIPTokenizer` from `vocab.json` +
+//! `merges.txt` ([`TextHandling::SlowFtfy`]); `CLIPProcessor` and `AutoTokenizer`
+//! (CLIP score, PickScore) load `CLIPTokenizerFast`, from `tokenizer.json` or
+//! converted from the same two files ([`TextHandling::Fast`]).
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -15,7 +21,11 @@ use regex::Regex;
 use serde_json::Value;
 
 use super::added::{self, AddedTokens, Segment};
-use super::clean::OpenClipCleaner;
+use super::clean::{Cleaning, TextCleaner};
+use super::clip_files::{
+    check_bpe_options, merges_from_lines, parse_merges, parse_padding, parse_post_processor,
+    parse_pre_tokenizer, parse_vocab,
+};
 use super::config::Field;
 use super::normalize::Normalizer;
 use super::{assemble, Encoding, Padding};
@@ -23,15 +33,18 @@ use crate::error::{Error, Result};
 use crate::io::json::read_json;
 
 /// Number of merges CLIP uses from a merges file (`49152 - 256 - 2`).
-const CLIP_MERGES: usize = 49152 - 256 - 2;
+pub(super) const CLIP_MERGES: usize = 49152 - 256 - 2;
 /// The end-of-word suffix of CLIP's BPE.
-const SUFFIX: &str = "</w>";
+pub(super) const SUFFIX: &str = "</w>";
 /// open_clip's pre-tokenization pattern (special tokens first, case-insensitive
 /// where Python's `re.IGNORECASE` can matter on lowercased text).
 const OPEN_CLIP_PATTERN: &str =
     r"(?i:<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d)|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+";
 /// HF CLIP's pre-tokenization pattern (used for `vocab.json` + `merges.txt`).
 const HF_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+/// The slow `CLIPTokenizer`'s pattern (`re.IGNORECASE`, applied to lowercased text).
+const SLOW_PATTERN: &str =
+    r"(?i:<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d)|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+";
 
 /// GPT-2's reversible byte -> printable character map, in its construction order
 /// (printable bytes first, then the others mapped to U+0100..).
@@ -50,6 +63,18 @@ pub(crate) fn bytes_to_unicode() -> Vec<(u8, char)> {
     map
 }
 
+/// Which Python tokenizer's text handling a `vocab.json` + `merges.txt` pair gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextHandling {
+    /// `CLIPTokenizerFast` (`CLIPProcessor`, `AutoTokenizer`): NFC, whitespace
+    /// collapse, lowercase; a `tokenizer.json` is preferred when present.
+    Fast,
+    /// transformers' slow `CLIPTokenizer` with ftfy installed (diffusers' FLUX
+    /// pipeline): `ftfy.fix_text`, whitespace collapse, lowercase; `vocab.json` +
+    /// `merges.txt` are preferred when present.
+    SlowFtfy,
+}
+
 /// How the text is prepared before BPE.
 enum Frontend {
     /// HF `tokenizers`: added tokens, normalizer, regex split.
@@ -58,9 +83,9 @@ enum Frontend {
         added: AddedTokens,
         split: Regex,
     },
-    /// open_clip: ftfy/html cleaning, one regex with the special tokens in it.
-    OpenClip {
-        cleaner: OpenClipCleaner,
+    /// The Python tokenizers: ftfy cleaning, one regex with the special tokens in it.
+    Python {
+        cleaner: Box<TextCleaner>,
         pattern: Regex,
         specials: HashMap<String, i64>,
     },
@@ -82,15 +107,22 @@ pub struct ClipTokenizer {
 
 impl ClipTokenizer {
     /// Loads `dir/tokenizer.json`, else `dir/vocab.json` + `dir/merges.txt`, else
-    /// `dir/bpe_simple_vocab_16e6.txt.gz`.
+    /// `dir/bpe_simple_vocab_16e6.txt.gz`, as `CLIPTokenizerFast` or open_clip.
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        Self::from_dir_as(dir, TextHandling::Fast)
+    }
+
+    /// [`Self::from_dir`] for the given Python tokenizer: with
+    /// [`TextHandling::SlowFtfy`] a `vocab.json` + `merges.txt` pair comes first.
+    pub fn from_dir_as(dir: &Path, handling: TextHandling) -> Result<Self> {
         let json = dir.join("tokenizer.json");
         let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
         let gz = dir.join("bpe_simple_vocab_16e6.txt.gz");
-        if json.is_file() {
+        let pair = vocab.is_file() && merges.is_file();
+        if json.is_file() && !(pair && handling == TextHandling::SlowFtfy) {
             Self::from_tokenizer_json(&json)
-        } else if vocab.is_file() && merges.is_file() {
-            Self::from_vocab_merges(&vocab, &merges)
+        } else if pair {
+            Self::from_vocab_merges(&vocab, &merges, handling)
         } else if gz.is_file() {
             Self::from_open_clip_bpe(&gz)
         } else {
@@ -139,9 +171,13 @@ impl ClipTokenizer {
     }
 
     /// Loads HF's slow-tokenizer files: `vocab.json` (token -> id) and `merges.txt`
-    /// (a `#version` header, then the first 48894 merges are used). Text handling
-    /// is that of the fast tokenizer (NFC, whitespace collapse, lowercase).
-    pub fn from_vocab_merges(vocab_path: &Path, merges_path: &Path) -> Result<Self> {
+    /// (a `#version` header, then the first 48894 merges are used), with the text
+    /// handling of the Python tokenizer that `handling` names.
+    pub fn from_vocab_merges(
+        vocab_path: &Path,
+        merges_path: &Path,
+        handling: TextHandling,
+    ) -> Result<Self> {
         let vocab_value: Value = read_json(vocab_path)?;
         let vocab = parse_vocab(Field::root(vocab_path, &vocab_value))?;
         let text = std::fs::read_to_string(merges_path).map_err(|e| Error::io(merges_path, e))?;
@@ -153,28 +189,16 @@ impl ClipTokenizer {
                 .ok_or_else(|| Error::config(vocab_path, t, "special token missing from the vocab"))
         };
         let (start, end) = (id("<|startoftext|>")?, id("<|endoftext|>")?);
-        let lower = Normalizer::Lowercase;
-        let ws = Regex::new(r"\s+").expect("static regex");
-        let normalizer = Normalizer::Sequence(vec![
-            Normalizer::Nfc,
-            Normalizer::Replace {
-                pattern: ws,
-                content: " ".into(),
+        let frontend = match handling {
+            TextHandling::Fast => fast_frontend(start, end),
+            TextHandling::SlowFtfy => Frontend::Python {
+                cleaner: Box::new(TextCleaner::new(Cleaning::SlowClipTokenizer)),
+                pattern: Regex::new(SLOW_PATTERN).expect("static regex"),
+                specials: HashMap::from([
+                    ("<|startoftext|>".to_string(), start),
+                    ("<|endoftext|>".to_string(), end),
+                ]),
             },
-            lower,
-        ]);
-        let added = AddedTokens {
-            raw: Vec::new(),
-            normalized: vec![
-                ("<|startoftext|>".into(), start),
-                ("<|endoftext|>".into(), end),
-            ],
-        };
-        let split = Regex::new(HF_PATTERN).expect("static regex");
-        let frontend = Frontend::Hf {
-            normalizer,
-            added,
-            split,
         };
         let mut tok = Self::build(&vocab, &merges, merges_path, frontend, (start, end))?;
         tok.unk = Some(end as u32);
@@ -208,8 +232,8 @@ impl ClipTokenizer {
             ("<start_of_text>".to_string(), start),
             ("<end_of_text>".to_string(), end),
         ]);
-        let frontend = Frontend::OpenClip {
-            cleaner: OpenClipCleaner::new(),
+        let frontend = Frontend::Python {
+            cleaner: Box::new(TextCleaner::new(Cleaning::OpenClip)),
             pattern: Regex::new(OPEN_CLIP_PATTERN).expect("static regex"),
             specials,
         };
@@ -314,7 +338,7 @@ impl ClipTokenizer {
                     }
                 }
             }
-            Frontend::OpenClip {
+            Frontend::Python {
                 cleaner,
                 pattern,
                 specials,
@@ -356,176 +380,31 @@ impl ClipTokenizer {
     }
 }
 
-/// Rejects BPE options this tokenizer does not implement.
-fn check_bpe_options(model: Field<'_>) -> Result<()> {
-    let suffix = model.opt("end_of_word_suffix", "model.end_of_word_suffix");
-    if suffix.map(|f| f.str()).transpose()? != Some(SUFFIX) {
-        return Err(Error::config(
-            model.path,
-            "model.end_of_word_suffix",
-            "expected \"</w>\"",
-        ));
-    }
-    if let Some(p) = model.opt(
-        "continuing_subword_prefix",
-        "model.continuing_subword_prefix",
-    ) {
-        if !p.str()?.is_empty() {
-            return Err(p.error("a continuing-subword prefix is not supported"));
-        }
-    }
-    for (key, name) in [
-        ("byte_fallback", "model.byte_fallback"),
-        ("ignore_merges", "model.ignore_merges"),
-    ] {
-        if let Some(f) = model.opt(key, name) {
-            if f.bool()? {
-                return Err(f.error("not supported (expected false)"));
-            }
-        }
-    }
-    if model.opt("dropout", "model.dropout").is_some() {
-        return Err(Error::config(
-            model.path,
-            "model.dropout",
-            "BPE dropout is not supported",
-        ));
-    }
-    Ok(())
-}
-
-/// A `{token: id}` object.
-fn parse_vocab(field: Field<'_>) -> Result<HashMap<String, u32>> {
-    let obj = field
-        .value
-        .as_object()
-        .ok_or_else(|| field.error("expected an object {token: id}"))?;
-    obj.iter()
-        .map(|(k, v)| {
-            let id = v.as_u64().filter(|&i| i <= u32::MAX as u64);
-            id.map(|i| (k.clone(), i as u32))
-                .ok_or_else(|| field.error(format!("token `{k}`: id {v} is not a u32")))
-        })
-        .collect()
-}
-
-/// `merges` as `"a b"` strings or `["a", "b"]` pairs.
-fn parse_merges(field: Field<'_>) -> Result<Vec<(String, String)>> {
-    field
-        .array()?
-        .iter()
-        .enumerate()
-        .map(|(i, v)| {
-            let pair = match v {
-                Value::String(s) => s
-                    .split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string())),
-                Value::Array(a) if a.len() == 2 => match (a[0].as_str(), a[1].as_str()) {
-                    (Some(x), Some(y)) => Some((x.to_string(), y.to_string())),
-                    _ => None,
-                },
-                _ => None,
-            };
-            pair.ok_or_else(|| field.error(format!("entry {i} ({v}) is not a pair")))
-        })
-        .collect()
-}
-
-/// Merges from a text file: skip the header line, take the next 48894 lines (or
-/// all, ignoring trailing line breaks), each split on whitespace into two symbols.
-fn merges_from_lines(text: &str, path: &Path) -> Result<Vec<(String, String)>> {
-    text.trim_end_matches(['\n', '\r'])
-        .split('\n')
-        .skip(1)
-        .take(CLIP_MERGES)
-        .enumerate()
-        .map(|(i, line)| {
-            let parts: Vec<&str> = line.split_whitespace().collect();
-            match parts.as_slice() {
-                [a, b] => Ok((a.to_string(), b.to_string())),
-                _ => Err(Error::config(
-                    path,
-                    &format!("line {}", i + 2),
-                    format!("`{line}` is not a merge pair"),
-                )),
-            }
-        })
-        .collect()
-}
-
-/// The CLIP pre-tokenizer: `Split(regex, Removed, invert)` then `ByteLevel`.
-fn parse_pre_tokenizer(field: Field<'_>) -> Result<Regex> {
-    let unsupported = || field.error("expected Sequence[Split(Regex, Removed, invert), ByteLevel]");
-    let kind = field.get("type", "pre_tokenizer.type")?.str()?;
-    let steps = field.opt("pretokenizers", "pre_tokenizer.pretokenizers");
-    let steps = match (kind, steps) {
-        ("Sequence", Some(s)) => s.array()?,
-        _ => return Err(unsupported()),
+/// `CLIPTokenizerFast` as converted from slow files: NFC, whitespace collapse,
+/// lowercase, the special tokens matched in the normalized text.
+fn fast_frontend(start: i64, end: i64) -> Frontend {
+    let ws = Regex::new(r"\s+").expect("static regex");
+    let normalizer = Normalizer::Sequence(vec![
+        Normalizer::Nfc,
+        Normalizer::Replace {
+            pattern: ws,
+            content: " ".into(),
+        },
+        Normalizer::Lowercase,
+    ]);
+    let added = AddedTokens {
+        raw: Vec::new(),
+        normalized: vec![
+            ("<|startoftext|>".into(), start),
+            ("<|endoftext|>".into(), end),
+        ],
     };
-    let [split, byte_level] = steps.as_slice() else {
-        return Err(unsupported());
-    };
-    let ok = split["type"] == "Split"
-        && split["behavior"] == "Removed"
-        && split["invert"] == true
-        && byte_level["type"] == "ByteLevel"
-        && byte_level["add_prefix_space"] != true;
-    let pattern = split["pattern"]["Regex"]
-        .as_str()
-        .filter(|_| ok)
-        .ok_or_else(unsupported)?;
-    Regex::new(pattern)
-        .map_err(|e| field.error(format!("split pattern `{pattern}` does not compile: {e}")))
-}
-
-/// `RobertaProcessing`/`BertProcessing`: the `cls` (start) and `sep` (end) ids.
-fn parse_post_processor(field: Field<'_>) -> Result<(i64, i64)> {
-    let kind = field.get("type", "post_processor.type")?.str()?;
-    if kind != "RobertaProcessing" && kind != "BertProcessing" {
-        return Err(field.error(format!("unsupported post-processor `{kind}`")));
+    let split = Regex::new(HF_PATTERN).expect("static regex");
+    Frontend::Hf {
+        normalizer,
+        added,
+        split,
     }
-    let id = |key: &str, name: &'static str| -> Result<i64> {
-        let f = field.get(key, name)?;
-        f.value[1]
-            .as_i64()
-            .ok_or_else(|| f.error("expected [token, id]"))
-    };
-    Ok((
-        id("cls", "post_processor.cls")?,
-        id("sep", "post_processor.sep")?,
-    ))
-}
-
-/// Fixed padding length and pad id (the end id or 0); 77 and end-of-text when the
-/// file has no padding.
-fn parse_padding(root: Field<'_>, end: i64) -> Result<(usize, Padding)> {
-    let Some(pad) = root.opt("padding", "padding") else {
-        let len = root
-            .opt("truncation", "truncation")
-            .and_then(|t| t.opt("max_length", "truncation.max_length"));
-        return Ok((
-            len.map(|f| f.u64()).transpose()?.unwrap_or(77) as usize,
-            Padding::EndOfText,
-        ));
-    };
-    let fixed = pad
-        .get("strategy", "padding.strategy")?
-        .opt("Fixed", "padding.strategy.Fixed")
-        .ok_or_else(|| Error::config(root.path, "padding.strategy", "expected {\"Fixed\": n}"))?
-        .u64()? as usize;
-    let pad_id = pad.get("pad_id", "padding.pad_id")?.u64()? as i64;
-    let padding = match pad_id {
-        0 => Padding::Zero,
-        id if id == end => Padding::EndOfText,
-        id => {
-            return Err(Error::config(
-                root.path,
-                "padding.pad_id",
-                format!("{id}: expected 0 or the end id {end}"),
-            ))
-        }
-    };
-    Ok((fixed, padding))
 }
 
 #[cfg(test)]

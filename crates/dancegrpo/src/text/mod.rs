@@ -16,12 +16,14 @@
 mod added;
 mod clean;
 pub mod clip;
+mod clip_files;
 mod config;
+mod mojibake;
 mod normalize;
 mod spiece;
 pub mod t5;
 
-pub use clip::ClipTokenizer;
+pub use clip::{ClipTokenizer, TextHandling};
 pub use t5::T5Tokenizer;
 
 use tch::Tensor;
