@@ -295,6 +295,34 @@ fn bench_train_prints_stage_times_and_a_json_line() {
         assert!(json[key].as_f64().unwrap() > 0.0, "{key}: {json}");
     }
     assert_eq!(json["case"], "flux_tiny_a");
+    assert_eq!(json["layout"], "fixture");
     assert_eq!(json["rollout_batch"], 4);
     assert!(json["peak_rss_mib"].as_f64().unwrap() > 10.0);
+    assert_eq!(json["gflop_per_iteration"], 0.285364224);
+}
+
+/// The built-in tiny preset runs in the benchmark layout (seeded weights, no
+/// tokenizer files), counts the reference's 0.285 GFLOP per iteration and
+/// reports the rate; a directory in that layout runs the same way.
+#[test]
+fn bench_train_runs_the_shipped_preset_and_its_directory() {
+    let preset = ["--preset", "tiny"];
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dancegrpo/presets/tiny");
+    for source in [&preset[..], &[dir.to_str().unwrap()][..]] {
+        let mut args = vec!["bench", "train", "--iterations", "1", "--warmup", "0"];
+        args.extend(["--threads", "1"]);
+        args.extend(source);
+        let out = run(&args);
+        common::assert_ok(&out);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let json: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert_eq!(json["case"], "bench_tiny");
+        assert_eq!(json["layout"], "benchmark (seeded weights)");
+        assert_eq!(json["gflop_per_iteration"], 0.285364224);
+        assert!(json["gflops"].as_f64().unwrap() > 0.0, "{json}");
+        assert!(text.contains("GFLOP/s"), "{text}");
+    }
+    let bad = run(&["bench", "train", "--preset", "huge"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("tiny, small, medium"));
 }

@@ -12,6 +12,7 @@
 
 pub mod align;
 pub mod autograd;
+pub mod bench;
 pub mod data;
 pub mod dist;
 pub mod error;

@@ -9,7 +9,7 @@ use std::time::Instant;
 use dancegrpo::models::clip::{ClipConfig, ClipModel, ImageProcessor};
 use dancegrpo::models::open_clip::{OpenClip, OpenClipConfig};
 use dancegrpo::rewards::clip_score::{ClipScoreReward, ClipScoreScale, ClipScorer};
-use dancegrpo::rewards::hps::{HpsReward, TokenizeFn};
+use dancegrpo::rewards::hps::{byte_stand_in, HpsReward};
 use dancegrpo::rewards::jpeg::{JpegObjective, JpegReward};
 use dancegrpo::rewards::pickscore::PickScoreReward;
 use dancegrpo::rewards::remote::{LoopbackServer, RemoteConfig, RemoteReward};
@@ -64,18 +64,6 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// A stand-in tokenizer for the tiny models (no tokenizer files): start id,
-/// the prompt's bytes, end id, then `pad`, `len` ids in all.
-fn byte_tokenizer(len: usize, pad: i64) -> TokenizeFn {
-    Box::new(move |text: &str| {
-        let mut ids = vec![49406i64];
-        ids.extend(text.bytes().take(len - 2).map(i64::from));
-        ids.push(49407);
-        ids.resize(len, pad);
-        Ok(ids)
-    })
-}
-
 fn tiny_clip(device: Device) -> anyhow::Result<ClipScorer> {
     let cfg = ClipConfig::tiny();
     let size = cfg.vision_config.image_size;
@@ -83,7 +71,7 @@ fn tiny_clip(device: Device) -> anyhow::Result<ClipScorer> {
     Ok(ClipScorer::new(
         model,
         ImageProcessor::clip_default(size),
-        byte_tokenizer(77, 49407),
+        byte_stand_in(77, 49407),
     ))
 }
 
@@ -115,7 +103,7 @@ fn rewards(a: RewardsArgs) -> anyhow::Result<ExitCode> {
         ),
         (
             "hpsv2 (tiny open_clip, 56 px)",
-            Box::new(HpsReward::new(hps, byte_tokenizer(77, 0))),
+            Box::new(HpsReward::new(hps, byte_stand_in(77, 0))),
         ),
         (
             "clip_score (tiny HF CLIP, 32 px)",

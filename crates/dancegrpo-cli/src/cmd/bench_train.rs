@@ -1,26 +1,26 @@
-//! `dancegrpo bench train CASE_DIR`: full GRPO iterations on any directory in
-//! the fixture layout (its transformer, VAE, HPSv2-style reward model, prompt
-//! embeddings and `case.json` hyper-parameters), timed per stage.
+//! `dancegrpo bench train CASE_DIR | --preset NAME`: full GRPO iterations on a
+//! case in the fixture layout or the benchmark layout (`dancegrpo::bench`),
+//! timed per stage, with the transformer's GFLOP per iteration and the rate.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use dancegrpo::align::{train_config, Case, GrpoCase};
-use dancegrpo::dist::Shard;
-use dancegrpo::grpo::{run_iteration, AdamW, IterationInputs, NoObserver};
-use dancegrpo::models::vae::Vae;
-use dancegrpo::models::{ActivationCheckpointing, VelocityModel};
-use dancegrpo::rewards::hps::HpsReward;
-use dancegrpo::sampler::draws::{InitNoise, NoisePrecision};
-use dancegrpo::sampler::Seeded;
-use tch::{Kind, Tensor};
+use anyhow::Context;
+use dancegrpo::align::Case;
+use dancegrpo::bench::{BenchSetup, Layout, Preset};
+use dancegrpo::models::ActivationCheckpointing;
+use tch::Kind;
 
 /// Arguments of `dancegrpo bench train`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// A case directory in the fixture layout (`case.json`, `inputs.safetensors`,
-    /// `transformer/`, `vae/`, `reward/`).
-    case: PathBuf,
+    /// A case directory: the fixture layout (weights and recorded inputs) or the
+    /// benchmark layout (`case.json`, configs, `inputs.safetensors`).
+    #[arg(required_unless_present = "preset", conflicts_with = "preset")]
+    case: Option<PathBuf>,
+    /// One of the reference's timing presets, built in: tiny, small, medium.
+    #[arg(long, value_parser = str::parse::<Preset>)]
+    preset: Option<Preset>,
     /// Timed iterations (after the warm-up).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
     iterations: u64,
@@ -47,76 +47,80 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         tch::set_num_threads(n);
     }
     let device = super::train::parse_device(&args.device)?;
-    let case = Case::open(&args.case)?;
-    let mut g = GrpoCase::load_on(&case, Kind::Float, device)?;
+    let (dir, _cleanup) = case_dir(&args)?;
+    let case = Case::open(&dir)?;
+    let mut setup = BenchSetup::load(&case, Kind::Float, device)?;
     if args.checkpointing {
-        g.model.set_checkpointing(ActivationCheckpointing::PerBlock);
+        setup
+            .model
+            .set_checkpointing(ActivationCheckpointing::PerBlock);
     }
-    let vae = Vae::from_dir(&case.dir().join("vae"), Kind::Float, device)?;
-    let mut reward = HpsReward::from_dir(&case.dir().join("reward"), tch::Kind::Float, device)?;
-    let captions =
-        case.strings("batch_captions (order used by the trainer, before repeat_interleave)")?;
-    let init = case.input("init_noise")?.size();
-    let params: Vec<Tensor> = g.model.parameters().into_iter().map(|(_, p)| p).collect();
-    let mut opt = AdamW::new(g.adam, &params);
-    let mut train = train_config(&case)?;
-    train.sampler.rollout_batch = args.rollout_batch;
-    train.sampler.decode_batch = 1;
-    let icfg = train.iteration_config();
+    setup.train.sampler.rollout_batch = args.rollout_batch;
+    setup.train.sampler.decode_batch = 1;
+    let mut opt = setup.optimizer();
     let mut times: Vec<[f64; 4]> = Vec::new();
-    let shard = Shard::whole(g.cond.samples());
-    for it in 0..args.warmup + args.iterations {
-        let draws = Seeded {
-            seed: 1223627,
-            iteration: it,
-            prompt_ids: (0..captions.len() as u64).collect(),
-            group: g.cond.group(),
-            init: InitNoise::SharedPerIteration,
-            precision: NoisePrecision::Bf16,
-        };
-        let inputs = IterationInputs {
-            cond: &g.cond,
-            prompts: &captions,
-            draws: &draws,
-            shard: &shard,
-            schedule: &g.schedule,
-            latent: [init[1], init[2], init[3]],
-            report: None,
-        };
-        let r = run_iteration(
-            &g.model,
-            &vae,
-            &mut reward,
-            &mut opt,
-            &inputs,
-            &icfg,
-            &mut NoObserver,
-        )?;
-        let s = &r.report.seconds;
+    setup.run(&mut opt, 0, args.warmup + args.iterations, |it, s| {
+        let warm = it < args.warmup;
         eprintln!(
             "iteration {it}{}: rollout {:.3}s decode {:.3}s reward {:.3}s update {:.3}s",
-            if it < args.warmup { " (warm-up)" } else { "" },
+            if warm { " (warm-up)" } else { "" },
             s.rollout,
             s.decode,
             s.reward,
             s.update
         );
-        if it >= args.warmup {
+        if !warm {
             times.push([s.rollout, s.decode, s.reward, s.update]);
         }
-    }
-    report(&case, &args, &times);
+    })?;
+    report(&case, &setup, &args, &times);
     Ok(ExitCode::SUCCESS)
 }
 
-fn report(case: &Case, args: &Args, times: &[[f64; 4]]) {
+/// Removes a preset's temporary directory when the run ends.
+struct Cleanup(Option<PathBuf>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.0 {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// The case directory: the one given, or the preset written to a temporary one.
+fn case_dir(args: &Args) -> anyhow::Result<(PathBuf, Cleanup)> {
+    match (&args.case, args.preset) {
+        (Some(dir), _) => Ok((dir.clone(), Cleanup(None))),
+        (None, Some(p)) => {
+            let dir = std::env::temp_dir().join(format!(
+                "dancegrpo-preset-{}-{}",
+                p.name(),
+                std::process::id()
+            ));
+            p.write_to(&dir)
+                .with_context(|| format!("writing preset {}", p.name()))?;
+            Ok((dir.clone(), Cleanup(Some(dir))))
+        }
+        (None, None) => anyhow::bail!("give a case directory or --preset"),
+    }
+}
+
+fn report(case: &Case, setup: &BenchSetup, args: &Args, times: &[[f64; 4]]) {
     let n = times.len().max(1) as f64;
     let mean = |k: usize| times.iter().map(|t| t[k]).sum::<f64>() / n;
     let (rollout, decode, reward, update) = (mean(0), mean(1), mean(2), mean(3));
     let total = rollout + decode + reward + update;
     let rss = dancegrpo::process::peak_rss_mib();
+    let f = setup.flops;
+    let gflop = f.total() / 1e9;
+    let rate = |flop: f64, s: f64| if s > 0.0 { flop / 1e9 / s } else { 0.0 };
+    let layout = match setup.layout {
+        Layout::Fixture => "fixture",
+        Layout::Benchmark => "benchmark (seeded weights)",
+    };
     println!(
-        "bench train {} ({} iterations, device {}, rollout batch {})",
+        "bench train {} [{layout}] ({} iterations, device {}, rollout batch {})",
         case.name(),
         times.len(),
         args.device,
@@ -124,14 +128,23 @@ fn report(case: &Case, args: &Args, times: &[[f64; 4]]) {
     );
     println!("  seconds per iteration {total:.4}: rollout {rollout:.4}, decode {decode:.4}, reward {reward:.4}, update {update:.4}");
     println!(
+        "  transformer {gflop:.3} GFLOP per iteration: {:.1} GFLOP/s overall, rollout {:.1}, update {:.1}",
+        rate(f.total(), total),
+        rate(f.rollout, rollout),
+        rate(f.update, update)
+    );
+    println!(
         "  peak resident memory {} MiB",
         rss.map_or("?".into(), |m| format!("{m:.0}"))
     );
     let json = serde_json::json!({
-        "case": case.name(), "iterations": times.len(), "device": args.device,
+        "case": case.name(), "layout": layout, "iterations": times.len(), "device": args.device,
         "threads": tch::get_num_threads(), "rollout_batch": args.rollout_batch,
         "seconds_per_iteration": total, "rollout": rollout, "decode": decode,
         "reward": reward, "update": update, "peak_rss_mib": rss,
+        "gflop_per_iteration": gflop, "gflop_rollout": f.rollout / 1e9, "gflop_update": f.update / 1e9,
+        "gflops": rate(f.total(), total), "gflops_rollout": rate(f.rollout, rollout),
+        "gflops_update": rate(f.update, update),
     });
     println!("{json}");
 }

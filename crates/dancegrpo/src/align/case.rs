@@ -62,6 +62,14 @@ impl ReferenceFiles {
     }
 }
 
+/// Whether `case.json` describes a benchmark case (its `kind` starts with
+/// "benchmark case").
+fn is_benchmark(json: &serde_json::Value) -> bool {
+    json.get("kind")
+        .and_then(|k| k.as_str())
+        .is_some_and(|k| k.starts_with("benchmark case"))
+}
+
 /// An opened reference case.
 pub struct Case {
     dir: PathBuf,
@@ -69,7 +77,8 @@ pub struct Case {
     name: String,
     json: serde_json::Value,
     inputs: SafetensorsFile,
-    expected: ReferenceFiles,
+    /// `None` for a benchmark case (no expected tensors).
+    expected: Option<ReferenceFiles>,
 }
 
 impl Case {
@@ -95,7 +104,10 @@ impl Case {
                     .unwrap_or_default()
             });
         let inputs = SafetensorsFile::open(dir.join("inputs.safetensors"))?;
-        let expected = ReferenceFiles::open(dir)?;
+        let expected = match dir.join("expected.safetensors").exists() || !is_benchmark(&json) {
+            true => Some(ReferenceFiles::open(dir)?),
+            false => None,
+        };
         Ok(Case {
             dir: dir.to_path_buf(),
             device,
@@ -126,34 +138,59 @@ impl Case {
         self.inputs.tensor(name)
     }
 
+    /// Whether this is a benchmark case: configs and inputs, no expected
+    /// tensors and no weights (`case.json` `kind` says so).
+    pub fn is_benchmark(&self) -> bool {
+        self.expected.is_none()
+    }
+
+    fn reference_files(&self) -> Result<&ReferenceFiles> {
+        self.expected.as_ref().ok_or_else(|| {
+            Error::not_found(
+                self.dir.join("expected.safetensors"),
+                "a benchmark case has no expected tensors",
+            )
+        })
+    }
+
     /// Tensor `name` of `expected.safetensors`.
     pub fn expected(&self, name: &str) -> Result<Tensor> {
-        self.expected.expected(name)
+        self.reference_files()?.expected(name)
     }
 
     /// Tensor `name` of the float64 truth, `None` when the case has none.
     pub fn truth(&self, name: &str) -> Result<Option<Tensor>> {
-        self.expected.truth(name)
+        self.reference_files()?.truth(name)
     }
 
     /// Tensor `name` of `expected.safetensors` and of its float64 truth.
     pub fn reference(&self, name: &str) -> Result<Reference> {
-        self.expected.reference(name)
+        self.reference_files()?.reference(name)
     }
 
     /// Whether the case has a float64 truth.
     pub fn has_truth(&self) -> bool {
-        self.expected.has_truth()
+        self.expected
+            .as_ref()
+            .is_some_and(ReferenceFiles::has_truth)
     }
 
     /// Names in `expected.safetensors` starting with `prefix`.
     pub fn expected_names(&self, prefix: &str) -> Vec<String> {
-        self.expected
+        let Some(files) = &self.expected else {
+            return Vec::new();
+        };
+        files
             .expected
             .names()
             .filter(|n| n.starts_with(prefix))
             .map(str::to_string)
             .collect()
+    }
+
+    /// `case.json` itself.
+    pub fn json(&self) -> &serde_json::Value {
+        &self.json
     }
 
     /// A hyper-parameter from `case.json["hyperparameters"]`.

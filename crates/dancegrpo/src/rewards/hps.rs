@@ -20,6 +20,19 @@ use crate::nn::upcast_kind;
 /// Turns a prompt into `context_length` token ids (`open_clip.tokenize` semantics).
 pub type TokenizeFn = Box<dyn Fn(&str) -> Result<Vec<i64>>>;
 
+/// A stand-in tokenizer for models without tokenizer files (benchmarks, tiny
+/// seeded models): the start id 49406, the prompt's bytes, the end id 49407,
+/// then `pad`; `len` ids in all.
+pub fn byte_stand_in(len: usize, pad: i64) -> TokenizeFn {
+    Box::new(move |text: &str| {
+        let mut ids = vec![49406i64];
+        ids.extend(text.bytes().take(len.saturating_sub(2)).map(i64::from));
+        ids.push(49407);
+        ids.resize(len, pad);
+        Ok(ids)
+    })
+}
+
 /// OpenAI CLIP normalisation mean (RGB), as the Python floats of the reference
 /// (rounded to float32 when applied, like `torch.as_tensor(mean, dtype=float32)`).
 pub const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];

@@ -63,6 +63,11 @@ impl Conditioning {
         self.text.size()[0] * self.group
     }
 
+    /// Number of text tokens `Lt`.
+    pub fn text_len(&self) -> i64 {
+        self.text.size()[1]
+    }
+
     /// Group size `G`.
     pub fn group(&self) -> i64 {
         self.group
