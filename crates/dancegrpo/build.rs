@@ -33,7 +33,8 @@ fn compile_shim(lib: &Path) {
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .file("csrc/c10d_shim.cpp")
-        .file("csrc/context_shim.cpp");
+        .file("csrc/context_shim.cpp")
+        .file("csrc/profiler_shim.cpp");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
         build
             .define("USE_C10D_NCCL", None)

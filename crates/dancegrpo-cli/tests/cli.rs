@@ -322,6 +322,33 @@ fn bench_train_runs_the_shipped_preset_and_its_directory() {
         assert!(json["gflops"].as_f64().unwrap() > 0.0, "{json}");
         assert!(text.contains("GFLOP/s"), "{text}");
     }
+    let events = common::temp_dir("cli", "bench-profile").join("events.tsv");
+    let out = run(&[
+        "bench",
+        "train",
+        "--preset",
+        "tiny",
+        "--iterations",
+        "1",
+        "--warmup",
+        "0",
+        "--threads",
+        "1",
+        "--profile",
+        events.to_str().unwrap(),
+    ]);
+    common::assert_ok(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("operator (self time)") && text.contains("aten::addmm"),
+        "{text}"
+    );
+    let lines = std::fs::read_to_string(&events).unwrap();
+    assert!(
+        lines.lines().count() > 1000,
+        "{} events",
+        lines.lines().count()
+    );
     let bad = run(&["bench", "train", "--preset", "huge"]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("tiny, small, medium"));

@@ -7,7 +7,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use dancegrpo::align::Case;
+use dancegrpo::bench::profile::{OpProfile, Profiler};
 use dancegrpo::bench::{BenchSetup, Layout, Preset};
+use dancegrpo::grpo::iteration::StageSeconds;
 use dancegrpo::models::ActivationCheckpointing;
 use tch::Kind;
 
@@ -39,6 +41,11 @@ pub struct Args {
     /// libtorch CPU threads.
     #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
     threads: Option<i32>,
+    /// Records every libtorch operator of the timed iterations (libtorch's
+    /// profiler), writes the raw events to this file and prints the operators
+    /// by self time.
+    #[arg(long)]
+    profile: Option<PathBuf>,
 }
 
 /// Runs the benchmark.
@@ -59,7 +66,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     setup.train.sampler.decode_batch = 1;
     let mut opt = setup.optimizer();
     let mut times: Vec<[f64; 4]> = Vec::new();
-    setup.run(&mut opt, 0, args.warmup + args.iterations, |it, s| {
+    let mut each = |it: u64, s: &StageSeconds| {
         let warm = it < args.warmup;
         eprintln!(
             "iteration {it}{}: rollout {:.3}s decode {:.3}s reward {:.3}s update {:.3}s",
@@ -72,9 +79,47 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         if !warm {
             times.push([s.rollout, s.decode, s.reward, s.update]);
         }
-    })?;
+    };
+    setup.run(&mut opt, 0, args.warmup, &mut each)?;
+    let profiler = args
+        .profile
+        .as_ref()
+        .map(|_| Profiler::start())
+        .transpose()?;
+    setup.run(&mut opt, args.warmup, args.iterations, &mut each)?;
+    let ops = match (profiler, &args.profile) {
+        (Some(p), Some(path)) => Some(p.stop(path)?),
+        _ => None,
+    };
     report(&case, &setup, &args, &times);
+    if let Some(ops) = ops {
+        print_profile(&ops, &times);
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The operators by self time: the 15 largest, their share of the iterations'
+/// wall time and their calls per iteration.
+fn print_profile(ops: &OpProfile, times: &[[f64; 4]]) {
+    let wall: f64 = times.iter().flatten().sum();
+    let n = times.len().max(1) as f64;
+    println!(
+        "  profile: {:.1}% of the wall time is inside libtorch operators",
+        100.0 * ops.self_seconds() / wall
+    );
+    println!(
+        "  {:<44} {:>8} {:>10} {:>7}",
+        "operator (self time)", "calls/it", "s/it", "share"
+    );
+    for (name, s) in ops.by_self_time().into_iter().take(15) {
+        println!(
+            "  {:<44} {:>8.0} {:>10.4} {:>6.1}%",
+            name,
+            s.calls as f64 / n,
+            s.self_seconds / n,
+            100.0 * s.self_seconds / wall
+        );
+    }
 }
 
 /// Removes a preset's temporary directory when the run ends.

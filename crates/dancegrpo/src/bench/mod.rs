@@ -16,6 +16,7 @@
 
 pub mod flops;
 mod presets;
+pub mod profile;
 mod setup;
 
 pub use presets::Preset;

@@ -109,7 +109,7 @@ impl BenchSetup {
         optimizer: &mut AdamW,
         first: u64,
         count: u64,
-        mut each: impl FnMut(u64, &StageSeconds),
+        each: &mut dyn FnMut(u64, &StageSeconds),
     ) -> Result<()> {
         let icfg = self.train.iteration_config();
         let shard = Shard::whole(self.cond.samples());
