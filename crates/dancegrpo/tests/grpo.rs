@@ -1,7 +1,7 @@
 //! The GRPO engine end to end on a seeded tiny FLUX: batched rollouts keep the
 //! first update's ratios at exactly 1.0, whatever the rollout batch.
 
-use dancegrpo::grpo::update::TransitionBatch;
+use dancegrpo::grpo::update::{TransitionBatch, UpdateStats};
 use dancegrpo::grpo::{
     advantages, grpo_update, AdamW, AdamWConfig, Grouping, LrSchedule, Trainable, UpdateBatching,
     UpdateConfig, UpdateInputs, UpdateObserver,
@@ -74,6 +74,7 @@ fn config(grad_accum: i64) -> UpdateConfig {
         learning_rate: 1e-3,
         lr_schedule: LrSchedule::default(),
         batching: UpdateBatching::Rollout,
+        max_rows: None,
         grad_reduce: ReduceDtype::Fp32,
     }
 }
@@ -113,6 +114,28 @@ fn iteration_in(
     mode: ActivationCheckpointing,
     compute: Kind,
 ) -> (Rollout, FirstWindow) {
+    let rollout = (UpdateBatching::Rollout, None);
+    let (ro, obs, _) = iteration_batched(batch, grad_accum, mode, compute, rollout);
+    (ro, obs)
+}
+
+fn iteration_capped(
+    batch: i64,
+    grad_accum: i64,
+    mode: ActivationCheckpointing,
+    batching: UpdateBatching,
+    max_rows: Option<i64>,
+) -> (Rollout, FirstWindow, UpdateStats) {
+    iteration_batched(batch, grad_accum, mode, Kind::Float, (batching, max_rows))
+}
+
+fn iteration_batched(
+    batch: i64,
+    grad_accum: i64,
+    mode: ActivationCheckpointing,
+    compute: Kind,
+    (batching, max_rows): (UpdateBatching, Option<i64>),
+) -> (Rollout, FirstWindow, UpdateStats) {
     let m = model_in(mode, compute);
     let cond = conditioning();
     let schedule = Schedule::shifted(STEPS, 3.0);
@@ -142,10 +165,52 @@ fn iteration_in(
         draws: &draws,
     };
     let mut obs = FirstWindow::default();
-    let stats = grpo_update(&m, &mut opt, &inputs, &config(grad_accum), &mut obs).unwrap();
+    let cfg = UpdateConfig {
+        batching,
+        max_rows,
+        ..config(grad_accum)
+    };
+    let stats = grpo_update(&m, &mut opt, &inputs, &cfg, &mut obs).unwrap();
     assert_eq!(stats.grad_norms.len() as i64, PROMPTS * G / grad_accum);
     assert_eq!(stats.transitions, (PROMPTS * G * 3) as usize);
-    (ro, obs)
+    (ro, obs, stats)
+}
+
+/// Every trained transition of a window in one model batch: the first
+/// window's ratios are exactly 1 and its losses are the per-sample ones bit
+/// for bit (the model is batch-invariant on the CPU); the summed gradient
+/// differs from the per-sample accumulation in its last bits only.
+#[test]
+fn window_batching_keeps_the_first_window_exact() {
+    let off = ActivationCheckpointing::Off;
+    let (_, _, per_sample) = iteration_capped(1, 2, off, UpdateBatching::PerSample, None);
+    for (batch, ga, mode, max_rows) in [
+        (1, 2, off, None),
+        (G, 4, ActivationCheckpointing::PerBlock, None),
+        (1, 2, off, Some(3)), // two samples a batch: one trained timestep each
+    ] {
+        let (_, obs, stats) = iteration_capped(batch, ga, mode, UpdateBatching::Window, max_rows);
+        assert_eq!(obs.ratios.len() as i64, ga * 3);
+        assert!(obs.ratios.iter().all(|&r| r == 1.0), "{:?}", obs.ratios);
+        assert!(obs.later.iter().any(|&r| r != 1.0));
+        if ga == 2 {
+            assert_eq!(
+                stats.losses[..2],
+                per_sample.losses[..2],
+                "first window losses"
+            );
+            let (a, b) = (stats.grad_norms[0], per_sample.grad_norms[0]);
+            assert!((a - b).abs() <= 1e-5 * b, "grad norm {a} vs {b}");
+            for (x, y) in stats
+                .losses
+                .iter()
+                .flatten()
+                .zip(per_sample.losses.iter().flatten())
+            {
+                assert!((x - y).abs() <= 1e-3 * y.abs().max(1e-6), "loss {x} vs {y}");
+            }
+        }
+    }
 }
 
 #[test]

@@ -10,8 +10,9 @@ use dancegrpo::align::Case;
 use dancegrpo::bench::profile::{OpProfile, Profiler};
 use dancegrpo::bench::{BenchSetup, Layout, Preset};
 use dancegrpo::grpo::iteration::StageSeconds;
+use dancegrpo::grpo::UpdateBatching;
 use dancegrpo::models::ActivationCheckpointing;
-use tch::Kind;
+use dancegrpo::precision::PrecisionConfig;
 
 /// Arguments of `dancegrpo bench train`.
 #[derive(clap::Args)]
@@ -32,6 +33,23 @@ pub struct Args {
     /// Samples per model call in rollouts (the reference: 1).
     #[arg(long, default_value_t = 1)]
     rollout_batch: i64,
+    /// Samples per VAE decode (the reference: 1).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i64).range(1..))]
+    decode_batch: i64,
+    /// Model batches of the update: `per-sample` (the reference's order, the
+    /// default), `rollout` (the rollout's batches) or `window` (every trained
+    /// transition of an accumulation window in one batch).
+    #[arg(long, default_value = "per-sample", value_parser = parse_batching)]
+    update_batching: UpdateBatching,
+    /// With `--update-batching window`: at most this many transitions per model
+    /// batch (bounds the update's activation memory).
+    #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
+    max_update_rows: Option<i64>,
+    /// Transformer arithmetic: `fp32` (the alignment mode) or `bf16` (float32
+    /// master weights and optimizer state, bfloat16 compute, frozen models in
+    /// bfloat16, log-probs and ratios in float32).
+    #[arg(long, default_value = "fp32")]
+    precision: String,
     /// Per-block activation checkpointing in the update.
     #[arg(long)]
     checkpointing: bool,
@@ -56,14 +74,21 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let device = super::train::parse_device(&args.device)?;
     let (dir, _cleanup) = case_dir(&args)?;
     let case = Case::open(&dir)?;
-    let mut setup = BenchSetup::load(&case, Kind::Float, device)?;
+    let precision = match args.precision.as_str() {
+        "fp32" => PrecisionConfig::default(),
+        "bf16" => PrecisionConfig::bf16(),
+        other => anyhow::bail!("--precision `{other}`: want fp32 or bf16"),
+    };
+    let mut setup = BenchSetup::load(&case, &precision, device)?;
     if args.checkpointing {
         setup
             .model
             .set_checkpointing(ActivationCheckpointing::PerBlock);
     }
     setup.train.sampler.rollout_batch = args.rollout_batch;
-    setup.train.sampler.decode_batch = 1;
+    setup.train.sampler.decode_batch = args.decode_batch;
+    setup.train.optim.update_batching = args.update_batching;
+    setup.train.optim.max_update_rows = args.max_update_rows;
     let mut opt = setup.optimizer();
     let mut times: Vec<[f64; 4]> = Vec::new();
     let mut each = |it: u64, s: &StageSeconds| {
@@ -119,6 +144,15 @@ fn print_profile(ops: &OpProfile, times: &[[f64; 4]]) {
             s.self_seconds / n,
             100.0 * s.self_seconds / wall
         );
+    }
+}
+
+fn parse_batching(s: &str) -> Result<UpdateBatching, String> {
+    match s {
+        "per-sample" => Ok(UpdateBatching::PerSample),
+        "rollout" => Ok(UpdateBatching::Rollout),
+        "window" => Ok(UpdateBatching::Window),
+        _ => Err(format!("`{s}`: want per-sample, rollout or window")),
     }
 }
 
@@ -185,6 +219,7 @@ fn report(case: &Case, setup: &BenchSetup, args: &Args, times: &[[f64; 4]]) {
     let json = serde_json::json!({
         "case": case.name(), "layout": layout, "iterations": times.len(), "device": args.device,
         "threads": tch::get_num_threads(), "rollout_batch": args.rollout_batch,
+        "update_batching": format!("{:?}", args.update_batching), "decode_batch": args.decode_batch, "max_update_rows": args.max_update_rows, "precision": args.precision,
         "seconds_per_iteration": total, "rollout": rollout, "decode": decode,
         "reward": reward, "update": update, "peak_rss_mib": rss,
         "gflop_per_iteration": gflop, "gflop_rollout": f.rollout / 1e9, "gflop_update": f.update / 1e9,

@@ -14,6 +14,7 @@ use crate::models::open_clip::{OpenClip, OpenClipConfig};
 use crate::models::vae::{Vae, VaeConfig};
 use crate::models::{LatentDecoder, VelocityModel};
 use crate::nn::upcast_kind;
+use crate::precision::PrecisionConfig;
 use crate::rewards::hps::{byte_stand_in, HpsReward};
 use crate::sampler::draws::{InitNoise, NoisePrecision};
 use crate::sampler::{Conditioning, Schedule, Seeded};
@@ -60,18 +61,23 @@ pub struct BenchSetup {
 }
 
 impl BenchSetup {
-    /// Loads (fixture) or builds (benchmark) the case's models in `kind` on
-    /// `device`; the conditioning and the SDE run in float32.
-    pub fn load(case: &Case, kind: Kind, device: Device) -> Result<Self> {
+    /// Loads (fixture) or builds (benchmark) the case's models on `device` as
+    /// `precision` says (the transformer's master weights in float32, computing
+    /// in the compute dtype; the VAE and the reward in the frozen dtype); the
+    /// conditioning and the SDE run in float32.
+    pub fn load(case: &Case, precision: &PrecisionConfig, device: Device) -> Result<Self> {
+        let kinds = (precision.master_kind(), precision.frozen_kind());
         let layout = match case.is_benchmark() {
             true => Layout::Benchmark,
             false => Layout::Fixture,
         };
         let (model, vae, reward) = match layout {
-            Layout::Fixture => load_models(case, kind, device)?,
-            Layout::Benchmark => seeded_models(case, kind, device)?,
+            Layout::Fixture => load_models(case, kinds, device)?,
+            Layout::Benchmark => seeded_models(case, kinds, device)?,
         };
-        let state = upcast_kind(kind);
+        let mut model = model;
+        model.set_compute_kind(precision.compute_kind());
+        let state = upcast_kind(precision.master_kind());
         let latent = vae.latent_shape(case.hyper_i64("h")?, case.hyper_i64("w")?);
         let (cond, captions) = match layout {
             Layout::Fixture => (
@@ -82,7 +88,8 @@ impl BenchSetup {
             ),
             Layout::Benchmark => bench_conditioning(case, &model, latent, state, device)?,
         };
-        let train = train_config(case)?;
+        let mut train = train_config(case)?;
+        train.precision = *precision;
         let steps = case.hyper_i64("sampling_steps")?;
         let schedule = Schedule::shifted_in(steps, case.hyper_f64("shift")?, state);
         let flops = iteration_flops(&model, &cond, latent, steps, &train);
@@ -162,26 +169,24 @@ fn seed(case: &Case, name: &str) -> Option<u64> {
 }
 
 /// The fixture's weights.
-fn load_models(
-    case: &Case,
-    kind: Kind,
-    device: Device,
-) -> Result<(FluxTransformer, Vae, HpsReward)> {
+fn load_models(case: &Case, (master, frozen): Kinds, device: Device) -> Result<Models> {
     let dir = case.dir();
     Ok((
-        FluxTransformer::from_dir(&dir.join("transformer"), kind, device)?,
-        Vae::from_dir(&dir.join("vae"), kind, device)?,
-        HpsReward::from_dir(&dir.join("reward"), kind, device)?,
+        FluxTransformer::from_dir(&dir.join("transformer"), master, device)?,
+        Vae::from_dir(&dir.join("vae"), frozen, device)?,
+        HpsReward::from_dir(&dir.join("reward"), frozen, device)?,
     ))
 }
 
+/// `(transformer, frozen models)` storage dtypes.
+type Kinds = (Kind, Kind);
+
+/// The transformer, the VAE and the reward.
+type Models = (FluxTransformer, Vae, HpsReward);
+
 /// Seeded weights from the configs; the reward's tokenizer from its files when
 /// the case has them, else a byte-level stand-in (the timing is the same).
-fn seeded_models(
-    case: &Case,
-    kind: Kind,
-    device: Device,
-) -> Result<(FluxTransformer, Vae, HpsReward)> {
+fn seeded_models(case: &Case, (master, frozen): Kinds, device: Device) -> Result<Models> {
     let dir = case.dir();
     let base = seed(case, "model_init_seed_base").ok_or_else(|| {
         Error::config(
@@ -194,7 +199,7 @@ fn seeded_models(
     let vae = VaeConfig::from_file(&dir.join("vae/config.json"))?;
     let clip = OpenClipConfig::from_dir(&dir.join("reward"))?;
     let context = clip.text_cfg.context_length as usize;
-    let open_clip = OpenClip::new(clip, Source::Seeded(base + 2), kind, device)?;
+    let open_clip = OpenClip::new(clip, Source::Seeded(base + 2), frozen, device)?;
     let reward_dir = dir.join("reward");
     let tokenize = match ClipTokenizer::from_dir(&reward_dir) {
         Ok(tok) => Box::new(move |text: &str| Ok(tok.encode(text, context, Padding::Zero)?.ids))
@@ -202,8 +207,8 @@ fn seeded_models(
         Err(_) => byte_stand_in(context, 0),
     };
     Ok((
-        FluxTransformer::new(flux, Source::Seeded(base), kind, device)?,
-        Vae::new(vae, Source::Seeded(base + 1), kind, device)?,
+        FluxTransformer::new(flux, Source::Seeded(base), master, device)?,
+        Vae::new(vae, Source::Seeded(base + 1), frozen, device)?,
         HpsReward::new(open_clip, tokenize),
     ))
 }

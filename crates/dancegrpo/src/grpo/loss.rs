@@ -17,6 +17,20 @@ pub struct PolicyLoss {
     pub loss: Tensor,
 }
 
+impl PolicyLoss {
+    /// Rows `start..start + len` of every term.
+    pub fn rows(&self, start: i64, len: i64) -> PolicyLoss {
+        let part = |t: &Tensor| t.narrow(0, start, len);
+        PolicyLoss {
+            ratio: part(&self.ratio),
+            ratio_clamped: part(&self.ratio_clamped),
+            unclipped: part(&self.unclipped),
+            clipped: part(&self.clipped),
+            loss: part(&self.loss),
+        }
+    }
+}
+
 /// The reference's loss per transition `(n,)`:
 /// `max(-A * r, -A * clamp(r, 1 - clip, 1 + clip)) / scale` with
 /// `r = exp(new_log_prob - old_log_prob)`; `advantages` are already clamped and

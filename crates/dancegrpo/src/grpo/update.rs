@@ -43,6 +43,14 @@ pub enum UpdateBatching {
     /// batch-invariant model (ours on the CPU) weights and metrics are then
     /// bit-identical whatever the rollout batch.
     PerSample,
+    /// Every trained transition of an accumulation window's samples in one
+    /// model batch (samples x trained timesteps rows): the fewest and largest
+    /// calls, the fastest update. The gradient of the window is summed inside
+    /// one backward pass, so the weights differ from the per-sample order in
+    /// their last bits; the first window's ratios stay exactly 1 where the
+    /// model is batch-invariant (ours on the CPU). Activation memory grows
+    /// with the rows.
+    Window,
 }
 
 /// Settings of the update.
@@ -66,6 +74,9 @@ pub struct UpdateConfig {
     pub lr_schedule: LrSchedule,
     /// Model batches of the recomputation.
     pub batching: UpdateBatching,
+    /// With [`UpdateBatching::Window`]: the most transitions per model batch
+    /// (`None`: a whole window).
+    pub max_rows: Option<i64>,
     /// Dtype of the cross-process gradient sums.
     pub grad_reduce: ReduceDtype,
 }
@@ -250,6 +261,7 @@ pub fn grpo_update(
     let chunks = match cfg.batching {
         UpdateBatching::Rollout => inputs.rollout.batches.clone(),
         UpdateBatching::PerSample => (0..b_local).map(|b| vec![b]).collect(),
+        UpdateBatching::Window => window_chunks(b_local, window),
     };
     for samples in &chunks {
         let chunk = Chunk::new(inputs, samples);
@@ -259,8 +271,20 @@ pub fn grpo_update(
             let active: Vec<i64> = (0..samples.len() as i64)
                 .filter(|&r| window(samples[r as usize]) == w)
                 .collect();
-            for k in 0..t {
-                run.transitions(&chunk, &active, k, observer)?;
+            match cfg.batching {
+                UpdateBatching::Window => {
+                    let n = samples.len() as i64;
+                    let per_batch = cfg.max_rows.map_or(t, |m| (m / n).clamp(1, t));
+                    let ks: Vec<i64> = (0..t).collect();
+                    for part in ks.chunks(per_batch as usize) {
+                        run.transitions(&chunk, &active, part, observer)?;
+                    }
+                }
+                _ => {
+                    for k in 0..t {
+                        run.transitions(&chunk, &active, &[k], observer)?;
+                    }
+                }
             }
             if w < windows && samples.contains(&last_row[w as usize]) {
                 run.optimizer_step(optimizer, &named, &params, observer)?;
@@ -268,6 +292,18 @@ pub fn grpo_update(
         }
     }
     run.finish()
+}
+
+/// The local rows of each accumulation window, in window order.
+fn window_chunks(rows: i64, window: impl Fn(i64) -> i64) -> Vec<Vec<i64>> {
+    let mut chunks: Vec<Vec<i64>> = Vec::new();
+    for row in 0..rows {
+        match chunks.last_mut() {
+            Some(c) if window(c[0]) == window(row) => c.push(row),
+            _ => chunks.push(vec![row]),
+        }
+    }
+    chunks
 }
 
 fn zero_grads(params: &[Tensor]) {
@@ -311,81 +347,89 @@ impl<'a> Chunk<'a> {
 }
 
 impl Run<'_> {
-    /// Re-evaluates transition `k` of every sample of one model batch and
-    /// back-propagates the loss of the `active` rows.
+    /// Re-evaluates transitions `ks` (k-major: for each `k`, every sample of
+    /// the chunk) in one model batch and back-propagates the loss of the
+    /// `active` rows of each `k`.
     fn transitions(
         &mut self,
         chunk: &Chunk,
         active: &[i64],
-        k: i64,
+        ks: &[i64],
         observer: &mut dyn UpdateObserver,
     ) -> Result<()> {
         let inp = self.inputs;
-        let samples = chunk.samples;
-        let steps: Vec<i64> = samples
-            .iter()
-            .map(|&b| self.perms[b as usize][k as usize])
+        let (samples, n) = (chunk.samples, chunk.samples.len() as i64);
+        let steps: Vec<i64> = (ks.iter())
+            .flat_map(|&k| samples.iter().map(move |&b| (b, k)))
+            .map(|(b, k)| self.perms[b as usize][k as usize])
             .collect();
+        let rows: Vec<i64> = ks.iter().flat_map(|_| samples.iter().copied()).collect();
         let device = inp.rollout.latents.device();
         let pick = |offset: i64| {
-            let rows: Vec<Tensor> = samples
-                .iter()
-                .zip(&steps)
+            let picked: Vec<Tensor> = (rows.iter().zip(&steps))
                 .map(|(&b, &j)| inp.rollout.latents.get(b).get(j + offset))
                 .collect();
-            Tensor::stack(&rows, 0) // (n, L, c)
+            Tensor::stack(&picked, 0) // (n * |ks|, L, c)
         };
         let (z, z_next) = (pick(0), pick(1));
         let idx = |v: &[i64]| Tensor::from_slice(v).to_device(device);
-        let old_lp = chunk
-            .log_probs
+        let repeat = ks.len() as i64;
+        let log_probs = chunk.log_probs.repeat([repeat, 1]); // (n * |ks|, S)
+        let old_lp = log_probs
             .gather(1, &idx(&steps).unsqueeze(1), false)
-            .squeeze_dim(1); // (n,)
-        let adv = &chunk.advantages;
-        let ts = inp.schedule.model_timesteps(&steps).to_device(device); // (n,)
+            .squeeze_dim(1);
+        let adv = chunk.advantages.repeat([repeat]);
+        let ts = inp.schedule.model_timesteps(&steps).to_device(device); // (n * |ks|,)
+        let fresh;
+        let cond = match repeat {
+            1 => &chunk.cond,
+            _ => {
+                fresh = inp.cond.for_samples(&rows);
+                &fresh
+            }
+        };
         let scale = (self.cfg.grad_accum * self.t) as f64;
-        let all_active = active.len() == samples.len();
-        let active_idx = idx(active);
+        let all_active = active.len() as i64 == n;
+        let active_rows: Vec<i64> = (0..repeat)
+            .flat_map(|i| active.iter().map(move |&r| i * n + r))
+            .collect();
+        let active_idx = idx(&active_rows);
         let mut kept: Option<(Tensor, Tensor, PolicyLoss)> = None;
         let (eta, clip) = (self.cfg.eta, self.cfg.clip_range);
-        let _loss =
-            self.model
-                .velocity_backward(&inp.cond.inputs(&chunk.cond, &z, &ts), &mut |v| {
-                    let step = sde_step(
-                        v,
-                        &z,
-                        &inp.schedule.sigmas,
-                        At::Rows(&steps),
-                        eta,
-                        Next::Given(&z_next),
-                    );
-                    let terms = clipped_policy_loss(&step.log_prob, &old_lp, adv, clip, scale);
-                    let loss = if all_active {
-                        terms.loss.sum(terms.loss.kind())
-                    } else {
-                        terms
-                            .loss
-                            .index_select(0, &active_idx)
-                            .sum(terms.loss.kind())
-                    };
-                    kept = Some((v.detach(), step.log_prob.detach(), terms));
-                    Ok(loss)
-                })?;
+        let _loss = self
+            .model
+            .velocity_backward(&inp.cond.inputs(cond, &z, &ts), &mut |v| {
+                let at = At::Rows(&steps);
+                let step = sde_step(v, &z, &inp.schedule.sigmas, at, eta, Next::Given(&z_next));
+                let terms = clipped_policy_loss(&step.log_prob, &old_lp, &adv, clip, scale);
+                let loss = match all_active {
+                    true => terms.loss.sum(terms.loss.kind()),
+                    false => (terms.loss.index_select(0, &active_idx)).sum(terms.loss.kind()),
+                };
+                kept = Some((v.detach(), step.log_prob.detach(), terms));
+                Ok(loss)
+            })?;
         let (v, new_lp, terms) = kept.expect("the loss function ran");
-        self.record(samples, active, k, &terms)?;
-        observer.transitions(&TransitionBatch {
-            samples,
-            active,
-            k,
-            steps: &steps,
-            timestep_input: &ts,
-            latents: &z,
-            next_latents: &z_next,
-            model_output: &v,
-            old_log_probs: &old_lp,
-            new_log_probs: &new_lp,
-            terms: &terms,
-        })
+        for (i, &k) in ks.iter().enumerate() {
+            let part = |t: &Tensor| t.narrow(0, i as i64 * n, n);
+            let terms = terms.rows(i as i64 * n, n);
+            self.record(samples, active, k, &terms)?;
+            let span = i * n as usize..(i + 1) * n as usize;
+            observer.transitions(&TransitionBatch {
+                samples,
+                active,
+                k,
+                steps: &steps[span],
+                timestep_input: &part(&ts),
+                latents: &part(&z),
+                next_latents: &part(&z_next),
+                model_output: &part(&v),
+                old_log_probs: &part(&old_lp),
+                new_log_probs: &part(&new_lp),
+                terms: &terms,
+            })?;
+        }
+        Ok(())
     }
 
     /// Adds the active rows' losses and ratios to the statistics.

@@ -50,6 +50,12 @@ pub fn peak(cfg: &TrainConfig, c: &ModelCounts, text_len: i64, world: i64) -> Ac
     let update_batch = match cfg.optim.update_batching {
         UpdateBatching::Rollout => s.rollout_batch,
         UpdateBatching::PerSample => 1,
+        UpdateBatching::Window => {
+            let update = cfg.iteration_config().update;
+            let (_, trained) = update.trained(s.steps).unwrap_or((1, 1));
+            let local = cfg.derived(world).samples_per_process;
+            update.grad_accum.min(local).max(1) * trained
+        }
     };
     let per_token = match cfg.optim.activation_checkpointing {
         ActivationCheckpointing::Off => DOUBLE_KEEPS * nd + SINGLE_KEEPS * ns,

@@ -186,6 +186,11 @@ pub struct OptimConfig {
     pub activation_checkpointing: ActivationCheckpointing,
     /// Model batches the update recomputes transitions in.
     pub update_batching: UpdateBatching,
+    /// With `update_batching = "window"`: at most this many transitions per
+    /// model batch (a window's trained timesteps are split to fit; at least one
+    /// per sample). Absent: the whole window in one batch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_update_rows: Option<i64>,
     /// Train LoRA adapters instead of every weight (absent: full fine-tune).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraConfig>,
@@ -206,6 +211,7 @@ impl Default for OptimConfig {
             lr_schedule: LrSchedule::default(),
             activation_checkpointing: ActivationCheckpointing::PerBlock,
             update_batching: UpdateBatching::Rollout,
+            max_update_rows: None,
             lora: None,
             ema: None,
         }

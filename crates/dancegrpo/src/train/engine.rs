@@ -33,6 +33,7 @@ impl TrainConfig {
                 learning_rate: o.learning_rate,
                 lr_schedule: o.lr_schedule,
                 batching: o.update_batching,
+                max_rows: o.max_update_rows,
                 grad_reduce: self.precision.reduce,
             },
         }
