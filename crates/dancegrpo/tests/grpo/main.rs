@@ -1,180 +1,21 @@
 //! The GRPO engine end to end on a seeded tiny FLUX: batched rollouts keep the
 //! first update's ratios at exactly 1.0, whatever the rollout batch.
 
-use dancegrpo::grpo::update::{TransitionBatch, UpdateStats};
+mod setup;
+
 use dancegrpo::grpo::{
-    advantages, grpo_update, AdamW, AdamWConfig, Grouping, LrSchedule, Trainable, UpdateBatching,
-    UpdateConfig, UpdateInputs, UpdateObserver,
+    advantages, grpo_update, AdamW, AdamWConfig, Grouping, UpdateBatching, UpdateConfig,
+    UpdateInputs,
 };
-use dancegrpo::models::flux::packing;
-use dancegrpo::models::flux::{FluxConfig, FluxTransformer};
+use dancegrpo::models::flux::FluxTransformer;
 use dancegrpo::models::{ActivationCheckpointing, VelocityModel};
-use dancegrpo::precision::ReduceDtype;
 use dancegrpo::rng::Philox;
-use dancegrpo::sampler::draws::{InitNoise, NoisePrecision};
-use dancegrpo::sampler::rollout::{rollout, Rollout, RolloutSettings};
-use dancegrpo::sampler::{Conditioning, Schedule, Seeded};
+use dancegrpo::sampler::rollout::{rollout, RolloutSettings};
+use dancegrpo::sampler::Schedule;
 use dancegrpo::weights::Source;
 use tch::{Device, Kind, Tensor};
 
-const G: i64 = 4;
-const PROMPTS: i64 = 2;
-const STEPS: i64 = 6;
-
-fn model(mode: ActivationCheckpointing) -> FluxTransformer {
-    model_in(mode, Kind::Float)
-}
-
-/// The seeded tiny FLUX with float32 weights computing in `compute`.
-fn model_in(mode: ActivationCheckpointing, compute: Kind) -> FluxTransformer {
-    let mut m = FluxTransformer::new(
-        FluxConfig::tiny(),
-        Source::Seeded(5),
-        Kind::Float,
-        Device::Cpu,
-    )
-    .unwrap();
-    m.set_checkpointing(mode);
-    m.set_compute_kind(compute);
-    m
-}
-
-fn conditioning() -> Conditioning {
-    let mut rng = Philox::new(9, 0);
-    Conditioning::new(
-        rng.normal_tensor(&[PROMPTS, 32, 32]),
-        rng.normal_tensor(&[PROMPTS, 4]),
-        packing::text_ids(32, Device::Cpu),
-        packing::image_ids(8, 8, Device::Cpu),
-        Some(3.5),
-        G,
-    )
-    .unwrap()
-}
-
-fn draws() -> Seeded {
-    Seeded {
-        seed: 11,
-        iteration: 0,
-        prompt_ids: vec![0, 1],
-        group: G,
-        init: InitNoise::PerSample,
-        precision: NoisePrecision::Bf16,
-    }
-}
-
-fn config(grad_accum: i64) -> UpdateConfig {
-    UpdateConfig {
-        eta: 0.3,
-        clip_range: 1e-4,
-        timestep_fraction: 0.6,
-        trainable: Trainable::AllButLast,
-        grad_accum,
-        max_grad_norm: 1.0,
-        learning_rate: 1e-3,
-        lr_schedule: LrSchedule::default(),
-        batching: UpdateBatching::Rollout,
-        max_rows: None,
-        grad_reduce: ReduceDtype::Fp32,
-    }
-}
-
-/// Ratios seen before the first optimizer step.
-#[derive(Default)]
-struct FirstWindow {
-    stepped: bool,
-    ratios: Vec<f32>,
-    later: Vec<f32>,
-}
-
-impl UpdateObserver for FirstWindow {
-    fn transitions(&mut self, x: &TransitionBatch) -> dancegrpo::Result<()> {
-        let all: Vec<f32> = Vec::try_from(&x.terms.ratio).unwrap();
-        let picked = x.active.iter().map(|&r| all[r as usize]);
-        if self.stepped {
-            self.later.extend(picked);
-        } else {
-            self.ratios.extend(picked);
-        }
-        Ok(())
-    }
-    fn after_step(&mut self, _: u64, _: &[(String, Tensor)]) -> dancegrpo::Result<()> {
-        self.stepped = true;
-        Ok(())
-    }
-}
-
-fn iteration(batch: i64, grad_accum: i64, mode: ActivationCheckpointing) -> (Rollout, FirstWindow) {
-    iteration_in(batch, grad_accum, mode, Kind::Float)
-}
-
-fn iteration_in(
-    batch: i64,
-    grad_accum: i64,
-    mode: ActivationCheckpointing,
-    compute: Kind,
-) -> (Rollout, FirstWindow) {
-    let rollout = (UpdateBatching::Rollout, None);
-    let (ro, obs, _) = iteration_batched(batch, grad_accum, mode, compute, rollout);
-    (ro, obs)
-}
-
-fn iteration_capped(
-    batch: i64,
-    grad_accum: i64,
-    mode: ActivationCheckpointing,
-    batching: UpdateBatching,
-    max_rows: Option<i64>,
-) -> (Rollout, FirstWindow, UpdateStats) {
-    iteration_batched(batch, grad_accum, mode, Kind::Float, (batching, max_rows))
-}
-
-fn iteration_batched(
-    batch: i64,
-    grad_accum: i64,
-    mode: ActivationCheckpointing,
-    compute: Kind,
-    (batching, max_rows): (UpdateBatching, Option<i64>),
-) -> (Rollout, FirstWindow, UpdateStats) {
-    let m = model_in(mode, compute);
-    let cond = conditioning();
-    let schedule = Schedule::shifted(STEPS, 3.0);
-    let draws = draws();
-    let settings = RolloutSettings { eta: 0.3, batch };
-    let ro = rollout(
-        &m,
-        &cond,
-        &draws,
-        &schedule,
-        [16, 8, 8],
-        &settings,
-        Device::Cpu,
-    )
-    .unwrap();
-    let rewards = Philox::new(3, 0).normal_tensor(&[PROMPTS * G]);
-    let adv = advantages(&rewards, Grouping::PerPrompt { size: G }, 5.0).unwrap();
-    let params: Vec<Tensor> = m.parameters().into_iter().map(|(_, p)| p).collect();
-    let mut opt = AdamW::new(AdamWConfig::default(), &params);
-    let shard = dancegrpo::dist::Shard::whole(ro.latents.size()[0]);
-    let inputs = UpdateInputs {
-        rollout: &ro,
-        shard: &shard,
-        advantages: &adv.clamped,
-        cond: &cond,
-        schedule: &schedule,
-        draws: &draws,
-    };
-    let mut obs = FirstWindow::default();
-    let cfg = UpdateConfig {
-        batching,
-        max_rows,
-        ..config(grad_accum)
-    };
-    let stats = grpo_update(&m, &mut opt, &inputs, &cfg, &mut obs).unwrap();
-    assert_eq!(stats.grad_norms.len() as i64, PROMPTS * G / grad_accum);
-    assert_eq!(stats.transitions, (PROMPTS * G * 3) as usize);
-    (ro, obs, stats)
-}
+use setup::*;
 
 /// Every trained transition of a window in one model batch: the first
 /// window's ratios are exactly 1 and its losses are the per-sample ones bit
