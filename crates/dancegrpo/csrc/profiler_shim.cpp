@@ -1,7 +1,7 @@
 // libtorch's own operator profiler (Kineto, CPU activity), which the C API tch
 // wraps does not expose: start it, then stop it and write one line per
-// recorded operator call (`thread \t start_ns \t duration_ns \t name`) for the
-// Rust side to aggregate.
+// recorded operator call (`thread \t start_ns \t duration_ns \t name \t
+// input dtypes \t input shapes`) for the Rust side to aggregate.
 #include <fstream>
 #include <set>
 
@@ -11,7 +11,7 @@ namespace {
 namespace prof = torch::profiler::impl;
 
 prof::ProfilerConfig cpu_config() {
-  return prof::ProfilerConfig(prof::ProfilerState::KINETO);
+  return prof::ProfilerConfig(prof::ProfilerState::KINETO, /*report_input_shapes=*/true);
 }
 
 std::set<prof::ActivityType> cpu_activity() { return {prof::ActivityType::CPU}; }
@@ -43,7 +43,23 @@ int64_t dg_profiler_stop(const char* path) {
     int64_t n = 0;
     for (const auto& e : result->events()) {
       out << e.startThreadId() << '\t' << e.startNs() << '\t' << e.durationNs() << '\t'
-          << e.name() << '\n';
+          << e.name() << '\t';
+      const char* sep = "";
+      for (const auto& d : e.dtypes()) {
+        out << sep << d;
+        sep = ",";
+      }
+      out << '\t';
+      sep = "";
+      for (const auto& shape : e.shapes()) {
+        out << sep << '[';
+        for (size_t i = 0; i < shape.size(); ++i) {
+          out << (i ? "," : "") << shape[i];
+        }
+        out << ']';
+        sep = ";";
+      }
+      out << '\n';
       ++n;
     }
     return out ? n : -1;

@@ -28,7 +28,8 @@ impl Profiler {
     }
 
     /// Stops recording and writes the raw events to `path` (`thread \t start_ns
-    /// \t duration_ns \t name` per line), then reads them back as a profile.
+    /// \t duration_ns \t name \t input dtypes \t input shapes` per line), then
+    /// reads them back as a profile.
     pub fn stop(self, path: &Path) -> Result<OpProfile> {
         let c = CString::new(path.to_string_lossy().as_bytes())
             .map_err(|_| Error::Input(format!("{}: a path with a NUL byte", path.display())))?;
@@ -77,7 +78,7 @@ impl OpProfile {
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
         let mut events = Vec::new();
         for (i, line) in text.lines().enumerate() {
-            let mut f = line.splitn(4, '\t');
+            let mut f = line.split('\t');
             let mut num = || f.next().and_then(|v| v.parse::<u64>().ok());
             let (thread, start, dur) = (num(), num(), num());
             let (Some(thread), Some(start), Some(dur), Some(name)) = (thread, start, dur, f.next())
