@@ -17,6 +17,7 @@ pub mod data;
 pub mod dist;
 pub mod error;
 pub mod grpo;
+pub mod imaging;
 pub mod io;
 pub mod models;
 pub mod nn;

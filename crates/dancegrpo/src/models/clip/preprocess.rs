@@ -7,15 +7,11 @@
 //! normalise (x - mean) / std    (float32)
 //! ```
 //!
-//! Resizing: transformers resizes with PIL's bicubic filter on uint8 pixels. We
-//! call libtorch's antialiased bicubic (`_upsample_bicubic2d_aa`) on the uint8
-//! images (on the CPU): its uint8 path uses PIL's kernel (a = -0.5, support
-//! scaled by the downsampling factor), PIL's fixed-point arithmetic and its
-//! rounding between the horizontal and vertical passes. On our test images it
-//! reproduces `PIL.Image.resize(..., BICUBIC)` exactly or within one level on
-//! under 1% of pixels (resizing float pixels and rounding once differs by one
-//! level on about 20% of them). Images already at the target size are not
-//! resized (PIL returns a copy), so they match exactly.
+//! Resizing: transformers resizes with `PIL.Image.resize` on uint8 pixels (the
+//! config's `resample`, bicubic by default); [`crate::imaging::pil`] does the
+//! same byte for byte (libtorch's antialiased bicubic, used before, differed by
+//! one level on 0.2-0.9% of pixels, enough for 1e-3 relative in CLIP score).
+//! Images already at the target size are not resized (PIL returns a copy).
 
 use std::path::Path;
 
@@ -23,6 +19,7 @@ use serde_json::Value;
 use tch::{Kind, Tensor};
 
 use crate::error::{Error, Result};
+use crate::imaging::pil::{resize_rgb, Filter};
 use crate::io::json::read_json;
 use crate::rewards::hps::{CLIP_MEAN, CLIP_STD};
 
@@ -42,6 +39,8 @@ pub enum Resize {
 pub struct ImageProcessor {
     /// Resizing.
     pub resize: Resize,
+    /// PIL's filter for resizing (`resample`; bicubic by default).
+    pub filter: Filter,
     /// Center crop `(height, width)`, if any.
     pub crop: Option<(i64, i64)>,
     /// Pixel scale (`1/255`), if rescaling.
@@ -57,6 +56,7 @@ impl ImageProcessor {
     pub fn clip_default(size: i64) -> Self {
         ImageProcessor {
             resize: Resize::ShortestEdge(size),
+            filter: Filter::Bicubic,
             crop: Some((size, size)),
             rescale_factor: Some(1.0 / 255.0),
             normalize: Some((CLIP_MEAN, CLIP_STD)),
@@ -64,8 +64,8 @@ impl ImageProcessor {
     }
 
     /// Reads `preprocessor_config.json` (missing keys take the defaults of
-    /// [`ImageProcessor::clip_default`] at `default_size`). Only the bicubic
-    /// filter (`resample = 3`) is supported.
+    /// [`ImageProcessor::clip_default`] at `default_size`). Every PIL filter but
+    /// `NEAREST` (`resample = 0`) is supported.
     pub fn from_file(path: &Path, default_size: i64) -> Result<Self> {
         let v: Value = read_json(path)?;
         let err = |field: &str, msg: String| Error::config(path, field, msg);
@@ -83,12 +83,14 @@ impl ImageProcessor {
         };
         let mut p = Self::clip_default(default_size);
         if let Some(r) = v.get("resample").filter(|r| !r.is_null()) {
-            if r.as_i64() != Some(3) {
-                return Err(err(
+            p.filter = r.as_i64().and_then(Filter::from_pil).ok_or_else(|| {
+                err(
                     "resample",
-                    format!("{r} is unsupported (only 3, bicubic)"),
-                ));
-            }
+                    format!(
+                        "{r} is unsupported (1 lanczos, 2 bilinear, 3 bicubic, 4 box, 5 hamming)"
+                    ),
+                )
+            })?;
         }
         p.resize = if !flag("do_resize")? {
             Resize::None
@@ -213,20 +215,17 @@ impl ImageProcessor {
         }
         let (h, w) = (s[1], s[2]);
         let device = images_u8.device();
-        let mut x = images_u8.permute([0, 3, 1, 2]);
         let (nh, nw) = self.resized_size(h, w);
         if nh < 1 || nw < 1 {
             return Err(Error::Input(format!(
                 "CLIP image processor: a {h}x{w} image resizes to {nh}x{nw}"
             )));
         }
-        if (nh, nw) != (h, w) {
-            x = x
-                .to_device(tch::Device::Cpu)
-                .internal_upsample_bicubic2d_aa([nh, nw], false, None::<f64>, None::<f64>)
-                .to_device(device);
-        }
-        let mut x = x.to_kind(Kind::Float);
+        let resized = match (nh, nw) == (h, w) {
+            true => images_u8.shallow_clone(),
+            false => self.pil_resize(images_u8, (nh, nw))?.to_device(device),
+        };
+        let mut x = resized.permute([0, 3, 1, 2]).to_kind(Kind::Float);
         if let Some((ch, cw)) = self.crop {
             x = center_crop(&x, ch, cw);
         }
@@ -242,6 +241,22 @@ impl ImageProcessor {
             x = (x - t(mean)) / t(std);
         }
         Ok(x)
+    }
+}
+
+impl ImageProcessor {
+    /// `PIL.Image.resize` of each uint8 `(H, W, 3)` image to `(nh, nw)` (on the CPU).
+    fn pil_resize(&self, images_u8: &Tensor, (nh, nw): (i64, i64)) -> Result<Tensor> {
+        let s = images_u8.size();
+        let (h, w) = (s[1] as usize, s[2] as usize);
+        let cpu = images_u8.to_device(tch::Device::Cpu).contiguous();
+        let mut out = Vec::with_capacity(s[0] as usize * (nh * nw * 3) as usize);
+        for b in 0..s[0] {
+            let pixels = Vec::<u8>::try_from(cpu.get(b).flatten(0, -1))?;
+            let size = (nh as usize, nw as usize);
+            out.extend(resize_rgb(&pixels, (h, w), size, self.filter)?);
+        }
+        Ok(Tensor::from_slice(&out).view([s[0], nh, nw, 3]))
     }
 }
 

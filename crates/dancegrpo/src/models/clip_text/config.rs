@@ -59,6 +59,7 @@ pub struct ClipTextConfig {
     #[serde(default = "default_eps")]
     pub layer_norm_eps: f64,
     /// End-of-text id; `2` selects the legacy pooling at `argmax(input_ids)`.
+    /// Absent from the file: 49407, as transformers 4.46 (`CLIPTextConfig`).
     #[serde(default = "default_eos")]
     pub eos_token_id: i64,
 }
@@ -88,7 +89,7 @@ fn default_eps() -> f64 {
     1e-5
 }
 fn default_eos() -> i64 {
-    2
+    49407
 }
 
 impl ClipTextConfig {
@@ -193,5 +194,20 @@ impl ClipTextConfig {
             num_attention_heads: 2,
             ..Self::clip_vit_large_patch14()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `config.json` without the key pools at the first 49407, as transformers
+    /// 4.46's `CLIPTextConfig` default; an explicit 2 keeps the legacy argmax.
+    #[test]
+    fn eos_token_id_defaults_as_transformers() {
+        let absent: ClipTextConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(absent.eos_token_id, 49407);
+        let legacy: ClipTextConfig = serde_json::from_str(r#"{"eos_token_id": 2}"#).unwrap();
+        assert_eq!(legacy.eos_token_id, 2);
     }
 }
