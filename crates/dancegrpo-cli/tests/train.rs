@@ -302,6 +302,61 @@ fn rollout_batch_1_and_g_give_bit_identical_runs() {
     std::fs::remove_dir_all(&root).unwrap();
 }
 
+/// The checkpoint's `adapter_model.safetensors` and `adapter_config.json` have
+/// the names, shapes and fields peft 0.13.2 writes for the same LoRA on the same
+/// base (`tests/data/peft-lora`, made by `tools/peft_reference.py`; loading one
+/// of our checkpoints with `PeftModel.from_pretrained` was also checked by hand:
+/// no missing or unexpected keys, every adapted layer equal to W x + 2 B A x),
+/// B is not scaled (peft scales), and the run wrote its built-in base once.
+fn peft_layout_is_peft_s(ck: &Path, run: &Path) {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dancegrpo/tests/data/peft-lora");
+    let json = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let want_keys = json(&data.join("keys.json"));
+    let ours = SafetensorsFile::open(ck.join("adapter_model.safetensors")).unwrap();
+    let mut got = serde_json::Map::new();
+    for n in ours.names() {
+        got.insert(
+            n.to_string(),
+            serde_json::json!(ours.tensor(n).unwrap().size()),
+        );
+    }
+    assert_eq!(serde_json::Value::Object(got), want_keys);
+    let (cfg, peft) = (
+        json(&ck.join("adapter_config.json")),
+        json(&data.join("adapter_config.json")),
+    );
+    let fields = |v: &serde_json::Value| -> std::collections::BTreeSet<String> {
+        v.as_object().unwrap().keys().cloned().collect()
+    };
+    assert_eq!(fields(&cfg), fields(&peft));
+    assert_eq!(
+        (cfg["r"].as_f64(), cfg["lora_alpha"].as_f64()),
+        (Some(4.0), Some(8.0))
+    );
+    assert_eq!(cfg["peft_type"], "LORA");
+    let set = |v: &serde_json::Value| -> std::collections::BTreeSet<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(set(&cfg["target_modules"]), set(&peft["target_modules"]));
+    let native = SafetensorsFile::open(ck.join("lora.safetensors")).unwrap();
+    let b = "transformer_blocks.0.attn.to_q.lora_B.weight";
+    let peft_b = ours.tensor(&format!("base_model.model.{b}")).unwrap();
+    assert!(
+        peft_b.equal(&native.tensor(b).unwrap()),
+        "B is stored unscaled"
+    );
+    assert!(run.join("base/transformer/config.json").is_file());
+    assert!(run
+        .join("base/transformer/diffusion_pytorch_model.safetensors")
+        .is_file());
+}
+
 #[test]
 fn lora_runs_save_adapters_and_resume_exactly() {
     let root = temp_dir("lora");
@@ -360,6 +415,7 @@ fn lora_runs_save_adapters_and_resume_exactly() {
     assert!(names
         .iter()
         .all(|n| n.starts_with("transformer.") && n.contains(".lora_")));
+    peft_layout_is_peft_s(&ck(&whole), &whole);
     // the adapters moved, and only they are in the optimizer state
     let native = SafetensorsFile::open(ck(&whole).join("lora.safetensors")).unwrap();
     let b = native

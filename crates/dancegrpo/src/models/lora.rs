@@ -139,6 +139,65 @@ pub fn save_diffusers(path: &Path, adapters: &ParamStore, cfg: &LoraConfig) -> R
     crate::io::safetensors::write_safetensors(path, &tensors, &meta)
 }
 
+/// Writes the adapters as peft's `PeftModel.save_pretrained` does, so
+/// `PeftModel.from_pretrained(base_transformer, dir)` loads them:
+/// `adapter_model.safetensors` (`base_model.model.<module>.lora_A.weight` /
+/// `lora_B.weight`, B not scaled: peft applies `lora_alpha / r` itself) and
+/// `adapter_config.json` (the fields peft 0.13.2 writes for a diffusers
+/// `FluxTransformer2DModel`; `base` as `base_model_name_or_path` when known).
+pub fn save_peft(
+    dir: &Path,
+    adapters: &ParamStore,
+    cfg: &LoraConfig,
+    base: Option<&str>,
+) -> Result<()> {
+    let tensors: Vec<(String, Tensor)> = adapters
+        .named()
+        .into_iter()
+        .map(|(n, t)| {
+            let t = t.detach().to_device(Device::Cpu).to_kind(Kind::Float);
+            (format!("base_model.model.{n}"), t)
+        })
+        .collect();
+    let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    crate::io::safetensors::write_safetensors(
+        dir.join("adapter_model.safetensors"),
+        &tensors,
+        &meta,
+    )?;
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": null,
+        "base_model_name_or_path": base,
+        "revision": null,
+        "inference_mode": true,
+        "r": cfg.rank,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": 0.0,
+        "target_modules": cfg.target_modules,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "use_rslora": false,
+        "use_dora": false,
+        "init_lora_weights": true,
+        "modules_to_save": null,
+        "layers_to_transform": null,
+        "layers_pattern": null,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "auto_mapping": {
+            "base_model_class": "FluxTransformer2DModel",
+            "parent_library": "diffusers.models.transformers.transformer_flux",
+        },
+        "layer_replication": null,
+        "loftq_config": {},
+        "megatron_config": null,
+        "megatron_core": "megatron.core",
+    });
+    let text = serde_json::to_string_pretty(&config).expect("json");
+    crate::io::atomic::write_bytes_atomic(&dir.join("adapter_config.json"), text.as_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

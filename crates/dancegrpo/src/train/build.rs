@@ -70,6 +70,21 @@ pub fn build_models(cfg: &TrainConfig, device: Device) -> Result<(FluxTransforme
     Ok((model, vae))
 }
 
+/// A LoRA run on a built-in base (`model.kind = "tiny"` or `"random"`) writes
+/// that base once as a diffusers transformer, `<run>/base/transformer/`, so the
+/// adapters of its checkpoints can be loaded onto it (diffusers, peft, `generate`).
+pub fn save_built_in_base(cfg: &TrainConfig, model: &FluxTransformer, dir: &Path) -> Result<()> {
+    let built_in = matches!(
+        cfg.model,
+        ModelSource::Tiny { .. } | ModelSource::Random { .. }
+    );
+    let base = dir.join("base").join("transformer");
+    if cfg.optim.lora.is_none() || !built_in || base.join("config.json").is_file() {
+        return Ok(());
+    }
+    model.save_dir(&base)
+}
+
 /// A model as trained, and its sharded state when it is sharded.
 pub type TrainedModel = (Box<dyn PolicyModel>, Option<Rc<FullShard>>);
 

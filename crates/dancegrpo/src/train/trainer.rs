@@ -186,6 +186,9 @@ impl Trainer {
     ) -> Result<Self> {
         crate::precision::set_tf32(cfg.precision.tf32);
         let (model, vae) = build_models(&cfg, device)?;
+        if is_writer(collective.as_ref()) {
+            super::build::save_built_in_base(&cfg, &model, dir)?;
+        }
         health::require_finite(&model.base_parameters(), "the model's transformer weights")?;
         health::require_finite(&vae.decoder_parameters(), "the model's VAE weights")?;
         let (model, sharded) = super::build::shard(model, &cfg, collective.clone())?;

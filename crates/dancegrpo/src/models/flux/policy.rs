@@ -4,6 +4,8 @@
 //! full fine-tune   transformer/config.json, diffusion_pytorch_model.safetensors  (diffusers layout)
 //! LoRA             lora.safetensors                   our parameter names (for resuming)
 //!                  pytorch_lora_weights.safetensors   diffusers/peft names, alpha/rank folded into B
+//!                  adapter_model.safetensors          peft's layout (`PeftModel.from_pretrained`)
+//!                  adapter_config.json                 with its `LoraConfig`
 //! ```
 
 use std::collections::BTreeMap;
@@ -46,7 +48,8 @@ impl PolicyModel for FluxTransformer {
             &dir.join("pytorch_lora_weights.safetensors"),
             adapters,
             cfg,
-        )
+        )?;
+        crate::models::lora::save_peft(dir, adapters, cfg, None)
     }
 
     fn load_trained(&self, dir: &Path) -> Result<()> {
