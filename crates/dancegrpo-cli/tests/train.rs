@@ -357,6 +357,54 @@ fn peft_layout_is_peft_s(ck: &Path, run: &Path) {
         .is_file());
 }
 
+/// `export --merged` folds the adapters into the run's base (`W + alpha/r B A`:
+/// bit-identical to peft's `merge_and_unload`, checked by hand with peft 0.13.2);
+/// `--adapters` copies the adapter files; `--out` refuses a LoRA checkpoint.
+fn exports_merge_and_copy_the_adapters(ck: &Path, run: &Path, root: &Path) {
+    let (merged, adapters) = (root.join("merged"), root.join("adapters"));
+    let export = |flag: &str, out: &Path| {
+        bin()
+            .args(["export", "--checkpoint", ck.to_str().unwrap(), flag])
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    common::assert_ok(&export("--merged", &merged));
+    common::assert_ok(&export("--adapters", &adapters));
+    let m = SafetensorsFile::open(merged.join("diffusion_pytorch_model.safetensors")).unwrap();
+    let base =
+        SafetensorsFile::open(run.join("base/transformer/diffusion_pytorch_model.safetensors"))
+            .unwrap();
+    let lora = SafetensorsFile::open(ck.join("lora.safetensors")).unwrap();
+    let module = "transformer_blocks.0.attn.to_q";
+    let t = |f: &SafetensorsFile, n: &str| f.tensor(n).unwrap();
+    let (a, b) = (
+        t(&lora, &format!("{module}.lora_A.weight")),
+        t(&lora, &format!("{module}.lora_B.weight")),
+    );
+    let want = t(&base, &format!("{module}.weight")) + b.matmul(&a) * 2.0; // alpha 8 / rank 4
+    assert!(t(&m, &format!("{module}.weight")).equal(&want));
+    let norm = "transformer_blocks.0.norm1.linear.weight";
+    assert!(
+        t(&m, norm).equal(&t(&base, norm)),
+        "a layer without adapters is the base's"
+    );
+    assert!(merged.join("config.json").is_file());
+    for f in [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "pytorch_lora_weights.safetensors",
+    ] {
+        assert_eq!(
+            std::fs::read(adapters.join(f)).unwrap(),
+            std::fs::read(ck.join(f)).unwrap()
+        );
+    }
+    let refused = export("--out", &root.join("whole-out"));
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--merged"));
+}
+
 #[test]
 fn lora_runs_save_adapters_and_resume_exactly() {
     let root = temp_dir("lora");
@@ -416,6 +464,7 @@ fn lora_runs_save_adapters_and_resume_exactly() {
         .iter()
         .all(|n| n.starts_with("transformer.") && n.contains(".lora_")));
     peft_layout_is_peft_s(&ck(&whole), &whole);
+    exports_merge_and_copy_the_adapters(&ck(&whole), &whole, &root);
     // the adapters moved, and only they are in the optimizer state
     let native = SafetensorsFile::open(ck(&whole).join("lora.safetensors")).unwrap();
     let b = native

@@ -12,6 +12,7 @@ pub mod data;
 pub mod ema;
 mod engine;
 pub mod evaluate;
+pub mod export;
 pub mod generate;
 pub mod health;
 pub mod images;

@@ -67,6 +67,45 @@ impl PolicyModel for FluxTransformer {
     }
 }
 
+impl FluxTransformer {
+    /// Writes the transformer with its LoRA adapters folded in (`W + alpha/rank *
+    /// B A`, computed in float32, stored in the base weights' dtype) as a
+    /// diffusers directory, as `fuse_lora` then `save_pretrained` would; without
+    /// adapters, the weights as they are.
+    pub fn save_merged(&self, dir: &Path) -> Result<()> {
+        let Some((adapters, cfg)) = self.lora() else {
+            return self.save_dir(dir);
+        };
+        let _guard = tch::no_grad_guard();
+        let scale = cfg.alpha / cfg.rank as f64;
+        let lora: BTreeMap<String, Tensor> = adapters.named().into_iter().collect();
+        let merged: Vec<(String, Tensor)> = (self.base_parameters().into_iter())
+            .map(|(name, w)| {
+                let module = name.strip_suffix(".weight").unwrap_or(&name);
+                let pair = (lora.get(&format!("{module}.lora_A.weight")))
+                    .zip(lora.get(&format!("{module}.lora_B.weight")));
+                let w = match pair {
+                    Some((a, b)) => {
+                        let delta = b.to_kind(Kind::Float).matmul(&a.to_kind(Kind::Float)); // (out, in)
+                        (w.to_kind(Kind::Float) + delta * scale).to_kind(w.kind())
+                    }
+                    None => w.detach(),
+                };
+                (name, w.to_device(tch::Device::Cpu))
+            })
+            .collect();
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let text = self.config_json();
+        crate::io::atomic::write_bytes_atomic(&dir.join("config.json"), text.as_bytes())?;
+        let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        write_safetensors(
+            dir.join("diffusion_pytorch_model.safetensors"),
+            &merged,
+            &meta,
+        )
+    }
+}
+
 impl crate::models::Shardable for FluxTransformer {
     fn units(&self) -> Vec<crate::models::ParamUnit> {
         self.trained_units()
