@@ -59,7 +59,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     let whole = ckpt.join("transformer");
     if whole.join("config.json").is_file() {
-        std::fs::create_dir_all(&out_dir).with_context(|| out_dir.display().to_string())?;
+        std::fs::create_dir_all(out_dir).with_context(|| out_dir.display().to_string())?;
         for name in ["config.json", "diffusion_pytorch_model.safetensors"] {
             std::fs::copy(whole.join(name), out_dir.join(name))
                 .with_context(|| whole.join(name).display().to_string())?;
@@ -67,7 +67,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     } else if ckpt.join(format!("{WEIGHTS}.shards.json")).is_file() {
         let manifest = ShardManifest::read(ckpt, WEIGHTS)?;
         let max = dancegrpo::plan::parse_memory(&args.max_file_size).context("--max-file-size")?;
-        export(ckpt, WEIGHTS, &out_dir, max)?;
+        export(ckpt, WEIGHTS, out_dir, max)?;
         eprintln!("export: consolidated {} parts", manifest.world);
     } else if ckpt.join("lora.safetensors").is_file() {
         bail!(
