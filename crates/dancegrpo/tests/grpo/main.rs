@@ -295,20 +295,7 @@ impl dancegrpo::grpo::UpdateObserver for PoisonFirstStep {
 #[test]
 fn bad_update_inputs_are_rejected_with_the_field() {
     let m = model(ActivationCheckpointing::Off);
-    let cond = conditioning();
-    let schedule = Schedule::shifted(STEPS, 3.0);
-    let draws = draws();
-    let settings = RolloutSettings { eta: 0.3, batch: 8 };
-    let ro = rollout(
-        &m,
-        &cond,
-        &draws,
-        &schedule,
-        [16, 8, 8],
-        &settings,
-        Device::Cpu,
-    )
-    .unwrap();
+    let (cond, schedule, draws, ro) = seeded_rollout(&m, 8);
     let params: Vec<Tensor> = m.parameters().into_iter().map(|(_, p)| p).collect();
     let mut opt = AdamW::new(AdamWConfig::default(), &params);
     let adv = Tensor::zeros([8], (Kind::Float, Device::Cpu));
@@ -364,7 +351,7 @@ fn bad_update_inputs_are_rejected_with_the_field() {
         &rec,
         &schedule,
         [16, 8, 8],
-        &settings,
+        &RolloutSettings { eta: 0.3, batch: 8 },
         Device::Cpu,
     )
     .unwrap_err()
@@ -419,22 +406,9 @@ impl VelocityModel for BatchVariant {
 #[test]
 fn recomputing_in_the_rollout_batches_keeps_ratios_exact_for_batch_variant_models() {
     let m = BatchVariant(model(ActivationCheckpointing::Off));
-    let cond = conditioning();
-    let schedule = Schedule::shifted(STEPS, 3.0);
-    let draws = draws();
     let rewards = Philox::new(3, 0).normal_tensor(&[PROMPTS * G]);
     let adv = advantages(&rewards, Grouping::PerPrompt { size: G }, 5.0).unwrap();
-    let settings = RolloutSettings { eta: 0.3, batch: G };
-    let ro = rollout(
-        &m,
-        &cond,
-        &draws,
-        &schedule,
-        [16, 8, 8],
-        &settings,
-        Device::Cpu,
-    )
-    .unwrap();
+    let (cond, schedule, draws, ro) = seeded_rollout(&m, G);
     let first_window = |batching: UpdateBatching| {
         let params: Vec<Tensor> = m
             .parameters()

@@ -140,20 +140,7 @@ pub fn iteration_batched(
     (batching, max_rows): (UpdateBatching, Option<i64>),
 ) -> (Rollout, FirstWindow, UpdateStats) {
     let m = model_in(mode, compute);
-    let cond = conditioning();
-    let schedule = Schedule::shifted(STEPS, 3.0);
-    let draws = draws();
-    let settings = RolloutSettings { eta: 0.3, batch };
-    let ro = rollout(
-        &m,
-        &cond,
-        &draws,
-        &schedule,
-        [16, 8, 8],
-        &settings,
-        Device::Cpu,
-    )
-    .unwrap();
+    let (cond, schedule, draws, ro) = seeded_rollout(&m, batch);
     let rewards = Philox::new(3, 0).normal_tensor(&[PROMPTS * G]);
     let adv = advantages(&rewards, Grouping::PerPrompt { size: G }, 5.0).unwrap();
     let params: Vec<Tensor> = m.parameters().into_iter().map(|(_, p)| p).collect();
@@ -177,4 +164,27 @@ pub fn iteration_batched(
     assert_eq!(stats.grad_norms.len() as i64, PROMPTS * G / grad_accum);
     assert_eq!(stats.transitions, (PROMPTS * G * 3) as usize);
     (ro, obs, stats)
+}
+
+/// The rollout of the test prompts by `m` (`batch` samples per call), with the
+/// conditioning, schedule and draws it used.
+pub fn seeded_rollout(
+    m: &dyn VelocityModel,
+    batch: i64,
+) -> (Conditioning, Schedule, Seeded, Rollout) {
+    let cond = conditioning();
+    let schedule = Schedule::shifted(STEPS, 3.0);
+    let draws = draws();
+    let settings = RolloutSettings { eta: 0.3, batch };
+    let ro = rollout(
+        m,
+        &cond,
+        &draws,
+        &schedule,
+        [16, 8, 8],
+        &settings,
+        Device::Cpu,
+    )
+    .unwrap();
+    (cond, schedule, draws, ro)
 }
