@@ -267,21 +267,25 @@ fn demo_reward_rises_and_generate_reads_its_checkpoints() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-#[test]
-fn bench_train_prints_stage_times_and_a_json_line() {
-    let out = run(&[
+/// `bench train` for one untimed-warm-up-free iteration on one thread, plus `extra`.
+fn bench_train(extra: &[&str]) -> Output {
+    let mut args = vec![
         "bench",
         "train",
-        case_dir().to_str().unwrap(),
         "--iterations",
         "1",
         "--warmup",
         "0",
         "--threads",
         "1",
-        "--rollout-batch",
-        "4",
-    ]);
+    ];
+    args.extend(extra);
+    run(&args)
+}
+
+#[test]
+fn bench_train_prints_stage_times_and_a_json_line() {
+    let out = bench_train(&[case_dir().to_str().unwrap(), "--rollout-batch", "4"]);
     common::assert_ok(&out);
     let text = String::from_utf8_lossy(&out.stdout);
     let json: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
@@ -309,10 +313,7 @@ fn bench_train_runs_the_shipped_preset_and_its_directory() {
     let preset = ["--preset", "tiny"];
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dancegrpo/presets/tiny");
     for source in [&preset[..], &[dir.to_str().unwrap()][..]] {
-        let mut args = vec!["bench", "train", "--iterations", "1", "--warmup", "0"];
-        args.extend(["--threads", "1"]);
-        args.extend(source);
-        let out = run(&args);
+        let out = bench_train(source);
         common::assert_ok(&out);
         let text = String::from_utf8_lossy(&out.stdout);
         let json: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
@@ -323,20 +324,7 @@ fn bench_train_runs_the_shipped_preset_and_its_directory() {
         assert!(text.contains("GFLOP/s"), "{text}");
     }
     let events = common::temp_dir("cli", "bench-profile").join("events.tsv");
-    let out = run(&[
-        "bench",
-        "train",
-        "--preset",
-        "tiny",
-        "--iterations",
-        "1",
-        "--warmup",
-        "0",
-        "--threads",
-        "1",
-        "--profile",
-        events.to_str().unwrap(),
-    ]);
+    let out = bench_train(&["--preset", "tiny", "--profile", events.to_str().unwrap()]);
     common::assert_ok(&out);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(

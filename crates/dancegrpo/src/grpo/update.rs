@@ -374,11 +374,15 @@ impl Run<'_> {
         let (z, z_next) = (pick(0), pick(1));
         let idx = |v: &[i64]| Tensor::from_slice(v).to_device(device);
         let repeat = ks.len() as i64;
-        let log_probs = chunk.log_probs.repeat([repeat, 1]); // (n * |ks|, S)
+        let rows_of = |t: &Tensor, dims: &[i64]| match repeat {
+            1 => t.shallow_clone(),
+            _ => t.repeat(dims),
+        };
+        let log_probs = rows_of(&chunk.log_probs, &[repeat, 1]); // (n * |ks|, S)
         let old_lp = log_probs
             .gather(1, &idx(&steps).unsqueeze(1), false)
             .squeeze_dim(1);
-        let adv = chunk.advantages.repeat([repeat]);
+        let adv = rows_of(&chunk.advantages, &[repeat]); // (n * |ks|,)
         let ts = inp.schedule.model_timesteps(&steps).to_device(device); // (n * |ks|,)
         let fresh;
         let cond = match repeat {

@@ -122,19 +122,25 @@ impl FluxTransformer {
     /// Writes a diffusers `transformer/` directory (`config.json` and
     /// `diffusion_pytorch_model.safetensors` with diffusers key names), each file atomically.
     pub fn save_dir(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let text = self.config_json();
-        crate::io::atomic::write_bytes_atomic(&dir.join("config.json"), text.as_bytes())?;
         let params: Vec<(String, Tensor)> = self
             .params
             .named()
             .into_iter()
             .map(|(n, t)| (n, t.detach()))
             .collect();
+        self.write_dir(dir, &params)
+    }
+
+    /// Writes `params` (diffusers key names) and this architecture's config as a
+    /// diffusers `transformer/` directory, each file atomically.
+    pub(super) fn write_dir(&self, dir: &Path, params: &[(String, Tensor)]) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let text = self.config_json();
+        crate::io::atomic::write_bytes_atomic(&dir.join("config.json"), text.as_bytes())?;
         let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
         crate::io::safetensors::write_safetensors(
             dir.join("diffusion_pytorch_model.safetensors"),
-            &params,
+            params,
             &meta,
         )
     }

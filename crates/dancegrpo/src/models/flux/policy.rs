@@ -94,15 +94,7 @@ impl FluxTransformer {
                 (name, w.to_device(tch::Device::Cpu))
             })
             .collect();
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let text = self.config_json();
-        crate::io::atomic::write_bytes_atomic(&dir.join("config.json"), text.as_bytes())?;
-        let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-        write_safetensors(
-            dir.join("diffusion_pytorch_model.safetensors"),
-            &merged,
-            &meta,
-        )
+        self.write_dir(dir, &merged)
     }
 }
 
