@@ -112,15 +112,14 @@ fn jpeg_scores_png_and_jpeg_files_and_gray_images() {
     write_png(&dir.join("flat.png"), &flat).unwrap();
     write_png(&dir.join("noise.png"), &noise).unwrap();
     // the same flat image as a JPEG file and as a grayscale PNG
-    let mut jpg = Vec::new();
-    jpeg_encoder::Encoder::new(&mut jpg, 90)
-        .encode(
-            &vec![128u8; 32 * 48 * 3],
-            48,
-            32,
-            jpeg_encoder::ColorType::Rgb,
-        )
-        .unwrap();
+    let jpg = dancegrpo::rewards::jpeg::encode_rgb(
+        &vec![128u8; 32 * 48 * 3],
+        48,
+        32,
+        90,
+        dancegrpo::rewards::jpeg::JpegSubsampling::S444,
+    )
+    .unwrap();
     std::fs::write(dir.join("flat.jpg"), jpg).unwrap();
     write_gray_png(&dir.join("gray.png"), 48, 32, 2);
     let out = run(&[

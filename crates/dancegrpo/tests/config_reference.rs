@@ -155,7 +155,8 @@ fn read_types() -> Types {
                         .variants
                         .iter()
                         .map(|v| Shape {
-                            name: snake(&v.ident.to_string()),
+                            name: serde_rename(&v.attrs)
+                                .unwrap_or_else(|| snake(&v.ident.to_string())),
                             doc: doc_of(&v.attrs),
                             fields: fields_of(&v.fields),
                         })
@@ -169,6 +170,20 @@ fn read_types() -> Types {
         }
     }
     types
+}
+
+/// A variant's own `#[serde(rename = "...")]`.
+fn serde_rename(attrs: &[syn::Attribute]) -> Option<String> {
+    let mut name = None;
+    for a in attrs.iter().filter(|a| a.path().is_ident("serde")) {
+        let _ = a.parse_nested_meta(|m| {
+            if m.path.is_ident("rename") {
+                name = Some(m.value()?.parse::<syn::LitStr>()?.value());
+            }
+            Ok(())
+        });
+    }
+    name
 }
 
 /// serde's `rename_all = "snake_case"`.

@@ -23,7 +23,7 @@ pub struct Args {
     #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
     threads: Option<i32>,
     /// The rise of the mean reward (last 10 iterations minus first 10) the demo
-    /// must reach (default 1 kB from the seeded base, 0.25 kB from `--base`).
+    /// must reach (default 1 kB from the seeded base, 0.15 kB from `--base`).
     #[arg(long, value_parser = finite)]
     min_rise: Option<f64>,
     /// Start from this model directory (e.g. written by `dancegrpo pretrain`)
@@ -49,7 +49,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let min_rise = args
         .min_rise
-        .unwrap_or(if args.base.is_some() { 0.25 } else { 1.0 });
+        .unwrap_or(if args.base.is_some() { 0.15 } else { 1.0 });
     let cfg = TrainConfig::tiny_demo()
         .with_overrides(&set, std::path::Path::new("(built-in tiny default)"))?;
     if args.out.join("config.toml").is_file() {

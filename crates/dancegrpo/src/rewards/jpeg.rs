@@ -1,5 +1,16 @@
 //! JPEG compressibility and incompressibility: a model-free reward, the encoded
-//! size of the image at a fixed JPEG quality (as DDPO and Flow-GRPO define it).
+//! size of the image at a fixed JPEG quality (as DDPO and Flow-GRPO define it:
+//! `len` of `Image.save(buffer, format="JPEG", quality=q)` in Pillow, / 1000).
+//!
+//! The size is the reward, so the encoder must be the reference's byte for
+//! byte: Pillow's wheels encode with libjpeg-turbo (baseline, standard Huffman
+//! tables, islow DCT, 4:2:0 chroma subsampling by default). We link
+//! libjpeg-turbo's code through `mozjpeg-sys` in its libjpeg-turbo-compatible
+//! profile (`JCP_FASTEST`: no trellis quantisation, no progressive scans, no
+//! Huffman optimisation; the private module `rewards::libjpeg`), which writes the same bytes as Pillow 11.3 and 13.0
+//! (`tests/pil_jpeg.rs`, data from `tools/jpeg_reference.py`). A pure-Rust
+//! encoder (`jpeg-encoder`, used before) differs: its files were 4:4:4 and 70-80%
+//! larger, and not byte-equal even at 4:2:0.
 
 use tch::{Device, Kind, Tensor};
 
@@ -14,6 +25,57 @@ pub enum JpegObjective {
     Compressibility,
     /// Larger files score higher: `+size_kb`.
     Incompressibility,
+}
+
+/// Chroma subsampling of the encoded file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum JpegSubsampling {
+    /// 4:2:0, chroma at half resolution both ways: Pillow's default, the reference.
+    #[default]
+    #[serde(rename = "4:2:0")]
+    S420,
+    /// 4:4:4, full-resolution chroma (Pillow's `subsampling=0`).
+    #[serde(rename = "4:4:4")]
+    S444,
+}
+
+/// Encodes `rgb` (`height` rows of `width` RGB pixels, row-major) as a
+/// baseline JPEG at `quality`, byte for byte what Pillow writes for
+/// `Image.save(f, format="JPEG", quality=quality)` (with `subsampling=0` for
+/// [`JpegSubsampling::S444`]).
+pub fn encode_rgb(
+    rgb: &[u8],
+    width: usize,
+    height: usize,
+    quality: u8,
+    subsampling: JpegSubsampling,
+) -> Result<Vec<u8>> {
+    if width == 0 || height == 0 || width > 65_500 || height > 65_500 {
+        return Err(Error::Input(format!(
+            "JPEG images have sides in 1..=65500, got {height}x{width}"
+        )));
+    }
+    if !(1..=100).contains(&quality) {
+        return Err(Error::Input(format!(
+            "JPEG quality must be in 1..=100, got {quality}"
+        )));
+    }
+    if rgb.len() != width * height * 3 {
+        return Err(Error::Input(format!(
+            "JPEG encoding: {} bytes for a {height}x{width} RGB image (wants {})",
+            rgb.len(),
+            width * height * 3
+        )));
+    }
+    let sampling = match subsampling {
+        JpegSubsampling::S420 => [(2, 2), (1, 1), (1, 1)],
+        JpegSubsampling::S444 => [(1, 1), (1, 1), (1, 1)],
+    };
+    super::libjpeg::encode(rgb, width as u32, height as u32, quality, sampling).map_err(|e| {
+        Error::Input(format!(
+            "JPEG encoding of a {height}x{width} image at quality {quality}: {e}"
+        ))
+    })
 }
 
 /// The JPEG size reward.
@@ -38,17 +100,29 @@ pub enum JpegObjective {
 pub struct JpegReward {
     objective: JpegObjective,
     quality: u8,
+    subsampling: JpegSubsampling,
 }
 
 impl JpegReward {
-    /// A reward with `objective` at JPEG `quality` (1..=100; DDPO uses 95).
+    /// A reward with `objective` at JPEG `quality` (1..=100; DDPO uses 95),
+    /// 4:2:0 as Pillow encodes by default.
     pub fn new(objective: JpegObjective, quality: u8) -> Result<Self> {
         if !(1..=100).contains(&quality) {
             return Err(Error::Input(format!(
                 "JPEG quality must be in 1..=100, got {quality}"
             )));
         }
-        Ok(JpegReward { objective, quality })
+        Ok(JpegReward {
+            objective,
+            quality,
+            subsampling: JpegSubsampling::default(),
+        })
+    }
+
+    /// The same reward with another chroma subsampling.
+    pub fn with_subsampling(mut self, subsampling: JpegSubsampling) -> Self {
+        self.subsampling = subsampling;
+        self
     }
 
     /// The JPEG size in bytes of one uint8 image `(H, W, 3)`.
@@ -61,16 +135,12 @@ impl JpegReward {
                 s
             )));
         }
-        let (h, w) = (s[0] as u16, s[1] as u16);
         let pixels = image.to_device(Device::Cpu).contiguous();
         let n = pixels.numel();
         let mut data = vec![0u8; n];
         pixels.copy_data_u8(&mut data, n);
-        let mut out = Vec::new();
-        jpeg_encoder::Encoder::new(&mut out, self.quality)
-            .encode(&data, w, h, jpeg_encoder::ColorType::Rgb)
-            .map_err(|e| Error::Input(format!("JPEG encoding failed: {e}")))?;
-        Ok(out.len())
+        let (h, w) = (s[0] as usize, s[1] as usize);
+        Ok(encode_rgb(&data, w, h, self.quality, self.subsampling)?.len())
     }
 }
 

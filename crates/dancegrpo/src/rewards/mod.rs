@@ -8,6 +8,7 @@ pub mod clip_score;
 pub mod combine;
 pub mod hps;
 pub mod jpeg;
+mod libjpeg;
 pub mod loopback;
 pub mod pickscore;
 pub mod remote;

@@ -8,7 +8,7 @@ use tch::{Device, Kind};
 
 use super::clip_score::{ClipScoreReward, ClipScoreScale};
 use super::hps::HpsReward;
-use super::jpeg::{JpegObjective, JpegReward};
+use super::jpeg::{JpegObjective, JpegReward, JpegSubsampling};
 use super::pickscore::PickScoreReward;
 use super::remote::{RemoteConfig, RemoteReward};
 use super::Reward;
@@ -25,6 +25,9 @@ pub enum RewardSpec {
         /// JPEG quality.
         #[serde(default = "default_jpeg_quality")]
         quality: u8,
+        /// Chroma subsampling: `"4:2:0"` (default, Pillow's) or `"4:4:4"`.
+        #[serde(default)]
+        subsampling: JpegSubsampling,
         /// Weight in the combined reward.
         #[serde(default = "one")]
         weight: f64,
@@ -185,8 +188,11 @@ impl RewardSpec {
         }
         Ok(match self {
             RewardSpec::Jpeg {
-                objective, quality, ..
-            } => Box::new(JpegReward::new(*objective, *quality)?),
+                objective,
+                quality,
+                subsampling,
+                ..
+            } => Box::new(JpegReward::new(*objective, *quality)?.with_subsampling(*subsampling)),
             RewardSpec::Hpsv2 { path, .. } => Box::new(HpsReward::from_dir(path, kind, device)?),
             RewardSpec::ClipScore { path, scale, .. } => {
                 Box::new(ClipScoreReward::from_dir(path, *scale, kind, device)?)
@@ -241,6 +247,7 @@ impl RewardSpec {
                     }
                 },
                 quality: default_jpeg_quality(),
+                subsampling: JpegSubsampling::default(),
                 weight,
             },
             "hpsv2" => RewardSpec::Hpsv2 {
@@ -282,6 +289,32 @@ impl RewardSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jpeg_subsampling_is_420_unless_set() {
+        let parse = |t: &str| toml::from_str::<RewardSpec>(t);
+        let spec = parse("kind = \"jpeg\"\nobjective = \"compressibility\"").unwrap();
+        assert!(matches!(
+            spec,
+            RewardSpec::Jpeg {
+                subsampling: JpegSubsampling::S420,
+                ..
+            }
+        ));
+        let spec =
+            parse("kind = \"jpeg\"\nobjective = \"compressibility\"\nsubsampling = \"4:4:4\"");
+        assert!(matches!(
+            spec.unwrap(),
+            RewardSpec::Jpeg {
+                subsampling: JpegSubsampling::S444,
+                ..
+            }
+        ));
+        let err =
+            parse("kind = \"jpeg\"\nobjective = \"compressibility\"\nsubsampling = \"4:2:2\"")
+                .unwrap_err();
+        assert!(err.to_string().contains("4:4:4"), "{err}");
+    }
 
     #[test]
     fn cli_forms_parse_and_unknown_ones_are_named() {

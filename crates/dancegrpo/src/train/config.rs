@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::grpo::{LrSchedule, RewardMixing, Trainable, UpdateBatching};
 use crate::models::lora::LoraConfig;
 use crate::models::ActivationCheckpointing;
-use crate::rewards::jpeg::JpegObjective;
+use crate::rewards::jpeg::{JpegObjective, JpegSubsampling};
 use crate::sampler::draws::{InitNoise, NoisePrecision};
 
 /// Where the base model comes from.
@@ -352,6 +352,7 @@ impl TrainConfig {
             rewards: vec![RewardSpec::Jpeg {
                 objective: JpegObjective::Compressibility,
                 quality: 95,
+                subsampling: JpegSubsampling::default(),
                 weight: 1.0,
             }],
             sampler: SamplerConfig {
