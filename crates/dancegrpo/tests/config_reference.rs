@@ -33,6 +33,7 @@ const SOURCES: &[&str] = &[
     "models/lora.rs",
     "models/mod.rs",
     "sampler/draws.rs",
+    "sampler/forms.rs",
     "grpo/advantage.rs",
     "grpo/lr.rs",
     "grpo/update.rs",

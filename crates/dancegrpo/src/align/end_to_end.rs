@@ -60,6 +60,7 @@ fn rollout_and_decode(
 ) -> Result<Rollout> {
     let (c, h, w) = latent_shape(case)?;
     let settings = RolloutSettings {
+        sde: g.cfg.sde,
         eta: g.cfg.eta,
         batch: 1,
     };

@@ -16,7 +16,8 @@ use crate::dist::Shard;
 use crate::error::{Error, Result};
 use crate::models::VelocityModel;
 use crate::precision::ReduceDtype;
-use crate::sampler::sde::{sde_step, At, Next};
+use crate::sampler::sde::{At, Next};
+use crate::sampler::SdeForm;
 use crate::sampler::{Conditioning, Draws, Rollout, SampleConditioning, Schedule};
 
 /// Which transitions of a trajectory may be trained.
@@ -56,7 +57,9 @@ pub enum UpdateBatching {
 /// Settings of the update.
 #[derive(Debug, Clone, Copy)]
 pub struct UpdateConfig {
-    /// SDE noise level (must be the rollout's).
+    /// The stochastic step's form (must be the rollout's).
+    pub sde: SdeForm,
+    /// Its noise level (must be the rollout's).
     pub eta: f64,
     /// PPO clip range of the ratio.
     pub clip_range: f64,
@@ -399,12 +402,12 @@ impl Run<'_> {
             .collect();
         let active_idx = idx(&active_rows);
         let mut kept: Option<(Tensor, Tensor, PolicyLoss)> = None;
-        let (eta, clip) = (self.cfg.eta, self.cfg.clip_range);
+        let (sde, eta, clip) = (self.cfg.sde, self.cfg.eta, self.cfg.clip_range);
         let _loss = self
             .model
             .velocity_backward(&inp.cond.inputs(cond, &z, &ts), &mut |v| {
                 let at = At::Rows(&steps);
-                let step = sde_step(v, &z, &inp.schedule.sigmas, at, eta, Next::Given(&z_next));
+                let step = sde.step(v, &z, &inp.schedule.sigmas, at, eta, Next::Given(&z_next));
                 let terms = clipped_policy_loss(&step.log_prob, &old_lp, &adv, clip, scale);
                 let loss = match all_active {
                     true => terms.loss.sum(terms.loss.kind()),

@@ -3,6 +3,7 @@
 
 pub mod conditioning;
 pub mod draws;
+pub mod forms;
 pub mod generate;
 pub mod rollout;
 pub mod schedule;
@@ -10,6 +11,7 @@ pub mod sde;
 
 pub use conditioning::{Conditioning, SampleConditioning};
 pub use draws::{Draws, Recorded, Seeded};
+pub use forms::SdeForm;
 pub use rollout::{rollout, Rollout, RolloutSettings};
 pub use schedule::Schedule;
 

@@ -1,9 +1,10 @@
-//! Rollout of groups: `G` samples per prompt drawn with the Dance-SDE sampler,
+//! Rollout of groups: `G` samples per prompt drawn with the SDE sampler,
 //! every transition stored with its log-probability, in batches of any size.
 
 use tch::{Device, Tensor};
 
-use super::sde::{sde_step, At, Next};
+use super::sde::{At, Next};
+use super::SdeForm;
 use super::{Conditioning, Draws, Schedule};
 use crate::error::Result;
 use crate::io::image::to_uint8;
@@ -12,7 +13,9 @@ use crate::models::{LatentDecoder, TokenLayout, VelocityModel};
 /// How a rollout is run.
 #[derive(Debug, Clone, Copy)]
 pub struct RolloutSettings {
-    /// SDE noise level `eta`.
+    /// The stochastic step's form.
+    pub sde: SdeForm,
+    /// Its noise level (`eta`).
     pub eta: f64,
     /// Samples per model call (any size; the update recomputes in the same batches).
     pub batch: i64,
@@ -76,7 +79,7 @@ pub fn rollout_reporting(
             schedule,
             latent,
             samples,
-            settings.eta,
+            (settings.sde, settings.eta),
             device,
         )?;
         latents.push(z);
@@ -100,7 +103,7 @@ fn rollout_batch(
     schedule: &Schedule,
     latent: [i64; 3],
     samples: &[i64],
-    eta: f64,
+    (sde, eta): (SdeForm, f64),
     device: Device,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let n = samples.len() as i64;
@@ -123,7 +126,7 @@ fn rollout_batch(
             .map(|&b| draws.sde_noise(b, i, &token_shape))
             .collect::<Result<Vec<_>>>()?;
         let noise = Tensor::cat(&noise, 0).to_device(device);
-        let step = sde_step(
+        let step = sde.step(
             &v,
             &z,
             &schedule.sigmas,

@@ -15,6 +15,7 @@ use crate::models::lora::LoraConfig;
 use crate::models::ActivationCheckpointing;
 use crate::rewards::jpeg::{JpegObjective, JpegSubsampling};
 use crate::sampler::draws::{InitNoise, NoisePrecision};
+use crate::sampler::SdeForm;
 
 /// Where the base model comes from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -86,7 +87,12 @@ pub struct SamplerConfig {
     pub width: i64,
     /// Denoising steps.
     pub steps: i64,
-    /// SDE noise level.
+    /// The stochastic step: `"dance"` (DanceGRPO's, the default), `"flow_grpo"`
+    /// (Flow-GRPO's SDE), `"cps"` (coefficients-preserving) or `"ode"` (Euler,
+    /// nothing to train).
+    pub sde: SdeForm,
+    /// The step's noise level: DanceGRPO's `eta` (0.3 in its scripts), Flow-GRPO's
+    /// and CPS's `noise_level` (0.7 in flow_grpo's configs).
     pub eta: f64,
     /// Schedule shift.
     pub shift: f64,
@@ -110,6 +116,7 @@ impl Default for SamplerConfig {
             height: 720,
             width: 720,
             steps: 16,
+            sde: SdeForm::Dance,
             eta: 0.3,
             shift: 3.0,
             group_size: 12,

@@ -12,6 +12,7 @@ impl TrainConfig {
         let (s, g, o) = (&self.sampler, &self.grpo, &self.optim);
         IterationConfig {
             rollout: RolloutSettings {
+                sde: s.sde,
                 eta: s.eta,
                 batch: s.rollout_batch,
             },
@@ -24,6 +25,7 @@ impl TrainConfig {
             mixing: g.reward_mixing,
             max_failed_reward_share: self.health.max_failed_reward_share,
             update: UpdateConfig {
+                sde: s.sde,
                 eta: s.eta,
                 clip_range: g.clip_range,
                 timestep_fraction: g.timestep_fraction,
@@ -52,12 +54,14 @@ impl TrainConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sampler::SdeForm;
     use std::path::Path;
 
     #[test]
     fn every_field_reaches_the_engine() {
         let set = [
             "sampler.eta=0.7",
+            "sampler.sde=\"cps\"",
             "sampler.rollout_batch=4",
             "sampler.decode_batch=2",
             "grpo.clip_range=0.3",
@@ -77,6 +81,10 @@ mod tests {
         assert_eq!(
             (it.rollout.eta, it.rollout.batch, it.decode_batch),
             (0.7, 4, 2)
+        );
+        assert_eq!(
+            (it.rollout.sde, it.update.sde),
+            (SdeForm::Cps, SdeForm::Cps)
         );
         assert!(matches!(it.grouping, Grouping::PerPrompt { size: 8 }));
         assert_eq!((it.adv_clip_max, it.max_failed_reward_share), (3.0, 0.5));

@@ -11,7 +11,7 @@ use dancegrpo::models::flux::FluxTransformer;
 use dancegrpo::models::{ActivationCheckpointing, VelocityModel};
 use dancegrpo::rng::Philox;
 use dancegrpo::sampler::rollout::{rollout, RolloutSettings};
-use dancegrpo::sampler::Schedule;
+use dancegrpo::sampler::{Schedule, SdeForm};
 use dancegrpo::weights::Source;
 use tch::{Device, Kind, Tensor};
 
@@ -49,6 +49,37 @@ fn window_batching_keeps_the_first_window_exact() {
                 .zip(per_sample.losses.iter().flatten())
             {
                 assert!((x - y).abs() <= 1e-3 * y.abs().max(1e-6), "loss {x} vs {y}");
+            }
+        }
+    }
+}
+
+/// Flow-GRPO's SDE and CPS keep the exact first ratios too, with the rollout
+/// batched or not and the update per rollout batch or per window, and their
+/// log-probabilities are not Dance-SDE's.
+#[test]
+fn flow_grpo_and_cps_rollouts_keep_the_first_ratios_exact() {
+    let off = ActivationCheckpointing::Off;
+    let dance = iteration(1, 2, off).0;
+    for sde in [SdeForm::FlowGrpo, SdeForm::Cps] {
+        let mut first: Option<Tensor> = None;
+        for (batch, batching) in [(1, UpdateBatching::Rollout), (G, UpdateBatching::Window)] {
+            let rows = (batching, None);
+            let (ro, obs, _) = iteration_sde(batch, 2, off, Kind::Float, rows, (sde, 0.7));
+            assert_eq!(obs.ratios.len(), 6, "{sde:?}");
+            assert!(
+                obs.ratios.iter().all(|&r| r == 1.0),
+                "{sde:?}: {:?}",
+                obs.ratios
+            );
+            assert!(
+                ro.log_probs.isfinite().all().int64_value(&[]) == 1,
+                "{sde:?}"
+            );
+            assert!(!ro.log_probs.allclose(&dance.log_probs, 1e-3, 1e-3, false));
+            match &first {
+                None => first = Some(ro.latents),
+                Some(l) => assert!(ro.latents.equal(l), "{sde:?}: batch {batch} differs"),
             }
         }
     }
@@ -181,7 +212,11 @@ fn an_iteration_reports_rewards_failures_and_stage_times() {
         report: Some(&record),
     };
     let cfg = IterationConfig {
-        rollout: RolloutSettings { eta: 0.3, batch: 4 },
+        rollout: RolloutSettings {
+            sde: SdeForm::Dance,
+            eta: 0.3,
+            batch: 4,
+        },
         decode_batch: 2,
         grouping: Grouping::PerPrompt { size: G },
         adv_clip_max: 5.0,
@@ -351,7 +386,11 @@ fn bad_update_inputs_are_rejected_with_the_field() {
         &rec,
         &schedule,
         [16, 8, 8],
-        &RolloutSettings { eta: 0.3, batch: 8 },
+        &RolloutSettings {
+            sde: SdeForm::Dance,
+            eta: 0.3,
+            batch: 8,
+        },
         Device::Cpu,
     )
     .unwrap_err()

@@ -12,7 +12,7 @@ use dancegrpo::precision::ReduceDtype;
 use dancegrpo::rng::Philox;
 use dancegrpo::sampler::draws::{InitNoise, NoisePrecision};
 use dancegrpo::sampler::rollout::{rollout, Rollout, RolloutSettings};
-use dancegrpo::sampler::{Conditioning, Schedule, Seeded};
+use dancegrpo::sampler::{Conditioning, Schedule, SdeForm, Seeded};
 use dancegrpo::weights::Source;
 use tch::{Device, Kind, Tensor};
 
@@ -64,6 +64,7 @@ pub fn draws() -> Seeded {
 
 pub fn config(grad_accum: i64) -> UpdateConfig {
     UpdateConfig {
+        sde: SdeForm::Dance,
         eta: 0.3,
         clip_range: 1e-4,
         timestep_fraction: 0.6,
@@ -137,10 +138,23 @@ pub fn iteration_batched(
     grad_accum: i64,
     mode: ActivationCheckpointing,
     compute: Kind,
+    batching: (UpdateBatching, Option<i64>),
+) -> (Rollout, FirstWindow, UpdateStats) {
+    let dance = (SdeForm::Dance, 0.3);
+    iteration_sde(batch, grad_accum, mode, compute, batching, dance)
+}
+
+/// [`iteration_batched`] with the stochastic step `sde` at noise level `eta`.
+pub fn iteration_sde(
+    batch: i64,
+    grad_accum: i64,
+    mode: ActivationCheckpointing,
+    compute: Kind,
     (batching, max_rows): (UpdateBatching, Option<i64>),
+    (sde, eta): (SdeForm, f64),
 ) -> (Rollout, FirstWindow, UpdateStats) {
     let m = model_in(mode, compute);
-    let (cond, schedule, draws, ro) = seeded_rollout(&m, batch);
+    let (cond, schedule, draws, ro) = seeded_rollout_with(&m, batch, (sde, eta));
     let rewards = Philox::new(3, 0).normal_tensor(&[PROMPTS * G]);
     let adv = advantages(&rewards, Grouping::PerPrompt { size: G }, 5.0).unwrap();
     let params: Vec<Tensor> = m.parameters().into_iter().map(|(_, p)| p).collect();
@@ -158,6 +172,8 @@ pub fn iteration_batched(
     let cfg = UpdateConfig {
         batching,
         max_rows,
+        sde,
+        eta,
         ..config(grad_accum)
     };
     let stats = grpo_update(&m, &mut opt, &inputs, &cfg, &mut obs).unwrap();
@@ -172,10 +188,19 @@ pub fn seeded_rollout(
     m: &dyn VelocityModel,
     batch: i64,
 ) -> (Conditioning, Schedule, Seeded, Rollout) {
+    seeded_rollout_with(m, batch, (SdeForm::Dance, 0.3))
+}
+
+/// [`seeded_rollout`] with the stochastic step `sde` at noise level `eta`.
+pub fn seeded_rollout_with(
+    m: &dyn VelocityModel,
+    batch: i64,
+    (sde, eta): (SdeForm, f64),
+) -> (Conditioning, Schedule, Seeded, Rollout) {
     let cond = conditioning();
     let schedule = Schedule::shifted(STEPS, 3.0);
     let draws = draws();
-    let settings = RolloutSettings { eta: 0.3, batch };
+    let settings = RolloutSettings { sde, eta, batch };
     let ro = rollout(
         m,
         &cond,
