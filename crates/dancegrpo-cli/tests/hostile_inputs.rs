@@ -63,6 +63,8 @@ const CASES: &[Case] = &[
     case("train --set sampler.eta=-1 --out {D}/r", 2, &["sampler.eta"]),
     case("train --set sampler.sde=\"ode\" --out {D}/r", 2, &["sampler.sde", "nothing to train"]),
     case("train --set sampler.sde=\"sde\" --out {D}/r", 2, &["sampler.sde", "flow_grpo"]),
+    case("train --set sampler.window={size=9} --out {D}/r", 2, &["sampler.window.size", "1..=7"]),
+    case("train --set sampler.window={size=4,start=5} --out {D}/r", 2, &["sampler.window.start", "0..=3"]),
     case("train --set sampler.height=100000 --out {D}/r", 2, &["sampler.height", "at most"]),
     case("train --set sampler.steps=1000000000 --out {D}/r", 2, &["sampler.steps"]),
     case("train --set run.prompts_per_iteration=100000000 --set sampler.group_size=100000 --out {D}/r", 2, &["samples per iteration"]),

@@ -10,6 +10,7 @@ use dancegrpo::dist::ParallelConfig;
 use dancegrpo::grpo::LrSchedule;
 use dancegrpo::models::lora::LoraConfig;
 use dancegrpo::precision::PrecisionConfig;
+use dancegrpo::sampler::SdeWindow;
 use dancegrpo::train::config::{
     DataSource, EvalConfig, GrpoConfig, ModelSource, OptimConfig, RewardSpec, RunConfig,
     SamplerConfig,
@@ -34,6 +35,7 @@ const SOURCES: &[&str] = &[
     "models/mod.rs",
     "sampler/draws.rs",
     "sampler/forms.rs",
+    "sampler/window.rs",
     "grpo/advantage.rs",
     "grpo/lr.rs",
     "grpo/update.rs",
@@ -383,6 +385,7 @@ fn generate() -> String {
         &types,
     );
     section::<SamplerConfig>(&mut out, "[sampler]", "SamplerConfig", &types);
+    section::<SdeWindow>(&mut out, "[sampler.window]", "SdeWindow", &types);
     section::<GrpoConfig>(&mut out, "[grpo]", "GrpoConfig", &types);
     section::<OptimConfig>(&mut out, "[optim]", "OptimConfig", &types);
     tagged::<LrSchedule>(

@@ -62,6 +62,7 @@ fn rollout_and_decode(
     let settings = RolloutSettings {
         sde: g.cfg.sde,
         eta: g.cfg.eta,
+        window: g.cfg.window,
         batch: 1,
     };
     let dev = case.device();

@@ -17,8 +17,8 @@ use crate::error::{Error, Result};
 use crate::models::VelocityModel;
 use crate::precision::ReduceDtype;
 use crate::sampler::sde::{At, Next};
-use crate::sampler::SdeForm;
 use crate::sampler::{Conditioning, Draws, Rollout, SampleConditioning, Schedule};
+use crate::sampler::{SdeForm, StepWindow};
 
 /// Which transitions of a trajectory may be trained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -61,6 +61,9 @@ pub struct UpdateConfig {
     pub sde: SdeForm,
     /// Its noise level (must be the rollout's).
     pub eta: f64,
+    /// MixGRPO's window (must be the rollout's): every sample trains exactly
+    /// its steps, in order, instead of a random `timestep_fraction`.
+    pub window: Option<StepWindow>,
     /// PPO clip range of the ratio.
     pub clip_range: f64,
     /// Fraction of the trainable transitions trained per sample, in (0, 1].
@@ -97,7 +100,16 @@ impl UpdateConfig {
             Trainable::AllButLast => steps - 1,
             Trainable::All => steps,
         };
-        let t = (n as f64 * f) as i64; // Python int(): truncation
+        let t = match self.window {
+            Some(w) if w.start < 0 || w.end > n => {
+                return Err(Error::Input(format!(
+                    "the SDE window {}..{} is outside the {n} trainable transitions",
+                    w.start, w.end
+                )))
+            }
+            Some(w) => w.end - w.start,
+            None => (n as f64 * f) as i64, // Python int(): truncation
+        };
         if t < 1 {
             return Err(Error::Input(format!(
                 "timestep_fraction {f} of {n} trainable transitions trains none (int({n} * {f}) = 0)"
@@ -228,7 +240,10 @@ pub fn grpo_update(
     }
     let b_total = inputs.shard.total();
     let perms = (0..b_local)
-        .map(|b| Ok(inputs.draws.permutation(b, n)?[..t as usize].to_vec()))
+        .map(|b| match cfg.window {
+            Some(w) => Ok(w.steps()),
+            None => Ok(inputs.draws.permutation(b, n)?[..t as usize].to_vec()),
+        })
         .collect::<Result<Vec<_>>>()?;
     let named = model.parameters();
     let params: Vec<Tensor> = named.iter().map(|(_, p)| p.shallow_clone()).collect();

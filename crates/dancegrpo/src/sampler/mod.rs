@@ -8,12 +8,14 @@ pub mod generate;
 pub mod rollout;
 pub mod schedule;
 pub mod sde;
+pub mod window;
 
 pub use conditioning::{Conditioning, SampleConditioning};
 pub use draws::{Draws, Recorded, Seeded};
 pub use forms::SdeForm;
 pub use rollout::{rollout, Rollout, RolloutSettings};
 pub use schedule::Schedule;
+pub use window::{SdeWindow, StepWindow, WindowSchedule};
 
 use tch::Tensor;
 

@@ -4,8 +4,8 @@
 use tch::{Device, Tensor};
 
 use super::sde::{At, Next};
-use super::SdeForm;
 use super::{Conditioning, Draws, Schedule};
+use super::{SdeForm, StepWindow};
 use crate::error::Result;
 use crate::io::image::to_uint8;
 use crate::models::{LatentDecoder, TokenLayout, VelocityModel};
@@ -17,6 +17,9 @@ pub struct RolloutSettings {
     pub sde: SdeForm,
     /// Its noise level (`eta`).
     pub eta: f64,
+    /// The steps that take it (MixGRPO's window); the others are ODE steps.
+    /// `None`: every step.
+    pub window: Option<StepWindow>,
     /// Samples per model call (any size; the update recomputes in the same batches).
     pub batch: i64,
 }
@@ -79,7 +82,7 @@ pub fn rollout_reporting(
             schedule,
             latent,
             samples,
-            (settings.sde, settings.eta),
+            (settings.sde, settings.eta, settings.window),
             device,
         )?;
         latents.push(z);
@@ -103,7 +106,7 @@ fn rollout_batch(
     schedule: &Schedule,
     latent: [i64; 3],
     samples: &[i64],
-    (sde, eta): (SdeForm, f64),
+    (sde, eta, window): (SdeForm, f64, Option<StepWindow>),
     device: Device,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let n = samples.len() as i64;
@@ -126,7 +129,11 @@ fn rollout_batch(
             .map(|&b| draws.sde_noise(b, i, &token_shape))
             .collect::<Result<Vec<_>>>()?;
         let noise = Tensor::cat(&noise, 0).to_device(device);
-        let step = sde.step(
+        let form = match window {
+            Some(w) if !w.contains(i) => SdeForm::Ode,
+            _ => sde,
+        };
+        let step = form.step(
             &v,
             &z,
             &schedule.sigmas,

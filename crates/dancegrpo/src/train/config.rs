@@ -15,7 +15,7 @@ use crate::models::lora::LoraConfig;
 use crate::models::ActivationCheckpointing;
 use crate::rewards::jpeg::{JpegObjective, JpegSubsampling};
 use crate::sampler::draws::{InitNoise, NoisePrecision};
-use crate::sampler::SdeForm;
+use crate::sampler::{SdeForm, SdeWindow};
 
 /// Where the base model comes from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -94,6 +94,10 @@ pub struct SamplerConfig {
     /// The step's noise level: DanceGRPO's `eta` (0.3 in its scripts), Flow-GRPO's
     /// and CPS's `noise_level` (0.7 in flow_grpo's configs).
     pub eta: f64,
+    /// MixGRPO's mixed sampling: only the window's steps are stochastic and
+    /// trained, the others are ODE steps (absent: every step, DanceGRPO).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window: Option<SdeWindow>,
     /// Schedule shift.
     pub shift: f64,
     /// Samples per prompt (G).
@@ -118,6 +122,7 @@ impl Default for SamplerConfig {
             steps: 16,
             sde: SdeForm::Dance,
             eta: 0.3,
+            window: None,
             shift: 3.0,
             group_size: 12,
             init_noise: InitNoise::SharedPerIteration,

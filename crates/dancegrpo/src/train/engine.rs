@@ -7,13 +7,29 @@ use crate::grpo::{AdamWConfig, Grouping, UpdateConfig};
 use crate::sampler::rollout::RolloutSettings;
 
 impl TrainConfig {
-    /// The settings of one GRPO iteration ([`crate::grpo::run_iteration`]).
+    /// The settings of the first GRPO iteration ([`crate::grpo::run_iteration`]).
     pub fn iteration_config(&self) -> IterationConfig {
+        self.iteration_config_at(0)
+    }
+
+    /// The trainable transitions per sample (`grpo.trainable` of the steps).
+    pub fn trainable_transitions(&self) -> i64 {
+        match self.grpo.trainable {
+            crate::grpo::Trainable::AllButLast => self.sampler.steps - 1,
+            crate::grpo::Trainable::All => self.sampler.steps,
+        }
+    }
+
+    /// The settings of iteration `iteration` (its SDE window, if any).
+    pub fn iteration_config_at(&self, iteration: u64) -> IterationConfig {
         let (s, g, o) = (&self.sampler, &self.grpo, &self.optim);
+        let n = self.trainable_transitions();
+        let window = s.window.as_ref().map(|w| w.at(iteration, n, self.run.seed));
         IterationConfig {
             rollout: RolloutSettings {
                 sde: s.sde,
                 eta: s.eta,
+                window,
                 batch: s.rollout_batch,
             },
             decode_batch: s.decode_batch,
@@ -27,6 +43,7 @@ impl TrainConfig {
             update: UpdateConfig {
                 sde: s.sde,
                 eta: s.eta,
+                window,
                 clip_range: g.clip_range,
                 timestep_fraction: g.timestep_fraction,
                 trainable: g.trainable,
@@ -96,5 +113,31 @@ mod tests {
         );
         let a = cfg.adam();
         assert_eq!((a.eps, a.weight_decay), (1e-6, 0.01));
+    }
+
+    #[test]
+    fn each_iteration_gets_its_window() {
+        let set = ["sampler.window={size=3,stride=2,shift_interval=2}".to_string()];
+        let cfg = TrainConfig::tiny_demo()
+            .with_overrides(&set, Path::new("test"))
+            .unwrap();
+        let starts: Vec<i64> = (0..8)
+            .map(|it| {
+                let c = cfg.iteration_config_at(it);
+                assert_eq!(c.rollout.window, c.update.window);
+                c.rollout.window.unwrap().start
+            })
+            .collect();
+        // 8 steps: 7 trainable transitions, windows of 3 at 0, 2, 4
+        assert_eq!(starts, [0, 0, 2, 2, 4, 4, 4, 4]);
+        assert_eq!(
+            cfg.iteration_config_at(5).update.trained(8).unwrap(),
+            (7, 3)
+        );
+        assert!(TrainConfig::tiny_demo()
+            .iteration_config()
+            .rollout
+            .window
+            .is_none());
     }
 }

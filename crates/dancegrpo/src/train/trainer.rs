@@ -421,7 +421,7 @@ impl Trainer {
             &mut self.reward,
             &mut self.optimizer,
             &inputs,
-            &cfg.iteration_config(),
+            &cfg.iteration_config_at(self.state.iteration),
             &mut NoObserver,
         )?;
         drop(pinned);

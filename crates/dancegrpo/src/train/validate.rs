@@ -66,11 +66,15 @@ impl TrainConfig {
                 return Err(Error::config(origin, &format!("rewards[{i}].{field}"), msg));
             }
         }
-        let n = match g.trainable {
-            crate::grpo::Trainable::AllButLast => s.steps - 1,
-            crate::grpo::Trainable::All => s.steps,
-        };
-        if ((n as f64) * g.timestep_fraction) as i64 == 0 {
+        let n = self.trainable_transitions();
+        if let Some((field, msg)) = s.window.as_ref().and_then(|w| w.check(n)) {
+            return Err(Error::config(
+                origin,
+                &format!("sampler.window.{field}"),
+                msg,
+            ));
+        }
+        if s.window.is_none() && ((n as f64) * g.timestep_fraction) as i64 == 0 {
             return Err(Error::config(
                 origin,
                 "grpo.timestep_fraction",

@@ -11,7 +11,7 @@ use dancegrpo::models::flux::FluxTransformer;
 use dancegrpo::models::{ActivationCheckpointing, VelocityModel};
 use dancegrpo::rng::Philox;
 use dancegrpo::sampler::rollout::{rollout, RolloutSettings};
-use dancegrpo::sampler::{Schedule, SdeForm};
+use dancegrpo::sampler::{Schedule, SdeForm, StepWindow};
 use dancegrpo::weights::Source;
 use tch::{Device, Kind, Tensor};
 
@@ -65,7 +65,7 @@ fn flow_grpo_and_cps_rollouts_keep_the_first_ratios_exact() {
         let mut first: Option<Tensor> = None;
         for (batch, batching) in [(1, UpdateBatching::Rollout), (G, UpdateBatching::Window)] {
             let rows = (batching, None);
-            let (ro, obs, _) = iteration_sde(batch, 2, off, Kind::Float, rows, (sde, 0.7));
+            let (ro, obs, _) = iteration_sde(batch, 2, off, Kind::Float, rows, (sde, 0.7, None));
             assert_eq!(obs.ratios.len(), 6, "{sde:?}");
             assert!(
                 obs.ratios.iter().all(|&r| r == 1.0),
@@ -81,6 +81,47 @@ fn flow_grpo_and_cps_rollouts_keep_the_first_ratios_exact() {
                 None => first = Some(ro.latents),
                 Some(l) => assert!(ro.latents.equal(l), "{sde:?}: batch {batch} differs"),
             }
+        }
+    }
+}
+
+/// MixGRPO's window: steps outside it are ODE steps (log-prob 0, the Euler
+/// update), every sample trains exactly the window's steps, and the first
+/// ratios stay exactly 1.
+#[test]
+fn a_window_samples_and_trains_only_its_steps() {
+    let off = ActivationCheckpointing::Off;
+    let window = StepWindow { start: 1, end: 3 };
+    for sde in [SdeForm::Dance, SdeForm::FlowGrpo] {
+        let rows = (UpdateBatching::Rollout, None);
+        let (ro, obs, stats) =
+            iteration_sde(G, 2, off, Kind::Float, rows, (sde, 0.5, Some(window)));
+        assert_eq!(stats.transitions as i64, PROMPTS * G * 2);
+        assert_eq!(obs.ratios.len(), 4, "2 samples x 2 window steps");
+        assert!(
+            obs.ratios.iter().all(|&r| r == 1.0),
+            "{sde:?}: {:?}",
+            obs.ratios
+        );
+        let lp: Vec<Vec<f32>> = Vec::try_from(&ro.log_probs).unwrap();
+        for row in &lp {
+            for (i, l) in row.iter().enumerate() {
+                let inside = window.contains(i as i64);
+                assert_eq!(*l == 0.0, !inside, "{sde:?} step {i}: log-prob {l}");
+            }
+        }
+        // the ODE steps before the window are the same for every form
+        if sde == SdeForm::FlowGrpo {
+            let (.., dance) =
+                seeded_rollout_with(&model(off), G, (SdeForm::Dance, 0.5, Some(window)));
+            assert!(ro
+                .latents
+                .narrow(1, 0, 2)
+                .equal(&dance.latents.narrow(1, 0, 2)));
+            assert!(!ro
+                .latents
+                .narrow(1, 2, 1)
+                .equal(&dance.latents.narrow(1, 2, 1)));
         }
     }
 }
@@ -215,6 +256,7 @@ fn an_iteration_reports_rewards_failures_and_stage_times() {
         rollout: RolloutSettings {
             sde: SdeForm::Dance,
             eta: 0.3,
+            window: None,
             batch: 4,
         },
         decode_batch: 2,
@@ -389,6 +431,7 @@ fn bad_update_inputs_are_rejected_with_the_field() {
         &RolloutSettings {
             sde: SdeForm::Dance,
             eta: 0.3,
+            window: None,
             batch: 8,
         },
         Device::Cpu,

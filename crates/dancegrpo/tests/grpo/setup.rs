@@ -12,7 +12,7 @@ use dancegrpo::precision::ReduceDtype;
 use dancegrpo::rng::Philox;
 use dancegrpo::sampler::draws::{InitNoise, NoisePrecision};
 use dancegrpo::sampler::rollout::{rollout, Rollout, RolloutSettings};
-use dancegrpo::sampler::{Conditioning, Schedule, SdeForm, Seeded};
+use dancegrpo::sampler::{Conditioning, Schedule, SdeForm, Seeded, StepWindow};
 use dancegrpo::weights::Source;
 use tch::{Device, Kind, Tensor};
 
@@ -66,6 +66,7 @@ pub fn config(grad_accum: i64) -> UpdateConfig {
     UpdateConfig {
         sde: SdeForm::Dance,
         eta: 0.3,
+        window: None,
         clip_range: 1e-4,
         timestep_fraction: 0.6,
         trainable: Trainable::AllButLast,
@@ -140,21 +141,22 @@ pub fn iteration_batched(
     compute: Kind,
     batching: (UpdateBatching, Option<i64>),
 ) -> (Rollout, FirstWindow, UpdateStats) {
-    let dance = (SdeForm::Dance, 0.3);
+    let dance = (SdeForm::Dance, 0.3, None);
     iteration_sde(batch, grad_accum, mode, compute, batching, dance)
 }
 
-/// [`iteration_batched`] with the stochastic step `sde` at noise level `eta`.
+/// [`iteration_batched`] with the stochastic step `sde` at noise level `eta`
+/// on the steps of `window` (`None`: all).
 pub fn iteration_sde(
     batch: i64,
     grad_accum: i64,
     mode: ActivationCheckpointing,
     compute: Kind,
     (batching, max_rows): (UpdateBatching, Option<i64>),
-    (sde, eta): (SdeForm, f64),
+    (sde, eta, window): (SdeForm, f64, Option<StepWindow>),
 ) -> (Rollout, FirstWindow, UpdateStats) {
     let m = model_in(mode, compute);
-    let (cond, schedule, draws, ro) = seeded_rollout_with(&m, batch, (sde, eta));
+    let (cond, schedule, draws, ro) = seeded_rollout_with(&m, batch, (sde, eta, window));
     let rewards = Philox::new(3, 0).normal_tensor(&[PROMPTS * G]);
     let adv = advantages(&rewards, Grouping::PerPrompt { size: G }, 5.0).unwrap();
     let params: Vec<Tensor> = m.parameters().into_iter().map(|(_, p)| p).collect();
@@ -174,11 +176,13 @@ pub fn iteration_sde(
         max_rows,
         sde,
         eta,
+        window,
         ..config(grad_accum)
     };
     let stats = grpo_update(&m, &mut opt, &inputs, &cfg, &mut obs).unwrap();
     assert_eq!(stats.grad_norms.len() as i64, PROMPTS * G / grad_accum);
-    assert_eq!(stats.transitions, (PROMPTS * G * 3) as usize);
+    let t = window.map_or(3, |w| w.end - w.start);
+    assert_eq!(stats.transitions, (PROMPTS * G * t) as usize);
     (ro, obs, stats)
 }
 
@@ -188,19 +192,25 @@ pub fn seeded_rollout(
     m: &dyn VelocityModel,
     batch: i64,
 ) -> (Conditioning, Schedule, Seeded, Rollout) {
-    seeded_rollout_with(m, batch, (SdeForm::Dance, 0.3))
+    seeded_rollout_with(m, batch, (SdeForm::Dance, 0.3, None))
 }
 
-/// [`seeded_rollout`] with the stochastic step `sde` at noise level `eta`.
+/// [`seeded_rollout`] with the stochastic step `sde` at noise level `eta` on
+/// the steps of `window` (`None`: all).
 pub fn seeded_rollout_with(
     m: &dyn VelocityModel,
     batch: i64,
-    (sde, eta): (SdeForm, f64),
+    (sde, eta, window): (SdeForm, f64, Option<StepWindow>),
 ) -> (Conditioning, Schedule, Seeded, Rollout) {
     let cond = conditioning();
     let schedule = Schedule::shifted(STEPS, 3.0);
     let draws = draws();
-    let settings = RolloutSettings { sde, eta, batch };
+    let settings = RolloutSettings {
+        sde,
+        eta,
+        window,
+        batch,
+    };
     let ro = rollout(
         m,
         &cond,
