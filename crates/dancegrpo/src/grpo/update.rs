@@ -18,7 +18,7 @@ use crate::models::VelocityModel;
 use crate::precision::ReduceDtype;
 use crate::sampler::sde::{At, Next};
 use crate::sampler::{Conditioning, Draws, Rollout, SampleConditioning, Schedule};
-use crate::sampler::{SdeForm, StepWindow};
+use crate::sampler::{SdeForm, StepWindow, WindowTraining};
 
 /// Which transitions of a trajectory may be trained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -107,7 +107,8 @@ impl UpdateConfig {
                     w.start, w.end
                 )))
             }
-            Some(w) => w.end - w.start,
+            Some(w) if w.train == WindowTraining::All => w.len(),
+            Some(w) => (w.len() as f64 * f) as i64,
             None => (n as f64 * f) as i64, // Python int(): truncation
         };
         if t < 1 {
@@ -241,7 +242,11 @@ pub fn grpo_update(
     let b_total = inputs.shard.total();
     let perms = (0..b_local)
         .map(|b| match cfg.window {
-            Some(w) => Ok(w.steps()),
+            Some(w) if w.train == WindowTraining::All => Ok(w.steps()),
+            Some(w) => Ok(inputs.draws.permutation(b, w.len())?[..t as usize]
+                .iter()
+                .map(|k| w.start + k)
+                .collect()),
             None => Ok(inputs.draws.permutation(b, n)?[..t as usize].to_vec()),
         })
         .collect::<Result<Vec<_>>>()?;

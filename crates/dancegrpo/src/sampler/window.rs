@@ -30,6 +30,18 @@ pub enum WindowSchedule {
     Random,
 }
 
+/// Which of the window's transitions each sample trains.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WindowTraining {
+    /// Every step of the window, in order (MixGRPO).
+    #[default]
+    All,
+    /// A random `grpo.timestep_fraction` of them per sample (DanceGRPO's
+    /// selection, inside the window).
+    Fraction,
+}
+
 /// `sampler.window`: which steps are stochastic and trained.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -47,6 +59,8 @@ pub struct SdeWindow {
     pub stride: i64,
     /// Progressive: start again at `start` after the last position (else stay there).
     pub roll_back: bool,
+    /// Which of the window's transitions are trained.
+    pub train: WindowTraining,
 }
 
 impl Default for SdeWindow {
@@ -58,6 +72,7 @@ impl Default for SdeWindow {
             shift_interval: 25,
             stride: 4,
             roll_back: false,
+            train: WindowTraining::All,
         }
     }
 }
@@ -69,6 +84,8 @@ pub struct StepWindow {
     pub start: i64,
     /// One past the last.
     pub end: i64,
+    /// Which of them are trained.
+    pub train: WindowTraining,
 }
 
 impl StepWindow {
@@ -80,6 +97,16 @@ impl StepWindow {
     /// The steps, in order.
     pub fn steps(&self) -> Vec<i64> {
         (self.start..self.end).collect()
+    }
+
+    /// How many steps.
+    pub fn len(&self) -> i64 {
+        self.end - self.start
+    }
+
+    /// Whether it has no step.
+    pub fn is_empty(&self) -> bool {
+        self.end <= self.start
     }
 }
 
@@ -134,6 +161,7 @@ impl SdeWindow {
         StepWindow {
             start,
             end: start + self.size,
+            train: self.train,
         }
     }
 }

@@ -74,7 +74,12 @@ impl TrainConfig {
                 msg,
             ));
         }
-        if s.window.is_none() && ((n as f64) * g.timestep_fraction) as i64 == 0 {
+        let fraction_of = match &s.window {
+            Some(w) if w.train == crate::sampler::WindowTraining::All => None,
+            Some(w) => Some(w.size),
+            None => Some(n),
+        };
+        if let Some(n) = fraction_of.filter(|&n| ((n as f64) * g.timestep_fraction) as i64 == 0) {
             return Err(Error::config(
                 origin,
                 "grpo.timestep_fraction",

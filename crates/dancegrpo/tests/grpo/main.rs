@@ -11,7 +11,7 @@ use dancegrpo::models::flux::FluxTransformer;
 use dancegrpo::models::{ActivationCheckpointing, VelocityModel};
 use dancegrpo::rng::Philox;
 use dancegrpo::sampler::rollout::{rollout, RolloutSettings};
-use dancegrpo::sampler::{Schedule, SdeForm, StepWindow};
+use dancegrpo::sampler::{Schedule, SdeForm, StepWindow, WindowTraining};
 use dancegrpo::weights::Source;
 use tch::{Device, Kind, Tensor};
 
@@ -91,7 +91,11 @@ fn flow_grpo_and_cps_rollouts_keep_the_first_ratios_exact() {
 #[test]
 fn a_window_samples_and_trains_only_its_steps() {
     let off = ActivationCheckpointing::Off;
-    let window = StepWindow { start: 1, end: 3 };
+    let window = StepWindow {
+        start: 1,
+        end: 3,
+        train: WindowTraining::All,
+    };
     for sde in [SdeForm::Dance, SdeForm::FlowGrpo] {
         let rows = (UpdateBatching::Rollout, None);
         let (ro, obs, stats) =
@@ -124,6 +128,41 @@ fn a_window_samples_and_trains_only_its_steps() {
                 .equal(&dance.latents.narrow(1, 2, 1)));
         }
     }
+}
+
+/// `train = "fraction"`: a random `timestep_fraction` of the window per sample.
+#[test]
+fn a_window_can_train_a_random_fraction_of_its_steps() {
+    let off = ActivationCheckpointing::Off;
+    let window = StepWindow {
+        start: 1,
+        end: 5,
+        train: WindowTraining::Fraction,
+    };
+    // 4 window steps x the fraction 0.6 of `config` = 2 per sample
+    let rows = (UpdateBatching::Rollout, None);
+    let sde = (SdeForm::Dance, 0.5, Some(window));
+    let (_, obs, stats) = iteration_sde(G, 2, off, Kind::Float, rows, sde);
+    assert_eq!(stats.transitions as i64, PROMPTS * G * 2);
+    assert!(obs.ratios.iter().all(|&r| r == 1.0), "{:?}", obs.ratios);
+    assert_eq!(obs.trained.len() as i64, PROMPTS * G * 2);
+    assert!(
+        obs.trained.iter().all(|&(_, j)| window.contains(j)),
+        "{:?}",
+        obs.trained
+    );
+    // two distinct steps per sample, not the same two for every sample
+    for b in 0..PROMPTS * G {
+        let mut steps: Vec<i64> = obs
+            .trained
+            .iter()
+            .filter(|t| t.0 == b)
+            .map(|t| t.1)
+            .collect();
+        steps.dedup();
+        assert_eq!(steps.len(), 2, "sample {b}: {steps:?}");
+    }
+    assert!(obs.trained.iter().any(|t| t.1 != obs.trained[0].1));
 }
 
 #[test]

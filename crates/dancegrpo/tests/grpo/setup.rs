@@ -12,7 +12,7 @@ use dancegrpo::precision::ReduceDtype;
 use dancegrpo::rng::Philox;
 use dancegrpo::sampler::draws::{InitNoise, NoisePrecision};
 use dancegrpo::sampler::rollout::{rollout, Rollout, RolloutSettings};
-use dancegrpo::sampler::{Conditioning, Schedule, SdeForm, Seeded, StepWindow};
+use dancegrpo::sampler::{Conditioning, Schedule, SdeForm, Seeded, StepWindow, WindowTraining};
 use dancegrpo::weights::Source;
 use tch::{Device, Kind, Tensor};
 
@@ -86,12 +86,19 @@ pub struct FirstWindow {
     pub stepped: bool,
     pub ratios: Vec<f32>,
     pub later: Vec<f32>,
+    /// `(sample, step)` of every re-evaluated active row.
+    pub trained: Vec<(i64, i64)>,
 }
 
 impl UpdateObserver for FirstWindow {
     fn transitions(&mut self, x: &TransitionBatch) -> dancegrpo::Result<()> {
         let all: Vec<f32> = Vec::try_from(&x.terms.ratio).unwrap();
         let picked = x.active.iter().map(|&r| all[r as usize]);
+        let rows = x
+            .active
+            .iter()
+            .map(|&r| (x.samples[r as usize], x.steps[r as usize]));
+        self.trained.extend(rows);
         if self.stepped {
             self.later.extend(picked);
         } else {
@@ -181,7 +188,11 @@ pub fn iteration_sde(
     };
     let stats = grpo_update(&m, &mut opt, &inputs, &cfg, &mut obs).unwrap();
     assert_eq!(stats.grad_norms.len() as i64, PROMPTS * G / grad_accum);
-    let t = window.map_or(3, |w| w.end - w.start);
+    let t = match window {
+        Some(w) if w.train == WindowTraining::All => w.len(),
+        Some(w) => (w.len() as f64 * 0.6) as i64,
+        None => 3,
+    };
     assert_eq!(stats.transitions, (PROMPTS * G * t) as usize);
     (ro, obs, stats)
 }
