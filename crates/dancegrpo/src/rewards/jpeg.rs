@@ -7,10 +7,11 @@
 //! tables, islow DCT, 4:2:0 chroma subsampling by default). We link
 //! libjpeg-turbo's code through `mozjpeg-sys` in its libjpeg-turbo-compatible
 //! profile (`JCP_FASTEST`: no trellis quantisation, no progressive scans, no
-//! Huffman optimisation; the private module `rewards::libjpeg`), which writes the same bytes as Pillow 11.3 and 13.0
-//! (`tests/pil_jpeg.rs`, data from `tools/jpeg_reference.py`). A pure-Rust
-//! encoder (`jpeg-encoder`, used before) differs: its files were 4:4:4 and 70-80%
-//! larger, and not byte-equal even at 4:2:0.
+//! Huffman optimisation; the private module `rewards::libjpeg`), which writes
+//! the same bytes as Pillow 11.3 and 13.0 (`tests/pil_jpeg.rs`, data from
+//! `tools/jpeg_reference.py`). A pure-Rust encoder (`jpeg-encoder`, used
+//! before) differs: its files were 4:4:4 and 70-80% larger, and not
+//! byte-equal even at 4:2:0.
 
 use tch::{Device, Kind, Tensor};
 

@@ -124,7 +124,8 @@ mod tests {
         let ok = encode(&rgb, 16, 16, 95, [(2, 2), (1, 1), (1, 1)]).unwrap();
         assert_eq!(&ok[..2], &[0xFF, 0xD8]); // SOI
         assert_eq!(&ok[ok.len() - 2..], &[0xFF, 0xD9]); // EOI
-                                                        // sampling factors above 4 are refused inside jpeg_start_compress
+
+        // sampling factors above 4 are refused inside jpeg_start_compress
         let err = encode(&rgb, 16, 16, 95, [(5, 5), (1, 1), (1, 1)]).unwrap_err();
         assert!(err.starts_with("libjpeg error code"), "{err}");
         // and the encoder is still usable afterwards

@@ -125,8 +125,11 @@ impl SdeWindow {
             );
         }
         if self.start < 0 || self.start + self.size > trainable {
-            let last = trainable - self.size;
-            return bad("start", format!("must be in 0..={last} for a window of {} in {trainable} trainable transitions, got {}", self.size, self.start));
+            let (last, size, start) = (trainable - self.size, self.size, self.start);
+            let msg = format!(
+                "must be in 0..={last} for a window of {size} in {trainable} trainable transitions, got {start}"
+            );
+            return bad("start", msg);
         }
         if self.shift_interval < 1 {
             return bad("shift_interval", "must be >= 1".into());
