@@ -17,16 +17,11 @@ import PIL
 from PIL import Image
 from safetensors.numpy import save_file
 
+from pil_reference import image  # the resize tests' seeded images (tools/ is on sys.path)
+
 OUT = os.path.join(os.path.dirname(__file__), "..", "crates", "dancegrpo", "tests", "data", "pil-jpeg")
 SIZES = [(1, 1), (7, 5), (16, 16), (17, 9), (33, 17), (48, 64), (61, 47), (64, 64), (120, 90)]
 QUALITIES = {"420": [95, 100, 75, 10], "444": [95, 50]}
-
-
-def image(rng, h, w):
-    y, x = np.mgrid[0:h, 0:w]
-    smooth = np.stack([x * 255 // max(w - 1, 1), y * 255 // max(h - 1, 1), (x + y) % 256], -1)
-    noise = rng.integers(0, 256, size=(h, w, 3))
-    return np.where(rng.random((h, w, 1)) < 0.5, smooth, noise).astype(np.uint8)
 
 
 def main():

@@ -31,6 +31,16 @@ pub enum Trainable {
     All,
 }
 
+impl Trainable {
+    /// How many of the transitions of `steps` steps may be trained.
+    pub fn transitions(self, steps: i64) -> i64 {
+        match self {
+            Trainable::AllButLast => steps - 1,
+            Trainable::All => steps,
+        }
+    }
+}
+
 /// Which model batches the update recomputes transitions in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -96,24 +106,22 @@ impl UpdateConfig {
                 "timestep_fraction must be in (0, 1], got {f}"
             )));
         }
-        let n = match self.trainable {
-            Trainable::AllButLast => steps - 1,
-            Trainable::All => steps,
-        };
-        let t = match self.window {
+        let n = self.trainable.transitions(steps);
+        // the transitions the fraction is taken of, and how many are trained
+        let (of, t) = match self.window {
             Some(w) if w.start < 0 || w.end > n => {
                 return Err(Error::Input(format!(
                     "the SDE window {}..{} is outside the {n} trainable transitions",
                     w.start, w.end
                 )))
             }
-            Some(w) if w.train == WindowTraining::All => w.len(),
-            Some(w) => (w.len() as f64 * f) as i64,
-            None => (n as f64 * f) as i64, // Python int(): truncation
+            Some(w) if w.train == WindowTraining::All => (w.len(), w.len()),
+            Some(w) => (w.len(), (w.len() as f64 * f) as i64),
+            None => (n, (n as f64 * f) as i64), // Python int(): truncation
         };
         if t < 1 {
             return Err(Error::Input(format!(
-                "timestep_fraction {f} of {n} trainable transitions trains none (int({n} * {f}) = 0)"
+                "timestep_fraction {f} of {of} trainable transitions trains none (int({of} * {f}) = 0)"
             )));
         }
         if self.grad_accum < 1 {

@@ -10,7 +10,6 @@
 //! a backward of twice the forward ("model FLOPs"; per-block checkpointing
 //! recomputes one more forward, reported apart).
 
-use crate::grpo::Trainable;
 use crate::models::flux::FluxConfig;
 use crate::models::ActivationCheckpointing;
 use crate::train::config::TrainConfig;
@@ -38,11 +37,9 @@ pub fn iteration(cfg: &TrainConfig, flux: &FluxConfig, text: i64) -> (f64, f64, 
     let image = (s.height / 16) * (s.width / 16);
     let fwd = forward(flux, image, text);
     let samples = (cfg.run.prompts_per_iteration * s.group_size) as f64;
-    let trainable = match cfg.grpo.trainable {
-        Trainable::AllButLast => s.steps - 1,
-        Trainable::All => s.steps,
-    };
-    let trained = (trainable as f64 * cfg.grpo.timestep_fraction).floor();
+    // the update's own count (a window's steps, or the timestep fraction)
+    let update_cfg = cfg.iteration_config().update;
+    let trained = update_cfg.trained(s.steps).map_or(0, |(_, t)| t) as f64;
     let rollout = samples * s.steps as f64 * fwd;
     let update = samples * trained * 3.0 * fwd;
     let recompute = match cfg.optim.activation_checkpointing {

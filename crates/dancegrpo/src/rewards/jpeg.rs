@@ -40,6 +40,15 @@ pub enum JpegSubsampling {
     S444,
 }
 
+fn check_quality(quality: u8) -> Result<()> {
+    match quality {
+        1..=100 => Ok(()),
+        _ => Err(Error::Input(format!(
+            "JPEG quality must be in 1..=100, got {quality}"
+        ))),
+    }
+}
+
 /// Encodes `rgb` (`height` rows of `width` RGB pixels, row-major) as a
 /// baseline JPEG at `quality`, byte for byte what Pillow writes for
 /// `Image.save(f, format="JPEG", quality=quality)` (with `subsampling=0` for
@@ -56,11 +65,7 @@ pub fn encode_rgb(
             "JPEG images have sides in 1..=65500, got {height}x{width}"
         )));
     }
-    if !(1..=100).contains(&quality) {
-        return Err(Error::Input(format!(
-            "JPEG quality must be in 1..=100, got {quality}"
-        )));
-    }
+    check_quality(quality)?;
     if rgb.len() != width * height * 3 {
         return Err(Error::Input(format!(
             "JPEG encoding: {} bytes for a {height}x{width} RGB image (wants {})",
@@ -108,11 +113,7 @@ impl JpegReward {
     /// A reward with `objective` at JPEG `quality` (1..=100; DDPO uses 95),
     /// 4:2:0 as Pillow encodes by default.
     pub fn new(objective: JpegObjective, quality: u8) -> Result<Self> {
-        if !(1..=100).contains(&quality) {
-            return Err(Error::Input(format!(
-                "JPEG quality must be in 1..=100, got {quality}"
-            )));
-        }
+        check_quality(quality)?;
         Ok(JpegReward {
             objective,
             quality,

@@ -16,7 +16,7 @@
 
 use tch::{Kind, Tensor};
 
-use super::sde::{sde_step, At, Next, SdeStep};
+use super::sde::{sde_step, step_sigmas, At, Next, SdeStep};
 use crate::nn::upcast_kind;
 
 /// Which stochastic step the sampler takes (`sampler.sde` in the config).
@@ -85,18 +85,7 @@ impl RowSigmas {
     fn new(sigmas: &Tensor, at: At, z: &Tensor) -> RowSigmas {
         let kind = upcast_kind(z.kind());
         let sig = sigmas.to_kind(kind);
-        let (sigma, sigma_next) = match at {
-            At::Step(i) => (sig.get(i), sig.get(i + 1)),
-            At::Rows(steps) => {
-                let n = steps.len() as i64;
-                let idx = Tensor::from_slice(steps).to_device(sig.device());
-                let rows = |t: Tensor| t.view([n, 1, 1]);
-                (
-                    rows(sig.index_select(0, &idx)),
-                    rows(sig.index_select(0, &(idx + 1))),
-                )
-            }
-        };
+        let (sigma, sigma_next) = step_sigmas(&sig, at, z.device());
         RowSigmas {
             sigma: sigma.to_device(z.device()),
             sigma_next: sigma_next.to_device(z.device()),

@@ -9,7 +9,7 @@
 //! With float64 sigmas and latents (the fixtures' float64 replay) nothing is
 //! rounded to float32.
 
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 use crate::nn::upcast_kind;
 
@@ -53,6 +53,23 @@ struct Sigmas {
     rows: Option<(Tensor, Tensor)>,
 }
 
+/// `sigmas[i]` and `sigmas[i + 1]` of a step, in `sigmas`' kind: 0-d for a
+/// shared step, `(b, 1, 1)` on `device` for per-row steps (every step form uses these).
+pub(super) fn step_sigmas(sigmas: &Tensor, at: At, device: Device) -> (Tensor, Tensor) {
+    match at {
+        At::Step(i) => (sigmas.get(i), sigmas.get(i + 1)),
+        At::Rows(steps) => {
+            let n = steps.len() as i64;
+            let idx = Tensor::from_slice(steps).to_device(sigmas.device());
+            let rows = |t: Tensor| t.view([n, 1, 1]).to_device(device);
+            (
+                rows(sigmas.index_select(0, &idx)),
+                rows(sigmas.index_select(0, &(idx + 1))),
+            )
+        }
+    }
+}
+
 fn step_std(sigmas: &Tensor, i: i64, eta: f64) -> f64 {
     let delta = (sigmas.get(i) - sigmas.get(i + 1)).double_value(&[]);
     eta * delta.sqrt()
@@ -60,27 +77,28 @@ fn step_std(sigmas: &Tensor, i: i64, eta: f64) -> f64 {
 
 impl Sigmas {
     fn new(sigmas: &Tensor, at: At, eta: f64, z: &Tensor) -> Sigmas {
+        let (sigma, sigma_next) = step_sigmas(sigmas, at, z.device());
         match at {
             At::Step(i) => Sigmas {
-                sigma: sigmas.get(i),
-                sigma_next: sigmas.get(i + 1),
+                sigma,
+                sigma_next,
                 std: vec![step_std(sigmas, i, eta)],
                 rows: None,
             },
             At::Rows(steps) => {
-                let dev = z.device();
                 let n = steps.len() as i64;
-                let idx = Tensor::from_slice(steps).to_device(sigmas.device());
-                let rows = |t: Tensor| t.view([n, 1, 1]).to_device(dev);
                 let std: Vec<f64> = steps.iter().map(|&i| step_std(sigmas, i, eta)).collect();
                 // the scalars rounded to the step's kind (float32; float64 stays exact)
                 let kind = upcast_kind(z.kind());
-                let scalars = |v: Vec<f64>| rows(Tensor::from_slice(&v).to_kind(kind));
+                let scalars = |v: Vec<f64>| {
+                    let t = Tensor::from_slice(&v).to_kind(kind);
+                    t.view([n, 1, 1]).to_device(z.device())
+                };
                 let std_t = scalars(std.clone());
                 let var2 = scalars(std.iter().map(|s| 2.0 * (s * s)).collect());
                 Sigmas {
-                    sigma: rows(sigmas.index_select(0, &idx)),
-                    sigma_next: rows(sigmas.index_select(0, &(idx + 1))),
+                    sigma,
+                    sigma_next,
                     std,
                     rows: Some((std_t, var2)),
                 }

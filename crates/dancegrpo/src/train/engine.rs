@@ -12,18 +12,10 @@ impl TrainConfig {
         self.iteration_config_at(0)
     }
 
-    /// The trainable transitions per sample (`grpo.trainable` of the steps).
-    pub fn trainable_transitions(&self) -> i64 {
-        match self.grpo.trainable {
-            crate::grpo::Trainable::AllButLast => self.sampler.steps - 1,
-            crate::grpo::Trainable::All => self.sampler.steps,
-        }
-    }
-
     /// The settings of iteration `iteration` (its SDE window, if any).
     pub fn iteration_config_at(&self, iteration: u64) -> IterationConfig {
         let (s, g, o) = (&self.sampler, &self.grpo, &self.optim);
-        let n = self.trainable_transitions();
+        let n = g.trainable.transitions(s.steps);
         let window = s.window.as_ref().map(|w| w.at(iteration, n, self.run.seed));
         IterationConfig {
             rollout: RolloutSettings {

@@ -66,7 +66,7 @@ impl TrainConfig {
                 return Err(Error::config(origin, &format!("rewards[{i}].{field}"), msg));
             }
         }
-        let n = self.trainable_transitions();
+        let n = g.trainable.transitions(s.steps);
         if let Some((field, msg)) = s.window.as_ref().and_then(|w| w.check(n)) {
             return Err(Error::config(
                 origin,
@@ -74,20 +74,9 @@ impl TrainConfig {
                 msg,
             ));
         }
-        let fraction_of = match &s.window {
-            Some(w) if w.train == crate::sampler::WindowTraining::All => None,
-            Some(w) => Some(w.size),
-            None => Some(n),
-        };
-        if let Some(n) = fraction_of.filter(|&n| ((n as f64) * g.timestep_fraction) as i64 == 0) {
-            return Err(Error::config(
-                origin,
-                "grpo.timestep_fraction",
-                format!(
-                    "int({n} trainable steps x {}) = 0: no transition would be trained",
-                    g.timestep_fraction
-                ),
-            ));
+        // the update's own count (the fields it also checks were checked above)
+        if let Err(Error::Input(msg)) = self.iteration_config().update.trained(s.steps) {
+            return Err(Error::config(origin, "grpo.timestep_fraction", msg));
         }
         Ok(())
     }
