@@ -66,6 +66,8 @@ const CASES: &[Case] = &[
     case("train --set sampler.window={size=9} --out {D}/r", 2, &["sampler.window.size", "1..=7"]),
     case("train --set sampler.window={size=4,start=5} --out {D}/r", 2, &["sampler.window.start", "0..=3"]),
     case("train --set sampler.window={size=4,train=\"fraction\"} --set grpo.timestep_fraction=0.2 --out {D}/r", 2, &["grpo.timestep_fraction", "int(4"]),
+    case("train --set grpo.kl_beta=0.04 --out {D}/r", 2, &["grpo.kl_beta", "reference policy", "[optim.lora]"]),
+    case("train --set grpo.kl_beta=-1 --out {D}/r", 2, &["grpo.kl_beta", ">= 0"]),
     case("train --set sampler.height=100000 --out {D}/r", 2, &["sampler.height", "at most"]),
     case("train --set sampler.steps=1000000000 --out {D}/r", 2, &["sampler.steps"]),
     case("train --set run.prompts_per_iteration=100000000 --set sampler.group_size=100000 --out {D}/r", 2, &["samples per iteration"]),

@@ -247,6 +247,7 @@ fn expected_scalars(m: &serde_json::Value) -> Vec<(String, f32)> {
         ("train/ratio_min", &m["ratio_min"]),
         ("train/ratio_max", &m["ratio_max"]),
         ("train/clip_fraction", &m["clip_fraction"]),
+        ("train/kl", &m["kl"]),
         ("train/grad_norm", &m["grad_norm"]),
         ("train/lr", &m["lr"]),
         ("time/rollout_s", &m["seconds"]["rollout"]),

@@ -2,7 +2,7 @@
 //! as its PyTorch counterpart (`F.linear`, `F.layer_norm`, `F.group_norm`,
 //! `F.conv2d`) so results agree bit for bit with the reference.
 
-use std::cell::OnceCell;
+use std::cell::{Cell, OnceCell};
 use std::rc::Rc;
 
 use tch::{Kind, Tensor};
@@ -40,6 +40,39 @@ pub struct Lora {
     pub b: Tensor,
     /// `alpha / rank`.
     pub scale: f64,
+    /// The model-wide switch that turns every adapter off at once.
+    pub switch: AdapterSwitch,
+}
+
+/// Turns all the adapters of a model off and on together: with them off the
+/// model computes its base weights' function, which is the reference policy
+/// of a KL term under LoRA (no second copy of the model in memory).
+#[derive(Debug, Clone, Default)]
+pub struct AdapterSwitch(Rc<Cell<bool>>);
+
+impl AdapterSwitch {
+    /// Whether the adapters apply.
+    pub fn on(&self) -> bool {
+        !self.0.get()
+    }
+
+    /// Turns the adapters off until the returned guard is dropped.
+    pub fn off(&self) -> AdaptersOff<'_> {
+        let was = self.0.replace(true);
+        AdaptersOff { switch: self, was }
+    }
+}
+
+/// Adapters are off while this lives (see [`AdapterSwitch::off`]).
+pub struct AdaptersOff<'a> {
+    switch: &'a AdapterSwitch,
+    was: bool,
+}
+
+impl Drop for AdaptersOff<'_> {
+    fn drop(&mut self) {
+        self.switch.0.set(self.was);
+    }
 }
 
 /// Where a layer's adapter goes once attached (shared with the model's registry).
@@ -73,15 +106,20 @@ impl Linear {
         Linear { weight, bias, lora }
     }
 
-    /// The attached adapter, if any.
+    /// The attached adapter, if any (also while switched off).
     pub fn lora(&self) -> Option<&Lora> {
         self.lora.get()
+    }
+
+    /// The attached adapter when it applies (attached and switched on).
+    fn active_lora(&self) -> Option<&Lora> {
+        self.lora.get().filter(|l| l.switch.on())
     }
 
     /// `x W^T + b` (plus the adapter) with the weights `w` already in `x`'s dtype.
     fn forward_one(&self, x: &Tensor, w: &Weights) -> Tensor {
         let y = x.linear(&w.weight, w.bias.as_ref());
-        match (self.lora.get(), &w.lora) {
+        match (self.active_lora(), &w.lora) {
             (Some(l), Some((a, b))) => {
                 y + x.linear(a, None::<Tensor>).linear(b, None::<Tensor>) * l.scale
             }
@@ -103,7 +141,7 @@ impl Linear {
         let w = Weights {
             weight: cast(&self.weight, k),
             bias: self.bias.as_ref().map(|b| cast(b, k)),
-            lora: self.lora.get().map(|l| (cast(&l.a, k), cast(&l.b, k))),
+            lora: self.active_lora().map(|l| (cast(&l.a, k), cast(&l.b, k))),
         };
         match x.size().as_slice() {
             [b, _] if *b > 1 => {

@@ -114,8 +114,12 @@ fn status_line(p: &Progress) -> String {
             health.push_str(&format!(" ({n} {what})"));
         }
     }
+    let kl = match m.kl > 0.0 {
+        true => format!(" kl {:.2e}", m.kl),
+        false => String::new(),
+    };
     format!(
-        "[{bar}] {}/{} reward {reward}{health} (first {:+.4}) loss {:+.2e} grad {:.3} clip {:.2} {:.2}s/it ETA {:.0}s",
+        "[{bar}] {}/{} reward {reward}{health} (first {:+.4}) loss {:+.2e} grad {:.3} clip {:.2}{kl} {:.2}s/it ETA {:.0}s",
         p.iteration, p.total, p.first_reward, m.loss, m.grad_norm, m.clip_fraction,
         p.seconds_per_iteration, left
     )

@@ -1,6 +1,9 @@
-//! The clipped policy-ratio objective of GRPO (PPO-style, per transition).
+//! The clipped policy-ratio objective of GRPO (PPO-style, per transition) and
+//! the optional KL term toward a reference policy.
 
 use tch::Tensor;
+
+use crate::sampler::SdeStep;
 
 /// The terms of the clipped objective for a batch of transitions, each `(n,)` float32.
 #[derive(Debug)]
@@ -58,6 +61,27 @@ pub fn clipped_policy_loss(
     }
 }
 
+/// `KL(policy step || reference step)` per row `(n,)`, float32 (float64 for
+/// float64 steps): both steps are Gaussians of the same std around their
+/// means, so the divergence is `|mean - mean_ref|^2 / (2 std^2)`, taken per
+/// element (the mean over a latent's elements, as the log-probabilities are).
+///
+/// Flow-GRPO divides by the square of its noise level `std_dev_t` instead of
+/// the step's variance `std_dev_t^2 |dt|`; its `beta` is `|dt|` times ours.
+pub fn step_kl(step: &SdeStep, reference: &SdeStep) -> Tensor {
+    let kind = crate::nn::upcast_kind(step.mean.kind());
+    let diff = step.mean.to_kind(kind) - reference.mean.to_kind(kind);
+    let dims: Vec<i64> = (1..diff.dim() as i64).collect();
+    let sq = diff
+        .pow_tensor_scalar(2)
+        .mean_dim(dims.as_slice(), false, None); // (n,)
+    let var2: Vec<f64> = step.std.iter().map(|s| 2.0 * s * s).collect();
+    let var2 = Tensor::from_slice(&var2)
+        .to_kind(kind)
+        .to_device(sq.device()); // (n,) or (1,)
+    sq / var2
+}
+
 /// Whether the clipped branch is active for each transition (`|ratio - 1| > clip`).
 pub fn clipped_mask(ratio: &Tensor, clip_range: f64) -> Tensor {
     (ratio - 1.0).abs().gt(clip_range)
@@ -66,6 +90,8 @@ pub fn clipped_mask(ratio: &Tensor, clip_range: f64) -> Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sampler::sde::{At, Next};
+    use crate::sampler::SdeForm;
     use tch::Kind;
 
     fn t(v: &[f32]) -> Tensor {
@@ -111,5 +137,45 @@ mod tests {
         // clipped branch wins for sample 0: no gradient
         assert_eq!(g[0], 0.0);
         assert!((g[1] - r).abs() < 1e-6);
+    }
+
+    #[test]
+    fn kl_is_zero_at_the_reference_and_the_closed_form_elsewhere() {
+        let sigmas = Tensor::from_slice(&[1.0f32, 0.75, 0.5, 0.25, 0.0]);
+        let z = Tensor::from_slice(&[0.5f32, -1.0, 0.25, 2.0]).view([2, 2, 1]);
+        let v = Tensor::from_slice(&[1.0f32, 0.5, -0.5, 0.0]).view([2, 2, 1]);
+        // the reference's velocity differs by 0.2 on the first row only
+        let v_ref = &v - Tensor::from_slice(&[0.2f32, 0.2, 0.0, 0.0]).view([2, 2, 1]);
+        let eta = 0.3;
+        for form in [SdeForm::Dance, SdeForm::FlowGrpo, SdeForm::Cps] {
+            for at in [At::Step(1), At::Rows(&[1, 2])] {
+                let step = |v: &Tensor| form.step(v, &z, &sigmas, at, eta, Next::Given(&z));
+                let (a, b) = (step(&v), step(&v_ref));
+                assert_eq!(
+                    Vec::<f32>::try_from(step_kl(&a, &a)).unwrap(),
+                    vec![0.0, 0.0]
+                );
+                let kl: Vec<f64> = Vec::try_from(step_kl(&a, &b).to_kind(Kind::Double)).unwrap();
+                // by hand: the mean's difference over the velocity's, then / (2 std^2)
+                let d: Vec<f64> =
+                    Vec::try_from((&a.mean - &b.mean).to_kind(Kind::Double).reshape([-1])).unwrap();
+                let std0 = a.std[0];
+                let want = (d[0] * d[0] + d[1] * d[1]) / 2.0 / (2.0 * std0 * std0);
+                assert!(
+                    (kl[0] - want).abs() <= 1e-6 * want,
+                    "{form:?} {kl:?} {want}"
+                );
+                assert!(kl[0] > 0.0 && kl[1] == 0.0, "{form:?} {kl:?}");
+            }
+        }
+        // Dance-SDE at sigma 0.75 -> 0.5, eta 0.3: the mean moves by
+        // dsigma (1 + eta^2 (1 - sigma) / (2 sigma)) dv = -0.25 * 1.015 * 0.2,
+        // std^2 = eta^2 * 0.25: KL = d^2 / (2 std^2)
+        let step =
+            |v: &Tensor| SdeForm::Dance.step(v, &z, &sigmas, At::Step(1), eta, Next::Given(&z));
+        let kl = step_kl(&step(&v), &step(&v_ref)).double_value(&[0]);
+        let d = 0.25 * (1.0 + 0.09 * 0.25 / 1.5) * 0.2;
+        let want = d * d / (2.0 * 0.09 * 0.25);
+        assert!((kl - want).abs() < 1e-5 * want, "{kl} {want}");
     }
 }

@@ -9,7 +9,7 @@
 
 use tch::{Kind, Tensor};
 
-use super::loss::{clipped_mask, clipped_policy_loss, PolicyLoss};
+use super::loss::{clipped_mask, clipped_policy_loss, step_kl, PolicyLoss};
 use super::lr::LrSchedule;
 use super::optim::AdamW;
 use crate::dist::Shard;
@@ -76,6 +76,9 @@ pub struct UpdateConfig {
     pub window: Option<StepWindow>,
     /// PPO clip range of the ratio.
     pub clip_range: f64,
+    /// Weight of the KL term toward the reference policy (0: none); needs a
+    /// model with a reference ([`VelocityModel::reference_velocity`]).
+    pub kl_beta: f64,
     /// Fraction of the trainable transitions trained per sample, in (0, 1].
     pub timestep_fraction: f64,
     /// Which transitions are trainable.
@@ -158,6 +161,8 @@ pub struct TransitionBatch<'a> {
     pub new_log_probs: &'a Tensor,
     /// The loss terms `(n,)`.
     pub terms: &'a PolicyLoss,
+    /// The KL to the reference policy `(n,)`, with a KL term.
+    pub kl: Option<&'a Tensor>,
 }
 
 /// Hooks into the update (alignment, debugging); every method defaults to nothing.
@@ -202,6 +207,8 @@ pub struct UpdateStats {
     pub ratio_max: f64,
     /// Share of trained transitions with `|ratio - 1| > clip_range`.
     pub clip_fraction: f64,
+    /// Mean KL to the reference policy over trained transitions (0 without a KL term).
+    pub kl_mean: f64,
     /// Trained transitions.
     pub transitions: usize,
     /// Samples after the last full accumulation window: trained but never stepped
@@ -271,14 +278,7 @@ pub fn grpo_update(
             unstepped_samples: b_total % cfg.grad_accum,
             ..Default::default()
         },
-        terms: vec![
-            [
-                vec![0.0; t as usize],
-                vec![0.0; t as usize],
-                vec![0.0; t as usize]
-            ];
-            b_local as usize
-        ],
+        terms: vec![std::array::from_fn(|_| vec![0.0; t as usize]); b_local as usize],
     };
     let window = |row: i64| inputs.shard.samples()[row as usize] / cfg.grad_accum;
     let windows = b_total / cfg.grad_accum;
@@ -345,6 +345,9 @@ fn zero_grads(params: &[Tensor]) {
     }
 }
 
+/// The values recorded per trained transition (see [`Run::terms`]).
+const TERMS: usize = 4;
+
 /// State of one update while it runs.
 struct Run<'a> {
     model: &'a dyn VelocityModel,
@@ -353,8 +356,8 @@ struct Run<'a> {
     perms: Vec<Vec<i64>>,
     t: i64,
     stats: UpdateStats,
-    /// Per local sample: loss, ratio and clipped (0/1) of each trained position.
-    terms: Vec<[Vec<f64>; 3]>,
+    /// Per local sample: loss, ratio, clipped (0/1) and KL of each trained position.
+    terms: Vec<[Vec<f64>; TERMS]>,
 }
 
 /// What one model batch of samples needs at every trained position `k`.
@@ -429,26 +432,44 @@ impl Run<'_> {
             .flat_map(|i| active.iter().map(move |&r| i * n + r))
             .collect();
         let active_idx = idx(&active_rows);
-        let mut kept: Option<(Tensor, Tensor, PolicyLoss)> = None;
+        let mut kept: Option<(Tensor, Tensor, PolicyLoss, Option<Tensor>)> = None;
         let (sde, eta, clip) = (self.cfg.sde, self.cfg.eta, self.cfg.clip_range);
-        let _loss = self
-            .model
-            .velocity_backward(&inp.cond.inputs(cond, &z, &ts), &mut |v| {
-                let at = At::Rows(&steps);
-                let step = sde.step(v, &z, &inp.schedule.sigmas, at, eta, Next::Given(&z_next));
-                let terms = clipped_policy_loss(&step.log_prob, &old_lp, &adv, clip, scale);
-                let loss = match all_active {
-                    true => terms.loss.sum(terms.loss.kind()),
-                    false => (terms.loss.index_select(0, &active_idx)).sum(terms.loss.kind()),
-                };
-                kept = Some((v.detach(), step.log_prob.detach(), terms));
-                Ok(loss)
-            })?;
-        let (v, new_lp, terms) = kept.expect("the loss function ran");
+        let flow_inputs = inp.cond.inputs(cond, &z, &ts);
+        let v_ref = self.reference_velocity(&flow_inputs)?;
+        let _loss = self.model.velocity_backward(&flow_inputs, &mut |v| {
+            let at = At::Rows(&steps);
+            let sigmas = &inp.schedule.sigmas;
+            let step = sde.step(v, &z, sigmas, at, eta, Next::Given(&z_next));
+            let terms = clipped_policy_loss(&step.log_prob, &old_lp, &adv, clip, scale);
+            // beta * KL joins each transition's loss, scaled as the policy term
+            let kl = (v_ref.as_ref()).map(|vr| {
+                step_kl(
+                    &step,
+                    &sde.step(vr, &z, sigmas, at, eta, Next::Given(&z_next)),
+                )
+            });
+            let per_row = match &kl {
+                Some(kl) => &terms.loss + kl * (self.cfg.kl_beta / scale),
+                None => terms.loss.shallow_clone(),
+            };
+            let loss = match all_active {
+                true => per_row.sum(per_row.kind()),
+                false => (per_row.index_select(0, &active_idx)).sum(per_row.kind()),
+            };
+            kept = Some((
+                v.detach(),
+                step.log_prob.detach(),
+                terms,
+                kl.map(|k| k.detach()),
+            ));
+            Ok(loss)
+        })?;
+        let (v, new_lp, terms, kl) = kept.expect("the loss function ran");
         for (i, &k) in ks.iter().enumerate() {
             let part = |t: &Tensor| t.narrow(0, i as i64 * n, n);
             let terms = terms.rows(i as i64 * n, n);
-            self.record(samples, active, k, &terms)?;
+            let kl = kl.as_ref().map(&part);
+            self.record(samples, active, k, &terms, kl.as_ref())?;
             let span = i * n as usize..(i + 1) * n as usize;
             observer.transitions(&TransitionBatch {
                 samples,
@@ -462,18 +483,36 @@ impl Run<'_> {
                 old_log_probs: &part(&old_lp),
                 new_log_probs: &part(&new_lp),
                 terms: &terms,
+                kl: kl.as_ref(),
             })?;
         }
         Ok(())
     }
 
-    /// Adds the active rows' losses and ratios to the statistics.
+    /// The reference policy's velocity when the loss has a KL term (an
+    /// error when the model holds no reference).
+    fn reference_velocity(&self, inputs: &crate::models::FlowInputs) -> Result<Option<Tensor>> {
+        if self.cfg.kl_beta == 0.0 {
+            return Ok(None);
+        }
+        match self.model.reference_velocity(inputs)? {
+            Some(v) => Ok(Some(v)),
+            None => Err(Error::Input(format!(
+                "a KL term (beta {}) needs a reference policy and this model holds none: \
+                 train LoRA adapters (the reference is then the model with them off)",
+                self.cfg.kl_beta
+            ))),
+        }
+    }
+
+    /// Adds the active rows' losses, ratios and KL terms to the statistics.
     fn record(
         &mut self,
         samples: &[i64],
         active: &[i64],
         k: i64,
         terms: &PolicyLoss,
+        kl: Option<&Tensor>,
     ) -> Result<()> {
         let values = |t: &Tensor| -> Result<Vec<f64>> {
             Ok(Vec::try_from(
@@ -481,15 +520,20 @@ impl Run<'_> {
             )?)
         };
         let (loss, ratio) = (values(&terms.loss)?, values(&terms.ratio)?);
+        let kl = match kl {
+            Some(kl) => values(kl)?,
+            None => vec![0.0; loss.len()],
+        };
         let clipped: Vec<bool> = Vec::try_from(
             &clipped_mask(&terms.ratio.detach(), self.cfg.clip_range).to_device(tch::Device::Cpu),
         )?;
         for &r in active {
             let (r, b) = (r as usize, samples[r as usize] as usize);
-            let [l, q, c] = &mut self.terms[b];
+            let [l, q, c, d] = &mut self.terms[b];
             l[k as usize] = loss[r];
             q[k as usize] = ratio[r];
             c[k as usize] = clipped[r] as u8 as f64;
+            d[k as usize] = kl[r];
         }
         Ok(())
     }
@@ -531,16 +575,14 @@ impl Run<'_> {
     fn finish(mut self) -> Result<UpdateStats> {
         let t = self.t as usize;
         let local: Vec<f64> = self.terms.iter().flat_map(|x| x.concat()).collect();
-        let local = Tensor::from_slice(&local).view([-1, 3, self.t]); // (n, 3, T)
+        let local = Tensor::from_slice(&local).view([-1, TERMS as i64, self.t]); // (n, 4, T)
         let all: Vec<f64> = Vec::try_from(&self.inputs.shard.gather(&local)?.reshape([-1]))?;
-        let per_sample: Vec<&[f64]> = all.chunks(3 * t).collect();
+        let per_sample: Vec<&[f64]> = all.chunks(TERMS * t).collect();
+        let term = |i: usize| per_sample.iter().flat_map(move |x| &x[i * t..(i + 1) * t]);
         self.stats.losses = per_sample.iter().map(|x| x[..t].to_vec()).collect();
-        let ratios: Vec<f64> = per_sample
-            .iter()
-            .flat_map(|x| &x[t..2 * t])
-            .copied()
-            .collect();
-        let clipped: f64 = per_sample.iter().flat_map(|x| &x[2 * t..]).sum();
+        let ratios: Vec<f64> = term(1).copied().collect();
+        let clipped: f64 = term(2).sum();
+        let kl: f64 = term(3).sum();
         // the reference sums `loss.item()` sample by sample, transition by transition
         self.stats.total_loss = self.stats.losses.iter().flatten().sum();
         let n = ratios.len().max(1) as f64;
@@ -549,6 +591,7 @@ impl Run<'_> {
         self.stats.ratio_min = ratios.iter().copied().fold(f64::INFINITY, f64::min);
         self.stats.ratio_max = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         self.stats.clip_fraction = clipped / n;
+        self.stats.kl_mean = kl / n;
         Ok(self.stats)
     }
 }

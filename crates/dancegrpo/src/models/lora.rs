@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
-use crate::nn::Lora;
+use crate::nn::{AdapterSwitch, Lora};
 use crate::weights::{init_tensor, Init, ParamStore};
 
 /// Which layers get adapters and how large they are.
@@ -59,12 +59,14 @@ pub fn targeted(name: &str, targets: &[String]) -> bool {
 
 /// Attaches adapters to every targeted linear layer registered in `model`
 /// (A seeded from `seed`, B zero), adding their parameters to `adapters`
-/// (`<module>.lora_A.weight`, `<module>.lora_B.weight`). Returns how many layers.
+/// (`<module>.lora_A.weight`, `<module>.lora_B.weight`), all turned off and
+/// on by `switch`. Returns how many layers.
 pub fn attach(
     model: &ParamStore,
     adapters: &ParamStore,
     cfg: &LoraConfig,
     seed: u64,
+    switch: &AdapterSwitch,
 ) -> Result<usize> {
     if cfg.rank < 1 || cfg.alpha.is_nan() || cfg.alpha <= 0.0 {
         return Err(Error::Input(format!(
@@ -98,6 +100,7 @@ pub fn attach(
             a,
             b,
             scale: cfg.alpha / cfg.rank as f64,
+            switch: switch.clone(),
         });
         n += 1;
     }

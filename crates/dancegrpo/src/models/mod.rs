@@ -64,6 +64,14 @@ pub trait VelocityModel {
         Ok(loss)
     }
 
+    /// The velocity of the reference policy of a KL term for `inputs`,
+    /// without gradients: the base model the training started from. `None`
+    /// when the model holds no reference (the default; under LoRA the model
+    /// is its own reference with its adapters turned off).
+    fn reference_velocity(&self, _inputs: &FlowInputs) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
     /// All parameters with their checkpoint names, in a stable order.
     fn parameters(&self) -> Vec<(String, Tensor)>;
 

@@ -125,6 +125,7 @@ fn flow_grpo(v: &Tensor, z: &Tensor, s: &RowSigmas, eta: f64, next: Next) -> Sde
     SdeStep {
         pred_x0: z - sigma * v,
         log_prob: mean_per_row(density),
+        mean,
         std: RowSigmas::per_row(&std),
         next,
     }
@@ -145,6 +146,7 @@ fn cps(v: &Tensor, z: &Tensor, s: &RowSigmas, eta: f64, next: Next) -> SdeStep {
     let diff = next.detach().to_kind(s.kind) - &mean;
     SdeStep {
         log_prob: mean_per_row(diff.pow_tensor_scalar(2).neg()),
+        mean,
         std: RowSigmas::per_row(&std_dev_t),
         pred_x0,
         next,
@@ -155,14 +157,16 @@ fn cps(v: &Tensor, z: &Tensor, s: &RowSigmas, eta: f64, next: Next) -> SdeStep {
 /// given next latent is returned as it is, the log-prob is 0.
 fn ode(v: &Tensor, z: &Tensor, s: &RowSigmas, next: Next) -> SdeStep {
     let dt = &s.sigma_next - &s.sigma;
+    let mean = z + v * &dt;
     let next = match next {
-        Next::Noise(_) => z + v * &dt,
+        Next::Noise(_) => mean.shallow_clone(),
         Next::Given(t) => t.shallow_clone(),
     };
     let rows = z.size()[0];
     SdeStep {
         pred_x0: z - &s.sigma * v,
         log_prob: Tensor::zeros([rows], (s.kind, z.device())),
+        mean,
         std: vec![0.0; s.sigma.numel().max(1)],
         next,
     }

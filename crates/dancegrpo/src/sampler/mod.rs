@@ -15,6 +15,7 @@ pub use draws::{Draws, Recorded, Seeded};
 pub use forms::SdeForm;
 pub use rollout::{rollout, Rollout, RolloutSettings};
 pub use schedule::Schedule;
+pub use sde::SdeStep;
 pub use window::{SdeWindow, StepWindow, WindowSchedule, WindowTraining};
 
 use tch::Tensor;

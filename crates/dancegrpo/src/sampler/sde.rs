@@ -20,6 +20,8 @@ pub struct SdeStep {
     pub next: Tensor,
     /// The predicted clean sample `x0 = z - sigma * v`.
     pub pred_x0: Tensor,
+    /// The mean of the step's Gaussian (the next latent without noise).
+    pub mean: Tensor,
     /// Log-probability of `next` per sample `(b,)`, float32: the element mean of
     /// `-(next - mean)^2 / (2 std^2)` (no normalisation term, as the reference).
     pub log_prob: Tensor,
@@ -130,6 +132,7 @@ pub fn sde_step(v: &Tensor, z: &Tensor, sigmas: &Tensor, at: At, eta: f64, next:
     SdeStep {
         next,
         pred_x0,
+        mean,
         log_prob,
         std: s.std,
     }

@@ -154,6 +154,10 @@ pub struct GrpoConfig {
     pub trainable: Trainable,
     /// PPO clip range.
     pub clip_range: f64,
+    /// Weight `beta` of the KL term toward the reference policy, the base
+    /// model (0: none, the reference's objective). Needs `[optim.lora]`: the
+    /// reference is then the model with its adapters off, no second copy.
+    pub kl_beta: f64,
     /// Advantage clamp.
     pub adv_clip_max: f64,
     /// Advantage normalisation.
@@ -169,6 +173,7 @@ impl Default for GrpoConfig {
             timestep_fraction: 0.6,
             trainable: Trainable::AllButLast,
             clip_range: 1e-4,
+            kl_beta: 0.0,
             adv_clip_max: 5.0,
             grouping: AdvantageGrouping::PerPrompt,
             reward_mixing: RewardMixing::Reward,

@@ -37,6 +37,7 @@ impl TrainConfig {
                 eta: s.eta,
                 window,
                 clip_range: g.clip_range,
+                kl_beta: g.kl_beta,
                 timestep_fraction: g.timestep_fraction,
                 trainable: g.trainable,
                 grad_accum: o.gradient_accumulation,

@@ -44,6 +44,8 @@ pub struct Metrics {
     pub ratio_max: f64,
     /// Share of transitions outside the clip range.
     pub clip_fraction: f64,
+    /// Mean KL to the reference policy over trained transitions (0 without `grpo.kl_beta`).
+    pub kl: f64,
     /// Grad norm (before clipping) of the last optimizer step.
     pub grad_norm: f64,
     /// Learning rate of the last optimizer step.
@@ -80,6 +82,7 @@ impl Metrics {
             ratio_min: r.update.ratio_min,
             ratio_max: r.update.ratio_max,
             clip_fraction: r.update.clip_fraction,
+            kl: r.update.kl_mean,
             grad_norm: r.update.grad_norms.last().copied().unwrap_or(0.0),
             lr: r.update.lrs.last().copied().unwrap_or(0.0),
             seconds: s.clone(),
@@ -113,6 +116,7 @@ impl Metrics {
             ("train/ratio_min", self.ratio_min),
             ("train/ratio_max", self.ratio_max),
             ("train/clip_fraction", self.clip_fraction),
+            ("train/kl", self.kl),
             ("train/grad_norm", self.grad_norm),
             ("train/lr", self.lr),
             ("time/rollout_s", s.rollout),

@@ -1,6 +1,7 @@
 //! The GRPO engine end to end on a seeded tiny FLUX: batched rollouts keep the
 //! first update's ratios at exactly 1.0, whatever the rollout batch.
 
+mod kl;
 mod setup;
 
 use dancegrpo::grpo::{

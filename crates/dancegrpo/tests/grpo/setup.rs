@@ -68,6 +68,7 @@ pub fn config(grad_accum: i64) -> UpdateConfig {
         eta: 0.3,
         window: None,
         clip_range: 1e-4,
+        kl_beta: 0.0,
         timestep_fraction: 0.6,
         trainable: Trainable::AllButLast,
         grad_accum,

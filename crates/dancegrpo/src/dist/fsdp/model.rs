@@ -70,6 +70,10 @@ impl<M: Shardable> VelocityModel for ShardedModel<M> {
         self.inner.velocity_backward(inputs, loss_fn)
     }
 
+    fn reference_velocity(&self, inputs: &FlowInputs) -> Result<Option<Tensor>> {
+        self.inner.reference_velocity(inputs)
+    }
+
     fn parameters(&self) -> Vec<(String, Tensor)> {
         self.state.shards()
     }

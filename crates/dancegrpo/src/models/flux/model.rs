@@ -16,7 +16,7 @@ mod units;
 use crate::error::{Error, Result};
 use crate::models::lora::LoraConfig;
 use crate::models::{ActivationCheckpointing, FlowInputs, Residency, VelocityModel};
-use crate::nn::{cast, layer_norm, upcast_kind, Linear};
+use crate::nn::{cast, layer_norm, upcast_kind, AdapterSwitch, Linear};
 use crate::weights::{Checkpoint, ParamStore, Source, VarBuilder};
 
 /// Named intermediate activations of one forward pass (for alignment debugging).
@@ -34,6 +34,8 @@ pub struct FluxTransformer {
     proj_out: Linear,
     params: ParamStore,
     adapters: Option<(ParamStore, LoraConfig)>,
+    /// Turns the adapters off for the reference policy's velocity.
+    adapter_switch: AdapterSwitch,
     checkpointing: ActivationCheckpointing,
     /// The dtype the forward pass computes in (the parameters' unless set).
     compute: Kind,
@@ -93,6 +95,7 @@ impl FluxTransformer {
             proj_out,
             params,
             adapters: None,
+            adapter_switch: AdapterSwitch::default(),
             checkpointing: ActivationCheckpointing::Off,
             compute: kind,
             residency: None,
@@ -166,7 +169,8 @@ impl FluxTransformer {
             return Err(Error::Input("LoRA adapters are already attached".into()));
         }
         let adapters = ParamStore::new();
-        let n = crate::models::lora::attach(&self.params, &adapters, cfg, seed)?;
+        let n =
+            crate::models::lora::attach(&self.params, &adapters, cfg, seed, &self.adapter_switch)?;
         for (_, p) in self.params.named() {
             let _ = p.set_requires_grad(false);
         }
@@ -330,6 +334,16 @@ impl VelocityModel for FluxTransformer {
                 super::checkpoint::backward_per_block(self, inputs, loss_fn)
             }
         }
+    }
+
+    /// Under LoRA: the velocity with every adapter off (the base model),
+    /// without gradients. A fully fine-tuned model holds no reference.
+    fn reference_velocity(&self, inputs: &FlowInputs) -> Result<Option<Tensor>> {
+        if self.adapters.is_none() {
+            return Ok(None);
+        }
+        let _off = self.adapter_switch.off();
+        tch::no_grad(|| self.velocity(inputs)).map(Some)
     }
 
     fn parameters(&self) -> Vec<(String, Tensor)> {
