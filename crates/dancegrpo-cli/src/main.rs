@@ -20,6 +20,9 @@ enum Command {
     Align(cmd::align::Args),
     /// The built-in tiny GRPO run on the CPU (no downloads): the reward must rise.
     Demo(cmd::demo::Args),
+    /// Train several methods (configs or built-in flow-GRPO variants) on the same
+    /// prompts and seeds and report their rewards side by side.
+    Compare(cmd::compare::Args),
     /// Generate images (deterministic ODE sampling) from a run's checkpoint.
     Generate(cmd::generate::Args),
     /// GRPO training from a config (or the built-in tiny default).
@@ -47,6 +50,7 @@ fn main() -> std::process::ExitCode {
         Command::Env(a) => cmd::env::run(a),
         Command::Align(a) => cmd::align::run(a),
         Command::Demo(a) => cmd::demo::run(a),
+        Command::Compare(a) => cmd::compare::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Train(a) => cmd::train::run(a),
         Command::Preprocess(a) => cmd::preprocess::run(a),

@@ -13,6 +13,7 @@
 pub mod align;
 pub mod autograd;
 pub mod bench;
+pub mod compare;
 pub mod data;
 pub mod dist;
 pub mod error;

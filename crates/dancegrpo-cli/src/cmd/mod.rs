@@ -4,6 +4,7 @@ pub mod align;
 pub mod bench;
 pub mod bench_matmul;
 pub mod bench_train;
+pub mod compare;
 pub mod demo;
 pub mod env;
 pub mod export;
