@@ -68,6 +68,7 @@ const CASES: &[Case] = &[
     case("train --set sampler.window={size=4,train=\"fraction\"} --set grpo.timestep_fraction=0.2 --out {D}/r", 2, &["grpo.timestep_fraction", "int(4"]),
     case("train --set grpo.kl_beta=0.04 --out {D}/r", 2, &["grpo.kl_beta", "reference policy", "[optim.lora]"]),
     case("train --set grpo.kl_beta=-1 --out {D}/r", 2, &["grpo.kl_beta", ">= 0"]),
+    case("train --set grpo.guard=\"strict\" --out {D}/r", 2, &["grpo.guard", "ratio_norm"]),
     case("train --set sampler.height=100000 --out {D}/r", 2, &["sampler.height", "at most"]),
     case("train --set sampler.steps=1000000000 --out {D}/r", 2, &["sampler.steps"]),
     case("train --set run.prompts_per_iteration=100000000 --set sampler.group_size=100000 --out {D}/r", 2, &["samples per iteration"]),

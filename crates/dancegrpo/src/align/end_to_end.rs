@@ -21,7 +21,7 @@ use crate::dist::Shard;
 use crate::error::Result;
 use crate::grpo::{advantages, grpo_update, UpdateInputs};
 use crate::models::vae::Vae;
-use crate::sampler::rollout::{decode, rollout, RolloutSettings};
+use crate::sampler::rollout::{decode, rollout, RolloutSettings, StepMeans};
 use crate::sampler::Rollout;
 
 /// Bound of the stage against the float32 reference when a case has no truth
@@ -64,6 +64,7 @@ fn rollout_and_decode(
         eta: g.cfg.eta,
         window: g.cfg.window,
         batch: 1,
+        means: StepMeans::Drop,
     };
     let dev = case.device();
     let ro = rollout(

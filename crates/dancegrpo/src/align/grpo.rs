@@ -160,6 +160,7 @@ pub(super) fn stored_rollout(case: &Case, kind: Kind) -> Result<Rollout> {
         latents,
         log_probs,
         pred_x0: pred_x0.select(1, last),
+        means: None,
         batches: (0..b).map(|s| vec![s]).collect(),
     })
 }

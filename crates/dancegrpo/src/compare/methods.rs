@@ -18,7 +18,7 @@ pub struct Method {
 }
 
 /// The built-in methods: `(name, what it is, overrides of the tiny demo)`.
-pub const BUILT_IN: [(&str, &str, &[&str]); 5] = [
+pub const BUILT_IN: [(&str, &str, &[&str]); 6] = [
     (
         "dancegrpo",
         "DanceGRPO: Dance-SDE on every step, a random 60% of them trained",
@@ -42,6 +42,11 @@ pub const BUILT_IN: [(&str, &str, &[&str]); 5] = [
         "flow-grpo",
         "Flow-GRPO: its SDE (noise 0.7) on every step",
         &["sampler.sde=\"flow_grpo\"", "sampler.eta=0.7"],
+    ),
+    (
+        "grpo-guard",
+        "GRPO-Guard: Flow-GRPO's SDE (noise 0.7) with ratio normalisation and gradient re-weighting",
+        &["sampler.sde=\"flow_grpo\"", "sampler.eta=0.7", "grpo.guard=\"full\""],
     ),
     (
         "cps",

@@ -45,7 +45,23 @@ pub fn clipped_policy_loss(
     clip_range: f64,
     scale: f64,
 ) -> PolicyLoss {
-    let ratio = (new_log_prob - old_log_prob).exp();
+    clipped_loss_of_log_ratio(
+        &(new_log_prob - old_log_prob),
+        advantages,
+        clip_range,
+        scale,
+    )
+}
+
+/// [`clipped_policy_loss`] from the log-ratio `(n,)` itself (GRPO-Guard's
+/// normalised one, [`super::guard::normalized_log_ratio`]).
+pub fn clipped_loss_of_log_ratio(
+    log_ratio: &Tensor,
+    advantages: &Tensor,
+    clip_range: f64,
+    scale: f64,
+) -> PolicyLoss {
+    let ratio = log_ratio.exp();
     let ratio_clamped = ratio.clamp(1.0 - clip_range, 1.0 + clip_range);
     let neg_adv = advantages.neg();
     let unclipped = &neg_adv * &ratio;

@@ -3,6 +3,7 @@
 //! the per-iteration update loop.
 
 pub mod advantage;
+pub mod guard;
 pub mod iteration;
 pub mod loss;
 pub mod lr;
@@ -10,6 +11,7 @@ pub mod optim;
 pub mod update;
 
 pub use advantage::{advantages, mixed_advantages, Advantages, Grouping, RewardMixing};
+pub use guard::Guard;
 pub use iteration::{run_iteration, Iteration, IterationConfig, IterationInputs, IterationReport};
 pub use loss::{clipped_policy_loss, PolicyLoss};
 pub use lr::LrSchedule;

@@ -9,7 +9,8 @@
 
 use tch::{Kind, Tensor};
 
-use super::loss::{clipped_mask, clipped_policy_loss, step_kl, PolicyLoss};
+use super::guard::{normalized_log_ratio, row_weights, step_weights, Guard};
+use super::loss::{clipped_loss_of_log_ratio, clipped_mask, step_kl, PolicyLoss};
 use super::lr::LrSchedule;
 use super::optim::AdamW;
 use crate::dist::Shard;
@@ -79,6 +80,9 @@ pub struct UpdateConfig {
     /// Weight of the KL term toward the reference policy (0: none); needs a
     /// model with a reference ([`VelocityModel::reference_velocity`]).
     pub kl_beta: f64,
+    /// GRPO-Guard's corrections: ratio normalisation (needs the rollout's
+    /// step means) and per-step gradient re-weighting.
+    pub guard: Guard,
     /// Fraction of the trainable transitions trained per sample, in (0, 1].
     pub timestep_fraction: f64,
     /// Which transitions are trainable.
@@ -268,12 +272,25 @@ pub fn grpo_update(
     let named = model.parameters();
     let params: Vec<Tensor> = named.iter().map(|(_, p)| p.shallow_clone()).collect();
     zero_grads(&params);
+    let weights = match cfg.guard.grad_reweight() {
+        true => {
+            let sigmas: Vec<f64> = Vec::try_from(inputs.schedule.sigmas.to_kind(Kind::Double))?;
+            Some(step_weights(cfg.sde, &sigmas, cfg.eta, n as usize))
+        }
+        false => None,
+    };
+    if cfg.guard.ratio_norm() && inputs.rollout.means.is_none() {
+        return Err(Error::Input(
+            "GRPO-Guard's ratio normalisation needs the rollout's step means (RolloutSettings::means = Keep)".into(),
+        ));
+    }
     let mut run = Run {
         model,
         inputs,
         cfg,
         perms,
         t,
+        weights,
         stats: UpdateStats {
             unstepped_samples: b_total % cfg.grad_accum,
             ..Default::default()
@@ -355,6 +372,8 @@ struct Run<'a> {
     cfg: &'a UpdateConfig,
     perms: Vec<Vec<i64>>,
     t: i64,
+    /// GRPO-Guard's weight of each transition of the schedule, when re-weighting.
+    weights: Option<Vec<f64>>,
     stats: UpdateStats,
     /// Per local sample: loss, ratio, clipped (0/1) and KL of each trained position.
     terms: Vec<[Vec<f64>; TERMS]>,
@@ -406,6 +425,19 @@ impl Run<'_> {
             Tensor::stack(&picked, 0) // (n * |ks|, L, c)
         };
         let (z, z_next) = (pick(0), pick(1));
+        // the rollout's step means (n * |ks|, L, c), for the normalised ratio
+        let mean_old = inp
+            .rollout
+            .means
+            .as_ref()
+            .filter(|_| self.cfg.guard.ratio_norm())
+            .map(|m| {
+                let picked: Vec<Tensor> = (rows.iter().zip(&steps))
+                    .map(|(&b, &j)| m.get(b).get(j))
+                    .collect();
+                Tensor::stack(&picked, 0)
+            });
+        let weights = (self.weights.as_ref()).map(|w| row_weights(w, &steps).to_device(device));
         let idx = |v: &[i64]| Tensor::from_slice(v).to_device(device);
         let repeat = ks.len() as i64;
         let rows_of = |t: &Tensor, dims: &[i64]| match repeat {
@@ -440,7 +472,11 @@ impl Run<'_> {
             let at = At::Rows(&steps);
             let sigmas = &inp.schedule.sigmas;
             let step = sde.step(v, &z, sigmas, at, eta, Next::Given(&z_next));
-            let terms = clipped_policy_loss(&step.log_prob, &old_lp, &adv, clip, scale);
+            let log_ratio = match &mean_old {
+                Some(old) => normalized_log_ratio(&step, old),
+                None => &step.log_prob - &old_lp,
+            };
+            let terms = clipped_loss_of_log_ratio(&log_ratio, &adv, clip, scale);
             // beta * KL joins each transition's loss, scaled as the policy term
             let kl = (v_ref.as_ref()).map(|vr| {
                 step_kl(
@@ -451,6 +487,10 @@ impl Run<'_> {
             let per_row = match &kl {
                 Some(kl) => &terms.loss + kl * (self.cfg.kl_beta / scale),
                 None => terms.loss.shallow_clone(),
+            };
+            let per_row = match &weights {
+                Some(w) => &per_row * w.to_kind(per_row.kind()),
+                None => per_row,
             };
             let loss = match all_active {
                 true => per_row.sum(per_row.kind()),

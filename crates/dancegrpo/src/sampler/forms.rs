@@ -72,6 +72,28 @@ impl SdeForm {
     }
 }
 
+impl SdeForm {
+    /// `d mean / d v` of step `j` of `sigmas` (`(S+1,)` values): every form's
+    /// mean is linear in the velocity, with this gain (f64 arithmetic).
+    pub fn velocity_gain(self, sigmas: &[f64], j: usize, eta: f64) -> f64 {
+        let (sigma, next) = (sigmas[j], sigmas[j + 1]);
+        let dt = next - sigma;
+        match self {
+            SdeForm::Dance => dt * (1.0 + eta * eta * (1.0 - sigma) / (2.0 * sigma)),
+            SdeForm::FlowGrpo => {
+                let safe = if sigma == 1.0 { sigmas[1] } else { sigma };
+                let var = eta * eta * sigma / (1.0 - safe);
+                dt * (1.0 + var * (1.0 - sigma) / (2.0 * sigma))
+            }
+            SdeForm::Cps => {
+                let s = next * (eta * std::f64::consts::PI / 2.0).sin();
+                -sigma * (1.0 - next) + (1.0 - sigma) * (next * next - s * s).sqrt()
+            }
+            SdeForm::Ode => dt,
+        }
+    }
+}
+
 /// `sigma`, `sigma_next` and Flow-GRPO's `sigma_max = sigmas[1]`: 0-d for a
 /// shared step, `(b, 1, 1)` per row; in the latents' compute kind.
 struct RowSigmas {
@@ -334,5 +356,31 @@ mod tests {
         }
         // the x0 prediction is the same for every form
         assert!(fg0.pred_x0.equal(&ode.pred_x0));
+    }
+
+    #[test]
+    fn the_velocity_gain_is_the_means_derivative() {
+        let (z, v, _, sigmas) = inputs();
+        let v = v.to_kind(Kind::Double); // v + 1 exact
+        let s64: Vec<f64> = Vec::try_from(sigmas.to_kind(Kind::Double)).unwrap();
+        for form in [
+            SdeForm::Dance,
+            SdeForm::FlowGrpo,
+            SdeForm::Cps,
+            SdeForm::Ode,
+        ] {
+            for j in 0..4 {
+                let step = |v: &Tensor| {
+                    let (z, v) = (z.to_kind(Kind::Double), v.to_kind(Kind::Double));
+                    let s = sigmas.to_kind(Kind::Double);
+                    form.step(&v, &z, &s, At::Step(j), 0.7, Next::Given(&z))
+                        .mean
+                };
+                let d = (step(&(&v + 1.0)) - step(&v)).to_kind(Kind::Double);
+                let g = form.velocity_gain(&s64, j as usize, 0.7);
+                let err = (d - g).abs().max().double_value(&[]);
+                assert!(err < 1e-9, "{form:?} step {j}: gain {g}, error {err}");
+            }
+        }
     }
 }

@@ -13,7 +13,7 @@ pub mod window;
 pub use conditioning::{Conditioning, SampleConditioning};
 pub use draws::{Draws, Recorded, Seeded};
 pub use forms::SdeForm;
-pub use rollout::{rollout, Rollout, RolloutSettings};
+pub use rollout::{rollout, Rollout, RolloutSettings, StepMeans};
 pub use schedule::Schedule;
 pub use sde::SdeStep;
 pub use window::{SdeWindow, StepWindow, WindowSchedule, WindowTraining};

@@ -22,6 +22,18 @@ pub struct RolloutSettings {
     pub window: Option<StepWindow>,
     /// Samples per model call (any size; the update recomputes in the same batches).
     pub batch: i64,
+    /// Whether every step's mean is kept (GRPO-Guard's ratio normalisation reads them).
+    pub means: StepMeans,
+}
+
+/// Whether a rollout keeps its steps' means.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StepMeans {
+    /// Only latents and log-probabilities (default).
+    #[default]
+    Drop,
+    /// Also the mean of every step `(B, S, L, c)`.
+    Keep,
 }
 
 /// The stored trajectories of one iteration's samples.
@@ -33,6 +45,8 @@ pub struct Rollout {
     pub log_probs: Tensor,
     /// The last step's predicted x0 `(B, L, c)` (what the reference decodes).
     pub pred_x0: Tensor,
+    /// The mean of every step `(B, S, L, c)`, when kept ([`StepMeans::Keep`]).
+    pub means: Option<Tensor>,
     /// The sample indices of each model batch, in order (the update reuses them).
     pub batches: Vec<Vec<i64>>,
 }
@@ -71,33 +85,32 @@ pub fn rollout_reporting(
 ) -> Result<Rollout> {
     let _guard = tch::no_grad_guard();
     let chunks = batches(cond.samples(), settings.batch);
-    let (mut latents, mut log_probs, mut x0s) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut latents, mut log_probs, mut x0s, mut means) = (vec![], vec![], vec![], vec![]);
     let total = cond.samples() as usize;
     for samples in &chunks {
         done(samples[0] as usize, total);
-        let (z, lp, x0) = rollout_batch(
-            model,
-            cond,
-            draws,
-            schedule,
-            latent,
-            samples,
-            (settings.sde, settings.eta, settings.window),
-            device,
+        let (z, lp, x0, mean) = rollout_batch(
+            model, cond, draws, schedule, latent, samples, settings, device,
         )?;
         latents.push(z);
         log_probs.push(lp);
         x0s.push(x0);
+        means.push(mean);
     }
     Ok(Rollout {
         latents: Tensor::cat(&latents, 0),
         log_probs: Tensor::cat(&log_probs, 0),
         pred_x0: Tensor::cat(&x0s, 0),
+        means: match means.iter().flatten().collect::<Vec<_>>() {
+            kept if kept.is_empty() => None,
+            kept => Some(Tensor::cat(&kept, 0)),
+        },
         batches: chunks,
     })
 }
 
-/// One batch of samples through all steps: `(latents (n, S+1, L, c), log_probs (n, S), x0 (n, L, c))`.
+/// One batch of samples through all steps: `(latents (n, S+1, L, c),
+/// log_probs (n, S), x0 (n, L, c), means (n, S, L, c) when kept)`.
 #[allow(clippy::too_many_arguments)]
 fn rollout_batch(
     model: &dyn VelocityModel,
@@ -106,9 +119,10 @@ fn rollout_batch(
     schedule: &Schedule,
     latent: [i64; 3],
     samples: &[i64],
-    (sde, eta, window): (SdeForm, f64, Option<StepWindow>),
+    settings: &RolloutSettings,
     device: Device,
-) -> Result<(Tensor, Tensor, Tensor)> {
+) -> Result<(Tensor, Tensor, Tensor, Option<Tensor>)> {
+    let (sde, eta, window) = (settings.sde, settings.eta, settings.window);
     let n = samples.len() as i64;
     let sc = cond.for_samples(samples);
     let noise0 = samples
@@ -119,7 +133,7 @@ fn rollout_batch(
     let z0 = Tensor::cat(&noise0, 0).to_kind(schedule.sigmas.kind());
     let mut z = model.layout().pack(&z0.to_device(device))?; // (n, L, c)
     let token_shape = [z.size()[1], z.size()[2]];
-    let (mut zs, mut lps) = (vec![z.shallow_clone()], Vec::new());
+    let (mut zs, mut lps, mut means) = (vec![z.shallow_clone()], vec![], vec![]);
     let mut x0 = z.shallow_clone();
     for i in 0..schedule.steps() {
         let t = schedule.model_timestep(i, n).to_device(device);
@@ -145,8 +159,12 @@ fn rollout_batch(
         x0 = step.pred_x0;
         zs.push(z.shallow_clone());
         lps.push(step.log_prob);
+        if settings.means == StepMeans::Keep {
+            means.push(step.mean);
+        }
     }
-    Ok((Tensor::stack(&zs, 1), Tensor::stack(&lps, 1), x0))
+    let means = (!means.is_empty()).then(|| Tensor::stack(&means, 1));
+    Ok((Tensor::stack(&zs, 1), Tensor::stack(&lps, 1), x0, means))
 }
 
 /// Decodes predicted x0 tokens `(B, L, d)` of latent shape `latent` (read

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::grpo::{LrSchedule, RewardMixing, Trainable, UpdateBatching};
+use crate::grpo::{Guard, LrSchedule, RewardMixing, Trainable, UpdateBatching};
 use crate::models::lora::LoraConfig;
 use crate::models::ActivationCheckpointing;
 use crate::rewards::jpeg::{JpegObjective, JpegSubsampling};
@@ -158,6 +158,9 @@ pub struct GrpoConfig {
     /// model (0: none, the reference's objective). Needs `[optim.lora]`: the
     /// reference is then the model with its adapters off, no second copy.
     pub kl_beta: f64,
+    /// GRPO-Guard's corrections of the clipped ratio: `none` (default),
+    /// `ratio_norm`, `grad_reweight` or `full` (both).
+    pub guard: Guard,
     /// Advantage clamp.
     pub adv_clip_max: f64,
     /// Advantage normalisation.
@@ -174,6 +177,7 @@ impl Default for GrpoConfig {
             trainable: Trainable::AllButLast,
             clip_range: 1e-4,
             kl_beta: 0.0,
+            guard: Guard::None,
             adv_clip_max: 5.0,
             grouping: AdvantageGrouping::PerPrompt,
             reward_mixing: RewardMixing::Reward,

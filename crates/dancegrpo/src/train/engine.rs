@@ -4,7 +4,7 @@
 use super::config::{AdvantageGrouping, TrainConfig};
 use crate::grpo::iteration::IterationConfig;
 use crate::grpo::{AdamWConfig, Grouping, UpdateConfig};
-use crate::sampler::rollout::RolloutSettings;
+use crate::sampler::rollout::{RolloutSettings, StepMeans};
 
 impl TrainConfig {
     /// The settings of the first GRPO iteration ([`crate::grpo::run_iteration`]).
@@ -23,6 +23,10 @@ impl TrainConfig {
                 eta: s.eta,
                 window,
                 batch: s.rollout_batch,
+                means: match g.guard.ratio_norm() {
+                    true => StepMeans::Keep,
+                    false => StepMeans::Drop,
+                },
             },
             decode_batch: s.decode_batch,
             grouping: match g.grouping {
@@ -38,6 +42,7 @@ impl TrainConfig {
                 window,
                 clip_range: g.clip_range,
                 kl_beta: g.kl_beta,
+                guard: g.guard,
                 timestep_fraction: g.timestep_fraction,
                 trainable: g.trainable,
                 grad_accum: o.gradient_accumulation,

@@ -1,6 +1,7 @@
 //! The GRPO engine end to end on a seeded tiny FLUX: batched rollouts keep the
 //! first update's ratios at exactly 1.0, whatever the rollout batch.
 
+mod guard;
 mod kl;
 mod setup;
 
@@ -11,7 +12,7 @@ use dancegrpo::grpo::{
 use dancegrpo::models::flux::FluxTransformer;
 use dancegrpo::models::{ActivationCheckpointing, VelocityModel};
 use dancegrpo::rng::Philox;
-use dancegrpo::sampler::rollout::{rollout, RolloutSettings};
+use dancegrpo::sampler::rollout::{rollout, RolloutSettings, StepMeans};
 use dancegrpo::sampler::{Schedule, SdeForm, StepWindow, WindowTraining};
 use dancegrpo::weights::Source;
 use tch::{Device, Kind, Tensor};
@@ -298,6 +299,7 @@ fn an_iteration_reports_rewards_failures_and_stage_times() {
             eta: 0.3,
             window: None,
             batch: 4,
+            means: StepMeans::Drop,
         },
         decode_batch: 2,
         grouping: Grouping::PerPrompt { size: G },
@@ -473,6 +475,7 @@ fn bad_update_inputs_are_rejected_with_the_field() {
             eta: 0.3,
             window: None,
             batch: 8,
+            means: StepMeans::Drop,
         },
         Device::Cpu,
     )

@@ -2,8 +2,8 @@
 
 use dancegrpo::grpo::update::{TransitionBatch, UpdateStats};
 use dancegrpo::grpo::{
-    advantages, grpo_update, AdamW, AdamWConfig, Grouping, LrSchedule, Trainable, UpdateBatching,
-    UpdateConfig, UpdateInputs, UpdateObserver,
+    advantages, grpo_update, AdamW, AdamWConfig, Grouping, Guard, LrSchedule, Trainable,
+    UpdateBatching, UpdateConfig, UpdateInputs, UpdateObserver,
 };
 use dancegrpo::models::flux::packing;
 use dancegrpo::models::flux::{FluxConfig, FluxTransformer};
@@ -11,7 +11,7 @@ use dancegrpo::models::{ActivationCheckpointing, VelocityModel};
 use dancegrpo::precision::ReduceDtype;
 use dancegrpo::rng::Philox;
 use dancegrpo::sampler::draws::{InitNoise, NoisePrecision};
-use dancegrpo::sampler::rollout::{rollout, Rollout, RolloutSettings};
+use dancegrpo::sampler::rollout::{rollout, Rollout, RolloutSettings, StepMeans};
 use dancegrpo::sampler::{Conditioning, Schedule, SdeForm, Seeded, StepWindow, WindowTraining};
 use dancegrpo::weights::Source;
 use tch::{Device, Kind, Tensor};
@@ -69,6 +69,7 @@ pub fn config(grad_accum: i64) -> UpdateConfig {
         window: None,
         clip_range: 1e-4,
         kl_beta: 0.0,
+        guard: Guard::None,
         timestep_fraction: 0.6,
         trainable: Trainable::AllButLast,
         grad_accum,
@@ -222,6 +223,7 @@ pub fn seeded_rollout_with(
         eta,
         window,
         batch,
+        means: StepMeans::Keep, // for GRPO-Guard's ratio normalisation
     };
     let ro = rollout(
         m,
