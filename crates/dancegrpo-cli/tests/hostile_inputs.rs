@@ -61,6 +61,7 @@ const CASES: &[Case] = &[
     case("train --set optim.learning_rate=1e30 --out {D}/r", 2, &["optim.learning_rate"]),
     case("train --set sampler.guidance=nan --out {D}/r", 2, &["sampler.guidance", "finite"]),
     case("train --set sampler.eta=-1 --out {D}/r", 2, &["sampler.eta"]),
+    case("train --set sampler.eta=0 --out {D}/r", 2, &["sampler.eta", "nothing to train"]),
     case("train --set sampler.sde=\"ode\" --out {D}/r", 2, &["sampler.sde", "nothing to train"]),
     case("train --set sampler.sde=\"sde\" --out {D}/r", 2, &["sampler.sde", "flow_grpo"]),
     case("train --set sampler.window={size=9} --out {D}/r", 2, &["sampler.window.size", "1..=7"]),

@@ -37,6 +37,7 @@ const SOURCES: &[&str] = &[
     "sampler/forms.rs",
     "sampler/window.rs",
     "grpo/advantage.rs",
+    "grpo/guard.rs",
     "grpo/lr.rs",
     "grpo/update.rs",
 ];

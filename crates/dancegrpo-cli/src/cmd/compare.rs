@@ -7,6 +7,8 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
+
 use dancegrpo::compare::{run_all, Method, Report, Settings, BUILT_IN};
 
 /// Arguments of `dancegrpo compare`.
@@ -25,7 +27,7 @@ pub struct Args {
     /// The first seed (runs take `seed .. seed + seeds`).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Train the built-in methods from this model directory instead of the seeded tiny model.
+    /// Train every method (config files too) from this model directory.
     #[arg(long)]
     model: Option<PathBuf>,
     /// Override a config value of every method (repeatable).
@@ -86,7 +88,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         out: args.out.clone(),
         device,
     };
-    std::fs::create_dir_all(&args.out)?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("--out {}", args.out.display()))?;
     eprintln!(
         "compare: {} methods x {} seeds x {iterations} iterations into {}",
         methods.len(),

@@ -65,13 +65,20 @@ pub fn run_all(
     on_run: &mut dyn FnMut(&str, u64, &RunTrace, bool),
 ) -> Result<Vec<Vec<RunTrace>>> {
     check_names(methods)?;
+    let last = (settings.first_seed.checked_add(settings.seeds)).ok_or_else(|| {
+        Error::Input(format!(
+            "seeds {} + {} overflow",
+            settings.first_seed, settings.seeds
+        ))
+    })?;
+    let stamp = stamp(settings);
     let mut all = Vec::with_capacity(methods.len());
     for m in methods {
         let mut traces = Vec::new();
-        for seed in settings.first_seed..settings.first_seed + settings.seeds {
+        for seed in settings.first_seed..last {
             let dir = settings.out.join(&m.name).join(format!("seed{seed}"));
             let cfg = m.run_config(seed, settings.iterations);
-            let (trace, reused) = match finished(&dir, &cfg)? {
+            let (trace, reused) = match finished(&dir, &cfg, &stamp)? {
                 Some(trace) => (trace, true),
                 None => {
                     if dir.exists() {
@@ -80,6 +87,8 @@ pub fn run_all(
                     let mut trainer =
                         Trainer::new(cfg.clone(), &dir, Resume::Fresh, settings.device)?;
                     trainer.run(&mut |p| on_iteration(&m.name, seed, p))?;
+                    let path = dir.join(STAMP);
+                    crate::io::atomic::write_bytes_atomic(&path, stamp.as_bytes())?;
                     (read_trace(&dir, &cfg)?, false)
                 }
             };
@@ -116,10 +125,28 @@ fn check_names(methods: &[Method]) -> Result<()> {
     Ok(())
 }
 
-/// The trace of a run in `dir` that finished with exactly `cfg`, if there is one.
-fn finished(dir: &Path, cfg: &crate::train::TrainConfig) -> Result<Option<RunTrace>> {
-    let stored = dir.join("config.toml");
-    let same = std::fs::read_to_string(&stored).is_ok_and(|t| t == cfg.to_toml());
+/// The file beside a finished run that says what ran it ([`stamp`]).
+const STAMP: &str = "compare-stamp.txt";
+
+/// What else a reused run must share besides its configuration: the build
+/// and the device and threads its seconds were measured with. (The model
+/// directory's files are not compared: a comparison over changed weights
+/// needs a new `--out`.)
+fn stamp(settings: &Settings) -> String {
+    format!(
+        "dancegrpo {}\ndevice {:?}\nthreads {}\n",
+        env!("CARGO_PKG_VERSION"),
+        settings.device,
+        tch::get_num_threads()
+    )
+}
+
+/// The trace of a run in `dir` that finished with exactly `cfg` under
+/// `stamp`, if there is one.
+fn finished(dir: &Path, cfg: &crate::train::TrainConfig, stamp: &str) -> Result<Option<RunTrace>> {
+    let read = |name: &str| std::fs::read_to_string(dir.join(name));
+    let same = read("config.toml").is_ok_and(|t| t == cfg.to_toml())
+        && read(STAMP).is_ok_and(|t| t == stamp);
     if !same {
         return Ok(None);
     }

@@ -99,8 +99,11 @@ pub struct Report {
     pub methods: Vec<MethodSummary>,
 }
 
+/// The mean of the finite values (NaN when there is none): a failed
+/// iteration's reward is a gap, as in the curves.
 fn mean(v: &[f64]) -> f64 {
-    v.iter().sum::<f64>() / v.len().max(1) as f64
+    let finite: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    finite.iter().sum::<f64>() / finite.len() as f64
 }
 
 /// `(iteration, seconds, calls, seed-mean reward)` per iteration, the
@@ -125,7 +128,9 @@ fn reach(curve: &[[f64; 4]], target: f64) -> Option<Reach> {
     let pts: Vec<(f64, f64)> = curve.iter().map(|p| (p[0], p[3])).collect();
     let smooth = rolling_mean(&pts, WINDOW);
     let bar = target - 1e-9 * target.abs();
-    let i = smooth.iter().position(|&(_, y)| y >= bar)?;
+    // from the first full window on (earlier means average fewer iterations)
+    let first = WINDOW.min(smooth.len()).saturating_sub(1);
+    let i = first + smooth[first..].iter().position(|&(_, y)| y >= bar)?;
     Some(Reach {
         iteration: curve[i][0] as u64,
         seconds: curve[i][1],

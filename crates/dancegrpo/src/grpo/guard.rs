@@ -59,7 +59,8 @@ impl Guard {
 /// The normalised log-ratio `mean((x - mean_old) * (mean_new - mean_old)) / std`
 /// per row `(n,)`, float32 (float64 for float64 steps); `step` is the current
 /// policy's step evaluated at the stored next latent `x` (its `next`), `mean_old`
-/// the rollout's step mean `(n, L, c)`.
+/// the rollout's step mean `(n, L, c)`. A row whose step has no noise (CPS's
+/// last step) has a log-ratio of 0.
 pub fn normalized_log_ratio(step: &SdeStep, mean_old: &Tensor) -> Tensor {
     let kind = crate::nn::upcast_kind(step.mean.kind());
     let old = mean_old.to_kind(kind);
@@ -67,20 +68,25 @@ pub fn normalized_log_ratio(step: &SdeStep, mean_old: &Tensor) -> Tensor {
     let shift = step.mean.to_kind(kind) - &old; // (n, L, c)
     let dims: Vec<i64> = (1..shift.dim() as i64).collect();
     let dot = (noise * shift).mean_dim(dims.as_slice(), false, None); // (n,)
-    let std = Tensor::from_slice(&step.std)
+    let inv: Vec<f64> = (step.std.iter())
+        .map(|s| if *s > 0.0 { 1.0 / s } else { 0.0 })
+        .collect();
+    &dot * Tensor::from_slice(&inv)
         .to_kind(kind)
-        .to_device(dot.device());
-    dot / std
+        .to_device(dot.device())
 }
 
 /// The re-weighting of every transition `0..S` of `sigmas` (`(S+1,)`):
-/// `1 / |d mean / d v|`, normalised to mean 1 over the first `trainable` ones.
-pub fn step_weights(form: SdeForm, sigmas: &[f64], eta: f64, trainable: usize) -> Vec<f64> {
+/// `1 / |d mean / d v|`, normalised to mean 1 over the transitions that can
+/// be trained, `trained` (the trainable ones, or a window's).
+pub fn step_weights(form: SdeForm, sigmas: &[f64], eta: f64, trained: &[i64]) -> Vec<f64> {
     let inv: Vec<f64> = (0..sigmas.len().saturating_sub(1))
         .map(|j| 1.0 / form.velocity_gain(sigmas, j, eta).abs())
         .collect();
-    let n = trainable.clamp(1, inv.len().max(1));
-    let mean = inv[..n.min(inv.len())].iter().sum::<f64>() / n as f64;
+    let of: Vec<f64> = (trained.iter())
+        .filter_map(|&j| inv.get(j as usize).copied())
+        .collect();
+    let mean = of.iter().sum::<f64>() / of.len().max(1) as f64;
     inv.iter().map(|w| w / mean).collect()
 }
 
@@ -152,13 +158,16 @@ mod tests {
     fn weights_are_the_inverse_velocity_gain_with_mean_one() {
         let s = [1.0, 0.8, 0.55, 0.3, 0.0];
         // Flow-GRPO: the gain is dt (1 + eta^2 / 2) inside the schedule: weights ~ 1 / dt
-        let w = step_weights(SdeForm::FlowGrpo, &s, 0.7, 3);
+        let w = step_weights(SdeForm::FlowGrpo, &s, 0.7, &[0, 1, 2]);
         let mean3 = (w[0] + w[1] + w[2]) / 3.0;
         assert!((mean3 - 1.0).abs() < 1e-12, "{w:?}");
         assert!((w[1] / w[2] - 0.25 / 0.25).abs() < 1e-12, "{w:?}");
         assert!((w[2] / w[3] - 0.3 / 0.25).abs() < 1e-12, "{w:?}");
         // Dance-SDE: 1 / (dt (1 + eta^2 (1 - sigma) / (2 sigma)))
-        let w = step_weights(SdeForm::Dance, &s, 0.3, 4);
+        // normalised over a window of steps 1 and 2: mean 1 there
+        let w12 = step_weights(SdeForm::Dance, &s, 0.3, &[1, 2]);
+        assert!(((w12[1] + w12[2]) / 2.0 - 1.0).abs() < 1e-12, "{w12:?}");
+        let w = step_weights(SdeForm::Dance, &s, 0.3, &[0, 1, 2, 3]);
         let g = |j: usize| (s[j] - s[j + 1]) * (1.0 + 0.09 * (1.0 - s[j]) / (2.0 * s[j]));
         let inv: Vec<f64> = (0..4).map(|j| 1.0 / g(j)).collect();
         let m = inv.iter().sum::<f64>() / 4.0;

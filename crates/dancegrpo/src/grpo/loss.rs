@@ -82,8 +82,11 @@ pub fn clipped_loss_of_log_ratio(
 /// means, so the divergence is `|mean - mean_ref|^2 / (2 std^2)`, taken per
 /// element (the mean over a latent's elements, as the log-probabilities are).
 ///
+/// A row whose step has no noise (CPS's last step) has a KL of 0.
+///
 /// Flow-GRPO divides by the square of its noise level `std_dev_t` instead of
-/// the step's variance `std_dev_t^2 |dt|`; its `beta` is `|dt|` times ours.
+/// the step's variance `std_dev_t^2 |dt|`: its KL is `|dt|` times ours, so its
+/// `beta` corresponds to ours times `|dt|` (which varies with the step).
 pub fn step_kl(step: &SdeStep, reference: &SdeStep) -> Tensor {
     let kind = crate::nn::upcast_kind(step.mean.kind());
     let diff = step.mean.to_kind(kind) - reference.mean.to_kind(kind);
@@ -91,11 +94,13 @@ pub fn step_kl(step: &SdeStep, reference: &SdeStep) -> Tensor {
     let sq = diff
         .pow_tensor_scalar(2)
         .mean_dim(dims.as_slice(), false, None); // (n,)
-    let var2: Vec<f64> = step.std.iter().map(|s| 2.0 * s * s).collect();
-    let var2 = Tensor::from_slice(&var2)
+                                                 // 1 / (2 std^2) per row, 0 where the step has no noise
+    let inv: Vec<f64> = (step.std.iter())
+        .map(|s| if *s > 0.0 { 1.0 / (2.0 * s * s) } else { 0.0 })
+        .collect();
+    &sq * Tensor::from_slice(&inv)
         .to_kind(kind)
-        .to_device(sq.device()); // (n,) or (1,)
-    sq / var2
+        .to_device(sq.device()) // (n,) or (1,)
 }
 
 /// Whether the clipped branch is active for each transition (`|ratio - 1| > clip`).
@@ -193,5 +198,23 @@ mod tests {
         let d = 0.25 * (1.0 + 0.09 * 0.25 / 1.5) * 0.2;
         let want = d * d / (2.0 * 0.09 * 0.25);
         assert!((kl - want).abs() < 1e-5 * want, "{kl} {want}");
+    }
+
+    #[test]
+    fn a_step_without_noise_has_zero_kl_and_log_ratio() {
+        // CPS's last step (sigma' = 0) has std 0: no division by it
+        let sigmas = Tensor::from_slice(&[1.0f32, 0.5, 0.0]);
+        let z = Tensor::from_slice(&[0.5f32, -1.0, 0.25, 2.0]).view([2, 2, 1]);
+        let v = Tensor::from_slice(&[1.0f32, 0.5, -0.5, 0.0]).view([2, 2, 1]);
+        let step =
+            |v: &Tensor| SdeForm::Cps.step(v, &z, &sigmas, At::Step(1), 0.7, Next::Given(&z));
+        let (a, b) = (step(&v), step(&(&v + 0.1)));
+        assert_eq!(a.std, vec![0.0]);
+        assert_eq!(
+            Vec::<f32>::try_from(step_kl(&a, &b)).unwrap(),
+            vec![0.0, 0.0]
+        );
+        let l = crate::grpo::guard::normalized_log_ratio(&b, &a.mean);
+        assert_eq!(Vec::<f32>::try_from(l).unwrap(), vec![0.0, 0.0]);
     }
 }

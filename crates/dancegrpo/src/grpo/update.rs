@@ -275,7 +275,11 @@ pub fn grpo_update(
     let weights = match cfg.guard.grad_reweight() {
         true => {
             let sigmas: Vec<f64> = Vec::try_from(inputs.schedule.sigmas.to_kind(Kind::Double))?;
-            Some(step_weights(cfg.sde, &sigmas, cfg.eta, n as usize))
+            let trained: Vec<i64> = match cfg.window {
+                Some(w) => w.steps(),
+                None => (0..n).collect(),
+            };
+            Some(step_weights(cfg.sde, &sigmas, cfg.eta, &trained))
         }
         false => None,
     };

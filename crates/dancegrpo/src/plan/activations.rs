@@ -66,9 +66,16 @@ pub fn peak(cfg: &TrainConfig, c: &ModelCounts, text_len: i64, world: i64) -> Ac
     let first_width = c.vae.block_out_channels.first().copied().unwrap_or(0);
     let frozen = kind_bytes(cfg.precision.frozen_kind()) as i64;
     let decode = s.decode_batch * VAE_MAPS * first_width * h * w * frozen;
-    // the local samples' trajectories z_0..z_S, float32, packed 64 channels
+    // the local samples' trajectories z_0..z_S, float32, packed 64 channels,
+    // and with GRPO-Guard's ratio normalisation every step's mean as well
     let local = cfg.derived(world).samples_per_process;
-    let trajectories = local * (s.steps + 1) * tokens * 64 * 4;
+    let kept = (s.steps + 1)
+        + if cfg.grpo.guard.ratio_norm() {
+            s.steps
+        } else {
+            0
+        };
+    let trajectories = local * kept * tokens * 64 * 4;
     let (phase, bytes) = [("update", update), ("rollout", rollout), ("decode", decode)]
         .into_iter()
         .max_by_key(|p| p.1)

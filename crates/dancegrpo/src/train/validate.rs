@@ -28,7 +28,7 @@ impl TrainConfig {
             ("sampler.steps", (2..=10_000).contains(&s.steps), format!("must be in 2..=10000, got {}", s.steps)),
             ("sampler.height", s.height <= MAX_SIDE, format!("must be at most {MAX_SIDE} pixels, got {}", s.height)),
             ("sampler.width", s.width <= MAX_SIDE, format!("must be at most {MAX_SIDE} pixels, got {}", s.width)),
-            ("sampler.eta", s.eta >= 0.0 && s.eta.is_finite(), format!("must be finite and >= 0, got {}", s.eta)),
+            ("sampler.eta", s.eta > 0.0 && s.eta.is_finite(), format!("must be finite and > 0 (0 takes deterministic steps: nothing to train), got {}", s.eta)),
             ("sampler.sde", s.sde.is_stochastic(), "\"ode\" takes deterministic steps with no log-probabilities: there is nothing to train (use \"dance\", \"flow_grpo\" or \"cps\")".to_string()),
             ("sampler.shift", positive(s.shift), format!("must be finite and > 0, got {}", s.shift)),
             ("sampler.guidance", s.guidance.is_finite(), format!("must be finite, got {}", s.guidance)),
