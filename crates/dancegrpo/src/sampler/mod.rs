@@ -8,6 +8,7 @@ pub mod generate;
 pub mod rollout;
 pub mod schedule;
 pub mod sde;
+pub mod tree;
 pub mod window;
 
 pub use conditioning::{Conditioning, SampleConditioning};

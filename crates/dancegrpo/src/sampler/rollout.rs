@@ -4,6 +4,7 @@
 use tch::{Device, Tensor};
 
 use super::sde::{At, Next};
+use super::tree::{distinct_rows, Tree, TreeDraws};
 use super::{Conditioning, Draws, Schedule};
 use super::{SdeForm, StepWindow};
 use crate::error::Result;
@@ -75,11 +76,45 @@ pub fn rollout(
     rollout_reporting(model, inputs, settings, device, &|_, _| {})
 }
 
-/// [`rollout`] calling `done(samples_done, samples)` after each model batch.
-pub fn rollout_reporting(
+/// [`rollout`] of groups branching as `tree` ([`super::tree`]): the leaves of
+/// a node share its draws and its state, and the model runs once per node
+/// and step within each model batch.
+pub fn rollout_tree(
     model: &dyn VelocityModel,
     (cond, draws, schedule, latent): (&Conditioning, &dyn Draws, &Schedule, [i64; 3]),
     settings: &RolloutSettings,
+    tree: &Tree,
+    device: Device,
+) -> Result<Rollout> {
+    let group = cond.group();
+    if let Some((field, msg)) = tree.check(group, schedule.steps()) {
+        return Err(crate::error::Error::Input(format!("tree.{field}: {msg}")));
+    }
+    let draws = TreeDraws {
+        inner: draws,
+        tree,
+        group,
+    };
+    let inputs = (cond, &draws as &dyn Draws, schedule, latent);
+    run(model, inputs, settings, Some(tree), device, &|_, _| {})
+}
+
+/// [`rollout`] calling `done(samples_done, samples)` after each model batch.
+pub fn rollout_reporting(
+    model: &dyn VelocityModel,
+    inputs: (&Conditioning, &dyn Draws, &Schedule, [i64; 3]),
+    settings: &RolloutSettings,
+    device: Device,
+    done: &dyn Fn(usize, usize),
+) -> Result<Rollout> {
+    run(model, inputs, settings, None, device, done)
+}
+
+fn run(
+    model: &dyn VelocityModel,
+    (cond, draws, schedule, latent): (&Conditioning, &dyn Draws, &Schedule, [i64; 3]),
+    settings: &RolloutSettings,
+    tree: Option<&Tree>,
     device: Device,
     done: &dyn Fn(usize, usize),
 ) -> Result<Rollout> {
@@ -90,7 +125,14 @@ pub fn rollout_reporting(
     for samples in &chunks {
         done(samples[0] as usize, total);
         let (z, lp, x0, mean) = rollout_batch(
-            model, cond, draws, schedule, latent, samples, settings, device,
+            model,
+            cond,
+            draws,
+            schedule,
+            latent,
+            samples,
+            (settings, tree),
+            device,
         )?;
         latents.push(z);
         log_probs.push(lp);
@@ -119,7 +161,7 @@ fn rollout_batch(
     schedule: &Schedule,
     latent: [i64; 3],
     samples: &[i64],
-    settings: &RolloutSettings,
+    (settings, tree): (&RolloutSettings, Option<&Tree>),
     device: Device,
 ) -> Result<(Tensor, Tensor, Tensor, Option<Tensor>)> {
     let (sde, eta, window) = (settings.sde, settings.eta, settings.window);
@@ -137,7 +179,10 @@ fn rollout_batch(
     let mut x0 = z.shallow_clone();
     for i in 0..schedule.steps() {
         let t = schedule.model_timestep(i, n).to_device(device);
-        let v = model.velocity(&cond.inputs(&sc, &z, &t))?;
+        let v = match tree {
+            None => model.velocity(&cond.inputs(&sc, &z, &t))?,
+            Some(tree) => node_velocity(model, cond, tree, samples, i, (&z, &t))?,
+        };
         let noise = samples
             .iter()
             .map(|&b| draws.sde_noise(b, i, &token_shape))
@@ -165,6 +210,26 @@ fn rollout_batch(
     }
     let means = (!means.is_empty()).then(|| Tensor::stack(&means, 1));
     Ok((Tensor::stack(&zs, 1), Tensor::stack(&lps, 1), x0, means))
+}
+
+/// The velocity of every row of a tree's batch `samples` at step `i`,
+/// evaluated once per node (the rows of a node hold the same state).
+fn node_velocity(
+    model: &dyn VelocityModel,
+    cond: &Conditioning,
+    tree: &Tree,
+    samples: &[i64],
+    i: i64,
+    (z, t): (&Tensor, &Tensor),
+) -> Result<Tensor> {
+    let (first, take) = distinct_rows(tree, cond.group(), samples, i);
+    let device = z.device();
+    let rows = Tensor::from_slice(&first).to_device(device);
+    let nodes: Vec<i64> = first.iter().map(|&r| samples[r as usize]).collect();
+    let sc = cond.for_samples(&nodes);
+    let (z, t) = (z.index_select(0, &rows), t.index_select(0, &rows)); // (nodes, L, c)
+    let v = model.velocity(&cond.inputs(&sc, &z, &t))?;
+    Ok(v.index_select(0, &Tensor::from_slice(&take).to_device(device))) // (n, L, c)
 }
 
 /// Decodes predicted x0 tokens `(B, L, d)` of latent shape `latent` (read

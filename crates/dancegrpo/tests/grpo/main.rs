@@ -4,6 +4,7 @@
 mod guard;
 mod kl;
 mod setup;
+mod tree;
 
 use dancegrpo::grpo::{
     advantages, grpo_update, AdamW, AdamWConfig, Grouping, UpdateBatching, UpdateConfig,
