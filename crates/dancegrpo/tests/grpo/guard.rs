@@ -3,13 +3,9 @@
 //! than the plain ratio; every guard changes the gradient, none the first ratios.
 
 use dancegrpo::grpo::update::UpdateStats;
-use dancegrpo::grpo::{
-    advantages, grpo_update, AdamW, AdamWConfig, Grouping, Guard, UpdateConfig, UpdateInputs,
-};
-use dancegrpo::models::{ActivationCheckpointing, VelocityModel};
-use dancegrpo::rng::Philox;
+use dancegrpo::grpo::{Guard, UpdateConfig};
+use dancegrpo::models::ActivationCheckpointing;
 use dancegrpo::sampler::SdeForm;
-use tch::Tensor;
 
 use super::setup::*;
 
@@ -17,20 +13,6 @@ use super::setup::*;
 /// step per 4 samples.
 fn guarded_update(guard: Guard, sde: SdeForm) -> (FirstWindow, UpdateStats) {
     let m = model(ActivationCheckpointing::Off);
-    let (cond, schedule, draws, ro) = seeded_rollout_with(&m, G, (sde, 0.7, None));
-    let rewards = Philox::new(3, 0).normal_tensor(&[PROMPTS * G]);
-    let adv = advantages(&rewards, Grouping::PerPrompt { size: G }, 5.0).unwrap();
-    let params: Vec<Tensor> = m.parameters().into_iter().map(|(_, p)| p).collect();
-    let mut opt = AdamW::new(AdamWConfig::default(), &params);
-    let shard = dancegrpo::dist::Shard::whole(ro.latents.size()[0]);
-    let inputs = UpdateInputs {
-        rollout: &ro,
-        shard: &shard,
-        advantages: &adv.clamped,
-        cond: &cond,
-        schedule: &schedule,
-        draws: &draws,
-    };
     let cfg = UpdateConfig {
         guard,
         sde,
@@ -38,7 +20,7 @@ fn guarded_update(guard: Guard, sde: SdeForm) -> (FirstWindow, UpdateStats) {
         ..config(G)
     };
     let mut obs = FirstWindow::default();
-    let stats = grpo_update(&m, &mut opt, &inputs, &cfg, &mut obs).unwrap();
+    let stats = update_after_rollout(&m, G, &cfg, &mut obs).1.unwrap();
     (obs, stats)
 }
 

@@ -4,13 +4,9 @@
 //! leaves the first step unchanged.
 
 use dancegrpo::grpo::update::{TransitionBatch, UpdateStats};
-use dancegrpo::grpo::{
-    advantages, grpo_update, AdamW, AdamWConfig, Grouping, UpdateConfig, UpdateInputs,
-    UpdateObserver,
-};
+use dancegrpo::grpo::{UpdateConfig, UpdateObserver};
 use dancegrpo::models::lora::LoraConfig;
-use dancegrpo::models::{ActivationCheckpointing, VelocityModel};
-use dancegrpo::rng::Philox;
+use dancegrpo::models::ActivationCheckpointing;
 use dancegrpo::sampler::SdeForm;
 use tch::Tensor;
 
@@ -53,29 +49,15 @@ fn lora_update(beta: f64, sde: SdeForm, observer: &mut dyn UpdateObserver) -> Up
         ..LoraConfig::default()
     };
     m.attach_lora(&lora, 7).unwrap();
-    let (cond, schedule, draws, ro) = seeded_rollout_with(&m, G, (sde, 0.7, None));
-    let rewards = Philox::new(3, 0).normal_tensor(&[PROMPTS * G]);
-    let adv = advantages(&rewards, Grouping::PerPrompt { size: G }, 5.0).unwrap();
-    let params: Vec<Tensor> = m.parameters().into_iter().map(|(_, p)| p).collect();
-    // a large rate so that the adapters move visibly in one step
-    let mut opt = AdamW::new(AdamWConfig::default(), &params);
-    let shard = dancegrpo::dist::Shard::whole(ro.latents.size()[0]);
-    let inputs = UpdateInputs {
-        rollout: &ro,
-        shard: &shard,
-        advantages: &adv.clamped,
-        cond: &cond,
-        schedule: &schedule,
-        draws: &draws,
-    };
     let cfg = UpdateConfig {
         kl_beta: beta,
         sde,
         eta: 0.7,
+        // a large rate so that the adapters move visibly in one step
         learning_rate: 1e-2,
         ..config(G)
     };
-    grpo_update(&m, &mut opt, &inputs, &cfg, observer).unwrap()
+    update_after_rollout(&m, G, &cfg, observer).1.unwrap()
 }
 
 #[test]
@@ -117,32 +99,12 @@ fn kl_to_the_base_model_is_zero_until_the_adapters_move() {
 #[test]
 fn kl_without_a_reference_policy_is_an_error() {
     let m = model(ActivationCheckpointing::Off);
-    let (cond, schedule, draws, ro) = seeded_rollout(&m, G);
-    let adv = Tensor::zeros([PROMPTS * G], (tch::Kind::Float, tch::Device::Cpu));
-    let params: Vec<Tensor> = m.parameters().into_iter().map(|(_, p)| p).collect();
-    let mut opt = AdamW::new(AdamWConfig::default(), &params);
-    let shard = dancegrpo::dist::Shard::whole(ro.latents.size()[0]);
-    let inputs = UpdateInputs {
-        rollout: &ro,
-        shard: &shard,
-        advantages: &adv,
-        cond: &cond,
-        schedule: &schedule,
-        draws: &draws,
-    };
     let cfg = UpdateConfig {
         kl_beta: 0.1,
         ..config(G)
     };
-    let err = grpo_update(
-        &m,
-        &mut opt,
-        &inputs,
-        &cfg,
-        &mut dancegrpo::grpo::NoObserver,
-    )
-    .unwrap_err()
-    .to_string();
+    let (_, stats) = update_after_rollout(&m, G, &cfg, &mut dancegrpo::grpo::NoObserver);
+    let err = stats.unwrap_err().to_string();
     assert!(
         err.contains("reference policy") && err.contains("LoRA"),
         "{err}"

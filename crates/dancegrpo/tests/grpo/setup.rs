@@ -165,20 +165,6 @@ pub fn iteration_sde(
     (sde, eta, window): (SdeForm, f64, Option<StepWindow>),
 ) -> (Rollout, FirstWindow, UpdateStats) {
     let m = model_in(mode, compute);
-    let (cond, schedule, draws, ro) = seeded_rollout_with(&m, batch, (sde, eta, window));
-    let rewards = Philox::new(3, 0).normal_tensor(&[PROMPTS * G]);
-    let adv = advantages(&rewards, Grouping::PerPrompt { size: G }, 5.0).unwrap();
-    let params: Vec<Tensor> = m.parameters().into_iter().map(|(_, p)| p).collect();
-    let mut opt = AdamW::new(AdamWConfig::default(), &params);
-    let shard = dancegrpo::dist::Shard::whole(ro.latents.size()[0]);
-    let inputs = UpdateInputs {
-        rollout: &ro,
-        shard: &shard,
-        advantages: &adv.clamped,
-        cond: &cond,
-        schedule: &schedule,
-        draws: &draws,
-    };
     let mut obs = FirstWindow::default();
     let cfg = UpdateConfig {
         batching,
@@ -188,7 +174,8 @@ pub fn iteration_sde(
         window,
         ..config(grad_accum)
     };
-    let stats = grpo_update(&m, &mut opt, &inputs, &cfg, &mut obs).unwrap();
+    let (ro, stats) = update_after_rollout(&m, batch, &cfg, &mut obs);
+    let stats = stats.unwrap();
     assert_eq!(stats.grad_norms.len() as i64, PROMPTS * G / grad_accum);
     let t = match window {
         Some(w) if w.train == WindowTraining::All => w.len(),
@@ -236,4 +223,31 @@ pub fn seeded_rollout_with(
     )
     .unwrap();
     (cond, schedule, draws, ro)
+}
+
+/// One update of `m` with `cfg` after its seeded rollout (`batch` samples per
+/// call, with `cfg`'s step form, noise level and window), on the advantages
+/// of the test rewards, with a fresh AdamW.
+pub fn update_after_rollout(
+    m: &dyn VelocityModel,
+    batch: i64,
+    cfg: &UpdateConfig,
+    observer: &mut dyn UpdateObserver,
+) -> (Rollout, dancegrpo::Result<UpdateStats>) {
+    let (cond, schedule, draws, ro) = seeded_rollout_with(m, batch, (cfg.sde, cfg.eta, cfg.window));
+    let rewards = Philox::new(3, 0).normal_tensor(&[PROMPTS * G]);
+    let adv = advantages(&rewards, Grouping::PerPrompt { size: G }, 5.0).unwrap();
+    let params: Vec<Tensor> = m.parameters().into_iter().map(|(_, p)| p).collect();
+    let mut opt = AdamW::new(AdamWConfig::default(), &params);
+    let shard = dancegrpo::dist::Shard::whole(ro.latents.size()[0]);
+    let inputs = UpdateInputs {
+        rollout: &ro,
+        shard: &shard,
+        advantages: &adv.clamped,
+        cond: &cond,
+        schedule: &schedule,
+        draws: &draws,
+    };
+    let stats = grpo_update(m, &mut opt, &inputs, cfg, observer);
+    (ro, stats)
 }
