@@ -39,6 +39,7 @@ const SOURCES: &[&str] = &[
     "grpo/advantage.rs",
     "grpo/guard.rs",
     "grpo/lr.rs",
+    "grpo/settings.rs",
     "grpo/update.rs",
 ];
 

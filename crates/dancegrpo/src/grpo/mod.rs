@@ -8,6 +8,7 @@ pub mod iteration;
 pub mod loss;
 pub mod lr;
 pub mod optim;
+pub mod settings;
 pub mod update;
 
 pub use advantage::{advantages, mixed_advantages, Advantages, Grouping, RewardMixing};
