@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use super::RunTrace;
 use crate::error::Result;
+use crate::grpo::iteration::Summary;
 use crate::train::curve::rolling_mean;
 use crate::train::plot::{render, Chart, Corner, Scale, Series, Style};
 
@@ -30,14 +31,11 @@ pub struct MeanStd {
 impl MeanStd {
     /// Of the finite `values` (NaN mean where there is none).
     pub fn of(values: &[f64]) -> MeanStd {
-        let v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
-        let n = v.len() as f64;
-        let mean = v.iter().sum::<f64>() / n;
-        let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+        let s = Summary::of_f64(values);
         MeanStd {
-            mean,
-            std: var.sqrt(),
-            n: v.len(),
+            mean: s.mean,
+            std: s.std,
+            n: values.iter().filter(|x| x.is_finite()).count(),
         }
     }
 
@@ -102,8 +100,7 @@ pub struct Report {
 /// The mean of the finite values (NaN when there is none): a failed
 /// iteration's reward is a gap, as in the curves.
 fn mean(v: &[f64]) -> f64 {
-    let finite: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
-    finite.iter().sum::<f64>() / finite.len() as f64
+    Summary::of_f64(v).mean
 }
 
 /// `(iteration, seconds, calls, seed-mean reward)` per iteration, the

@@ -93,11 +93,12 @@ pub struct Summary {
 impl Summary {
     /// Summary of the finite values of `v`.
     pub fn of(v: &[f32]) -> Summary {
-        let x: Vec<f64> = v
-            .iter()
-            .filter(|x| x.is_finite())
-            .map(|&x| x as f64)
-            .collect();
+        Summary::of_f64(&v.iter().map(|&x| x as f64).collect::<Vec<_>>())
+    }
+
+    /// [`Summary::of`] for float64 values.
+    pub fn of_f64(v: &[f64]) -> Summary {
+        let x: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
         if x.is_empty() {
             let nan = f64::NAN;
             return Summary {
