@@ -65,6 +65,7 @@ fn rollout_and_decode(
         window: g.cfg.window,
         batch: 1,
         means: StepMeans::Drop,
+        tree: None,
     };
     let dev = case.device();
     let ro = rollout(

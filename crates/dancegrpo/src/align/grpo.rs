@@ -162,6 +162,7 @@ pub(super) fn stored_rollout(case: &Case, kind: Kind) -> Result<Rollout> {
         pred_x0: pred_x0.select(1, last),
         means: None,
         batches: (0..b).map(|s| vec![s]).collect(),
+        tree: None,
     })
 }
 
@@ -226,7 +227,7 @@ fn copy_named(params: &[(String, Tensor)], grad: bool) -> Vec<(String, Tensor)> 
 impl UpdateObserver for Recorder {
     fn transitions(&mut self, x: &TransitionBatch) -> Result<()> {
         for &r in x.active {
-            let (b, k) = (x.samples[r as usize], x.k);
+            let (b, k) = (x.samples[r as usize], x.positions[r as usize]);
             let row = |t: &Tensor| t.get(r).detach().copy();
             let j = x.steps[r as usize];
             self.put("sigma_index", b, k, Tensor::from(j));

@@ -15,7 +15,7 @@ use crate::sampler::rollout::{decode, rollout_reporting, RolloutSettings};
 use crate::sampler::{Conditioning, Draws, Schedule};
 
 /// Settings of an iteration beyond the update's.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct IterationConfig {
     /// Rollout noise level and model batch.
     pub rollout: RolloutSettings,

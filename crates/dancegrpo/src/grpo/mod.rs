@@ -9,6 +9,7 @@ pub mod loss;
 pub mod lr;
 pub mod optim;
 pub mod settings;
+mod tree_rows;
 pub mod update;
 
 pub use advantage::{advantages, mixed_advantages, Advantages, Grouping, RewardMixing};

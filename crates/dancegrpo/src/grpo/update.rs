@@ -16,8 +16,11 @@ use crate::dist::Shard;
 use crate::error::{Error, Result};
 use crate::models::VelocityModel;
 use crate::sampler::sde::{At, Next};
+use crate::sampler::tree::Tree;
 use crate::sampler::WindowTraining;
-use crate::sampler::{Conditioning, Draws, Rollout, SampleConditioning, Schedule};
+use crate::sampler::{Conditioning, Draws, Rollout, Schedule};
+
+use super::tree_rows::tree_batches;
 
 pub use super::settings::{Trainable, UpdateBatching, UpdateConfig};
 
@@ -27,10 +30,13 @@ pub struct TransitionBatch<'a> {
     pub samples: &'a [i64],
     /// Rows that belong to the current accumulation window (only they contribute).
     pub active: &'a [i64],
-    /// Position `k` in each sample's permutation.
-    pub k: i64,
+    /// Each active row's position `k` among its sample's trained transitions
+    /// (its root's, in a tree; -1 for rows not trained).
+    pub positions: &'a [i64],
     /// The transition `j` of each row.
     pub steps: &'a [i64],
+    /// Leaves each row stands for (a tree node's; 1 for every row of a plain rollout).
+    pub leaves: &'a [i64],
     /// The timestep fed to the model `(n,)`.
     pub timestep_input: &'a Tensor,
     /// `z_j` and `z_{j+1}` `(n, L, c)`.
@@ -139,14 +145,20 @@ pub fn grpo_update(
         )));
     }
     let b_total = inputs.shard.total();
+    let tree = inputs.rollout.tree.as_ref();
+    if let Some(tree) = tree {
+        check_tree_layout(tree, inputs, cfg)?;
+    }
+    // every leaf of a tree trains its root's transitions
+    let drawn = |b: i64| tree.map_or(b, |t| t.root(b));
     let perms = (0..b_local)
         .map(|b| match cfg.window {
             Some(w) if w.train == WindowTraining::All => Ok(w.steps()),
-            Some(w) => Ok(inputs.draws.permutation(b, w.len())?[..t as usize]
+            Some(w) => Ok(inputs.draws.permutation(drawn(b), w.len())?[..t as usize]
                 .iter()
                 .map(|k| w.start + k)
                 .collect()),
-            None => Ok(inputs.draws.permutation(b, n)?[..t as usize].to_vec()),
+            None => Ok(inputs.draws.permutation(drawn(b), n)?[..t as usize].to_vec()),
         })
         .collect::<Result<Vec<_>>>()?;
     let named = model.parameters();
@@ -196,27 +208,14 @@ pub fn grpo_update(
         UpdateBatching::Window => window_chunks(b_local, window),
     };
     for samples in &chunks {
-        let chunk = Chunk::new(inputs, samples);
         let mut ids: Vec<i64> = samples.iter().map(|&r| window(r)).collect();
         ids.dedup();
         for w in ids {
             let active: Vec<i64> = (0..samples.len() as i64)
                 .filter(|&r| window(samples[r as usize]) == w)
                 .collect();
-            match cfg.batching {
-                UpdateBatching::Window => {
-                    let n = samples.len() as i64;
-                    let per_batch = cfg.max_rows.map_or(t, |m| (m / n).clamp(1, t));
-                    let ks: Vec<i64> = (0..t).collect();
-                    for part in ks.chunks(per_batch as usize) {
-                        run.transitions(&chunk, &active, part, observer)?;
-                    }
-                }
-                _ => {
-                    for k in 0..t {
-                        run.transitions(&chunk, &active, &[k], observer)?;
-                    }
-                }
+            for rows in run.batches(samples, &active, tree)? {
+                run.evaluate(&rows, observer)?;
             }
             if w < windows && samples.contains(&last_row[w as usize]) {
                 run.optimizer_step(optimizer, &named, &params, observer)?;
@@ -224,6 +223,38 @@ pub fn grpo_update(
         }
     }
     run.finish()
+}
+
+/// Refuses a tree rollout whose roots are not whole in every model batch,
+/// accumulation window and process (the update trains each node once).
+fn check_tree_layout(tree: &Tree, inputs: &UpdateInputs, cfg: &UpdateConfig) -> Result<()> {
+    let root = tree.root_size();
+    let whole = |start: i64, len: usize| start % root == 0 && len as i64 % root == 0;
+    let refuse = |what: String| {
+        Err(Error::Input(format!(
+            "a tree rollout trains each node once, so its roots of {root} leaves must be whole: {what}"
+        )))
+    };
+    if cfg.batching != UpdateBatching::Rollout {
+        return refuse(format!(
+            "the update recomputes in {:?} batches; trees need the rollout's",
+            cfg.batching
+        ));
+    }
+    if cfg.grad_accum % root != 0 {
+        return refuse(format!("{} samples per optimizer step", cfg.grad_accum));
+    }
+    if let Some(b) = (inputs.rollout.batches.iter()).find(|b| !whole(b[0], b.len())) {
+        return refuse(format!("a model batch of samples {b:?}"));
+    }
+    let global = inputs.shard.samples();
+    if let Some(row) = (0..global.len()).find(|&r| global[r] % root != r as i64 % root) {
+        return refuse(format!(
+            "local sample {row} is sample {} of the iteration",
+            global[row]
+        ));
+    }
+    Ok(())
 }
 
 /// The local rows of each accumulation window, in window order.
@@ -263,104 +294,141 @@ struct Run<'a> {
     terms: Vec<[Vec<f64>; TERMS]>,
 }
 
-/// What one model batch of samples needs at every trained position `k`.
-struct Chunk<'a> {
-    samples: &'a [i64],
-    cond: SampleConditioning,
-    log_probs: Tensor,  // (n, S)
-    advantages: Tensor, // (n,)
-}
-
-impl<'a> Chunk<'a> {
-    fn new(inputs: &UpdateInputs, samples: &'a [i64]) -> Self {
-        let rows = Tensor::from_slice(samples).to_device(inputs.rollout.latents.device());
-        Chunk {
-            samples,
-            cond: inputs.cond.for_samples(samples),
-            log_probs: inputs.rollout.log_probs.index_select(0, &rows),
-            advantages: inputs.advantages.index_select(0, &rows),
-        }
-    }
+/// One model batch of the update: the rows the model evaluates and the
+/// transitions trained from its velocities.
+pub(super) struct Rows {
+    /// The sample whose state each model row holds, and its step.
+    pub model_samples: Vec<i64>,
+    /// See `model_samples`.
+    pub model_steps: Vec<i64>,
+    /// Each transition row's model row (`None`: one transition per model row, in order).
+    pub expand: Option<Vec<i64>>,
+    /// The sample whose transition `z_j -> z_{j+1}` each row is, and `j`.
+    pub samples: Vec<i64>,
+    /// See `samples`.
+    pub steps: Vec<i64>,
+    /// Each row's position among its sample's trained transitions (-1: not trained).
+    pub positions: Vec<i64>,
+    /// Leaves each row stands for (`None`: 1 each, a plain rollout).
+    pub leaves: Option<Vec<i64>>,
+    /// Advantage of each row `(n,)`.
+    pub adv: Tensor,
+    /// The rows whose loss is back-propagated.
+    pub active: Vec<i64>,
 }
 
 impl Run<'_> {
-    /// Re-evaluates transitions `ks` (k-major: for each `k`, every sample of
-    /// the chunk) in one model batch and back-propagates the loss of the
-    /// `active` rows of each `k`.
-    fn transitions(
-        &mut self,
-        chunk: &Chunk,
-        active: &[i64],
-        ks: &[i64],
-        observer: &mut dyn UpdateObserver,
-    ) -> Result<()> {
-        let inp = self.inputs;
-        let (samples, n) = (chunk.samples, chunk.samples.len() as i64);
+    /// The model batches training the `active` rows of the model batch
+    /// `samples` (one per trained position, or fewer with [`UpdateBatching::Window`]).
+    fn batches(&self, samples: &[i64], active: &[i64], tree: Option<&Tree>) -> Result<Vec<Rows>> {
+        let advantages = self.inputs.advantages;
+        if let Some(tree) = tree {
+            let window: Vec<i64> = active.iter().map(|&r| samples[r as usize]).collect();
+            return tree_batches(tree, samples, &window, &self.perms, advantages);
+        }
+        let per_batch = match self.cfg.batching {
+            UpdateBatching::Window => {
+                let n = samples.len() as i64;
+                (self.cfg.max_rows).map_or(self.t, |m| (m / n).clamp(1, self.t))
+            }
+            _ => 1,
+        };
+        let ks: Vec<i64> = (0..self.t).collect();
+        let rows = ks.chunks(per_batch as usize);
+        Ok(rows.map(|ks| self.flat_rows(samples, active, ks)).collect())
+    }
+
+    /// Transitions `ks` (k-major: for each `k`, every sample of `samples`)
+    /// in one model batch, the `active` rows of each `k` trained.
+    fn flat_rows(&self, samples: &[i64], active: &[i64], ks: &[i64]) -> Rows {
+        let n = samples.len() as i64;
+        let rows: Vec<i64> = ks.iter().flat_map(|_| samples.iter().copied()).collect();
         let steps: Vec<i64> = (ks.iter())
             .flat_map(|&k| samples.iter().map(move |&b| (b, k)))
             .map(|(b, k)| self.perms[b as usize][k as usize])
             .collect();
-        let rows: Vec<i64> = ks.iter().flat_map(|_| samples.iter().copied()).collect();
+        let idx = Tensor::from_slice(&rows).to_device(self.inputs.advantages.device());
+        Rows {
+            model_samples: rows.clone(),
+            model_steps: steps.clone(),
+            expand: None,
+            positions: ks
+                .iter()
+                .flat_map(|&k| samples.iter().map(move |_| k))
+                .collect(),
+            adv: self.inputs.advantages.index_select(0, &idx), // (n * |ks|,)
+            samples: rows,
+            steps,
+            leaves: None,
+            active: (0..ks.len() as i64)
+                .flat_map(|i| active.iter().map(move |&r| i * n + r))
+                .collect(),
+        }
+    }
+
+    /// Re-evaluates the model rows of `rows`, computes the loss of its
+    /// transitions and back-propagates that of the active ones.
+    fn evaluate(&mut self, rows: &Rows, observer: &mut dyn UpdateObserver) -> Result<()> {
+        let inp = self.inputs;
         let device = inp.rollout.latents.device();
-        let pick = |offset: i64| {
-            let picked: Vec<Tensor> = (rows.iter().zip(&steps))
-                .map(|(&b, &j)| inp.rollout.latents.get(b).get(j + offset))
-                .collect();
-            Tensor::stack(&picked, 0) // (n * |ks|, L, c)
-        };
-        let (z, z_next) = (pick(0), pick(1));
-        // the rollout's step means (n * |ks|, L, c), for the normalised ratio
-        let mean_old = inp
-            .rollout
-            .means
-            .as_ref()
-            .filter(|_| self.cfg.guard.ratio_norm())
-            .map(|m| {
-                let picked: Vec<Tensor> = (rows.iter().zip(&steps))
-                    .map(|(&b, &j)| m.get(b).get(j))
-                    .collect();
-                Tensor::stack(&picked, 0)
-            });
-        let weights = (self.weights.as_ref()).map(|w| row_weights(w, &steps).to_device(device));
         let idx = |v: &[i64]| Tensor::from_slice(v).to_device(device);
-        let repeat = ks.len() as i64;
-        let rows_of = |t: &Tensor, dims: &[i64]| match repeat {
-            1 => t.shallow_clone(),
-            _ => t.repeat(dims),
+        let pick = |t: &Tensor, samples: &[i64], steps: &[i64], offset: i64| {
+            let picked: Vec<Tensor> = (samples.iter().zip(steps))
+                .map(|(&b, &j)| t.get(b).get(j + offset))
+                .collect();
+            Tensor::stack(&picked, 0) // (n, ...)
         };
-        let log_probs = rows_of(&chunk.log_probs, &[repeat, 1]); // (n * |ks|, S)
-        let old_lp = log_probs
-            .gather(1, &idx(&steps).unsqueeze(1), false)
-            .squeeze_dim(1);
-        let adv = rows_of(&chunk.advantages, &[repeat]); // (n * |ks|,)
-        let ts = inp.schedule.model_timesteps(&steps).to_device(device); // (n * |ks|,)
-        let fresh;
-        let cond = match repeat {
-            1 => &chunk.cond,
-            _ => {
-                fresh = inp.cond.for_samples(&rows);
-                &fresh
-            }
+        let (samples, steps) = (&rows.samples, &rows.steps);
+        let z_model = pick(
+            &inp.rollout.latents,
+            &rows.model_samples,
+            &rows.model_steps,
+            0,
+        );
+        let expand = |t: &Tensor| match &rows.expand {
+            None => t.shallow_clone(),
+            Some(e) => t.index_select(0, &idx(e)),
         };
-        let scale = (self.cfg.grad_accum * self.t) as f64;
-        let all_active = active.len() as i64 == n;
-        let active_rows: Vec<i64> = (0..repeat)
-            .flat_map(|i| active.iter().map(move |&r| i * n + r))
+        let z = expand(&z_model); // (n, L, c)
+        let z_next = pick(&inp.rollout.latents, samples, steps, 1);
+        // the rollout's step means (n, L, c), for the normalised ratio
+        let mean_old = (inp.rollout.means.as_ref())
+            .filter(|_| self.cfg.guard.ratio_norm())
+            .map(|m| pick(m, samples, steps, 0));
+        let weights = self.row_weights(rows).map(|w| w.to_device(device));
+        let s = inp.rollout.log_probs.size()[1];
+        let flat: Vec<i64> = samples
+            .iter()
+            .zip(steps)
+            .map(|(&b, &j)| b * s + j)
             .collect();
-        let active_idx = idx(&active_rows);
+        let old_lp = inp
+            .rollout
+            .log_probs
+            .reshape([-1])
+            .index_select(0, &idx(&flat)); // (n,)
+        let ts = inp
+            .schedule
+            .model_timesteps(&rows.model_steps)
+            .to_device(device);
+        let cond = inp.cond.for_samples(&rows.model_samples);
+        let scale = (self.cfg.grad_accum * self.t) as f64;
+        let all_active = rows.active.len() == samples.len();
+        let active_idx = idx(&rows.active);
         let mut kept: Option<(Tensor, Tensor, PolicyLoss, Option<Tensor>)> = None;
         let (sde, eta, clip) = (self.cfg.sde, self.cfg.eta, self.cfg.clip_range);
-        let flow_inputs = inp.cond.inputs(cond, &z, &ts);
-        let v_ref = self.reference_velocity(&flow_inputs)?;
+        let flow_inputs = inp.cond.inputs(&cond, &z_model, &ts);
+        let v_ref = self.reference_velocity(&flow_inputs)?.map(|v| expand(&v));
         let _loss = self.model.velocity_backward(&flow_inputs, &mut |v| {
-            let at = At::Rows(&steps);
+            let v = expand(v); // (n, L, c)
+            let at = At::Rows(steps);
             let sigmas = &inp.schedule.sigmas;
-            let step = sde.step(v, &z, sigmas, at, eta, Next::Given(&z_next));
+            let step = sde.step(&v, &z, sigmas, at, eta, Next::Given(&z_next));
             let log_ratio = match &mean_old {
                 Some(old) => normalized_log_ratio(&step, old),
                 None => &step.log_prob - &old_lp,
             };
-            let terms = clipped_loss_of_log_ratio(&log_ratio, &adv, clip, scale);
+            let terms = clipped_loss_of_log_ratio(&log_ratio, &rows.adv, clip, scale);
             // beta * KL joins each transition's loss, scaled as the policy term
             let kl = (v_ref.as_ref()).map(|vr| {
                 step_kl(
@@ -389,28 +457,38 @@ impl Run<'_> {
             Ok(loss)
         })?;
         let (v, new_lp, terms, kl) = kept.expect("the loss function ran");
-        for (i, &k) in ks.iter().enumerate() {
-            let part = |t: &Tensor| t.narrow(0, i as i64 * n, n);
-            let terms = terms.rows(i as i64 * n, n);
-            let kl = kl.as_ref().map(&part);
-            self.record(samples, active, k, &terms, kl.as_ref())?;
-            let span = i * n as usize..(i + 1) * n as usize;
-            observer.transitions(&TransitionBatch {
-                samples,
-                active,
-                k,
-                steps: &steps[span],
-                timestep_input: &part(&ts),
-                latents: &part(&z),
-                next_latents: &part(&z_next),
-                model_output: &part(&v),
-                old_log_probs: &part(&old_lp),
-                new_log_probs: &part(&new_lp),
-                terms: &terms,
-                kl: kl.as_ref(),
-            })?;
+        let ones = vec![1; samples.len()];
+        let leaves = rows.leaves.as_deref().unwrap_or(&ones);
+        self.record(rows, leaves, &terms, kl.as_ref())?;
+        observer.transitions(&TransitionBatch {
+            samples,
+            active: &rows.active,
+            positions: &rows.positions,
+            steps,
+            leaves,
+            timestep_input: &expand(&ts),
+            latents: &z,
+            next_latents: &z_next,
+            model_output: &v,
+            old_log_probs: &old_lp,
+            new_log_probs: &new_lp,
+            terms: &terms,
+            kl: kl.as_ref(),
+        })
+    }
+
+    /// Each row's weight in the loss: GRPO-Guard's step weight times the
+    /// leaves it stands for (`None`: 1 each).
+    fn row_weights(&self, rows: &Rows) -> Option<Tensor> {
+        let guard = (self.weights.as_ref()).map(|w| row_weights(w, &rows.steps));
+        let leaves = (rows.leaves.as_ref()).map(|l| {
+            let l: Vec<f32> = l.iter().map(|&x| x as f32).collect();
+            Tensor::from_slice(&l)
+        });
+        match (guard, leaves) {
+            (Some(g), Some(l)) => Some(g * l),
+            (g, l) => g.or(l),
         }
-        Ok(())
     }
 
     /// The reference policy's velocity when the loss has a KL term (an
@@ -429,12 +507,13 @@ impl Run<'_> {
         }
     }
 
-    /// Adds the active rows' losses, ratios and KL terms to the statistics.
+    /// Adds the active rows' losses, ratios and KL terms to the statistics
+    /// of every leaf they stand for (a node of `size` leaves back-propagates
+    /// `size` times its loss: each leaf records it once).
     fn record(
         &mut self,
-        samples: &[i64],
-        active: &[i64],
-        k: i64,
+        rows: &Rows,
+        leaves: &[i64],
         terms: &PolicyLoss,
         kl: Option<&Tensor>,
     ) -> Result<()> {
@@ -451,13 +530,16 @@ impl Run<'_> {
         let clipped: Vec<bool> = Vec::try_from(
             &clipped_mask(&terms.ratio.detach(), self.cfg.clip_range).to_device(tch::Device::Cpu),
         )?;
-        for &r in active {
-            let (r, b) = (r as usize, samples[r as usize] as usize);
-            let [l, q, c, d] = &mut self.terms[b];
-            l[k as usize] = loss[r];
-            q[k as usize] = ratio[r];
-            c[k as usize] = clipped[r] as u8 as f64;
-            d[k as usize] = kl[r];
+        for &r in &rows.active {
+            let r = r as usize;
+            let (b, k, size) = (rows.samples[r], rows.positions[r] as usize, leaves[r]);
+            for leaf in b..b + size {
+                let [l, q, c, d] = &mut self.terms[leaf as usize];
+                l[k] = loss[r];
+                q[k] = ratio[r];
+                c[k] = clipped[r] as u8 as f64;
+                d[k] = kl[r];
+            }
         }
         Ok(())
     }

@@ -12,7 +12,7 @@ use crate::io::image::to_uint8;
 use crate::models::{LatentDecoder, TokenLayout, VelocityModel};
 
 /// How a rollout is run.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RolloutSettings {
     /// The stochastic step's form.
     pub sde: SdeForm,
@@ -25,6 +25,9 @@ pub struct RolloutSettings {
     pub batch: i64,
     /// Whether every step's mean is kept (GRPO-Guard's ratio normalisation reads them).
     pub means: StepMeans,
+    /// How each group's trajectories branch ([`super::tree`]); `None`: every
+    /// sample its own trajectory.
+    pub tree: Option<Tree>,
 }
 
 /// Whether a rollout keeps its steps' means.
@@ -50,6 +53,8 @@ pub struct Rollout {
     pub means: Option<Tensor>,
     /// The sample indices of each model batch, in order (the update reuses them).
     pub batches: Vec<Vec<i64>>,
+    /// The branching of the groups, for a tree rollout (the update trains its nodes).
+    pub tree: Option<Tree>,
 }
 
 /// Splits samples `0..n` into consecutive batches of `batch`.
@@ -76,29 +81,6 @@ pub fn rollout(
     rollout_reporting(model, inputs, settings, device, &|_, _| {})
 }
 
-/// [`rollout`] of groups branching as `tree` ([`super::tree`]): the leaves of
-/// a node share its draws and its state, and the model runs once per node
-/// and step within each model batch.
-pub fn rollout_tree(
-    model: &dyn VelocityModel,
-    (cond, draws, schedule, latent): (&Conditioning, &dyn Draws, &Schedule, [i64; 3]),
-    settings: &RolloutSettings,
-    tree: &Tree,
-    device: Device,
-) -> Result<Rollout> {
-    let group = cond.group();
-    if let Some((field, msg)) = tree.check(group, schedule.steps()) {
-        return Err(crate::error::Error::Input(format!("tree.{field}: {msg}")));
-    }
-    let draws = TreeDraws {
-        inner: draws,
-        tree,
-        group,
-    };
-    let inputs = (cond, &draws as &dyn Draws, schedule, latent);
-    run(model, inputs, settings, Some(tree), device, &|_, _| {})
-}
-
 /// [`rollout`] calling `done(samples_done, samples)` after each model batch.
 pub fn rollout_reporting(
     model: &dyn VelocityModel,
@@ -107,14 +89,29 @@ pub fn rollout_reporting(
     device: Device,
     done: &dyn Fn(usize, usize),
 ) -> Result<Rollout> {
-    run(model, inputs, settings, None, device, done)
+    let (cond, draws, schedule, latent) = inputs;
+    let Some(tree) = &settings.tree else {
+        return run(model, inputs, settings, device, done);
+    };
+    let (group, steps) = (cond.group(), schedule.steps());
+    let invalid = (tree.check(group, steps)).or_else(|| tree.check_batch(settings.batch));
+    if let Some((field, msg)) = invalid {
+        return Err(crate::error::Error::Input(format!("tree.{field}: {msg}")));
+    }
+    let draws = TreeDraws { inner: draws, tree };
+    run(
+        model,
+        (cond, &draws, schedule, latent),
+        settings,
+        device,
+        done,
+    )
 }
 
 fn run(
     model: &dyn VelocityModel,
     (cond, draws, schedule, latent): (&Conditioning, &dyn Draws, &Schedule, [i64; 3]),
     settings: &RolloutSettings,
-    tree: Option<&Tree>,
     device: Device,
     done: &dyn Fn(usize, usize),
 ) -> Result<Rollout> {
@@ -125,14 +122,7 @@ fn run(
     for samples in &chunks {
         done(samples[0] as usize, total);
         let (z, lp, x0, mean) = rollout_batch(
-            model,
-            cond,
-            draws,
-            schedule,
-            latent,
-            samples,
-            (settings, tree),
-            device,
+            model, cond, draws, schedule, latent, samples, settings, device,
         )?;
         latents.push(z);
         log_probs.push(lp);
@@ -148,6 +138,7 @@ fn run(
             kept => Some(Tensor::cat(&kept, 0)),
         },
         batches: chunks,
+        tree: settings.tree.clone(),
     })
 }
 
@@ -161,7 +152,7 @@ fn rollout_batch(
     schedule: &Schedule,
     latent: [i64; 3],
     samples: &[i64],
-    (settings, tree): (&RolloutSettings, Option<&Tree>),
+    settings: &RolloutSettings,
     device: Device,
 ) -> Result<(Tensor, Tensor, Tensor, Option<Tensor>)> {
     let (sde, eta, window) = (settings.sde, settings.eta, settings.window);
@@ -179,9 +170,9 @@ fn rollout_batch(
     let mut x0 = z.shallow_clone();
     for i in 0..schedule.steps() {
         let t = schedule.model_timestep(i, n).to_device(device);
-        let v = match tree {
+        let v = match &settings.tree {
             None => model.velocity(&cond.inputs(&sc, &z, &t))?,
-            Some(tree) => node_velocity(model, cond, tree, samples, i, (&z, &t))?,
+            Some(tree) => state_velocity(model, cond, tree, samples, i, (&z, &t))?,
         };
         let noise = samples
             .iter()
@@ -213,8 +204,8 @@ fn rollout_batch(
 }
 
 /// The velocity of every row of a tree's batch `samples` at step `i`,
-/// evaluated once per node (the rows of a node hold the same state).
-fn node_velocity(
+/// evaluated once per state (the rows of a state's node hold it exactly).
+fn state_velocity(
     model: &dyn VelocityModel,
     cond: &Conditioning,
     tree: &Tree,
@@ -222,7 +213,7 @@ fn node_velocity(
     i: i64,
     (z, t): (&Tensor, &Tensor),
 ) -> Result<Tensor> {
-    let (first, take) = distinct_rows(tree, cond.group(), samples, i);
+    let (first, take) = distinct_rows(samples, tree.state_size(i));
     let device = z.device();
     let rows = Tensor::from_slice(&first).to_device(device);
     let nodes: Vec<i64> = first.iter().map(|&r| samples[r as usize]).collect();

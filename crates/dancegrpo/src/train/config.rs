@@ -15,6 +15,7 @@ use crate::models::lora::LoraConfig;
 use crate::models::ActivationCheckpointing;
 use crate::rewards::jpeg::{JpegObjective, JpegSubsampling};
 use crate::sampler::draws::{InitNoise, NoisePrecision};
+use crate::sampler::tree::Tree;
 use crate::sampler::{SdeForm, SdeWindow};
 
 /// Where the base model comes from.
@@ -98,6 +99,13 @@ pub struct SamplerConfig {
     /// trained, the others are ODE steps (absent: every step, DanceGRPO).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub window: Option<SdeWindow>,
+    /// Tree rollouts (BranchGRPO-style): each group's samples share their
+    /// trajectory until branch steps and split there (`branches` children
+    /// before each step of `at`); the model runs once per shared state, and
+    /// the update trains each shared transition once, with its leaves' mean
+    /// advantage (absent: every sample its own trajectory).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tree: Option<Tree>,
     /// Schedule shift.
     pub shift: f64,
     /// Samples per prompt (G).
@@ -123,6 +131,7 @@ impl Default for SamplerConfig {
             sde: SdeForm::Dance,
             eta: 0.3,
             window: None,
+            tree: None,
             shift: 3.0,
             group_size: 12,
             init_noise: InitNoise::SharedPerIteration,
@@ -459,6 +468,14 @@ impl TrainConfig {
                 Path::new("config"),
                 "optim.gradient_accumulation",
                 format!("{ga} samples per optimizer step cannot be shared by {world_size} processes (must be a multiple of {world_size})"),
+            ));
+        }
+        let root = self.sampler.tree.as_ref().map_or(1, |t| t.root_size());
+        if (ga / world_size) % root != 0 {
+            return Err(field_err(
+                Path::new("config"),
+                "optim.gradient_accumulation",
+                format!("{ga} samples per optimizer step over {world_size} processes leave {} per process, not whole roots of the tree's {root} leaves (a multiple of {} is needed)", ga / world_size, root * world_size),
             ));
         }
         Ok(())

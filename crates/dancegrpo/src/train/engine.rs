@@ -27,6 +27,7 @@ impl TrainConfig {
                     true => StepMeans::Keep,
                     false => StepMeans::Drop,
                 },
+                tree: s.tree.clone(),
             },
             decode_batch: s.decode_batch,
             grouping: match g.grouping {

@@ -6,6 +6,8 @@ use super::config::{AdvantageGrouping, DataSource, ModelSource, TrainConfig};
 use crate::data::format::INFO_FILE;
 use crate::data::reference::INDEX_FILE;
 use crate::error::{Error, Result};
+use crate::grpo::UpdateBatching;
+use crate::sampler::tree::Tree;
 
 type Rule<'a> = (&'a str, bool, String);
 
@@ -77,6 +79,9 @@ impl TrainConfig {
                 msg,
             ));
         }
+        if let Some(tree) = &s.tree {
+            self.check_tree(tree, origin)?;
+        }
         // the update's own count (the fields it also checks were checked above)
         if let Err(Error::Input(msg)) = self.iteration_config().update.trained(s.steps) {
             return Err(Error::config(origin, "grpo.timestep_fraction", msg));
@@ -86,6 +91,36 @@ impl TrainConfig {
 }
 
 impl TrainConfig {
+    /// `[sampler.tree]`: it must make the groups, and model batches and
+    /// accumulation windows must hold whole roots (each node is trained once).
+    fn check_tree(&self, tree: &Tree, origin: &Path) -> Result<()> {
+        let (s, o) = (&self.sampler, &self.optim);
+        if let Some((field, msg)) = tree.check(s.group_size, s.steps) {
+            return Err(Error::config(origin, &format!("sampler.tree.{field}"), msg));
+        }
+        if let Some((_, msg)) = tree.check_batch(s.rollout_batch) {
+            return Err(Error::config(origin, "sampler.rollout_batch", msg));
+        }
+        let root = tree.root_size();
+        if o.gradient_accumulation % root != 0 {
+            let msg = format!(
+                "must be a multiple of the tree's {root} leaves per root (a root's nodes are trained in one window), got {}",
+                o.gradient_accumulation
+            );
+            return Err(Error::config(origin, "optim.gradient_accumulation", msg));
+        }
+        if o.update_batching != UpdateBatching::Rollout {
+            let msg =
+                "a tree's nodes are recomputed in the rollout's model batches: use \"rollout\"";
+            return Err(Error::config(
+                origin,
+                "optim.update_batching",
+                msg.to_string(),
+            ));
+        }
+        Ok(())
+    }
+
     /// The optional sections: `[optim.lora]`, `[optim.ema]` and `[health]`.
     fn check_options(&self, origin: &Path) -> Result<()> {
         if let Some(l) = &self.optim.lora {

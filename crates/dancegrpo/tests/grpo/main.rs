@@ -301,6 +301,7 @@ fn an_iteration_reports_rewards_failures_and_stage_times() {
             window: None,
             batch: 4,
             means: StepMeans::Drop,
+            tree: None,
         },
         decode_batch: 2,
         grouping: Grouping::PerPrompt { size: G },
@@ -477,6 +478,7 @@ fn bad_update_inputs_are_rejected_with_the_field() {
             window: None,
             batch: 8,
             means: StepMeans::Drop,
+            tree: None,
         },
         Device::Cpu,
     )

@@ -211,6 +211,7 @@ pub fn seeded_rollout_with(
         window,
         batch,
         means: StepMeans::Keep, // for GRPO-Guard's ratio normalisation
+        tree: None,
     };
     let ro = rollout(
         m,
