@@ -31,6 +31,7 @@ fn compare_reports_methods_side_by_side_and_reuses_finished_runs() {
         "compare",
         "dancegrpo",
         "flow-grpo-fast",
+        "branch-grpo",
         file.to_str().unwrap(),
         "--iterations",
         "2",
@@ -49,13 +50,22 @@ fn compare_reports_methods_side_by_side_and_reuses_finished_runs() {
         .iter()
         .map(|m| m["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["dancegrpo", "flow-grpo-fast", "lora-kl"]);
+    assert_eq!(
+        names,
+        ["dancegrpo", "flow-grpo-fast", "branch-grpo", "lora-kl"]
+    );
     // 16 samples of 8 steps; 4 trained transitions, a window of 2, 4 plus 4 reference forwards
     let calls: Vec<f64> = methods
         .iter()
         .map(|m| m["calls_per_iteration"].as_f64().unwrap())
         .collect();
-    assert_eq!(calls, [192.0, 160.0, 256.0]);
+    assert_eq!([calls[0], calls[1], calls[3]], [192.0, 160.0, 256.0]);
+    // the tree: per group 1 + 1 + 2 + 2 + 4 + 4 + 8 + 8 = 30 states in the rollout;
+    // the update re-evaluates the states of its root's 4 trained steps (6 to 18 rows)
+    assert!(
+        (2.0 * (30.0 + 6.0)..=2.0 * (30.0 + 18.0)).contains(&calls[2]),
+        "{calls:?}"
+    );
     for m in methods {
         assert_eq!(m["curve"].as_array().unwrap().len(), 2);
         assert_eq!(m["last"]["n"], 2);
@@ -81,7 +91,7 @@ fn compare_reports_methods_side_by_side_and_reuses_finished_runs() {
     let again = bin().args(args).output().unwrap();
     assert_ok(&again);
     let stderr = String::from_utf8_lossy(&again.stderr);
-    assert_eq!(stderr.matches("reused").count(), 6, "{stderr}");
+    assert_eq!(stderr.matches("reused").count(), 8, "{stderr}");
     assert_eq!(json(&out.join("compare.json")), report);
     std::fs::remove_dir_all(&dir).unwrap();
 }

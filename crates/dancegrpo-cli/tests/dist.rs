@@ -121,6 +121,56 @@ fn two_processes_sample_the_same_trajectories_and_train_like_one() {
 }
 
 #[test]
+fn a_tree_rollout_shared_by_two_processes_trains_like_one() {
+    let dir = common::temp_dir("dist", "tree");
+    let (one, two) = (dir.join("one"), dir.join("two"));
+    // roots of 4 leaves; each process holds one root of every 8-sample window
+    let tree = [
+        "--set",
+        "sampler.tree={branches=2,at=[1,3]}",
+        "--set",
+        "optim.update_batching=\"rollout\"",
+        "--set",
+        "sampler.rollout_batch=4",
+        "--set",
+        "run.iterations=1",
+    ];
+    check(
+        bin()
+            .args(["train", "--out", one.to_str().unwrap()])
+            .args(RUN)
+            .args(tree)
+            .output()
+            .unwrap(),
+        "one process",
+    );
+    for (rank, o) in spawn_world(2, &two, &tree).into_iter().enumerate() {
+        check(o, &format!("rank {rank}"));
+    }
+    let (m1, m2) = (metrics(&one), metrics(&two));
+    for key in ["rewards", "advantage", "transformer_rows"] {
+        assert_eq!(m1[0][key], m2[0][key], "{key}");
+    }
+    // 4 roots of 1 + 1 + 2 + 2 + 4 + 4 + 4 + 4 = 22 states over 8 steps in the
+    // rollout; the update re-evaluates the states of each root's 4 trained steps (6 to 16)
+    let rows = m1[0]["transformer_rows"].as_u64().unwrap();
+    assert!((4 * (22 + 6)..=4 * (22 + 16)).contains(&rows), "{rows}");
+    // the second window starts from weights that differ in their last bits
+    for key in ["loss", "ratio_mean"] {
+        let (a, b) = (m1[0][key].as_f64().unwrap(), m2[0][key].as_f64().unwrap());
+        assert!(
+            (a - b).abs() <= 1e-5 * a.abs().max(1e-6),
+            "{key}: {a} and {b}"
+        );
+    }
+    let diff = weight_difference(&one, &two, 1);
+    assert!(
+        diff < 1e-5,
+        "weights after iteration 1 differ by {diff:.2e}"
+    );
+}
+
+#[test]
 fn torchrun_launches_training() {
     // `torchrun` is `python -m torch.distributed.run` (its script's shebang may
     // name the environment's build directory)
@@ -173,6 +223,24 @@ fn process_counts_that_cannot_share_a_step_and_bad_launches_are_named() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(
         err.contains("optim.gradient_accumulation") && err.contains("3 processes"),
+        "{err}"
+    );
+    // a tree's roots of 8 leaves cannot be shared by 2 processes of 4 samples per step
+    let o = bin()
+        .args(["train", "--out", dir.join("r").to_str().unwrap()])
+        .args(RUN)
+        .args(["--set", "sampler.tree={branches=2,at=[1,3,5]}"])
+        .args(["--set", "optim.update_batching=\"rollout\""])
+        .env("WORLD_SIZE", "2")
+        .env("RANK", "0")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("optim.gradient_accumulation") && err.contains("whole roots"),
         "{err}"
     );
     let o = bin()

@@ -10,6 +10,7 @@ use dancegrpo::dist::ParallelConfig;
 use dancegrpo::grpo::LrSchedule;
 use dancegrpo::models::lora::LoraConfig;
 use dancegrpo::precision::PrecisionConfig;
+use dancegrpo::sampler::tree::Tree;
 use dancegrpo::sampler::SdeWindow;
 use dancegrpo::train::config::{
     DataSource, EvalConfig, GrpoConfig, ModelSource, OptimConfig, RewardSpec, RunConfig,
@@ -36,6 +37,7 @@ const SOURCES: &[&str] = &[
     "sampler/draws.rs",
     "sampler/forms.rs",
     "sampler/window.rs",
+    "sampler/tree.rs",
     "grpo/advantage.rs",
     "grpo/guard.rs",
     "grpo/lr.rs",
@@ -295,9 +297,20 @@ fn section<T: Serialize + DeserializeOwned>(
     ty: &str,
     types: &Types,
 ) {
+    section_like::<T>(out, header, ty, "", types);
+}
+
+/// [`section`] of a table whose `example` holds its required fields.
+fn section_like<T: Serialize + DeserializeOwned>(
+    out: &mut String,
+    header: &str,
+    ty: &str,
+    example: &str,
+    types: &Types,
+) {
     let shape = &types.structs[ty];
     out.push_str(&format!("## `{header}`\n\n{}\n\n", shape.doc));
-    table(out, &shape.fields, &defaults::<T>(""), types);
+    table(out, &shape.fields, &defaults::<T>(example), types);
 }
 
 /// A section backed by an enum tagged by `kind`, one minimal example per variant.
@@ -388,6 +401,8 @@ fn generate() -> String {
     );
     section::<SamplerConfig>(&mut out, "[sampler]", "SamplerConfig", &types);
     section::<SdeWindow>(&mut out, "[sampler.window]", "SdeWindow", &types);
+    let tree = "branches = 2\nat = [1]";
+    section_like::<Tree>(&mut out, "[sampler.tree]", "Tree", tree, &types);
     section::<GrpoConfig>(&mut out, "[grpo]", "GrpoConfig", &types);
     section::<OptimConfig>(&mut out, "[optim]", "OptimConfig", &types);
     tagged::<LrSchedule>(

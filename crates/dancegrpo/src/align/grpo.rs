@@ -163,6 +163,7 @@ pub(super) fn stored_rollout(case: &Case, kind: Kind) -> Result<Rollout> {
         means: None,
         batches: (0..b).map(|s| vec![s]).collect(),
         tree: None,
+        model_rows: 0,
     })
 }
 

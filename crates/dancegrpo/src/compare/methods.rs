@@ -18,7 +18,7 @@ pub struct Method {
 }
 
 /// The built-in methods: `(name, what it is, overrides of the tiny demo)`.
-pub const BUILT_IN: [(&str, &str, &[&str]); 6] = [
+pub const BUILT_IN: [(&str, &str, &[&str]); 7] = [
     (
         "dancegrpo",
         "DanceGRPO: Dance-SDE on every step, a random 60% of them trained",
@@ -52,6 +52,11 @@ pub const BUILT_IN: [(&str, &str, &[&str]); 6] = [
         "cps",
         "coefficients-preserving sampling (noise 0.7) on every step",
         &["sampler.sde=\"cps\"", "sampler.eta=0.7"],
+    ),
+    (
+        "branch-grpo",
+        "tree rollouts (BranchGRPO-style): each group one root splitting in 2 before steps 1, 3 and 5",
+        &["sampler.tree={branches=2,at=[1,3,5]}"],
     ),
 ];
 
@@ -124,8 +129,16 @@ impl Method {
 /// Transformer calls of iteration `iteration` (0-based) under `cfg`: one per
 /// sample and step in the rollout, one per trained transition in the update
 /// (its forward and backward pass counted once), and one more per trained
-/// transition for the reference policy's forward with a KL term.
+/// transition for the reference policy's forward with a KL term. Runs record
+/// the rows they evaluated (`transformer_rows`); this count stands in for runs
+/// written before they did, which had no tree rollouts (a tree's update count
+/// depends on its draws: an error here).
 pub fn transformer_calls(cfg: &TrainConfig, iteration: u64) -> Result<u64> {
+    if cfg.sampler.tree.is_some() {
+        return Err(Error::Input(
+            "a tree rollout's transformer calls depend on its draws: read the run's transformer_rows".into(),
+        ));
+    }
     let samples = cfg.run.prompts_per_iteration * cfg.sampler.group_size;
     let steps = cfg.sampler.steps;
     let (_, trained) = cfg.iteration_config_at(iteration).update.trained(steps)?;

@@ -30,7 +30,7 @@ pub struct RunTrace {
     pub rewards: Vec<f64>,
     /// Seconds of each iteration's rollout, decode, reward and update stages.
     pub seconds: Vec<f64>,
-    /// Transformer calls of each iteration ([`transformer_calls`]).
+    /// Transformer calls (rows evaluated) of each iteration, as the run counted them.
     pub calls: Vec<u64>,
     /// Share of each iteration's groups whose rewards were all equal.
     pub zero_std_share: Vec<f64>,
@@ -192,8 +192,13 @@ pub fn read_trace(dir: &Path, cfg: &crate::train::TrainConfig) -> Result<RunTrac
         eval_before: None,
         eval_after: None,
     };
-    trace.calls = (0..metrics.len() as u64)
-        .map(|i| transformer_calls(cfg, i))
+    // the rows the run counted; the count from its configuration for runs
+    // written before metrics held it
+    trace.calls = (metrics.iter().zip(0..))
+        .map(|(m, i)| match m["transformer_rows"].as_u64() {
+            Some(rows) => Ok(rows),
+            None => transformer_calls(cfg, i),
+        })
         .collect::<Result<_>>()?;
     for e in lines("eval.jsonl")? {
         match e["iteration"].as_u64() {

@@ -146,6 +146,8 @@ pub struct IterationReport {
     pub clamped_advantages: usize,
     /// The update's losses, ratios and grad norms.
     pub update: UpdateStats,
+    /// Rows the transformer evaluated in the rollout and the update, all processes.
+    pub transformer_rows: u64,
     /// Seconds per stage.
     pub seconds: StageSeconds,
 }
@@ -233,8 +235,14 @@ pub fn run_iteration(
     };
     let update = grpo_update(model, optimizer, &update_inputs, &cfg.update, &mut counting)?;
     seconds.update = lap(clock, device);
+    // rows of the rollout and the update, summed over the processes
+    let rows = Tensor::from_slice(&[ro.model_rows as f64 + update.local_model_rows as f64]);
+    let rows = rows.to_device(device);
+    inputs.shard.collective().all_reduce_sum(&rows)?;
+    let mut report = scored.report(update, seconds, cfg.grouping)?;
+    report.transformer_rows = rows.double_value(&[0]) as u64;
     Ok(Iteration {
-        report: scored.report(update, seconds, cfg.grouping)?,
+        report,
         images: images.to_device(Device::Cpu).to_kind(Kind::Uint8),
     })
 }
@@ -315,6 +323,7 @@ impl Scored {
             reward_means,
             update,
             seconds,
+            transformer_rows: 0,
         })
     }
 }

@@ -99,8 +99,11 @@ pub struct UpdateStats {
     pub clip_fraction: f64,
     /// Mean KL to the reference policy over trained transitions (0 without a KL term).
     pub kl_mean: f64,
-    /// Trained transitions.
+    /// Trained transitions (of the leaves, in a tree).
     pub transitions: usize,
+    /// Rows this process's model evaluated (with gradients, and the
+    /// reference's without): one per trained transition in a plain rollout.
+    pub local_model_rows: u64,
     /// Samples after the last full accumulation window: trained but never stepped
     /// (the reference's behaviour when `B % grad_accum != 0`).
     pub unstepped_samples: i64,
@@ -419,6 +422,8 @@ impl Run<'_> {
         let (sde, eta, clip) = (self.cfg.sde, self.cfg.eta, self.cfg.clip_range);
         let flow_inputs = inp.cond.inputs(&cond, &z_model, &ts);
         let v_ref = self.reference_velocity(&flow_inputs)?.map(|v| expand(&v));
+        let evaluated = rows.model_samples.len() as u64;
+        self.stats.local_model_rows += evaluated * if v_ref.is_some() { 2 } else { 1 };
         let _loss = self.model.velocity_backward(&flow_inputs, &mut |v| {
             let v = expand(v); // (n, L, c)
             let at = At::Rows(steps);

@@ -31,7 +31,8 @@ pub fn forward(cfg: &FluxConfig, image: i64, text: i64) -> f64 {
 }
 
 /// The transformer FLOPs of one iteration of `cfg` over all processes:
-/// `(rollout, update (model FLOPs), recompute (per-block checkpointing))`.
+/// `(rollout, update (model FLOPs), recompute (per-block checkpointing))`;
+/// a tree's update is bounded by the plain count.
 pub fn iteration(cfg: &TrainConfig, flux: &FluxConfig, text: i64) -> (f64, f64, f64) {
     let s = &cfg.sampler;
     let image = (s.height / 16) * (s.width / 16);
@@ -40,7 +41,14 @@ pub fn iteration(cfg: &TrainConfig, flux: &FluxConfig, text: i64) -> (f64, f64, 
     // the update's own count (a window's steps, or the timestep fraction)
     let update_cfg = cfg.iteration_config().update;
     let trained = update_cfg.trained(s.steps).map_or(0, |(_, t)| t) as f64;
-    let rollout = samples * s.steps as f64 * fwd;
+    // a tree evaluates each shared state once; its update is counted as if
+    // every leaf trained its own transitions (an upper bound)
+    let rows_per_group = match &s.tree {
+        Some(tree) => tree.calls(s.group_size, s.steps),
+        None => s.group_size * s.steps,
+    };
+    let groups = cfg.run.prompts_per_iteration as f64;
+    let rollout = groups * rows_per_group as f64 * fwd;
     let update = samples * trained * 3.0 * fwd;
     let recompute = match cfg.optim.activation_checkpointing {
         ActivationCheckpointing::PerBlock => samples * trained * fwd,

@@ -55,6 +55,8 @@ pub struct Rollout {
     pub batches: Vec<Vec<i64>>,
     /// The branching of the groups, for a tree rollout (the update trains its nodes).
     pub tree: Option<Tree>,
+    /// Rows the model evaluated (one per sample and step; fewer in a tree).
+    pub model_rows: i64,
 }
 
 /// Splits samples `0..n` into consecutive batches of `batch`.
@@ -93,8 +95,14 @@ pub fn rollout_reporting(
     let Some(tree) = &settings.tree else {
         return run(model, inputs, settings, device, done);
     };
-    let (group, steps) = (cond.group(), schedule.steps());
-    let invalid = (tree.check(group, steps)).or_else(|| tree.check_batch(settings.batch));
+    // conditioning per sample (group 1) is one process's shard of the
+    // groups, whose size the run's configuration checked
+    let group = match cond.group() {
+        1 => tree.root_size(),
+        g => g,
+    };
+    let invalid =
+        (tree.check(group, schedule.steps())).or_else(|| tree.check_batch(settings.batch));
     if let Some((field, msg)) = invalid {
         return Err(crate::error::Error::Input(format!("tree.{field}: {msg}")));
     }
@@ -118,12 +126,14 @@ fn run(
     let _guard = tch::no_grad_guard();
     let chunks = batches(cond.samples(), settings.batch);
     let (mut latents, mut log_probs, mut x0s, mut means) = (vec![], vec![], vec![], vec![]);
+    let mut model_rows = 0;
     let total = cond.samples() as usize;
     for samples in &chunks {
         done(samples[0] as usize, total);
-        let (z, lp, x0, mean) = rollout_batch(
+        let (z, lp, x0, mean, rows) = rollout_batch(
             model, cond, draws, schedule, latent, samples, settings, device,
         )?;
+        model_rows += rows;
         latents.push(z);
         log_probs.push(lp);
         x0s.push(x0);
@@ -139,11 +149,13 @@ fn run(
         },
         batches: chunks,
         tree: settings.tree.clone(),
+        model_rows,
     })
 }
 
 /// One batch of samples through all steps: `(latents (n, S+1, L, c),
-/// log_probs (n, S), x0 (n, L, c), means (n, S, L, c) when kept)`.
+/// log_probs (n, S), x0 (n, L, c), means (n, S, L, c) when kept, rows the
+/// model evaluated)`.
 #[allow(clippy::too_many_arguments)]
 fn rollout_batch(
     model: &dyn VelocityModel,
@@ -154,8 +166,9 @@ fn rollout_batch(
     samples: &[i64],
     settings: &RolloutSettings,
     device: Device,
-) -> Result<(Tensor, Tensor, Tensor, Option<Tensor>)> {
+) -> Result<(Tensor, Tensor, Tensor, Option<Tensor>, i64)> {
     let (sde, eta, window) = (settings.sde, settings.eta, settings.window);
+    let mut rows = 0;
     let n = samples.len() as i64;
     let sc = cond.for_samples(samples);
     let noise0 = samples
@@ -173,6 +186,10 @@ fn rollout_batch(
         let v = match &settings.tree {
             None => model.velocity(&cond.inputs(&sc, &z, &t))?,
             Some(tree) => state_velocity(model, cond, tree, samples, i, (&z, &t))?,
+        };
+        rows += match &settings.tree {
+            None => n,
+            Some(tree) => distinct_rows(samples, tree.state_size(i)).0.len() as i64,
         };
         let noise = samples
             .iter()
@@ -200,7 +217,13 @@ fn rollout_batch(
         }
     }
     let means = (!means.is_empty()).then(|| Tensor::stack(&means, 1));
-    Ok((Tensor::stack(&zs, 1), Tensor::stack(&lps, 1), x0, means))
+    Ok((
+        Tensor::stack(&zs, 1),
+        Tensor::stack(&lps, 1),
+        x0,
+        means,
+        rows,
+    ))
 }
 
 /// The velocity of every row of a tree's batch `samples` at step `i`,

@@ -263,6 +263,7 @@ mod tests {
                 ..Default::default()
             },
             seconds: StageSeconds::default(),
+            transformer_rows: 0,
         }
     }
 

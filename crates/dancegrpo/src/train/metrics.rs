@@ -50,6 +50,8 @@ pub struct Metrics {
     pub grad_norm: f64,
     /// Learning rate of the last optimizer step.
     pub lr: f64,
+    /// Rows the transformer evaluated in the iteration (rollout and update, all processes).
+    pub transformer_rows: u64,
     /// Seconds per stage (not reproducible: left out of run comparisons).
     pub seconds: crate::grpo::iteration::StageSeconds,
     /// Sampled images per second over the whole iteration.
@@ -85,6 +87,7 @@ impl Metrics {
             kl: r.update.kl_mean,
             grad_norm: r.update.grad_norms.last().copied().unwrap_or(0.0),
             lr: r.update.lrs.last().copied().unwrap_or(0.0),
+            transformer_rows: r.transformer_rows,
             seconds: s.clone(),
             images_per_second: r.rewards.len() as f64 / total.max(1e-9),
         }
