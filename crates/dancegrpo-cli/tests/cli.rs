@@ -264,7 +264,102 @@ fn demo_reward_rises_and_generate_reads_its_checkpoints() {
             "{ck:?}: {got} vs eval {want}"
         );
     }
+    // the seed's block cache changes the images a little, not the reward's level
+    let out = run(&[
+        "generate",
+        "--run",
+        dir.to_str().unwrap(),
+        "--out",
+        png.to_str().unwrap(),
+        "--cache",
+        "seed",
+    ]);
+    common::assert_ok(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let got: f64 = text
+        .split("mean reward ")
+        .nth(1)
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (got - after).abs() < 0.6 * (after - before),
+        "cached: {got} vs eval {after}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bench_generate_measures_caches_against_no_cache() {
+    let out = run(&[
+        "bench",
+        "generate",
+        "tiny",
+        "--steps",
+        "12",
+        "--images",
+        "2",
+        "--rounds",
+        "1",
+        "--threads",
+        "1",
+        "--cache",
+        "seed",
+        "--cache",
+        "fast={kind=\"steps\",threshold=0.3}",
+    ]);
+    common::assert_ok(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("| seed |") && stdout.contains("| fast |"),
+        "{stdout}"
+    );
+    let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let f = json["figures"].as_array().unwrap();
+    let names: Vec<&str> = f.iter().map(|x| x["label"].as_str().unwrap()).collect();
+    assert_eq!(names, ["none", "seed", "fast"]);
+    // the baseline against itself: identical (PSNR infinite, written null)
+    assert_eq!(
+        (f[0]["speedup"].as_f64(), f[0]["ssim"].as_f64()),
+        (Some(1.0), Some(1.0))
+    );
+    assert!(f[0]["psnr"].is_null() && f[0]["latent_rel_l2"].as_f64() == Some(0.0));
+    // the seed's schedule on 12 steps and 3 blocks: steps 5..11, every second one re-uses block 1
+    assert_eq!(f[1]["cache"]["block_start"], 1);
+    assert_eq!(
+        (f[1]["full_steps"].as_i64(), f[1]["block_steps"].as_i64()),
+        (Some(9), Some(3))
+    );
+    let share = f[1]["blocks_run"].as_f64().unwrap();
+    assert!((share - (36.0 - 3.0) / 36.0).abs() < 1e-12, "{share}");
+    let (psnr, rel) = (
+        f[1]["psnr"].as_f64().unwrap(),
+        f[1]["latent_rel_l2"].as_f64().unwrap(),
+    );
+    assert!(psnr > 20.0 && rel > 0.0 && rel < 0.2, "{psnr} {rel}");
+    // whole steps skipped: the first and last steps always run
+    let skipped = f[2]["skipped_steps"].as_i64().unwrap();
+    assert!(skipped > 0 && skipped <= 10, "{skipped}");
+    assert!(f[2]["ssim"].as_f64().unwrap() < 1.0);
+    // settings that cannot run are refused, naming the field
+    for (spec, needle) in [
+        ("{kind=\"blocks\",step_start=1}", "step_interval"),
+        (
+            "{kind=\"blocks\",step_start=0,step_interval=2,step_end=12,block_start=2,block_end=9}",
+            "cache.block_end",
+        ),
+        ("{kind=\"steps\",threshold=-1}", "cache.threshold"),
+    ] {
+        let o = run(&[
+            "bench", "generate", "tiny", "--steps", "12", "--rounds", "1", "--cache", spec,
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{spec}: {err}");
+        assert!(err.contains(needle), "{spec}: {err}");
+    }
 }
 
 /// `bench train` for one untimed-warm-up-free iteration on one thread, plus `extra`.

@@ -10,6 +10,7 @@ use dancegrpo::dist::ParallelConfig;
 use dancegrpo::grpo::LrSchedule;
 use dancegrpo::models::lora::LoraConfig;
 use dancegrpo::precision::PrecisionConfig;
+use dancegrpo::sampler::cache::{BlockCache, StepCache};
 use dancegrpo::sampler::tree::Tree;
 use dancegrpo::sampler::SdeWindow;
 use dancegrpo::train::config::{
@@ -38,6 +39,7 @@ const SOURCES: &[&str] = &[
     "sampler/forms.rs",
     "sampler/window.rs",
     "sampler/tree.rs",
+    "sampler/cache.rs",
     "grpo/advantage.rs",
     "grpo/guard.rs",
     "grpo/lr.rs",
@@ -51,6 +53,7 @@ const TAGGED: &[(&str, &str)] = &[
     ("DataSource", "[data]"),
     ("RewardSpec", "[[rewards]]"),
     ("LrSchedule", "[optim.lr_schedule]"),
+    ("CachePolicy", "[eval.cache]"),
 ];
 
 /// GitHub's anchor of a `## \`header\`` heading.
@@ -419,6 +422,20 @@ fn generate() -> String {
     section::<EmaConfig>(&mut out, "[optim.ema]", "EmaConfig", &types);
     section::<RunConfig>(&mut out, "[run]", "RunConfig", &types);
     section::<EvalConfig>(&mut out, "[eval]", "EvalConfig", &types);
+    let blocks =
+        "step_start = 20\nstep_interval = 2\nstep_end = 47\nblock_start = 10\nblock_end = 30";
+    out.push_str(&format!(
+        "## `[eval.cache]`\n\n{} One of (`kind = \"blocks\"` or `kind = \"steps\"` and the fields below):\n\n",
+        types.enums["CachePolicy"].0
+    ));
+    section_like::<BlockCache>(&mut out, "kind = \"blocks\"", "BlockCache", blocks, &types);
+    section_like::<StepCache>(
+        &mut out,
+        "kind = \"steps\"",
+        "StepCache",
+        "threshold = 0.1",
+        &types,
+    );
     section::<PrecisionConfig>(&mut out, "[precision]", "PrecisionConfig", &types);
     section::<ParallelConfig>(&mut out, "[parallel]", "ParallelConfig", &types);
     section::<HealthConfig>(&mut out, "[health]", "HealthConfig", &types);

@@ -1,7 +1,7 @@
 //! `dancegrpo bench`: benchmarks that print figures (never timed tests).
 //! `bench rewards`: images per second of each reward on tiny seeded models (no
 //! downloads), printed as a table and one JSON line; `bench train`: see
-//! [`super::bench_train`].
+//! [`super::bench_train`]; `bench generate`: [`super::bench_generate`].
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -33,6 +33,8 @@ enum What {
     Train(super::bench_train::Args),
     /// The matmul rate of a device (the peak MFU is reported against).
     Matmul(super::bench_matmul::Args),
+    /// ODE sampling with feature caches: speed, and quality against no cache.
+    Generate(super::bench_generate::Args),
 }
 
 #[derive(clap::Args)]
@@ -61,6 +63,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         What::Rewards(a) => rewards(a),
         What::Train(a) => super::bench_train::run(a),
         What::Matmul(a) => super::bench_matmul::run(a),
+        What::Generate(a) => super::bench_generate::run(a),
     }
 }
 

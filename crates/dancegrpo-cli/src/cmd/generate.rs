@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use dancegrpo::io::image::{grid, write_png};
+use dancegrpo::sampler::cache::CacheSetting;
 use dancegrpo::train::checkpoint;
 use dancegrpo::train::generate::{generate_from_run, GenerateRequest};
 use dancegrpo::train::TrainConfig;
@@ -34,6 +35,10 @@ pub struct Args {
     /// Device: `cpu` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Feature caching (changes the images: see `bench generate`): `seed` or a
+    /// TOML inline table such as `{kind = "steps", threshold = 0.2}`.
+    #[arg(long)]
+    cache: Option<String>,
 }
 
 /// Runs `dancegrpo generate`.
@@ -48,11 +53,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("no complete checkpoint in {}", args.run.display()))?,
         ),
     };
+    let steps = args.steps.unwrap_or(cfg.sampler.steps);
+    let cache = (args.cache.as_deref())
+        .map(|c| CacheSetting::parse(c).context("--cache"))
+        .transpose()?;
     let req = GenerateRequest {
         checkpoint: ckpt.as_deref(),
         images: args.images,
         seed: args.seed,
-        steps: args.steps,
+        steps: Some(steps),
+        cache,
     };
     let g = generate_from_run(&cfg, &req, device)?;
     let out = args.out.unwrap_or_else(|| args.run.join("generated.png"));

@@ -2,6 +2,7 @@
 
 pub mod align;
 pub mod bench;
+pub mod bench_generate;
 pub mod bench_matmul;
 pub mod bench_train;
 pub mod compare;

@@ -1,4 +1,5 @@
-//! Timing whole GRPO iterations on the reference's benchmark cases.
+//! Timing whole GRPO iterations on the reference's benchmark cases, and the
+//! ODE sampler with its feature caches ([`generate`]).
 //!
 //! Two case layouts run as they are:
 //! * the **fixture layout** (`../shared/fixtures/`): weights, recorded inputs,
@@ -15,6 +16,7 @@
 //! transformer's work so the timings can be read as GFLOP/s.
 
 pub mod flops;
+pub mod generate;
 mod presets;
 pub mod profile;
 mod setup;

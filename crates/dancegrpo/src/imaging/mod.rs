@@ -1,3 +1,5 @@
-//! Image operations that must match a Python library bit for bit.
+//! Image operations that match a Python library: PIL's resampling bit for
+//! bit, and the image-quality measures (PSNR, SSIM) as scikit-image defines them.
 
 pub mod pil;
+pub mod quality;

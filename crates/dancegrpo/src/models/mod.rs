@@ -72,6 +72,28 @@ pub trait VelocityModel {
         Ok(None)
     }
 
+    /// Blocks a sampler's cache may skip ([`crate::sampler::cache`]): the
+    /// model's transformer blocks in forward order (0: none, the default).
+    fn cacheable_blocks(&self) -> usize {
+        0
+    }
+
+    /// The velocity for `inputs` with the blocks `span` (forward order)
+    /// either run, returning the residual they added to the hidden state, or,
+    /// given `reuse` (such a residual), skipped with `reuse` added in their
+    /// place. Models without cacheable blocks refuse.
+    fn velocity_blocks(
+        &self,
+        _inputs: &FlowInputs,
+        span: std::ops::Range<usize>,
+        _reuse: Option<&Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        Err(crate::error::Error::Input(format!(
+            "this model cannot cache blocks {}..{}",
+            span.start, span.end
+        )))
+    }
+
     /// All parameters with their checkpoint names, in a stable order.
     fn parameters(&self) -> Vec<(String, Tensor)>;
 

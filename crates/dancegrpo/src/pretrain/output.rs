@@ -176,6 +176,7 @@ fn samples_grid(pre: &Pretrained, cfg: &PretrainConfig) -> Result<Tensor> {
             .config()
             .guidance_embeds
             .then_some(cfg.guidance),
+        cache: None,
     };
     let mut rows = vec![images::to_uint8(&refs), images::to_uint8(&recon)];
     for row in 0..2 {

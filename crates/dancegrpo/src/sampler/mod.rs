@@ -1,6 +1,7 @@
 //! Sampling: the sigma schedule, the deterministic (ODE) Euler step, the
 //! Dance-SDE step with log-probabilities, the random draws and group rollouts.
 
+pub mod cache;
 pub mod conditioning;
 pub mod draws;
 pub mod forms;
@@ -11,6 +12,7 @@ pub mod sde;
 pub mod tree;
 pub mod window;
 
+pub use cache::CachePolicy;
 pub use conditioning::{Conditioning, SampleConditioning};
 pub use draws::{Draws, Recorded, Seeded};
 pub use forms::SdeForm;

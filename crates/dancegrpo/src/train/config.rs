@@ -16,6 +16,7 @@ use crate::models::ActivationCheckpointing;
 use crate::rewards::jpeg::{JpegObjective, JpegSubsampling};
 use crate::sampler::draws::{InitNoise, NoisePrecision};
 use crate::sampler::tree::Tree;
+use crate::sampler::CachePolicy;
 use crate::sampler::{SdeForm, SdeWindow};
 
 /// Where the base model comes from.
@@ -106,6 +107,12 @@ pub struct SamplerConfig {
     /// advantage (absent: every sample its own trajectory).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tree: Option<Tree>,
+    /// Refused when set: feature caching changes the velocities, and a
+    /// rollout's log-probabilities must be the model's own. Caching is for
+    /// ODE sampling: `eval.cache`, `dancegrpo generate --cache`,
+    /// `dancegrpo bench generate --cache`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CachePolicy>,
     /// Schedule shift.
     pub shift: f64,
     /// Samples per prompt (G).
@@ -132,6 +139,7 @@ impl Default for SamplerConfig {
             eta: 0.3,
             window: None,
             tree: None,
+            cache: None,
             shift: 3.0,
             group_size: 12,
             init_noise: InitNoise::SharedPerIteration,
@@ -296,6 +304,12 @@ pub struct EvalConfig {
     /// first `prompts` prompts of the training set).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data: Option<DataSource>,
+    /// Feature caching of the evaluation's ODE sampling (absent: none):
+    /// `{kind = "blocks", step_start, step_interval, step_end, block_start,
+    /// block_end}` or `{kind = "steps", threshold}` (see `bench generate` for
+    /// what each costs in quality).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CachePolicy>,
 }
 
 impl Default for EvalConfig {
@@ -305,6 +319,7 @@ impl Default for EvalConfig {
             prompts: 4,
             gold_rewards: Vec::new(),
             data: None,
+            cache: None,
         }
     }
 }

@@ -115,6 +115,7 @@ impl Evaluator {
                 steps: s.steps,
                 shift: s.shift,
                 guidance: Some(s.guidance),
+                cache: cfg.eval.cache.clone(),
             },
             gather: cfg.parallel.gather,
         }
@@ -143,7 +144,7 @@ impl Evaluator {
             .normal_tensor(&[n as i64, c, h, w]); // (n, c, h, w)
         let settings = OdeSettings {
             guidance: self.ode.guidance.filter(|_| inp.model.guidance_embeds()),
-            ..self.ode
+            ..self.ode.clone()
         };
         let pinned = match self.gather {
             Gather::Iteration => inp.sharded.map(|s| s.pinned()),

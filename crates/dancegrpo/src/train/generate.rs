@@ -28,6 +28,8 @@ pub struct GenerateRequest<'a> {
     pub seed: u64,
     /// Sampling steps (`None`: the run's `sampler.steps`).
     pub steps: Option<i64>,
+    /// Feature caching (`None`: none).
+    pub cache: Option<crate::sampler::cache::CacheSetting>,
 }
 
 /// Generated images and their reward.
@@ -61,10 +63,13 @@ pub fn generate_from_run(
     let [c, h, w] = vae.latent_shape(cfg.sampler.height, cfg.sampler.width);
     let noise =
         Philox::for_stream(req.seed, "generate/noise").normal_tensor(&[req.images, c, h, w]);
+    let steps = req.steps.unwrap_or(cfg.sampler.steps);
+    let blocks = crate::models::VelocityModel::cacheable_blocks(&model);
     let settings = OdeSettings {
-        steps: req.steps.unwrap_or(cfg.sampler.steps),
+        steps,
         shift: cfg.sampler.shift,
         guidance: model.guidance_embeds().then_some(cfg.sampler.guidance),
+        cache: req.cache.as_ref().map(|c| c.resolve(steps, blocks)),
     };
     let start = Instant::now();
     let images = generate(

@@ -82,6 +82,15 @@ impl TrainConfig {
         if let Some(tree) = &s.tree {
             self.check_tree(tree, origin)?;
         }
+        if s.cache.is_some() {
+            let msg = "feature caching changes the model's velocities, and rollouts must record the model's own log-probabilities: cache the evaluation (eval.cache) or generation (generate --cache) instead";
+            return Err(Error::config(origin, "sampler.cache", msg.to_string()));
+        }
+        if let Some((field, msg)) =
+            (self.eval.cache.as_ref()).and_then(|c| c.check(s.steps, usize::MAX))
+        {
+            return Err(Error::config(origin, &format!("eval.cache.{field}"), msg));
+        }
         // the update's own count (the fields it also checks were checked above)
         if let Err(Error::Input(msg)) = self.iteration_config().update.trained(s.steps) {
             return Err(Error::config(origin, "grpo.timestep_fraction", msg));

@@ -74,6 +74,19 @@ impl<M: Shardable> VelocityModel for ShardedModel<M> {
         self.inner.reference_velocity(inputs)
     }
 
+    fn cacheable_blocks(&self) -> usize {
+        self.inner.cacheable_blocks()
+    }
+
+    fn velocity_blocks(
+        &self,
+        inputs: &FlowInputs,
+        span: std::ops::Range<usize>,
+        reuse: Option<&Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        self.inner.velocity_blocks(inputs, span, reuse)
+    }
+
     fn parameters(&self) -> Vec<(String, Tensor)> {
         self.state.shards()
     }

@@ -12,6 +12,7 @@ use super::blocks::{DoubleBlock, SingleBlock};
 use super::config::FluxConfig;
 use super::embeddings::{Rope, TimeTextEmbed};
 
+mod cached;
 mod units;
 use crate::error::{Error, Result};
 use crate::models::lora::LoraConfig;
@@ -317,6 +318,19 @@ impl VelocityModel for FluxTransformer {
 
     fn layout(&self) -> &dyn crate::models::TokenLayout {
         &super::packing::FluxPacking
+    }
+
+    fn cacheable_blocks(&self) -> usize {
+        self.transformer_blocks.len() + self.single_transformer_blocks.len()
+    }
+
+    fn velocity_blocks(
+        &self,
+        inputs: &FlowInputs,
+        span: std::ops::Range<usize>,
+        reuse: Option<&Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        self.forward_span(inputs, span, reuse)
     }
 
     fn velocity_backward(

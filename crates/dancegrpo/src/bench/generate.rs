@@ -1,0 +1,209 @@
+//! `bench generate`: the ODE sampler's speed with each feature-cache setting
+//! ([`crate::sampler::cache`]) and its quality against the uncached sampling
+//! on the same seeds: PSNR and SSIM of the decoded images, relative L2 of the
+//! final latents. The settings are timed in alternation, round after round,
+//! and each reports its median; the first setting is always the uncached one.
+
+use std::time::Instant;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::data::stack;
+use crate::error::{Error, Result};
+use crate::imaging::quality::{psnr, ssim};
+use crate::io::image::to_uint8;
+use crate::models::VelocityModel;
+use crate::models::{LatentDecoder, PolicyModel};
+use crate::rng::Philox;
+use crate::sampler::cache::CacheSetting;
+use crate::sampler::cache::CacheStats;
+use crate::sampler::generate::{sample_ode, OdeSettings};
+use crate::sampler::CachePolicy;
+use crate::train::build::{build_models, build_prompts};
+use crate::train::TrainConfig;
+
+/// What to sample: the model, prompts and image size of `cfg`.
+pub struct GenerateCase<'a> {
+    /// The model (`model`), prompts (`data`), size, shift and guidance (`sampler`).
+    pub cfg: &'a TrainConfig,
+    /// ODE steps.
+    pub steps: i64,
+    /// Images per sampling (prompts `0..` of the prompt set, cycled), one batch.
+    pub images: i64,
+    /// Seed of the initial noise.
+    pub seed: u64,
+    /// Timed rounds (every setting once per round, after one untimed round).
+    pub rounds: u32,
+    /// Where it runs.
+    pub device: Device,
+}
+
+/// The figures of one cache setting.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GenerateFigures {
+    /// The setting's name (`none` for the uncached baseline).
+    pub label: String,
+    /// The policy (absent: none).
+    pub cache: Option<CachePolicy>,
+    /// Median seconds of a sampling (decoding excluded), per image.
+    pub seconds_per_image: f64,
+    /// Median seconds per ODE step of the batch.
+    pub seconds_per_step: f64,
+    /// The uncached median over this one.
+    pub speedup: f64,
+    /// Steps computed fully, with a span of blocks skipped, and skipped.
+    pub full_steps: i64,
+    /// See `full_steps`.
+    pub block_steps: i64,
+    /// See `full_steps`.
+    pub skipped_steps: i64,
+    /// Transformer blocks run, as a share of the uncached sampling's.
+    pub blocks_run: f64,
+    /// PSNR (dB) of the decoded images against the uncached ones.
+    pub psnr: f64,
+    /// Mean SSIM against the uncached images.
+    pub ssim: f64,
+    /// `|x - x_ref| / |x_ref|` of the final latents.
+    pub latent_rel_l2: f64,
+}
+
+/// Samples with every setting of `settings` (`(label, policy)`) after the
+/// uncached baseline, alternating them round by round, and compares each
+/// setting's images with the baseline's.
+pub fn bench_generate(
+    case: &GenerateCase,
+    settings: &[(String, CacheSetting)],
+) -> Result<Vec<GenerateFigures>> {
+    let (model, vae) = build_models(case.cfg, case.device)?;
+    let blocks = model.cacheable_blocks();
+    let (text, pooled, noise) = inputs(case, &model, &vae)?;
+    let s = &case.cfg.sampler;
+    let base = OdeSettings {
+        steps: case.steps,
+        shift: s.shift,
+        guidance: model.guidance_embeds().then_some(s.guidance),
+        cache: None,
+    };
+    let all: Vec<(String, Option<CachePolicy>)> = std::iter::once(("none".to_string(), None))
+        .chain((settings.iter()).map(|(l, p)| (l.clone(), Some(p.resolve(case.steps, blocks)))))
+        .collect();
+    let mut seconds = vec![Vec::new(); all.len()];
+    let mut outputs: Vec<Option<(Tensor, CacheStats)>> = all.iter().map(|_| None).collect();
+    for round in 0..=case.rounds {
+        for (i, (_, cache)) in all.iter().enumerate() {
+            let settings = OdeSettings {
+                cache: cache.clone(),
+                ..base.clone()
+            };
+            let start = Instant::now();
+            let out = sample_ode(&model, (&text, &pooled), &noise, &settings)?;
+            let _ = out.0.sum(Kind::Float).double_value(&[]); // wait for the device
+            if round > 0 {
+                seconds[i].push(start.elapsed().as_secs_f64());
+            }
+            outputs[i] = Some(out);
+        }
+    }
+    let decode = |x: &Tensor| {
+        let _guard = tch::no_grad_guard();
+        to_uint8(&vae.decode_latents(x))
+    };
+    let latents: Vec<(Tensor, CacheStats)> = outputs.into_iter().flatten().collect();
+    let (reference, _) = &latents[0];
+    let reference_images = decode(reference);
+    let base_median = median(&seconds[0]);
+    let mut figures = Vec::new();
+    for (i, ((label, cache), (x, stats))) in all.iter().zip(&latents).enumerate() {
+        let images = decode(x);
+        let t = median(&seconds[i]);
+        figures.push(GenerateFigures {
+            label: label.clone(),
+            cache: cache.clone(),
+            seconds_per_image: t / case.images as f64,
+            seconds_per_step: t / case.steps as f64,
+            speedup: base_median / t,
+            full_steps: stats.full_steps,
+            block_steps: stats.block_steps,
+            skipped_steps: stats.skipped_steps,
+            blocks_run: stats.blocks_run as f64 / stats.blocks_full.max(1) as f64,
+            psnr: psnr(&images, &reference_images)?,
+            ssim: ssim(&images, &reference_images)?,
+            latent_rel_l2: rel_l2(x, reference),
+        });
+    }
+    Ok(figures)
+}
+
+/// The prompts' embeddings and the initial noise of `case`.
+fn inputs(
+    case: &GenerateCase,
+    model: &dyn PolicyModel,
+    vae: &dyn LatentDecoder,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    if case.images < 1 || case.steps < 1 || case.rounds < 1 {
+        return Err(Error::Input(format!(
+            "images ({}), steps ({}) and rounds ({}) must be >= 1",
+            case.images, case.steps, case.rounds
+        )));
+    }
+    let prompts = build_prompts(case.cfg, model)?;
+    let entries = (0..case.images as u64)
+        .map(|i| prompts.get(i % prompts.len()))
+        .collect::<Result<Vec<_>>>()?;
+    let (text, pooled) = stack(&entries); // (n, Lt, d), (n, p)
+    let s = &case.cfg.sampler;
+    let [c, h, w] = vae.latent_shape(s.height, s.width);
+    let noise =
+        Philox::for_stream(case.seed, "generate/noise").normal_tensor(&[case.images, c, h, w]);
+    let on = |t: Tensor| t.to_device(case.device);
+    Ok((on(text), on(pooled), on(noise)))
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn rel_l2(x: &Tensor, reference: &Tensor) -> f64 {
+    let d = (x - reference)
+        .to_kind(Kind::Double)
+        .norm()
+        .double_value(&[]);
+    d / reference
+        .to_kind(Kind::Double)
+        .norm()
+        .double_value(&[])
+        .max(1e-30)
+}
+
+/// The figures as a Markdown table.
+pub fn markdown(figures: &[GenerateFigures], case: &GenerateCase) -> String {
+    let mut out = format!(
+        "{} images, {} steps, median of {} alternated rounds\n\n\
+         | cache | s / image | s / step | speed-up | full / block / skipped steps | blocks run | PSNR (dB) | SSIM | latent rel. L2 |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
+        case.images, case.steps, case.rounds
+    );
+    for f in figures {
+        out.push_str(&format!(
+            "| {} | {:.4} | {:.4} | {:.2}x | {} / {} / {} | {:.0}% | {:.1} | {:.4} | {:.4} |\n",
+            f.label,
+            f.seconds_per_image,
+            f.seconds_per_step,
+            f.speedup,
+            f.full_steps,
+            f.block_steps,
+            f.skipped_steps,
+            100.0 * f.blocks_run,
+            f.psnr,
+            f.ssim,
+            f.latent_rel_l2
+        ));
+    }
+    out
+}
