@@ -25,6 +25,8 @@ enum Command {
     Compare(cmd::compare::Args),
     /// Generate images (deterministic ODE sampling) from a run's checkpoint.
     Generate(cmd::generate::Args),
+    /// Serve generation over HTTP (JSON in, PNG out) with request batching.
+    Serve(cmd::serve::Args),
     /// GRPO training from a config (or the built-in tiny default).
     Train(cmd::train::Args),
     /// Encode a prompts file with the FLUX text encoders into an embedding
@@ -52,6 +54,7 @@ fn main() -> std::process::ExitCode {
         Command::Demo(a) => cmd::demo::run(a),
         Command::Compare(a) => cmd::compare::run(a),
         Command::Generate(a) => cmd::generate::run(a),
+        Command::Serve(a) => cmd::serve::run(a),
         Command::Train(a) => cmd::train::run(a),
         Command::Preprocess(a) => cmd::preprocess::run(a),
         Command::Pretrain(a) => cmd::pretrain::run(a),

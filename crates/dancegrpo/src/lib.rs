@@ -29,6 +29,7 @@ pub mod process;
 pub mod rewards;
 pub mod rng;
 pub mod sampler;
+pub mod serve;
 pub mod text;
 pub mod train;
 pub mod weights;

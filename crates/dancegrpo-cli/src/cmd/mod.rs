@@ -15,4 +15,5 @@ pub mod preprocess;
 pub mod pretrain;
 pub mod progress;
 pub mod score;
+pub mod serve;
 pub mod train;
