@@ -250,15 +250,7 @@ fn demo_reward_rises_and_generate_reads_its_checkpoints() {
         let bytes = std::fs::read(&png).unwrap();
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
         // generate uses other noise than eval: compare loosely with the eval reward
-        let got: f64 = text
-            .split("mean reward ")
-            .nth(1)
-            .unwrap()
-            .split(';')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let got = mean_reward(&text);
         assert!(
             (got - want).abs() < 0.6 * (after - before),
             "{ck:?}: {got} vs eval {want}"
@@ -276,20 +268,18 @@ fn demo_reward_rises_and_generate_reads_its_checkpoints() {
     ]);
     common::assert_ok(&out);
     let text = String::from_utf8_lossy(&out.stdout);
-    let got: f64 = text
-        .split("mean reward ")
-        .nth(1)
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let got = mean_reward(&text);
     assert!(
         (got - after).abs() < 0.6 * (after - before),
         "cached: {got} vs eval {after}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The mean reward `generate` printed.
+fn mean_reward(stdout: &str) -> f64 {
+    let after = stdout.split("mean reward ").nth(1).expect("a mean reward");
+    after.split(';').next().unwrap().parse().unwrap()
 }
 
 #[test]

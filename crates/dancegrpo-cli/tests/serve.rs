@@ -45,8 +45,11 @@ fn start(extra: &[&str]) -> Running {
     Running { child, addr }
 }
 
-/// One HTTP/1.1 request: `(status, body)`.
-fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, Vec<u8>) {
+/// An HTTP answer: `(status, body)`.
+type Answer = (u16, Vec<u8>);
+
+/// One HTTP/1.1 request.
+fn http(addr: &str, method: &str, path: &str, body: &str) -> Answer {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     let req = format!(
@@ -72,6 +75,25 @@ fn png_size(bytes: &[u8]) -> (u32, u32) {
     (info.info().width, info.info().height)
 }
 
+/// A slow request of its own (512x512, 40 steps) in a thread, then, once it
+/// runs, `n` concurrent requests `body(i)`: the answers of both.
+fn behind_a_slow_one(addr: &str, n: usize, body: fn(usize) -> String) -> (Answer, Vec<Answer>) {
+    let slow = {
+        let addr = addr.to_string();
+        let big = r#"{"prompt": "slow", "height": 512, "width": 512, "steps": 40}"#;
+        thread::spawn(move || http(&addr, "POST", "/generate", big))
+    };
+    thread::sleep(Duration::from_millis(150));
+    let clients: Vec<_> = (0..n)
+        .map(|i| {
+            let addr = addr.to_string();
+            thread::spawn(move || http(&addr, "POST", "/generate", &body(i)))
+        })
+        .collect();
+    let answers = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    (slow.join().unwrap(), answers)
+}
+
 fn health(addr: &str) -> serde_json::Value {
     let (status, body) = http(addr, "GET", "/health", "");
     assert_eq!(status, 200);
@@ -83,29 +105,8 @@ fn concurrent_clients_are_answered_in_batches_and_deterministically() {
     let server = start(&["--max-batch", "4", "--queue", "32", "--max-side", "512"]);
     let addr = server.addr.clone();
     // a slow request of its own size first, so that the others queue up behind it
-    let slow = {
-        let addr = addr.clone();
-        thread::spawn(move || {
-            http(
-                &addr,
-                "POST",
-                "/generate",
-                r#"{"prompt": "slow", "height": 512, "width": 512, "steps": 40}"#,
-            )
-        })
-    };
-    thread::sleep(Duration::from_millis(150));
-    let clients: Vec<_> = (0..16)
-        .map(|i| {
-            let addr = addr.clone();
-            thread::spawn(move || {
-                let body = format!(r#"{{"prompt": "synthetic prompt {}", "seed": {i}}}"#, i % 4);
-                http(&addr, "POST", "/generate", &body)
-            })
-        })
-        .collect();
-    let answers: Vec<(u16, Vec<u8>)> = clients.into_iter().map(|c| c.join().unwrap()).collect();
-    let (status, big) = slow.join().unwrap();
+    let body = |i: usize| format!(r#"{{"prompt": "synthetic prompt {}", "seed": {i}}}"#, i % 4);
+    let ((status, big), answers) = behind_a_slow_one(&addr, 16, body);
     assert_eq!((status, png_size(&big)), (200, (512, 512)));
     for (status, body) in &answers {
         assert_eq!(*status, 200, "{}", String::from_utf8_lossy(body));
@@ -132,33 +133,9 @@ fn concurrent_clients_are_answered_in_batches_and_deterministically() {
 fn a_full_queue_answers_503_and_bad_requests_400() {
     let server = start(&["--max-batch", "1", "--queue", "1", "--max-side", "512"]);
     let addr = server.addr.clone();
-    let slow = {
-        let addr = addr.clone();
-        thread::spawn(move || {
-            http(
-                &addr,
-                "POST",
-                "/generate",
-                r#"{"prompt": "slow", "height": 512, "width": 512, "steps": 40}"#,
-            )
-        })
-    };
-    thread::sleep(Duration::from_millis(200));
-    let clients: Vec<_> = (0..6)
-        .map(|i| {
-            let addr = addr.clone();
-            thread::spawn(move || {
-                http(
-                    &addr,
-                    "POST",
-                    "/generate",
-                    &format!(r#"{{"prompt": "p", "seed": {i}}}"#),
-                )
-            })
-        })
-        .collect();
-    let answers: Vec<(u16, Vec<u8>)> = clients.into_iter().map(|c| c.join().unwrap()).collect();
-    assert_eq!(slow.join().unwrap().0, 200);
+    let body = |i: usize| format!(r#"{{"prompt": "p", "seed": {i}}}"#);
+    let ((slow, _), answers) = behind_a_slow_one(&addr, 6, body);
+    assert_eq!(slow, 200);
     let full = answers.iter().filter(|(s, _)| *s == 503).count();
     assert!(full >= 1, "some requests found the queue full");
     for (status, body) in &answers {

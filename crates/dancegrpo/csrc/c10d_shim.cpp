@@ -154,6 +154,20 @@ int dg_pg_reduce_scatter_sum(dg_pg* pg, const at::Tensor* output,
   });
 }
 
+// Exchanges equal blocks: `input` (world * n elements) is split into world
+// blocks, block j goes to rank j, and `output` (world * n) receives rank j's
+// block for this rank at [j n, (j + 1) n); waits. (Ulysses sequence
+// parallelism turns a sequence split into a head split with it.)
+int dg_pg_all_to_all(dg_pg* pg, const at::Tensor* output,
+                     const at::Tensor* input, char* err, size_t err_len) {
+  return guarded(err, err_len, [&] {
+    at::Tensor out = *output;
+    at::Tensor in = *input;
+    std::vector<int64_t> even;  // empty split sizes: equal blocks
+    pg->backend->alltoall_base(out, in, even, even, c10d::AllToAllOptions())->wait();
+  });
+}
+
 // Releases the process group.
 void dg_pg_free(dg_pg* pg) {
   delete pg;

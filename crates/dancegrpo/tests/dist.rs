@@ -7,6 +7,27 @@ use dancegrpo::dist::{all_reduce_grads, barrier, gather_rows, Collective};
 use dancegrpo::precision::ReduceDtype;
 use tch::{Kind, Tensor};
 
+/// A process group seen through the trait's defaults for all-to-all.
+struct Gathered<'a>(&'a dyn Collective);
+
+impl Collective for Gathered<'_> {
+    fn rank(&self) -> i64 {
+        self.0.rank()
+    }
+    fn world_size(&self) -> i64 {
+        self.0.world_size()
+    }
+    fn all_reduce_sum(&self, t: &Tensor) -> dancegrpo::Result<()> {
+        self.0.all_reduce_sum(t)
+    }
+    fn broadcast(&self, t: &Tensor, root: i64) -> dancegrpo::Result<()> {
+        self.0.broadcast(t, root)
+    }
+    fn all_gather_into(&self, output: &Tensor, input: &Tensor) -> dancegrpo::Result<()> {
+        self.0.all_gather_into(output, input)
+    }
+}
+
 #[test]
 fn gloo_sums_broadcasts_and_gathers_across_two_processes() {
     if !common::is_child() {
@@ -80,6 +101,24 @@ fn gloo_sums_broadcasts_and_gathers_across_two_processes() {
     };
     assert_eq!(Vec::<f32>::try_from(&mine).unwrap(), want);
     assert!(pg.all_gather_into(&mine, &part).is_err());
+    // all-to-all: rank r sends block j = [r*10 + 2j, r*10 + 2j + 1] to rank j
+    let send: Vec<f32> = (0..4).map(|i| (r * 10.0) as f32 + i as f32).collect();
+    let got = Tensor::zeros([4], (Kind::Float, tch::Device::Cpu));
+    pg.all_to_all(&got, &Tensor::from_slice(&send)).unwrap();
+    let want = match pg.rank() {
+        0 => vec![0.0, 1.0, 10.0, 11.0],
+        _ => vec![2.0, 3.0, 12.0, 13.0],
+    };
+    assert_eq!(Vec::<f32>::try_from(&got).unwrap(), want);
+    // the default (through all-gather) agrees with the backend's
+    let via_gather = Tensor::zeros([4], (Kind::Float, tch::Device::Cpu));
+    Gathered(&pg)
+        .all_to_all(&via_gather, &Tensor::from_slice(&send))
+        .unwrap();
+    assert!(via_gather.equal(&got));
+    assert!(pg
+        .all_to_all(&got, &Tensor::zeros([3], (Kind::Float, tch::Device::Cpu)))
+        .is_err());
     barrier(&pg).unwrap();
 }
 
@@ -110,4 +149,65 @@ fn processes_out_of_step_are_detected_and_named() {
     if pg.rank() == 1 {
         assert!(e.contains("`b.weight`"), "{e}");
     }
+}
+
+#[test]
+fn ulysses_sequence_parallel_forward_equals_one_process() {
+    use dancegrpo::models::flux::{packing, FluxConfig, FluxTransformer};
+    use dancegrpo::models::{FlowInputs, VelocityModel};
+    use dancegrpo::rng::Philox;
+    use dancegrpo::weights::Source;
+    if !common::is_child() {
+        return common::spawn_world("ulysses_sequence_parallel_forward_equals_one_process", 2);
+    }
+    let pg = common::join_gloo();
+    let cpu = tch::Device::Cpu;
+    let model = |heads: i64| {
+        let cfg = FluxConfig {
+            num_layers: 2,
+            num_single_layers: 2,
+            num_attention_heads: heads,
+            ..FluxConfig::tiny()
+        };
+        FluxTransformer::new(cfg, Source::Seeded(3), Kind::Float, cpu).unwrap()
+    };
+    // every process holds the same inputs: 16 image tokens, 8 text tokens, 2 samples
+    let mut rng = Philox::new(8, 0);
+    let (z, text, pooled) = (
+        rng.normal_tensor(&[2, 16, 64]),
+        rng.normal_tensor(&[2, 8, 32]),
+        rng.normal_tensor(&[2, 4]),
+    );
+    let (t, g) = (
+        Tensor::from_slice(&[0.75f32, 0.3]),
+        Tensor::from_slice(&[3.5f32, 3.5]),
+    );
+    let (txt_ids, img_ids) = (packing::text_ids(8, cpu), packing::image_ids(8, 8, cpu));
+    let x = FlowInputs {
+        latents: &z,
+        timestep: &t,
+        text: &text,
+        pooled: &pooled,
+        text_ids: &txt_ids,
+        image_ids: &img_ids,
+        guidance: Some(&g),
+    };
+    let m = model(2);
+    let one = m.velocity(&x).unwrap();
+    let split = m.velocity_ulysses(&x, &pg).unwrap();
+    // each process attends over the whole sequence for 1 of the 2 heads; the
+    // row-wise layers see the same rows: bit-identical on the CPU it was
+    // written on, allowed to differ by the kernels' blocking over fewer heads
+    let err = (&split - &one).abs().max().double_value(&[]) / one.abs().max().double_value(&[]);
+    eprintln!(
+        "rank {}: relative difference {err:.2e} (bit-identical: {})",
+        pg.rank(),
+        split.equal(&one)
+    );
+    assert!(err < 1e-6, "{err}");
+    // 3 heads cannot be split over 2 processes
+    let odd = model(3);
+    let err = odd.velocity_ulysses(&x, &pg).unwrap_err().to_string();
+    assert!(err.contains("heads (3)"), "{err}");
+    barrier(&pg).unwrap();
 }

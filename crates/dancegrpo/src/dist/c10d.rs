@@ -54,6 +54,13 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
+    fn dg_pg_all_to_all(
+        pg: *mut DgPg,
+        output: *const torch_sys::C_tensor,
+        input: *const torch_sys::C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
     fn dg_pg_free(pg: *mut DgPg);
 }
 
@@ -209,6 +216,15 @@ impl Collective for ProcessGroup {
         self.on_device(output, |out| {
             call("reduce_scatter", |err| unsafe {
                 dg_pg_reduce_scatter_sum(self.pg, out.as_ptr(), input.as_ptr(), err, ERR_LEN) == 0
+            })
+        })
+    }
+    fn all_to_all(&self, output: &Tensor, input: &Tensor) -> Result<()> {
+        super::check_exchange_sizes(self, output, input)?;
+        let input = input.to_device(self.device).contiguous();
+        self.on_device(output, |out| {
+            call("all_to_all", |err| unsafe {
+                dg_pg_all_to_all(self.pg, out.as_ptr(), input.as_ptr(), err, ERR_LEN) == 0
             })
         })
     }

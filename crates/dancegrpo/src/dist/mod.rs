@@ -60,6 +60,40 @@ pub trait Collective {
             .copy_(&sum.narrow(0, self.rank() * n, n));
         Ok(())
     }
+
+    /// Exchanges equal blocks: the 1-d `input` (`world * n`) is split into
+    /// `world` blocks, block `j` goes to rank `j`, and `output` (`world * n`)
+    /// receives at `[j n, (j + 1) n)` what rank `j` sent this rank. The default
+    /// gathers every process's whole input (world times the traffic of an
+    /// all-to-all: one process and tests); process groups use the backend's own.
+    fn all_to_all(&self, output: &Tensor, input: &Tensor) -> Result<()> {
+        check_exchange_sizes(self, output, input)?;
+        let (w, r) = (self.world_size(), self.rank());
+        let n = input.numel() as i64 / w;
+        let all = Tensor::zeros([w * w * n], (input.kind(), input.device()));
+        self.all_gather_into(&all, &input.contiguous())?; // rank j's input at [j w n, (j + 1) w n)
+        for j in 0..w {
+            let block = all.narrow(0, (j * w + r) * n, n);
+            output.narrow(0, j * n, n).copy_(&block);
+        }
+        Ok(())
+    }
+}
+
+/// Checks that `output` and `input` (1-d) hold the same number of elements,
+/// a multiple of the world size (equal blocks for an all-to-all).
+fn check_exchange_sizes<C: Collective + ?Sized>(
+    c: &C,
+    output: &Tensor,
+    input: &Tensor,
+) -> Result<()> {
+    let (o, i, w) = (output.size(), input.size(), c.world_size());
+    match (o.len(), i.len()) {
+        (1, 1) if o[0] == i[0] && i[0] % w == 0 => Ok(()),
+        _ => Err(crate::error::Error::Input(format!(
+            "all-to-all: 1-d buffers of equal size, a multiple of {w}, expected; got {o:?} and {i:?}"
+        ))),
+    }
 }
 
 /// Checks that `full` (1-d) holds `world` times the elements of `part` (1-d).

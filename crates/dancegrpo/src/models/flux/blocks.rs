@@ -50,19 +50,24 @@ impl Qkv {
 }
 
 /// Rotary positions then scaled dot-product attention; (b, heads, seq, hd) -> (b, seq, dim).
+fn attention(q: &Tensor, k: &Tensor, v: &Tensor, rope: &Rope) -> Tensor {
+    merge_heads(&sdpa(&rope.apply(q), &rope.apply(k), v))
+}
+
+/// Scaled dot-product attention of rotated `q`, `k` and `v` (b, heads, seq, hd)
+/// -> (b, heads, seq, hd) in `q`'s dtype.
 ///
 /// On the CPU, bfloat16 attention runs in float32: libtorch's CPU flash
 /// attention is slower in bfloat16 than in float32 (medium preset: 2.7 s
 /// against 1.9 s per iteration, forward and backward), and float32 is the more
 /// exact of the two.
-fn attention(q: &Tensor, k: &Tensor, v: &Tensor, rope: &Rope) -> Tensor {
-    let (q, k) = (rope.apply(q), rope.apply(k));
+pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
     let up = q.device() == tch::Device::Cpu && q.kind() == tch::Kind::BFloat16;
     let wide = |t: &Tensor| match up {
         true => t.to_kind(tch::Kind::Float),
         false => t.shallow_clone(),
     };
-    let (q32, k32, v32) = (wide(&q), wide(&k), wide(v));
+    let (q32, k32, v32) = (wide(q), wide(k), wide(v));
     let out = Tensor::scaled_dot_product_attention(
         &q32,
         &k32,
@@ -73,11 +78,18 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, rope: &Rope) -> Tensor {
         None,
         false,
     );
-    let s = out.size();
-    out.transpose(1, 2)
-        .reshape([s[0], -1, s[1] * s[3]])
-        .to_kind(q.kind())
+    out.to_kind(q.kind())
 }
+
+/// (b, heads, seq, hd) -> (b, seq, heads * hd).
+pub fn merge_heads(out: &Tensor) -> Tensor {
+    let s = out.size();
+    out.transpose(1, 2).reshape([s[0], -1, s[1] * s[3]])
+}
+
+/// An attention over `(q, k, v)` (b, heads, seq, hd) before rotation, giving
+/// (b, seq, dim): the plain one, or a sequence-parallel one.
+pub type Attend<'a> = &'a dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>;
 
 /// `FeedForward(dim, activation_fn="gelu-approximate")`: keys `net.0.proj`, `net.2`.
 struct FeedForward {
@@ -170,6 +182,21 @@ impl DoubleBlock {
         temb: &Tensor,
         rope: &Rope,
     ) -> (Tensor, Tensor) {
+        let plain = |q: &Tensor, k: &Tensor, v: &Tensor| Ok(attention(q, k, v, rope));
+        match self.forward_with(img, txt, temb, &plain) {
+            Ok(out) => out,
+            Err(_) => unreachable!("the plain attention does not fail"),
+        }
+    }
+
+    /// [`Self::forward`] with the attention `attend` (it rotates).
+    pub fn forward_with(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        temb: &Tensor,
+        attend: Attend,
+    ) -> Result<(Tensor, Tensor)> {
         let m = ada_chunks(&self.norm1, temb, 6); // shift, scale, gate (msa); shift, scale, gate (mlp)
         let c = ada_chunks(&self.norm1_context, temb, 6);
         let img_n = modulate(img, &m[0], &m[1]);
@@ -179,7 +206,7 @@ impl DoubleBlock {
         let q = Tensor::cat(&[tq, iq], 2);
         let k = Tensor::cat(&[tk, ik], 2);
         let v = Tensor::cat(&[tv, iv], 2);
-        let joint = attention(&q, &k, &v, rope); // (b, Lt + L, dim)
+        let joint = attend(&q, &k, &v)?; // (b, Lt + L, dim)
         let lt = txt.size()[1];
         let txt_attn = self.to_add_out.forward(&joint.narrow(1, 0, lt));
         let img_attn = self
@@ -193,7 +220,7 @@ impl DoubleBlock {
         let txt = txt + c[2].unsqueeze(1) * txt_attn;
         let txt_ff = self.ff_context.forward(&modulate(&txt, &c[3], &c[4]));
         let txt = &txt + c[5].unsqueeze(1) * txt_ff;
-        (txt, img)
+        Ok((txt, img))
     }
 }
 
@@ -229,12 +256,21 @@ impl SingleBlock {
 
     /// x (b, Lt + L, dim), temb (b, dim) -> (b, Lt + L, dim)
     pub fn forward(&self, x: &Tensor, temb: &Tensor, rope: &Rope) -> Tensor {
+        let plain = |q: &Tensor, k: &Tensor, v: &Tensor| Ok(attention(q, k, v, rope));
+        match self.forward_with(x, temb, &plain) {
+            Ok(out) => out,
+            Err(_) => unreachable!("the plain attention does not fail"),
+        }
+    }
+
+    /// [`Self::forward`] with the attention `attend` (it rotates).
+    pub fn forward_with(&self, x: &Tensor, temb: &Tensor, attend: Attend) -> Result<Tensor> {
         let m = ada_chunks(&self.norm, temb, 3); // shift, scale, gate
         let x_n = modulate(x, &m[0], &m[1]);
         let mlp = self.proj_mlp.forward(&x_n).gelu("tanh");
         let (q, k, v) = self.qkv.project(&x_n, self.heads);
-        let attn = attention(&q, &k, &v, rope);
+        let attn = attend(&q, &k, &v)?;
         let h = Tensor::cat(&[attn, mlp], 2);
-        x + m[2].unsqueeze(1) * self.proj_out.forward(&h)
+        Ok(x + m[2].unsqueeze(1) * self.proj_out.forward(&h))
     }
 }

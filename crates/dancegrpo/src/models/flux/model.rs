@@ -13,6 +13,7 @@ use super::config::FluxConfig;
 use super::embeddings::{Rope, TimeTextEmbed};
 
 mod cached;
+mod ulysses;
 mod units;
 use crate::error::{Error, Result};
 use crate::models::lora::LoraConfig;
