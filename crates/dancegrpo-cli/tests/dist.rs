@@ -171,6 +171,88 @@ fn a_tree_rollout_shared_by_two_processes_trains_like_one() {
 }
 
 #[test]
+fn generate_with_sequence_parallelism_draws_the_single_process_images() {
+    let dir = common::temp_dir("dist", "ulysses");
+    let run = dir.join("run");
+    let run_s = run.to_str().unwrap();
+    check(
+        bin()
+            .args(["train", "--out", run_s, "--threads", "1"])
+            .args(["--set", "run.iterations=1", "--set", "eval.every=0"])
+            .output()
+            .unwrap(),
+        "the run",
+    );
+    let generate =
+        |out: &str| ["generate", "--run", run_s, "--images", "2", "--out", out].map(String::from);
+    let one = dir.join("one.png");
+    let single = check(
+        bin()
+            .args(generate(one.to_str().unwrap()))
+            .output()
+            .unwrap(),
+        "one process",
+    );
+    // two processes as torchrun starts them, each holding half of the image tokens
+    let two = dir.join("two.png");
+    let port = common::free_port();
+    let children: Vec<_> = (0..2)
+        .map(|rank| {
+            bin()
+                .args(generate(two.to_str().unwrap()))
+                .args(["--sequence-parallel", "2", "--threads", "1"])
+                .env("WORLD_SIZE", "2")
+                .env("RANK", rank.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<Output> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    for (rank, o) in outs.into_iter().enumerate() {
+        let o = check(o, &format!("rank {rank}"));
+        // rank 0 reports; the images and their reward are the single process's
+        let text = String::from_utf8_lossy(&o.stdout).to_string();
+        assert_eq!(text.contains("mean reward"), rank == 0, "{text}");
+        if rank == 0 {
+            let reward = |t: &str| {
+                t.split("mean reward ")
+                    .nth(1)
+                    .unwrap()
+                    .split(';')
+                    .next()
+                    .unwrap()
+                    .to_string()
+            };
+            assert_eq!(
+                reward(&text),
+                reward(&String::from_utf8_lossy(&single.stdout))
+            );
+        }
+    }
+    assert_eq!(std::fs::read(&one).unwrap(), std::fs::read(&two).unwrap());
+    // without the processes it names: refused, naming torchrun
+    let o = bin()
+        .args(generate(two.to_str().unwrap()))
+        .args(["--sequence-parallel", "2"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("torchrun --no-python --nproc-per-node 2"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn torchrun_launches_training() {
     // `torchrun` is `python -m torch.distributed.run` (its script's shebang may
     // name the environment's build directory)

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use dancegrpo::dist::Launch;
 use dancegrpo::io::image::{grid, write_png};
 use dancegrpo::sampler::cache::CacheSetting;
 use dancegrpo::train::checkpoint;
@@ -39,11 +40,34 @@ pub struct Args {
     /// TOML inline table such as `{kind = "steps", threshold = 0.2}`.
     #[arg(long)]
     cache: Option<String>,
+    /// Processes sharing every forward pass (Ulysses): launch with
+    /// `torchrun --no-python --nproc-per-node N dancegrpo generate ... --sequence-parallel N`.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i64).range(1..))]
+    sequence_parallel: i64,
+    /// Seconds to wait for the other processes.
+    #[arg(long, default_value_t = 300)]
+    dist_timeout: u64,
+    /// libtorch CPU threads.
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
+    threads: Option<i32>,
 }
 
 /// Runs `dancegrpo generate`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let device = super::train::parse_device(&args.device)?;
+    if let Some(n) = args.threads {
+        tch::set_num_threads(n);
+    }
+    let mut device = super::train::parse_device(&args.device)?;
+    let launch = Launch::from_env()?;
+    let world = launch.as_ref().map_or(1, |l| l.world_size);
+    anyhow::ensure!(
+        world == args.sequence_parallel,
+        "--sequence-parallel {} in {world} process(es): launch it with `torchrun --no-python --nproc-per-node {} dancegrpo generate ...`",
+        args.sequence_parallel,
+        args.sequence_parallel
+    );
+    let rank = launch.as_ref().map_or(0, |l| l.rank);
+    let collective = super::train::join(launch.as_ref(), &mut device, args.dist_timeout)?;
     let cfg = TrainConfig::load(&args.run.join("config.toml"), &[])?;
     let ckpt = match args.checkpoint.as_deref() {
         Some("base") => None,
@@ -63,8 +87,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         seed: args.seed,
         steps: Some(steps),
         cache,
+        sequence_parallel: (world > 1).then_some(collective.as_ref()),
     };
     let g = generate_from_run(&cfg, &req, device)?;
+    if rank != 0 {
+        return Ok(ExitCode::SUCCESS); // rank 0 writes and reports
+    }
     let out = args.out.unwrap_or_else(|| args.run.join("generated.png"));
     write_png(&out, &grid(&g.images, args.images.min(8)))?;
     let from = ckpt.map_or("the base model".to_string(), |c| c.display().to_string());

@@ -190,7 +190,7 @@ fn print_batch_sizes(cfg: &TrainConfig, world: i64) {
 
 /// This process's collective: alone, or joined to the others torchrun started
 /// (a CUDA process then takes the GPU of its local rank).
-fn join(
+pub fn join(
     launch: Option<&Launch>,
     device: &mut Device,
     timeout_s: u64,

@@ -338,7 +338,10 @@ struct Counting<'a, 'b> {
 
 impl UpdateObserver for Counting<'_, '_> {
     fn transitions(&mut self, batch: &super::update::TransitionBatch) -> Result<()> {
-        self.done += batch.active.len();
+        // a tree's node stands for its leaves' transitions
+        self.done += (batch.active.iter())
+            .map(|&r| batch.leaves[r as usize] as usize)
+            .sum::<usize>();
         (self.report)(Stage::Update, self.done, self.total);
         self.inner.transitions(batch)
     }

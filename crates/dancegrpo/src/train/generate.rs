@@ -12,13 +12,14 @@ use super::checkpoint;
 use super::config::TrainConfig;
 use crate::data::stack;
 use crate::error::Result;
+use crate::models::flux::SequenceParallel;
 use crate::models::{LatentDecoder, PolicyModel};
 use crate::rewards::{mean_score, Reward, RewardBatch};
 use crate::rng::Philox;
 use crate::sampler::generate::{generate, OdeSettings};
 
 /// What to generate.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct GenerateRequest<'a> {
     /// The checkpoint whose weights are used (`None`: the base model).
     pub checkpoint: Option<&'a Path>,
@@ -30,6 +31,9 @@ pub struct GenerateRequest<'a> {
     pub steps: Option<i64>,
     /// Feature caching (`None`: none).
     pub cache: Option<crate::sampler::cache::CacheSetting>,
+    /// The processes that share every forward pass (Ulysses sequence
+    /// parallelism; each runs this same request), if any.
+    pub sequence_parallel: Option<&'a dyn crate::dist::Collective>,
 }
 
 /// Generated images and their reward.
@@ -71,9 +75,17 @@ pub fn generate_from_run(
         guidance: model.guidance_embeds().then_some(cfg.sampler.guidance),
         cache: req.cache.as_ref().map(|c| c.resolve(steps, blocks)),
     };
+    let parallel = (req.sequence_parallel).map(|c| SequenceParallel {
+        model: &model,
+        collective: c,
+    });
+    let velocity: &dyn crate::models::VelocityModel = match &parallel {
+        Some(p) => p,
+        None => &model,
+    };
     let start = Instant::now();
     let images = generate(
-        &model,
+        velocity,
         &vae,
         &text.to_device(device),
         &pooled.to_device(device),

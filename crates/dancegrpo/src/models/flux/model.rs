@@ -20,6 +20,7 @@ use crate::models::lora::LoraConfig;
 use crate::models::{ActivationCheckpointing, FlowInputs, Residency, VelocityModel};
 use crate::nn::{cast, layer_norm, upcast_kind, AdapterSwitch, Linear};
 use crate::weights::{Checkpoint, ParamStore, Source, VarBuilder};
+pub use ulysses::SequenceParallel;
 
 /// Named intermediate activations of one forward pass (for alignment debugging).
 pub type Trace = BTreeMap<String, Tensor>;

@@ -18,7 +18,31 @@ use super::super::blocks::{merge_heads, sdpa};
 use super::{FluxTransformer, Rope};
 use crate::dist::Collective;
 use crate::error::{Error, Result};
-use crate::models::FlowInputs;
+use crate::models::{FlowInputs, TokenLayout, VelocityModel};
+
+/// A FLUX transformer run by the processes of a collective together: every
+/// process calls it with the same inputs and gets the whole velocity
+/// ([`FluxTransformer::velocity_ulysses`]). No block cache, no gradients.
+pub struct SequenceParallel<'a> {
+    /// The model (every process holds it whole).
+    pub model: &'a FluxTransformer,
+    /// The processes sharing each forward pass.
+    pub collective: &'a dyn Collective,
+}
+
+impl VelocityModel for SequenceParallel<'_> {
+    fn velocity(&self, inputs: &FlowInputs) -> Result<Tensor> {
+        self.model.velocity_ulysses(inputs, self.collective)
+    }
+
+    fn parameters(&self) -> Vec<(String, Tensor)> {
+        self.model.parameters()
+    }
+
+    fn layout(&self) -> &dyn TokenLayout {
+        self.model.layout()
+    }
+}
 
 impl FluxTransformer {
     /// The velocity `(b, L, c)` of the full inputs `x`, computed by the
