@@ -11,9 +11,46 @@
 
 use tch::{Kind, Tensor};
 
-use super::update::Rows;
-use crate::error::Result;
+use super::settings::{UpdateBatching, UpdateConfig};
+use super::update::{Rows, UpdateInputs};
+use crate::error::{Error, Result};
 use crate::sampler::tree::{distinct_rows, Tree};
+
+/// Refuses a tree rollout whose roots are not whole in every model batch,
+/// accumulation window and process (the update trains each node once).
+pub(super) fn check_tree_layout(
+    tree: &Tree,
+    inputs: &UpdateInputs,
+    cfg: &UpdateConfig,
+) -> Result<()> {
+    let root = tree.root_size();
+    let whole = |start: i64, len: usize| start % root == 0 && len as i64 % root == 0;
+    let refuse = |what: String| {
+        Err(Error::Input(format!(
+            "a tree rollout trains each node once, so its roots of {root} leaves must be whole: {what}"
+        )))
+    };
+    if cfg.batching != UpdateBatching::Rollout {
+        return refuse(format!(
+            "the update recomputes in {:?} batches; trees need the rollout's",
+            cfg.batching
+        ));
+    }
+    if cfg.grad_accum % root != 0 {
+        return refuse(format!("{} samples per optimizer step", cfg.grad_accum));
+    }
+    if let Some(b) = (inputs.rollout.batches.iter()).find(|b| !whole(b[0], b.len())) {
+        return refuse(format!("a model batch of samples {b:?}"));
+    }
+    let global = inputs.shard.samples();
+    if let Some(row) = (0..global.len()).find(|&r| global[r] % root != r as i64 % root) {
+        return refuse(format!(
+            "local sample {row} is sample {} of the iteration",
+            global[row]
+        ));
+    }
+    Ok(())
+}
 
 /// The model batches training the roots `window` (local samples, the roots'
 /// leaves) of the rollout's model batch `samples`, one per step any of them
