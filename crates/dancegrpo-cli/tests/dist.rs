@@ -170,6 +170,11 @@ fn a_tree_rollout_shared_by_two_processes_trains_like_one() {
     );
 }
 
+/// `dancegrpo generate` of 2 images of run `run` into `out`.
+fn generate_args<'a>(run: &'a str, out: &'a str) -> [&'a str; 7] {
+    ["generate", "--run", run, "--images", "2", "--out", out]
+}
+
 #[test]
 fn generate_with_sequence_parallelism_draws_the_single_process_images() {
     let dir = common::temp_dir("dist", "ulysses");
@@ -183,8 +188,7 @@ fn generate_with_sequence_parallelism_draws_the_single_process_images() {
             .unwrap(),
         "the run",
     );
-    let generate =
-        |out: &str| ["generate", "--run", run_s, "--images", "2", "--out", out].map(String::from);
+    let generate = |out| generate_args(run_s, out);
     let one = dir.join("one.png");
     let single = check(
         bin()
@@ -195,27 +199,13 @@ fn generate_with_sequence_parallelism_draws_the_single_process_images() {
     );
     // two processes as torchrun starts them, each holding half of the image tokens
     let two = dir.join("two.png");
-    let port = common::free_port();
-    let children: Vec<_> = (0..2)
-        .map(|rank| {
-            bin()
-                .args(generate(two.to_str().unwrap()))
-                .args(["--sequence-parallel", "2", "--threads", "1"])
-                .env("WORLD_SIZE", "2")
-                .env("RANK", rank.to_string())
-                .env("LOCAL_RANK", rank.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", &port)
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    let outs: Vec<Output> = children
-        .into_iter()
-        .map(|c| c.wait_with_output().unwrap())
-        .collect();
+    let two_s = two.to_str().unwrap();
+    let parallel = [
+        &generate(two_s)[..],
+        &["--sequence-parallel", "2", "--threads", "1"],
+    ]
+    .concat();
+    let outs = common::run_world(2, &parallel);
     for (rank, o) in outs.into_iter().enumerate() {
         let o = check(o, &format!("rank {rank}"));
         // rank 0 reports; the images and their reward are the single process's
@@ -291,40 +281,35 @@ fn torchrun_launches_training() {
 #[test]
 fn process_counts_that_cannot_share_a_step_and_bad_launches_are_named() {
     let dir = common::temp_dir("dist", "bad");
-    // 8 samples per step cannot be split among 3 processes: refused before joining
-    let o = bin()
-        .args(["train", "--out", dir.join("r").to_str().unwrap()])
-        .args(RUN)
-        .env("WORLD_SIZE", "3")
-        .env("RANK", "0")
-        .env("MASTER_ADDR", "127.0.0.1")
-        .env("MASTER_PORT", "1")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(
-        err.contains("optim.gradient_accumulation") && err.contains("3 processes"),
-        "{err}"
-    );
+    // rank 0 of `world` processes: refused before joining, naming the field
+    let refused = |world: &str, extra: &[&str], needle: &str| {
+        let o = bin()
+            .args(["train", "--out", dir.join("r").to_str().unwrap()])
+            .args(RUN)
+            .args(extra)
+            .env("WORLD_SIZE", world)
+            .env("RANK", "0")
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", "1")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains("optim.gradient_accumulation") && err.contains(needle),
+            "{err}"
+        );
+    };
+    // 8 samples per step cannot be split among 3 processes
+    refused("3", &[], "3 processes");
     // a tree's roots of 8 leaves cannot be shared by 2 processes of 4 samples per step
-    let o = bin()
-        .args(["train", "--out", dir.join("r").to_str().unwrap()])
-        .args(RUN)
-        .args(["--set", "sampler.tree={branches=2,at=[1,3,5]}"])
-        .args(["--set", "optim.update_batching=\"rollout\""])
-        .env("WORLD_SIZE", "2")
-        .env("RANK", "0")
-        .env("MASTER_ADDR", "127.0.0.1")
-        .env("MASTER_PORT", "1")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(
-        err.contains("optim.gradient_accumulation") && err.contains("whole roots"),
-        "{err}"
-    );
+    let tree = [
+        "--set",
+        "sampler.tree={branches=2,at=[1,3,5]}",
+        "--set",
+        "optim.update_batching=\"rollout\"",
+    ];
+    refused("2", &tree, "whole roots");
     let o = bin()
         .args(["train", "--out", dir.join("r").to_str().unwrap()])
         .args(RUN)

@@ -101,6 +101,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         model: &model,
         vae: &vae,
         prompts: EmbeddingCache::new(embedder, 4096),
+        device,
     };
     serve(&config, engine, &|addr| {
         println!("serving on http://{addr} (POST /generate, GET /health)");

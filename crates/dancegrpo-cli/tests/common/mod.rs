@@ -121,18 +121,26 @@ pub fn spawn_train_world(world: usize, out: &Path, args: &[&str]) -> Vec<Child> 
 }
 
 fn launch(world: usize, out: &Path, args: &[&str], piped: bool) -> Vec<Child> {
+    let out = out.to_str().unwrap();
+    let train = [&["train", "--out", out, "--dist-timeout", "60"][..], args].concat();
+    launch_command(world, &train, piped)
+}
+
+/// `world` processes of `dancegrpo ARGS...` with the variables torchrun sets,
+/// all awaited.
+pub fn run_world(world: usize, args: &[&str]) -> Vec<Output> {
+    launch_command(world, args, true)
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect()
+}
+
+fn launch_command(world: usize, args: &[&str], piped: bool) -> Vec<Child> {
     let port = free_port();
     let io = || if piped { Stdio::piped() } else { Stdio::null() };
     (0..world)
         .map(|rank| {
             bin()
-                .args([
-                    "train",
-                    "--out",
-                    out.to_str().unwrap(),
-                    "--dist-timeout",
-                    "60",
-                ])
                 .args(args)
                 .env("WORLD_SIZE", world.to_string())
                 .env("RANK", rank.to_string())

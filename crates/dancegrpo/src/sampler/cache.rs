@@ -234,6 +234,11 @@ impl<'a> Cached<'a> {
         self.stats.blocks_full += all;
         match self.policy {
             None => self.full(model.velocity(inputs)?),
+            // outside the stretch no later step re-uses a residual: none is kept
+            Some(CachePolicy::Blocks(b)) if !(b.step_start..b.step_end).contains(&i) => {
+                self.residual = None;
+                self.full(model.velocity(inputs)?)
+            }
             Some(CachePolicy::Blocks(b)) => {
                 let span = b.block_start..b.block_end;
                 match (&self.residual, b.reuses(i)) {

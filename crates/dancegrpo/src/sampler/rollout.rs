@@ -183,14 +183,11 @@ fn rollout_batch(
     let mut x0 = z.shallow_clone();
     for i in 0..schedule.steps() {
         let t = schedule.model_timestep(i, n).to_device(device);
-        let v = match &settings.tree {
-            None => model.velocity(&cond.inputs(&sc, &z, &t))?,
+        let (v, evaluated) = match &settings.tree {
+            None => (model.velocity(&cond.inputs(&sc, &z, &t))?, n),
             Some(tree) => state_velocity(model, cond, tree, samples, i, (&z, &t))?,
         };
-        rows += match &settings.tree {
-            None => n,
-            Some(tree) => distinct_rows(samples, tree.state_size(i)).0.len() as i64,
-        };
+        rows += evaluated;
         let noise = samples
             .iter()
             .map(|&b| draws.sde_noise(b, i, &token_shape))
@@ -227,7 +224,8 @@ fn rollout_batch(
 }
 
 /// The velocity of every row of a tree's batch `samples` at step `i`,
-/// evaluated once per state (the rows of a state's node hold it exactly).
+/// evaluated once per state (the rows of a state's node hold it exactly),
+/// and the rows the model evaluated.
 fn state_velocity(
     model: &dyn VelocityModel,
     cond: &Conditioning,
@@ -235,7 +233,7 @@ fn state_velocity(
     samples: &[i64],
     i: i64,
     (z, t): (&Tensor, &Tensor),
-) -> Result<Tensor> {
+) -> Result<(Tensor, i64)> {
     let (first, take) = distinct_rows(samples, tree.state_size(i));
     let device = z.device();
     let rows = Tensor::from_slice(&first).to_device(device);
@@ -243,7 +241,8 @@ fn state_velocity(
     let sc = cond.for_samples(&nodes);
     let (z, t) = (z.index_select(0, &rows), t.index_select(0, &rows)); // (nodes, L, c)
     let v = model.velocity(&cond.inputs(&sc, &z, &t))?;
-    Ok(v.index_select(0, &Tensor::from_slice(&take).to_device(device))) // (n, L, c)
+    let v = v.index_select(0, &Tensor::from_slice(&take).to_device(device)); // (n, L, c)
+    Ok((v, first.len() as i64))
 }
 
 /// Decodes predicted x0 tokens `(B, L, d)` of latent shape `latent` (read

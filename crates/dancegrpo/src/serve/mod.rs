@@ -85,6 +85,8 @@ pub struct Engine<'a> {
     pub vae: &'a dyn LatentDecoder,
     /// The prompt embeddings.
     pub prompts: EmbeddingCache,
+    /// Where the model runs.
+    pub device: tch::Device,
 }
 
 /// Listens on `cfg.addr`, calls `ready` with the bound address, and serves
@@ -266,11 +268,7 @@ fn run_batch(cfg: &ServeConfig, engine: &mut Engine, reqs: &[GenRequest]) -> Res
         pooled.push(p);
         noise.push(Philox::for_stream(r.seed, "serve/noise").normal_tensor(&[1, c, h, w]));
     }
-    let device = engine
-        .model
-        .parameters()
-        .first()
-        .map_or(tch::Device::Cpu, |(_, p)| p.device());
+    let device = engine.device;
     let on = |t: Tensor| t.to_device(device);
     let settings = OdeSettings {
         steps: r0.steps,

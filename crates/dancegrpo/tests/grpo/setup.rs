@@ -235,20 +235,34 @@ pub fn update_after_rollout(
     cfg: &UpdateConfig,
     observer: &mut dyn UpdateObserver,
 ) -> (Rollout, dancegrpo::Result<UpdateStats>) {
-    let (cond, schedule, draws, ro) = seeded_rollout_with(m, batch, (cfg.sde, cfg.eta, cfg.window));
+    let (_, _, draws, ro) = seeded_rollout_with(m, batch, (cfg.sde, cfg.eta, cfg.window));
+    let stats = update_on(m, &ro, &draws, cfg, observer);
+    (ro, stats)
+}
+
+/// One update of `m` with `cfg` on the rollout `ro` of the test prompts and
+/// schedule (drawn with `draws`), on the advantages of the test rewards, with
+/// a fresh AdamW.
+pub fn update_on(
+    m: &dyn VelocityModel,
+    ro: &Rollout,
+    draws: &dyn dancegrpo::sampler::Draws,
+    cfg: &UpdateConfig,
+    observer: &mut dyn UpdateObserver,
+) -> dancegrpo::Result<UpdateStats> {
+    let (cond, schedule) = (conditioning(), Schedule::shifted(STEPS, 3.0));
     let rewards = Philox::new(3, 0).normal_tensor(&[PROMPTS * G]);
     let adv = advantages(&rewards, Grouping::PerPrompt { size: G }, 5.0).unwrap();
     let params: Vec<Tensor> = m.parameters().into_iter().map(|(_, p)| p).collect();
     let mut opt = AdamW::new(AdamWConfig::default(), &params);
     let shard = dancegrpo::dist::Shard::whole(ro.latents.size()[0]);
     let inputs = UpdateInputs {
-        rollout: &ro,
+        rollout: ro,
         shard: &shard,
         advantages: &adv.clamped,
         cond: &cond,
         schedule: &schedule,
-        draws: &draws,
+        draws,
     };
-    let stats = grpo_update(m, &mut opt, &inputs, cfg, observer);
-    (ro, stats)
+    grpo_update(m, &mut opt, &inputs, cfg, observer)
 }

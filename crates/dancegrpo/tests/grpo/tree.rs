@@ -5,15 +5,10 @@
 
 use std::cell::Cell;
 
-use dancegrpo::dist::Shard;
 use dancegrpo::grpo::update::UpdateStats;
-use dancegrpo::grpo::{
-    advantages, grpo_update, AdamW, AdamWConfig, Grouping, UpdateConfig, UpdateInputs,
-    UpdateObserver,
-};
+use dancegrpo::grpo::{UpdateConfig, UpdateObserver};
 use dancegrpo::models::flux::FluxTransformer;
 use dancegrpo::models::{ActivationCheckpointing, FlowInputs, TokenLayout, VelocityModel};
-use dancegrpo::rng::Philox;
 use dancegrpo::sampler::rollout::{rollout, Rollout, RolloutSettings, StepMeans};
 use dancegrpo::sampler::tree::{Tree, TreeDraws};
 use dancegrpo::sampler::{Draws, Schedule, SdeForm};
@@ -164,23 +159,14 @@ fn update(
     draws: &dyn Draws,
     cfg: &UpdateConfig,
 ) -> (dancegrpo::Result<UpdateStats>, Seen) {
-    let m = model(ActivationCheckpointing::Off);
-    let (cond, schedule) = (conditioning(), Schedule::shifted(STEPS, 3.0));
-    let rewards = Philox::new(3, 0).normal_tensor(&[PROMPTS * G]);
-    let adv = advantages(&rewards, Grouping::PerPrompt { size: G }, 5.0).unwrap();
-    let params: Vec<Tensor> = m.parameters().into_iter().map(|(_, p)| p).collect();
-    let mut opt = AdamW::new(AdamWConfig::default(), &params);
-    let shard = Shard::whole(PROMPTS * G);
-    let inputs = UpdateInputs {
-        rollout: ro,
-        shard: &shard,
-        advantages: &adv.clamped,
-        cond: &cond,
-        schedule: &schedule,
-        draws,
-    };
     let mut seen = Seen::default();
-    let stats = grpo_update(&m, &mut opt, &inputs, cfg, &mut seen);
+    let stats = update_on(
+        &model(ActivationCheckpointing::Off),
+        ro,
+        draws,
+        cfg,
+        &mut seen,
+    );
     (stats, seen)
 }
 
