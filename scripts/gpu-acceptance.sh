@@ -17,7 +17,13 @@
 #      and is skipped, with the figure, when it does not.
 #   Per run: seconds per iteration (the second; the first warms up) and its stages,
 #   transformer TFLOP per iteration counted analytically (`plan`), MFU against the
-#   measured peak, and peak device memory (the CUDA caching allocator's).
+#   measured peak, and peak device memory (the CUDA caching allocator's);
+#   5. fast inference on the same model at the largest size, bf16, 50 ODE steps
+#      (`bench generate`): the DiTCache seed schedule and a whole-step cache against
+#      no cache (speed-up; the quality figures mean little on random weights);
+#   6. with 2 or more GPUs (2 Gloo processes on the CPU) and a torch launcher:
+#      Ulysses sequence parallelism over all of them against one (`bench generate
+#      --sequence-parallel N`); skipped, saying why, otherwise.
 # `--device cpu --small` runs the same end to end on a small shape in a minute or so
 # (a test runs it), so the script cannot rot while no GPU is lent.
 set -euo pipefail
@@ -123,6 +129,38 @@ for size in $sizes; do
     done
 done
 
+# fast inference: caches on one process, then sequence parallelism
+gen_size=${sizes##* }; gen_steps=50
+[ "$SMALL" = 1 ] && gen_steps=12
+gen_args=(bench generate "random:$model" --size "$gen_size" --text-len "$text_len" --steps "$gen_steps"
+          --images 1 --rounds 1 --precision bf16 --device "$DEVICE")
+log "bench generate: caches"
+"$BIN" "${gen_args[@]}" --cache seed --cache 'steps-0.05={kind="steps",threshold=0.05}' \
+    > "$OUT/generate.txt" 2> "$OUT/generate.stderr" || log "bench generate failed (see $OUT/generate.stderr)"
+if [ "$DEVICE" = cpu ]; then
+    procs=2
+elif command -v nvidia-smi >/dev/null; then
+    procs=$(nvidia-smi -L | wc -l)
+else
+    procs=1
+fi
+launcher=()
+if python3 -c 'import torch.distributed.run' 2>/dev/null; then
+    launcher=(python3 -m torch.distributed.run)
+elif command -v torchrun >/dev/null; then
+    launcher=(torchrun)
+fi
+if [ "$procs" -lt 2 ]; then
+    echo "one device" > "$OUT/sequence-parallel.skipped"
+elif [ ${#launcher[@]} = 0 ]; then
+    echo "no torch launcher (python3 -m torch.distributed.run, torchrun)" > "$OUT/sequence-parallel.skipped"
+else
+    log "bench generate: sequence parallelism over $procs processes"
+    "${launcher[@]}" --standalone --nproc-per-node "$procs" --no-python "$BIN" "${gen_args[@]}" \
+        --sequence-parallel "$procs" > "$OUT/sequence-parallel.txt" 2> "$OUT/sequence-parallel.stderr" \
+        || log "sequence parallelism failed (see $OUT/sequence-parallel.stderr)"
+fi
+
 OUT="$OUT" SIZES="$sizes" DEVICE="$DEVICE" SMALL="$SMALL" SECONDS_TOTAL=$(( $(date +%s) - start )) python3 - <<'EOF'
 import json, os
 out = os.environ["OUT"]
@@ -163,6 +201,18 @@ for size in os.environ["SIZES"].split():
         if ran:
             run["status"] = "ok"
         runs.append(run)
+def bench_line(name):
+    try:
+        with open(os.path.join(out, name)) as f:
+            lines = [l for l in f if l.startswith("{")]
+        figures = json.loads(lines[-1])["figures"]
+    except (OSError, ValueError, IndexError, KeyError):
+        return None
+    keep = ("label", "processes", "seconds_per_image", "speedup", "blocks_run", "psnr", "ssim", "latent_rel_l2")
+    return [{k: f[k] for k in keep} for f in figures]
+skipped = os.path.join(out, "sequence-parallel.skipped")
+sequence = ({"skipped": open(skipped).read().strip()} if os.path.exists(skipped)
+            else {"figures": bench_line("sequence-parallel.txt")})
 stages = align["stages"] if align else []
 summary = {
     "device": os.environ["DEVICE"], "small": os.environ["SMALL"] == "1",
@@ -171,7 +221,8 @@ summary = {
     "align": {"pass": bool(align and align["pass"]),
               "stages": {s["name"]: {"pass": s["pass"], "worst": s["worst"], "vs_truth": s.get("truth_err"),
                                      "bound": s["bound"]} for s in stages}},
-    "bf16_matmul_tflops": peak, "runs": runs, "seconds": int(os.environ["SECONDS_TOTAL"]), "out": out,
+    "bf16_matmul_tflops": peak, "runs": runs,
+    "generate": bench_line("generate.txt"), "sequence_parallel": sequence, "seconds": int(os.environ["SECONDS_TOTAL"]), "out": out,
 }
 print(json.dumps(summary))
 EOF

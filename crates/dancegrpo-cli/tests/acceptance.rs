@@ -50,5 +50,20 @@ fn the_acceptance_script_runs_end_to_end_on_the_cpu() {
         assert!(mfu > 0.0 && mfu < 1.0, "{run}");
         assert!(run["peak_memory_mib"]["peak_device_mib"].as_f64().unwrap() > 10.0);
     }
+    // fast inference: two caches against none, and two processes sharing
+    // each forward pass (when the environment has torch's launcher)
+    let generate = summary["generate"].as_array().expect("generate figures");
+    let labels: Vec<&str> = generate
+        .iter()
+        .map(|f| f["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels, ["none", "seed", "steps-0.05"], "{summary}");
+    match summary["sequence_parallel"]["figures"].as_array() {
+        Some(f) => {
+            assert_eq!(f[1]["processes"], 2, "{summary}");
+            assert!(f[1]["latent_rel_l2"].as_f64().unwrap() < 1e-6, "{summary}");
+        }
+        None => eprintln!("sequence parallelism: {}", summary["sequence_parallel"]),
+    }
     std::fs::remove_dir_all(&out).unwrap();
 }

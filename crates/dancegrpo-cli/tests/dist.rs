@@ -70,7 +70,8 @@ fn two_processes_sample_the_same_trajectories_and_train_like_one() {
             .unwrap(),
         "one process",
     );
-    let outs = spawn_world(2, &two, &[]);
+    // the evaluations shared by both processes (Ulysses)
+    let outs = spawn_world(2, &two, &["--set", "eval.parallel=\"sequence\""]);
     for (rank, o) in outs.into_iter().enumerate() {
         let o = check(o, &format!("rank {rank}"));
         let stderr = String::from_utf8_lossy(&o.stderr).to_string();
@@ -117,7 +118,22 @@ fn two_processes_sample_the_same_trajectories_and_train_like_one() {
         "weights after iteration 1 differ by {first:.2e}"
     );
     assert!(two.join("checkpoints/iter-000004/state.json").is_file());
-    assert!(two.join("eval.jsonl").is_file());
+    // the evaluation before training, its images split over the two
+    // processes, scores like one process's (the same weights; the attention
+    // sums over fewer heads per call: rounding at most)
+    let evals = |d: &Path| -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(d.join("eval.jsonl")).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let (e1, e2) = (evals(&one), evals(&two));
+    assert_eq!((e1.len(), e2.len()), (2, 2));
+    let (a, b) = (
+        e1[0]["reward_mean"].as_f64().unwrap(),
+        e2[0]["reward_mean"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() <= 1e-6 * a.abs(), "evaluation: {a} and {b}");
 }
 
 #[test]
@@ -240,6 +256,60 @@ fn generate_with_sequence_parallelism_draws_the_single_process_images() {
         "{err}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bench_generate_times_sequence_parallelism_against_one_process() {
+    let args = [
+        "bench",
+        "generate",
+        "tiny",
+        "--steps",
+        "6",
+        "--images",
+        "2",
+        "--rounds",
+        "1",
+        "--threads",
+        "1",
+        "--sequence-parallel",
+        "2",
+        "--cache",
+        "fast={kind=\"steps\",threshold=0.3}",
+    ];
+    let outs = common::run_world(2, &args);
+    let mut lines = Vec::new();
+    for (rank, o) in outs.into_iter().enumerate() {
+        let o = check(o, &format!("rank {rank}"));
+        lines.push(String::from_utf8_lossy(&o.stdout).to_string());
+    }
+    // process 0 reports
+    assert!(lines[1].is_empty(), "{}", lines[1]);
+    let json: serde_json::Value = serde_json::from_str(lines[0].lines().last().unwrap()).unwrap();
+    let f = json["figures"].as_array().unwrap();
+    let rows: Vec<(&str, i64)> = (f.iter())
+        .map(|x| {
+            (
+                x["label"].as_str().unwrap(),
+                x["processes"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(rows, [("none", 1), ("sequence-parallel 2", 2), ("fast", 2)]);
+    // two processes draw the one-process images (to summation order)
+    let rel = f[1]["latent_rel_l2"].as_f64().unwrap();
+    assert!(rel < 1e-6, "{rel}");
+    assert!(f[1]["speedup"].as_f64().unwrap() > 0.0);
+    assert!(f[2]["skipped_steps"].as_i64().unwrap() > 0);
+    // a block cache cannot be shared: refused, naming the setting
+    let blocks = [&args[..13], &["--cache", "seed"]].concat();
+    for o in common::run_world(2, &blocks) {
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(
+            !o.status.success() && err.contains("seed") && err.contains("block cache"),
+            "{err}"
+        );
+    }
 }
 
 #[test]

@@ -76,6 +76,8 @@ const CASES: &[Case] = &[
     case("train --set sampler.tree={branches=2,at=[1]} --set optim.update_batching=\"window\" --out {D}/r", 2, &["optim.update_batching", "\"rollout\""]),
     case("train --set sampler.cache={kind=\"steps\",threshold=0.1} --out {D}/r", 2, &["sampler.cache", "log-probabilities", "eval.cache"]),
     case("train --set eval.cache={kind=\"blocks\",step_start=2,step_interval=1,step_end=6,block_start=0,block_end=1} --out {D}/r", 2, &["eval.cache.step_interval", ">= 2"]),
+    case("train --set eval.parallel=\"sequence\" --set eval.cache={kind=\"blocks\",step_start=2,step_interval=2,step_end=6,block_start=0,block_end=1} --out {D}/r", 2, &["eval.parallel", "block cache", "steps"]),
+    case("train --set eval.parallel=\"heads\" --out {D}/r", 2, &["eval.parallel", "writer", "sequence"]),
     case("train --set grpo.kl_beta=0.04 --out {D}/r", 2, &["grpo.kl_beta", "reference policy", "[optim.lora]"]),
     case("train --set grpo.kl_beta=-1 --out {D}/r", 2, &["grpo.kl_beta", ">= 0"]),
     case("train --set grpo.guard=\"strict\" --out {D}/r", 2, &["grpo.guard", "ratio_norm"]),

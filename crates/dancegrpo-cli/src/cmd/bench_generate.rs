@@ -8,17 +8,30 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use dancegrpo::bench::generate::{bench_generate, markdown, GenerateCase};
+use dancegrpo::dist::Launch;
+use dancegrpo::precision::PrecisionConfig;
 use dancegrpo::sampler::cache::CacheSetting;
-use dancegrpo::train::config::ModelSource;
+use dancegrpo::train::config::{DataSource, ModelSource};
 use dancegrpo::train::TrainConfig;
 
 /// Arguments of `dancegrpo bench generate`.
 #[derive(clap::Args)]
 pub struct Args {
     /// A model directory (`transformer/`, `vae/`; `dancegrpo pretrain` writes
-    /// one), or `tiny` for the seeded tiny model. The prompts are the demo's
-    /// synthetic ones (the pretraining classes), the images 64x64.
+    /// one), `tiny` for the seeded tiny model, or `random:DIR` for the
+    /// architectures of DIR's two `config.json` with random weights (a
+    /// real-sized model without its weights, for timings). The prompts are
+    /// the demo's synthetic ones (the pretraining classes).
     model: String,
+    /// Image height and width in pixels.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(i64).range(16..))]
+    size: i64,
+    /// Text tokens per prompt (T5 length).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(i64).range(1..))]
+    text_len: i64,
+    /// `fp32`, or `bf16` (bfloat16 compute, as training's mixed precision).
+    #[arg(long, default_value = "fp32")]
+    precision: String,
     /// ODE steps.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..))]
     steps: i64,
@@ -40,7 +53,15 @@ pub struct Args {
     /// Device: `cpu` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// libtorch CPU threads.
+    /// Processes sharing every forward pass of the settings after the
+    /// one-process baseline (Ulysses): launch with `torchrun --no-python
+    /// --nproc-per-node N dancegrpo bench generate ... --sequence-parallel N`.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i64).range(1..))]
+    sequence_parallel: i64,
+    /// Seconds to wait for the other processes.
+    #[arg(long, default_value_t = 300)]
+    dist_timeout: u64,
+    /// libtorch CPU threads (of each process).
     #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
     threads: Option<i32>,
 }
@@ -50,7 +71,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(n) = args.threads {
         tch::set_num_threads(n);
     }
-    let device = super::train::parse_device(&args.device)?;
+    let mut device = super::train::parse_device(&args.device)?;
+    let launch = Launch::from_env()?;
+    let world = launch.as_ref().map_or(1, |l| l.world_size);
+    anyhow::ensure!(
+        world == args.sequence_parallel,
+        "--sequence-parallel {} in {world} process(es): launch it with `torchrun --no-python --nproc-per-node {} dancegrpo bench generate ...`",
+        args.sequence_parallel,
+        args.sequence_parallel
+    );
+    let collective = super::train::join(launch.as_ref(), &mut device, args.dist_timeout)?;
     let settings = (args.cache.iter().enumerate())
         .map(|(i, arg)| {
             let (name, spec) = named(arg, i);
@@ -59,15 +89,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut cfg = TrainConfig::tiny_demo();
-    if args.model != "tiny" {
-        let path = PathBuf::from(&args.model);
-        anyhow::ensure!(
-            path.join("transformer").is_dir(),
-            "{}: not a model directory (no transformer/)",
-            path.display()
-        );
-        cfg.model = ModelSource::Dir { path };
+    cfg.model = model_source(&args.model)?;
+    (cfg.sampler.height, cfg.sampler.width) = (args.size, args.size);
+    if let DataSource::Synthetic { text_len, .. } = &mut cfg.data {
+        *text_len = args.text_len;
     }
+    cfg.precision = match args.precision.as_str() {
+        "fp32" => PrecisionConfig::default(),
+        "bf16" => PrecisionConfig::bf16(),
+        other => anyhow::bail!("--precision `{other}`: want fp32 or bf16"),
+    };
     let case = GenerateCase {
         cfg: &cfg,
         steps: args.steps,
@@ -75,19 +106,47 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         seed: args.seed,
         rounds: args.rounds,
         device,
+        parallel: (world > 1).then_some(collective.as_ref()),
     };
     let figures = bench_generate(&case, &settings)?;
+    if collective.rank() != 0 {
+        return Ok(ExitCode::SUCCESS); // process 0 reports
+    }
     print!("{}", markdown(&figures, &case));
     let line = serde_json::json!({
         "bench": "generate",
         "model": args.model,
+        "size": args.size,
+        "precision": args.precision,
         "steps": args.steps,
         "images": args.images,
         "rounds": args.rounds,
+        "sequence_parallel": args.sequence_parallel,
         "figures": figures,
     });
     println!("{line}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// `tiny`, `random:DIR` or a model directory.
+fn model_source(arg: &str) -> anyhow::Result<ModelSource> {
+    let (path, random) = match arg {
+        "tiny" => return Ok(ModelSource::Tiny { seed: 0 }),
+        _ => match arg.strip_prefix("random:") {
+            Some(dir) => (PathBuf::from(dir), true),
+            None => (PathBuf::from(arg), false),
+        },
+    };
+    let config = path.join("transformer").join("config.json");
+    anyhow::ensure!(
+        config.is_file(),
+        "{}: not a model directory (no transformer/config.json)",
+        path.display()
+    );
+    Ok(match random {
+        true => ModelSource::Random { path, seed: 0 },
+        false => ModelSource::Dir { path },
+    })
 }
 
 /// `NAME=SPEC` or `SPEC` (named `seed`, or `cache<i>`).

@@ -3,17 +3,23 @@
 //! on the same seeds: PSNR and SSIM of the decoded images, relative L2 of the
 //! final latents. The settings are timed in alternation, round after round,
 //! and each reports its median; the first setting is always the uncached one.
+//!
+//! With sequence parallelism (the processes of a collective, launched by
+//! torchrun) the uncached baseline runs on process 0 alone, the others
+//! waiting, and every other setting (an uncached one first) is shared by all
+//! processes: the speed-up is over one process.
 
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
 use crate::data::stack;
+use crate::dist::{barrier, Collective};
 use crate::error::{Error, Result};
 use crate::imaging::quality::{psnr, ssim};
 use crate::io::image::to_uint8;
-use crate::models::VelocityModel;
-use crate::models::{LatentDecoder, PolicyModel};
+use crate::models::sequence::SequenceParallel;
+use crate::models::{LatentDecoder, PolicyModel, VelocityModel};
 use crate::rng::Philox;
 use crate::sampler::cache::CacheSetting;
 use crate::sampler::cache::CacheStats;
@@ -36,6 +42,10 @@ pub struct GenerateCase<'a> {
     pub rounds: u32,
     /// Where it runs.
     pub device: Device,
+    /// The processes sharing each forward pass of the settings after the
+    /// baseline (sequence parallelism), if any: every process calls
+    /// [`bench_generate`]; process 0 gets the figures.
+    pub parallel: Option<&'a dyn Collective>,
 }
 
 /// The figures of one cache setting.
@@ -45,6 +55,8 @@ pub struct GenerateFigures {
     pub label: String,
     /// The policy (absent: none).
     pub cache: Option<CachePolicy>,
+    /// Processes sharing each forward pass (1: one process).
+    pub processes: i64,
     /// Median seconds of a sampling (decoding excluded), per image.
     pub seconds_per_image: f64,
     /// Median seconds per ODE step of the batch.
@@ -67,15 +79,61 @@ pub struct GenerateFigures {
     pub latent_rel_l2: f64,
 }
 
+/// One measured setting.
+struct Row {
+    label: String,
+    cache: Option<CachePolicy>,
+    /// Run by every process of the collective (else by process 0 alone).
+    shared: bool,
+}
+
+/// The baseline, then (under sequence parallelism) the uncached shared
+/// sampling, then every setting of `settings`.
+fn rows(
+    case: &GenerateCase,
+    settings: &[(String, CacheSetting)],
+    blocks: usize,
+) -> Result<Vec<Row>> {
+    let shared = case.parallel.is_some_and(|c| c.world_size() > 1);
+    let mut rows = vec![Row {
+        label: "none".into(),
+        cache: None,
+        shared: false,
+    }];
+    if shared {
+        let n = case.parallel.map_or(1, |c| c.world_size());
+        rows.push(Row {
+            label: format!("sequence-parallel {n}"),
+            cache: None,
+            shared,
+        });
+    }
+    for (label, setting) in settings {
+        let cache = setting.resolve(case.steps, blocks);
+        if shared && matches!(cache, CachePolicy::Blocks(_)) {
+            return Err(Error::Input(format!(
+                "cache setting {label}: a block cache cannot run with sequence parallelism (a `steps` cache can)"
+            )));
+        }
+        rows.push(Row {
+            label: label.clone(),
+            cache: Some(cache),
+            shared,
+        });
+    }
+    Ok(rows)
+}
+
 /// Samples with every setting of `settings` (`(label, policy)`) after the
 /// uncached baseline, alternating them round by round, and compares each
-/// setting's images with the baseline's.
+/// setting's images with the baseline's (on process 0; the other processes
+/// of `case.parallel` return no figures).
 pub fn bench_generate(
     case: &GenerateCase,
     settings: &[(String, CacheSetting)],
 ) -> Result<Vec<GenerateFigures>> {
     let (model, vae) = build_models(case.cfg, case.device)?;
-    let blocks = model.cacheable_blocks();
+    let rows = rows(case, settings, model.cacheable_blocks())?;
     let (text, pooled, noise) = inputs(case, &model, &vae)?;
     let s = &case.cfg.sampler;
     let base = OdeSettings {
@@ -84,41 +142,82 @@ pub fn bench_generate(
         guidance: model.guidance_embeds().then_some(s.guidance),
         cache: None,
     };
-    let all: Vec<(String, Option<CachePolicy>)> = std::iter::once(("none".to_string(), None))
-        .chain((settings.iter()).map(|(l, p)| (l.clone(), Some(p.resolve(case.steps, blocks)))))
-        .collect();
-    let mut seconds = vec![Vec::new(); all.len()];
-    let mut outputs: Vec<Option<(Tensor, CacheStats)>> = all.iter().map(|_| None).collect();
+    let (lead, processes) = match case.parallel {
+        Some(c) => (c.rank() == 0, c.world_size()),
+        None => (true, 1),
+    };
+    let mut seconds = vec![Vec::new(); rows.len()];
+    let mut outputs: Vec<Option<(Tensor, CacheStats)>> = rows.iter().map(|_| None).collect();
     for round in 0..=case.rounds {
-        for (i, (_, cache)) in all.iter().enumerate() {
+        for (i, row) in rows.iter().enumerate() {
+            if !row.shared && !lead {
+                barrier_of(case)?; // process 0 samples alone
+                continue;
+            }
+            let parallel = case.parallel.map(|c| SequenceParallel {
+                model: &model,
+                collective: c,
+            });
+            let velocity: &dyn VelocityModel = match (&parallel, row.shared) {
+                (Some(p), true) => p,
+                _ => &model,
+            };
             let settings = OdeSettings {
-                cache: cache.clone(),
+                cache: row.cache.clone(),
                 ..base.clone()
             };
             let start = Instant::now();
-            let out = sample_ode(&model, (&text, &pooled), &noise, &settings)?;
+            let out = sample_ode(velocity, (&text, &pooled), &noise, &settings)?;
             let _ = out.0.sum(Kind::Float).double_value(&[]); // wait for the device
             if round > 0 {
                 seconds[i].push(start.elapsed().as_secs_f64());
             }
             outputs[i] = Some(out);
+            if !row.shared {
+                barrier_of(case)?;
+            }
         }
     }
+    if !lead {
+        return Ok(Vec::new());
+    }
+    let latents: Vec<(Tensor, CacheStats)> = outputs.into_iter().flatten().collect();
+    let shares = |row: &Row| if row.shared { processes } else { 1 };
+    let measured = rows
+        .iter()
+        .map(|r| (r.label.clone(), r.cache.clone(), shares(r)));
+    figures(case, &vae, measured.collect(), &latents, &seconds)
+}
+
+/// Waits for the other processes of `case.parallel`, if any.
+fn barrier_of(case: &GenerateCase) -> Result<()> {
+    case.parallel.map_or(Ok(()), barrier)
+}
+
+/// The figures of each row `(label, cache, processes)` from its final latents
+/// and timings (the first row is the baseline).
+fn figures(
+    case: &GenerateCase,
+    vae: &dyn LatentDecoder,
+    rows: Vec<(String, Option<CachePolicy>, i64)>,
+    latents: &[(Tensor, CacheStats)],
+    seconds: &[Vec<f64>],
+) -> Result<Vec<GenerateFigures>> {
     let decode = |x: &Tensor| {
         let _guard = tch::no_grad_guard();
         to_uint8(&vae.decode_latents(x))
     };
-    let latents: Vec<(Tensor, CacheStats)> = outputs.into_iter().flatten().collect();
     let (reference, _) = &latents[0];
     let reference_images = decode(reference);
     let base_median = median(&seconds[0]);
     let mut figures = Vec::new();
-    for (i, ((label, cache), (x, stats))) in all.iter().zip(&latents).enumerate() {
+    for (i, ((label, cache, processes), (x, stats))) in rows.into_iter().zip(latents).enumerate() {
         let images = decode(x);
         let t = median(&seconds[i]);
         figures.push(GenerateFigures {
-            label: label.clone(),
-            cache: cache.clone(),
+            label,
+            cache,
+            processes,
             seconds_per_image: t / case.images as f64,
             seconds_per_step: t / case.steps as f64,
             speedup: base_median / t,
@@ -185,14 +284,15 @@ fn rel_l2(x: &Tensor, reference: &Tensor) -> f64 {
 pub fn markdown(figures: &[GenerateFigures], case: &GenerateCase) -> String {
     let mut out = format!(
         "{} images, {} steps, median of {} alternated rounds\n\n\
-         | cache | s / image | s / step | speed-up | full / block / skipped steps | blocks run | PSNR (dB) | SSIM | latent rel. L2 |\n\
-         |---|---|---|---|---|---|---|---|---|\n",
+         | cache | processes | s / image | s / step | speed-up | full / block / skipped steps | blocks run | PSNR (dB) | SSIM | latent rel. L2 |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
         case.images, case.steps, case.rounds
     );
     for f in figures {
         out.push_str(&format!(
-            "| {} | {:.4} | {:.4} | {:.2}x | {} / {} / {} | {:.0}% | {:.1} | {:.4} | {:.4} |\n",
+            "| {} | {} | {:.4} | {:.4} | {:.2}x | {} / {} / {} | {:.0}% | {:.1} | {:.4} | {:.4} |\n",
             f.label,
+            f.processes,
             f.seconds_per_image,
             f.seconds_per_step,
             f.speedup,

@@ -6,6 +6,7 @@ pub mod flux;
 pub mod latent;
 pub mod lora;
 pub mod open_clip;
+pub mod sequence;
 pub mod t5;
 pub mod vae;
 
@@ -91,6 +92,21 @@ pub trait VelocityModel {
         Err(crate::error::Error::Input(format!(
             "this model cannot cache blocks {}..{}",
             span.start, span.end
+        )))
+    }
+
+    /// The velocity for `inputs`, computed by the processes of `c` together
+    /// (Ulysses sequence parallelism, [`sequence`]): every process calls it
+    /// with the same whole inputs and gets the whole velocity. Models that
+    /// cannot split their sequence refuse (the default).
+    fn velocity_sequence_parallel(
+        &self,
+        _inputs: &FlowInputs,
+        c: &dyn Collective,
+    ) -> Result<Tensor> {
+        Err(crate::error::Error::Input(format!(
+            "this model cannot split its sequence over {} processes",
+            c.world_size()
         )))
     }
 

@@ -310,6 +310,25 @@ pub struct EvalConfig {
     /// what each costs in quality).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache: Option<CachePolicy>,
+    /// Which processes of a multi-process run compute the evaluation.
+    pub parallel: EvalParallel,
+}
+
+/// Which processes of a multi-process run compute the fixed-seed evaluation.
+/// (A fully sharded model is always evaluated by every process, whose
+/// forward passes are collective.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EvalParallel {
+    /// Process 0 alone, the others waiting (the reference's way).
+    #[default]
+    Writer,
+    /// Every process shares each forward pass (Ulysses sequence parallelism:
+    /// image tokens and attention heads split over the processes; both must
+    /// divide by the process count). Not with a block cache (`eval.cache`
+    /// of kind `steps` works). The images equal one process's up to the
+    /// attention's summation order.
+    Sequence,
 }
 
 impl Default for EvalConfig {
@@ -320,6 +339,7 @@ impl Default for EvalConfig {
             gold_rewards: Vec::new(),
             data: None,
             cache: None,
+            parallel: EvalParallel::Writer,
         }
     }
 }

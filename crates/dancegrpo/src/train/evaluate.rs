@@ -9,13 +9,14 @@ use std::rc::Rc;
 use serde::Serialize;
 use tch::{Device, Tensor};
 
-use super::config::TrainConfig;
+use super::config::{EvalParallel, TrainConfig};
 use crate::data::{stack, PromptSet};
 use crate::dist::fsdp::FullShard;
-use crate::dist::Gather;
-use crate::error::Result;
+use crate::dist::{Collective, Gather};
+use crate::error::{Error, Result};
 use crate::io::image::grid;
-use crate::models::{LatentDecoder, PolicyModel};
+use crate::models::sequence::SequenceParallel;
+use crate::models::{LatentDecoder, PolicyModel, VelocityModel};
 use crate::rewards::combine::WeightedSum;
 use crate::rewards::{mean_score, Reward, RewardBatch};
 use crate::sampler::generate::{generate, OdeSettings};
@@ -76,6 +77,8 @@ pub struct Evaluator {
     ode: OdeSettings,
     /// When a sharded model is gathered.
     gather: Gather,
+    /// Which processes compute it.
+    parallel: EvalParallel,
 }
 
 /// What one evaluation borrows from the run.
@@ -90,6 +93,9 @@ pub struct EvalInputs<'a> {
     pub training: &'a dyn PromptSet,
     /// The fully sharded state, when there is one.
     pub sharded: Option<&'a Rc<FullShard>>,
+    /// The run's processes (every one of them evaluates under
+    /// `eval.parallel = "sequence"` or a sharded model).
+    pub collective: &'a dyn Collective,
     /// Where the model computes.
     pub device: Device,
     /// Completed training iterations.
@@ -118,7 +124,13 @@ impl Evaluator {
                 cache: cfg.eval.cache.clone(),
             },
             gather: cfg.parallel.gather,
+            parallel: cfg.eval.parallel,
         }
+    }
+
+    /// Whether the processes of `c` share every forward pass of an evaluation.
+    pub fn shares_forwards(&self, c: &dyn Collective) -> bool {
+        self.parallel == EvalParallel::Sequence && c.world_size() > 1
     }
 
     /// The prompt set evaluations draw from (given the training set), and which one it is.
@@ -151,14 +163,28 @@ impl Evaluator {
             Gather::PerBlock => None,
         };
         let dev = inp.device;
+        let parallel = SequenceParallel {
+            model: inp.model,
+            collective: inp.collective,
+        };
+        let model: &dyn VelocityModel = match self.shares_forwards(inp.collective) {
+            true => &parallel,
+            false => inp.model,
+        };
         let images = generate(
-            inp.model,
+            model,
             inp.decoder,
             &text.to_device(dev),
             &pooled.to_device(dev),
             &noise.to_device(dev),
             &settings,
-        )?; // (n, H, W, 3)
+        )
+        .map_err(|e| match (self.shares_forwards(inp.collective), e) {
+            (true, Error::Input(msg)) => {
+                Error::Input(format!("eval.parallel = \"sequence\": {msg}"))
+            }
+            (_, e) => e,
+        })?; // (n, H, W, 3)
         drop(pinned);
         let captions: Vec<String> = entries.iter().map(|e| e.caption.clone()).collect();
         let batch = RewardBatch {

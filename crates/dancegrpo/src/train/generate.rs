@@ -12,7 +12,7 @@ use super::checkpoint;
 use super::config::TrainConfig;
 use crate::data::stack;
 use crate::error::Result;
-use crate::models::flux::SequenceParallel;
+use crate::models::sequence::SequenceParallel;
 use crate::models::{LatentDecoder, PolicyModel};
 use crate::rewards::{mean_score, Reward, RewardBatch};
 use crate::rng::Philox;

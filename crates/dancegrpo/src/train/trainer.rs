@@ -315,9 +315,11 @@ impl Trainer {
     }
 
     /// Whether this process takes part in evaluations: the writer, and every
-    /// process of a sharded model (whose forward passes are collective).
+    /// process of a sharded model or a sequence-parallel evaluation (whose
+    /// forward passes are collective).
     fn evaluates(&self) -> bool {
-        self.writes() || self.sharded.is_some()
+        let shares = self.evaluator.shares_forwards(self.collective.as_ref());
+        self.writes() || self.sharded.is_some() || shares
     }
 
     /// Trains until `run.iterations`, checkpointing on cadence and at the end;
@@ -563,6 +565,7 @@ impl Trainer {
             reward: &mut self.reward,
             training: self.prompts.as_ref(),
             sharded: self.sharded.as_ref(),
+            collective: self.collective.as_ref(),
             device: self.device,
             iteration: self.state.iteration,
         };

@@ -2,12 +2,13 @@
 
 use std::path::Path;
 
-use super::config::{AdvantageGrouping, DataSource, ModelSource, TrainConfig};
+use super::config::{AdvantageGrouping, DataSource, EvalParallel, ModelSource, TrainConfig};
 use crate::data::format::INFO_FILE;
 use crate::data::reference::INDEX_FILE;
 use crate::error::{Error, Result};
 use crate::grpo::UpdateBatching;
 use crate::sampler::tree::Tree;
+use crate::sampler::CachePolicy;
 
 type Rule<'a> = (&'a str, bool, String);
 
@@ -90,6 +91,12 @@ impl TrainConfig {
             (self.eval.cache.as_ref()).and_then(|c| c.check(s.steps, usize::MAX))
         {
             return Err(Error::config(origin, &format!("eval.cache.{field}"), msg));
+        }
+        if let (EvalParallel::Sequence, Some(CachePolicy::Blocks(_))) =
+            (self.eval.parallel, &self.eval.cache)
+        {
+            let msg = "a block cache cannot run with sequence parallelism: use eval.cache of kind \"steps\", or eval.parallel = \"writer\"";
+            return Err(Error::config(origin, "eval.parallel", msg.to_string()));
         }
         // the update's own count (the fields it also checks were checked above)
         if let Err(Error::Input(msg)) = self.iteration_config().update.trained(s.steps) {

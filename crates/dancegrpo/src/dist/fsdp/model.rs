@@ -87,6 +87,14 @@ impl<M: Shardable> VelocityModel for ShardedModel<M> {
         self.inner.velocity_blocks(inputs, span, reuse)
     }
 
+    fn velocity_sequence_parallel(
+        &self,
+        inputs: &FlowInputs,
+        c: &dyn Collective,
+    ) -> Result<Tensor> {
+        self.inner.velocity_sequence_parallel(inputs, c)
+    }
+
     fn parameters(&self) -> Vec<(String, Tensor)> {
         self.state.shards()
     }

@@ -10,5 +10,5 @@ pub mod packing;
 mod policy;
 
 pub use config::FluxConfig;
-pub use model::{FluxTransformer, SequenceParallel, Trace};
+pub use model::{FluxTransformer, Trace};
 pub use packing::FluxPacking;

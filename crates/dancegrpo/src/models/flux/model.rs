@@ -20,7 +20,6 @@ use crate::models::lora::LoraConfig;
 use crate::models::{ActivationCheckpointing, FlowInputs, Residency, VelocityModel};
 use crate::nn::{cast, layer_norm, upcast_kind, AdapterSwitch, Linear};
 use crate::weights::{Checkpoint, ParamStore, Source, VarBuilder};
-pub use ulysses::SequenceParallel;
 
 /// Named intermediate activations of one forward pass (for alignment debugging).
 pub type Trace = BTreeMap<String, Tensor>;
@@ -333,6 +332,14 @@ impl VelocityModel for FluxTransformer {
         reuse: Option<&Tensor>,
     ) -> Result<(Tensor, Option<Tensor>)> {
         self.forward_span(inputs, span, reuse)
+    }
+
+    fn velocity_sequence_parallel(
+        &self,
+        inputs: &FlowInputs,
+        c: &dyn crate::dist::Collective,
+    ) -> Result<Tensor> {
+        self.velocity_ulysses(inputs, c)
     }
 
     fn velocity_backward(

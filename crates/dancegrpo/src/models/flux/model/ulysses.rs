@@ -10,7 +10,9 @@
 //! Every row-wise layer sees the same rows as in one process and every head
 //! attends over the same sequence in the same order, so the velocity equals
 //! the single-process one up to the attention kernel's blocking over fewer
-//! heads (tested with 2 Gloo processes).
+//! heads (tested with 2 Gloo processes). A sharded model's units are gathered
+//! around their use as in the plain forward (the same collectives on every
+//! process, in the same order).
 
 use tch::Tensor;
 
@@ -18,31 +20,7 @@ use super::super::blocks::{merge_heads, sdpa};
 use super::{FluxTransformer, Rope};
 use crate::dist::Collective;
 use crate::error::{Error, Result};
-use crate::models::{FlowInputs, TokenLayout, VelocityModel};
-
-/// A FLUX transformer run by the processes of a collective together: every
-/// process calls it with the same inputs and gets the whole velocity
-/// ([`FluxTransformer::velocity_ulysses`]). No block cache, no gradients.
-pub struct SequenceParallel<'a> {
-    /// The model (every process holds it whole).
-    pub model: &'a FluxTransformer,
-    /// The processes sharing each forward pass.
-    pub collective: &'a dyn Collective,
-}
-
-impl VelocityModel for SequenceParallel<'_> {
-    fn velocity(&self, inputs: &FlowInputs) -> Result<Tensor> {
-        self.model.velocity_ulysses(inputs, self.collective)
-    }
-
-    fn parameters(&self) -> Vec<(String, Tensor)> {
-        self.model.parameters()
-    }
-
-    fn layout(&self) -> &dyn TokenLayout {
-        self.model.layout()
-    }
-}
+use crate::models::FlowInputs;
 
 impl FluxTransformer {
     /// The velocity `(b, L, c)` of the full inputs `x`, computed by the
@@ -60,10 +38,12 @@ impl FluxTransformer {
         }
         let lloc = l / n;
         let local = x.latents.narrow(1, r * lloc, lloc);
+        self.acquire(self.unit_embed())?;
         let e = self.embed(&FlowInputs {
             latents: &local,
             ..*x
         });
+        self.done_with(self.unit_embed())?;
         let lt = e.txt.size()[1];
         let full = self.rope(x);
         let rows =
@@ -75,14 +55,20 @@ impl FluxTransformer {
         let exchange = Exchange { c, n, r, lt, lloc };
         let attend = |q: &Tensor, k: &Tensor, v: &Tensor| exchange.attention(q, k, v, &rope);
         let (mut img, mut txt) = (e.img, e.txt);
-        for block in &self.transformer_blocks {
+        for (i, block) in self.transformer_blocks.iter().enumerate() {
+            self.acquire(self.unit_double(i))?;
             (txt, img) = block.forward_with(&img, &txt, &e.temb, &attend)?;
+            self.done_with(self.unit_double(i))?;
         }
         let mut h = Tensor::cat(&[txt, img], 1);
-        for block in &self.single_transformer_blocks {
+        for (i, block) in self.single_transformer_blocks.iter().enumerate() {
+            self.acquire(self.unit_single(i))?;
             h = block.forward_with(&h, &e.temb, &attend)?;
+            self.done_with(self.unit_single(i))?;
         }
+        self.acquire(self.unit_head())?;
         let (_, out) = self.head(&h, &e.temb, lt); // (b, lloc, c)
+        self.done_with(self.unit_head())?;
         let ch = out.size()[2];
         let all = Tensor::zeros([n * b * lloc * ch], (out.kind(), out.device()));
         c.all_gather_into(&all, &out.contiguous().view([-1]))?;
