@@ -139,10 +139,9 @@ log "bench generate: caches"
     > "$OUT/generate.txt" 2> "$OUT/generate.stderr" || log "bench generate failed (see $OUT/generate.stderr)"
 if [ "$DEVICE" = cpu ]; then
     procs=2
-elif command -v nvidia-smi >/dev/null; then
-    procs=$(nvidia-smi -L | wc -l)
 else
-    procs=1
+    # the GPUs torch sees (CUDA_VISIBLE_DEVICES respected)
+    procs=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("cuda_device_count") or 1)' "$OUT/env.json")
 fi
 launcher=()
 if python3 -c 'import torch.distributed.run' 2>/dev/null; then

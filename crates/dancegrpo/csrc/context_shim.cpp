@@ -50,10 +50,15 @@ extern "C" {
 // since the process started (or the last reset); -1 in a build without CUDA.
 int64_t dg_cuda_peak_allocated(int device) {
 #ifdef DANCEGRPO_CUDA
-  auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(
-      static_cast<c10::DeviceIndex>(device));
-  auto aggregate = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
-  return stats.allocated_bytes[aggregate].peak;
+  // an exception must not cross the C boundary: -1 (unknown) instead
+  try {
+    auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(
+        static_cast<c10::DeviceIndex>(device));
+    auto aggregate = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    return stats.allocated_bytes[aggregate].peak;
+  } catch (...) {
+    return -1;
+  }
 #else
   (void)device;
   return -1;
@@ -71,8 +76,12 @@ extern "C" {
 // Bytes of memory of CUDA device `device`; -1 in a build without CUDA.
 int64_t dg_cuda_total_memory(int device) {
 #ifdef DANCEGRPO_CUDA
-  return static_cast<int64_t>(
-      at::cuda::getDeviceProperties(static_cast<c10::DeviceIndex>(device))->totalGlobalMem);
+  try {
+    return static_cast<int64_t>(
+        at::cuda::getDeviceProperties(static_cast<c10::DeviceIndex>(device))->totalGlobalMem);
+  } catch (...) {
+    return -1;
+  }
 #else
   (void)device;
   return -1;

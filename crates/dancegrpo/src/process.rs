@@ -25,6 +25,7 @@ pub fn device_memory_bytes(device: tch::Device) -> Option<u64> {
     match device {
         tch::Device::Cuda(i) => {
             // SAFETY: reads the device's properties; -1 when CUDA is not compiled in
+            // or the device cannot be read
             let bytes = unsafe { dg_cuda_total_memory(i as std::os::raw::c_int) };
             (bytes >= 0).then_some(bytes as u64)
         }
@@ -39,11 +40,21 @@ pub fn peak_device_mib(device: tch::Device) -> Option<f64> {
     match device {
         tch::Device::Cuda(i) => {
             // SAFETY: reads allocator statistics; -1 when CUDA is not compiled in
+            // or the device cannot be read
             let bytes = unsafe { dg_cuda_peak_allocated(i as std::os::raw::c_int) };
             (bytes >= 0).then(|| bytes as f64 / (1u64 << 20) as f64)
         }
         _ => peak_rss_mib(),
     }
+}
+
+/// Seconds since `start`, after `device` has finished its queued work (a
+/// GPU runs asynchronously: without the wait a timing measures the queueing).
+pub fn seconds_since(start: std::time::Instant, device: tch::Device) -> f64 {
+    if let tch::Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+    start.elapsed().as_secs_f64()
 }
 
 /// The machine's host name (the kernel's, else `$HOSTNAME`, else `localhost`),

@@ -12,7 +12,7 @@ use dancegrpo::sampler::cache::CacheSetting;
 use dancegrpo::serve::embed::{EmbeddingCache, PromptEmbedder, StandIn};
 use dancegrpo::serve::request::Limits;
 use dancegrpo::serve::{serve, Engine, ServeConfig};
-use dancegrpo::train::build::build_models;
+use dancegrpo::train::build::{build_models_for, ModelUse};
 use dancegrpo::train::checkpoint;
 use dancegrpo::train::config::{DataSource, ModelSource};
 use dancegrpo::train::TrainConfig;
@@ -65,7 +65,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let device = super::train::parse_device(&args.device)?;
     let (cfg, checkpoint) = source_config(&args.source)?;
-    let (model, vae) = build_models(&cfg, device)?;
+    dancegrpo::precision::set_tf32(cfg.precision.tf32);
+    let (model, vae) = build_models_for(&cfg, device, ModelUse::Inference)?;
     if let Some(dir) = &checkpoint {
         checkpoint::load_weights_whole(dir, &model)?;
     }

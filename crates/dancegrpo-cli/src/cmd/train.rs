@@ -199,7 +199,7 @@ pub fn join(
         return Ok(Box::new(SingleProcess));
     };
     if let Device::Cuda(_) = device {
-        *device = Device::Cuda(l.local_rank as usize); // one GPU per process
+        *device = Device::Cuda(local_gpu(l.local_rank)?); // one GPU per process
     }
     let backend = DistBackend::for_device(*device);
     let group = ProcessGroup::join(l, backend, Duration::from_secs(timeout_s));
@@ -207,6 +207,20 @@ pub fn join(
     Ok(Box::new(group.with_context(|| {
         format!("joining {world} processes as rank {rank} ({backend:?})")
     })?))
+}
+
+/// The GPU of the process with local rank `local_rank`: its own index among
+/// the visible GPUs, or the only one a launcher left it
+/// (`CUDA_VISIBLE_DEVICES` set per process).
+fn local_gpu(local_rank: i64) -> anyhow::Result<usize> {
+    let visible = tch::Cuda::device_count();
+    match visible {
+        1 => Ok(0),
+        n if (0..n).contains(&local_rank) => Ok(local_rank as usize),
+        n => anyhow::bail!(
+            "LOCAL_RANK {local_rank} but {n} visible GPU(s): start at most {n} processes per node (torchrun --nproc-per-node)"
+        ),
+    }
 }
 
 /// Where the run went, how to see its curves, and its peak memory.

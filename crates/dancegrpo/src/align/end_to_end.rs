@@ -66,6 +66,7 @@ fn rollout_and_decode(
         batch: 1,
         means: StepMeans::Drop,
         tree: None,
+        post: Default::default(),
     };
     let dev = case.device();
     let ro = rollout(

@@ -25,7 +25,7 @@ use crate::sampler::cache::CacheSetting;
 use crate::sampler::cache::CacheStats;
 use crate::sampler::generate::{sample_ode, OdeSettings};
 use crate::sampler::CachePolicy;
-use crate::train::build::{build_models, build_prompts};
+use crate::train::build::{build_models_for, build_prompts, ModelUse};
 use crate::train::TrainConfig;
 
 /// What to sample: the model, prompts and image size of `cfg`.
@@ -132,7 +132,8 @@ pub fn bench_generate(
     case: &GenerateCase,
     settings: &[(String, CacheSetting)],
 ) -> Result<Vec<GenerateFigures>> {
-    let (model, vae) = build_models(case.cfg, case.device)?;
+    crate::precision::set_tf32(case.cfg.precision.tf32);
+    let (model, vae) = build_models_for(case.cfg, case.device, ModelUse::Inference)?;
     let rows = rows(case, settings, model.cacheable_blocks())?;
     let (text, pooled, noise) = inputs(case, &model, &vae)?;
     let s = &case.cfg.sampler;

@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use crate::error::{Error, Result};
+use crate::sampler::Schedule;
 use crate::train::config::DataSource;
 use crate::train::TrainConfig;
 
@@ -18,7 +19,7 @@ pub struct Method {
 }
 
 /// The built-in methods: `(name, what it is, overrides of the tiny demo)`.
-pub const BUILT_IN: [(&str, &str, &[&str]); 7] = [
+pub const BUILT_IN: [(&str, &str, &[&str]); 8] = [
     (
         "dancegrpo",
         "DanceGRPO: Dance-SDE on every step, a random 60% of them trained",
@@ -28,6 +29,11 @@ pub const BUILT_IN: [(&str, &str, &[&str]); 7] = [
         "mixgrpo",
         "MixGRPO: a 4-step SDE window sliding 1 step every 25 iterations, ODE elsewhere",
         &["sampler.window={size=4,schedule=\"progressive\",shift_interval=25,stride=1}"],
+    ),
+    (
+        "mixgrpo-flash",
+        "MixGRPO-Flash: MixGRPO's window, then DPM-Solver++ 2M on 40% of the remaining steps",
+        &["sampler.window={size=4,schedule=\"progressive\",shift_interval=25,stride=1,post={solver=\"dpm_solver_2m\",compress=0.4}}"],
     ),
     (
         "flow-grpo-fast",
@@ -141,8 +147,16 @@ pub fn transformer_calls(cfg: &TrainConfig, iteration: u64) -> Result<u64> {
     }
     let samples = cfg.run.prompts_per_iteration * cfg.sampler.group_size;
     let steps = cfg.sampler.steps;
-    let (_, trained) = cfg.iteration_config_at(iteration).update.trained(steps)?;
-    let per_sample = steps + trained * if cfg.grpo.kl_beta > 0.0 { 2 } else { 1 };
+    let it = cfg.iteration_config_at(iteration);
+    let (_, trained) = it.update.trained(steps)?;
+    // DPM-Solver steps after the window: the window's last step, then its schedule
+    let schedule = Schedule::shifted(steps, cfg.sampler.shift);
+    let rollout = (it.rollout.window.filter(|w| !w.is_empty()))
+        .and_then(|w| {
+            Some(w.end + it.rollout.post.sigmas_after(&schedule, w.end - 1)?.len() as i64 - 1)
+        })
+        .unwrap_or(steps);
+    let per_sample = rollout + trained * if cfg.grpo.kl_beta > 0.0 { 2 } else { 1 };
     Ok((samples * per_sample) as u64)
 }
 
@@ -160,6 +174,8 @@ mod tests {
         // 2 prompts x 8 samples, 8 steps; trained: int(7 * 0.6) = 4, a window of 4, a window of 2
         assert_eq!(calls("dancegrpo"), 16 * (8 + 4));
         assert_eq!(calls("mixgrpo"), 16 * (8 + 4));
+        // window 0..4, then int((8 - 3) * 0.4) = 2 sigmas: 1 DPM step
+        assert_eq!(calls("mixgrpo-flash"), 16 * (4 + 1 + 4));
         assert_eq!(calls("flow-grpo-fast"), 16 * (8 + 2));
         assert_eq!(calls("cps"), 16 * (8 + 4));
         let m = Method::resolve(

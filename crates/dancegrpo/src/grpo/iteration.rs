@@ -434,10 +434,7 @@ pub fn check_rewards(
 
 /// Seconds since `start`, after the device has finished its queued work.
 fn lap(start: Instant, device: Device) -> f64 {
-    if let Device::Cuda(i) = device {
-        tch::Cuda::synchronize(i as i64);
-    }
-    start.elapsed().as_secs_f64()
+    crate::process::seconds_since(start, device)
 }
 
 fn sample_prompts(prompts: &[String], cond: &Conditioning) -> Result<Vec<String>> {

@@ -3,6 +3,7 @@
 
 pub mod cache;
 pub mod conditioning;
+pub mod dpm;
 pub mod draws;
 pub mod forms;
 pub mod generate;
@@ -14,6 +15,7 @@ pub mod window;
 
 pub use cache::CachePolicy;
 pub use conditioning::{Conditioning, SampleConditioning};
+pub use dpm::{DpmVariant, PostWindow};
 pub use draws::{Draws, Recorded, Seeded};
 pub use forms::SdeForm;
 pub use rollout::{rollout, Rollout, RolloutSettings, StepMeans};

@@ -1,8 +1,9 @@
 //! Rollout of groups: `G` samples per prompt drawn with the SDE sampler,
 //! every transition stored with its log-probability, in batches of any size.
 
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
+use super::dpm::{model_timestep, Dpm2M, PostWindow};
 use super::sde::{At, Next};
 use super::tree::{distinct_rows, Tree, TreeDraws};
 use super::{Conditioning, Draws, Schedule};
@@ -28,6 +29,8 @@ pub struct RolloutSettings {
     /// How each group's trajectories branch ([`super::tree`]); `None`: every
     /// sample its own trajectory.
     pub tree: Option<Tree>,
+    /// What samples the steps after the window ([`super::dpm`]).
+    pub post: PostWindow,
 }
 
 /// Whether a rollout keeps its steps' means.
@@ -43,9 +46,10 @@ pub enum StepMeans {
 /// The stored trajectories of one iteration's samples.
 #[derive(Debug)]
 pub struct Rollout {
-    /// Latents `z_0 .. z_S` of every sample `(B, S+1, L, c)`.
+    /// Latents `z_0 .. z_S` of every sample `(B, S+1, L, c)` (after a window
+    /// with DPM-Solver steps, its compressed schedule's: `S` is then fewer).
     pub latents: Tensor,
-    /// Log-probability of every transition `(B, S)`, float32.
+    /// Log-probability of every transition `(B, S)`, float32 (0 for ODE steps).
     pub log_probs: Tensor,
     /// The last step's predicted x0 `(B, L, c)` (what the reference decodes).
     pub pred_x0: Tensor,
@@ -181,7 +185,22 @@ fn rollout_batch(
     let token_shape = [z.size()[1], z.size()[2]];
     let (mut zs, mut lps, mut means) = (vec![z.shallow_clone()], vec![], vec![]);
     let mut x0 = z.shallow_clone();
+    let post = window
+        .filter(|w| !w.is_empty())
+        .and_then(|w| Some((w.end - 1, settings.post.sigmas_after(schedule, w.end - 1)?)));
+    let mut dpm = post.as_ref().map(|_| match settings.post {
+        PostWindow::DpmSolver2m { variant, .. } => Dpm2M::new(variant),
+        PostWindow::Euler => unreachable!("Euler has no schedule of its own"),
+    });
+    if post.is_some() && settings.tree.is_some() {
+        return Err(crate::error::Error::Input(
+            "DPM-Solver steps after the window cannot sample a tree".into(),
+        ));
+    }
     for i in 0..schedule.steps() {
+        if post.as_ref().is_some_and(|(last, _)| i > *last) {
+            break;
+        }
         let t = schedule.model_timestep(i, n).to_device(device);
         let (v, evaluated) = match &settings.tree {
             None => (model.velocity(&cond.inputs(&sc, &z, &t))?, n),
@@ -205,6 +224,9 @@ fn rollout_batch(
             eta,
             Next::Noise(&noise),
         );
+        if let Some(d) = &mut dpm {
+            d.record(&step.pred_x0, schedule.sigma(i));
+        }
         z = step.next;
         x0 = step.pred_x0;
         zs.push(z.shallow_clone());
@@ -212,6 +234,24 @@ fn rollout_batch(
         if settings.means == StepMeans::Keep {
             means.push(step.mean);
         }
+    }
+    if let (Some((_, sigmas)), Some(dpm)) = (&post, &mut dpm) {
+        let kind = lps.last().map_or(Kind::Float, |l| l.kind());
+        let keep = settings.means == StepMeans::Keep;
+        let mut each = |next: &Tensor| {
+            zs.push(next.shallow_clone());
+            lps.push(Tensor::zeros([n], (kind, device)));
+            if keep {
+                means.push(next.shallow_clone()); // deterministic: the mean is the step
+            }
+        };
+        let inputs = PostInputs {
+            model,
+            cond,
+            sc: &sc,
+            kind: schedule.sigmas.kind(),
+        };
+        (_, x0, rows) = post_steps(&inputs, (z, x0, rows), sigmas, dpm, &mut each)?;
     }
     let means = (!means.is_empty()).then(|| Tensor::stack(&means, 1));
     Ok((
@@ -221,6 +261,37 @@ fn rollout_batch(
         means,
         rows,
     ))
+}
+
+/// What the steps after the window read.
+struct PostInputs<'a> {
+    model: &'a dyn VelocityModel,
+    cond: &'a Conditioning,
+    sc: &'a super::SampleConditioning,
+    /// The kind of the model's timestep input (the schedule's).
+    kind: Kind,
+}
+
+/// The DPM-Solver steps along `sigmas` (the window's last step ends at
+/// `sigmas[0]`) from `(z, x0, rows)`: the final `(z, x0, rows)`, each new state
+/// given to `each`.
+fn post_steps(
+    inp: &PostInputs,
+    (mut z, mut x0, mut rows): (Tensor, Tensor, i64),
+    sigmas: &[f64],
+    dpm: &mut Dpm2M,
+    each: &mut dyn FnMut(&Tensor),
+) -> Result<(Tensor, Tensor, i64)> {
+    let n = z.size()[0];
+    for (k, w) in sigmas.windows(2).enumerate() {
+        let t = model_timestep(w[0], inp.kind, n).to_device(z.device());
+        let v = inp.model.velocity(&inp.cond.inputs(inp.sc, &z, &t))?; // (n, L, c)
+        rows += n;
+        let last = k + 2 == sigmas.len();
+        (z, x0) = dpm.step(&z, &v, (w[0], w[1]), last);
+        each(&z);
+    }
+    Ok((z, x0, rows))
 }
 
 /// The velocity of every row of a tree's batch `samples` at step `i`,

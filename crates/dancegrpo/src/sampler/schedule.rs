@@ -10,6 +10,8 @@ pub struct Schedule {
     pub sigmas: Tensor,
     /// Integer timesteps `int(sigma * 1000)` of the first `steps` sigmas `(steps,)`.
     pub timestep_ints: Tensor,
+    /// The shift applied to the linear times.
+    pub shift: f64,
 }
 
 impl Schedule {
@@ -33,6 +35,7 @@ impl Schedule {
         Schedule {
             sigmas: sigmas_in(kind),
             timestep_ints,
+            shift,
         }
     }
 

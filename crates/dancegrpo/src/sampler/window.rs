@@ -61,6 +61,10 @@ pub struct SdeWindow {
     pub roll_back: bool,
     /// Which of the window's transitions are trained.
     pub train: WindowTraining,
+    /// What samples the steps after the window: `{solver = "euler"}` (the
+    /// default) or `{solver = "dpm_solver_2m", compress = 0.4, variant =
+    /// "midpoint"}` (MixGRPO-Flash: DPM-Solver++ 2M on a compressed schedule).
+    pub post: super::dpm::PostWindow,
 }
 
 impl Default for SdeWindow {
@@ -73,6 +77,7 @@ impl Default for SdeWindow {
             stride: 4,
             roll_back: false,
             train: WindowTraining::All,
+            post: super::dpm::PostWindow::Euler,
         }
     }
 }
@@ -137,7 +142,8 @@ impl SdeWindow {
         if self.stride < 1 {
             return bad("stride", format!("must be >= 1, got {}", self.stride));
         }
-        None
+        // its only field that can be wrong
+        self.post.check().map(|(_, msg)| ("post.compress", msg))
     }
 
     /// The window of iteration `iteration` over `trainable` transitions

@@ -28,10 +28,30 @@ use crate::rewards::Reward;
 /// dtype. Each is read tensor by tensor from memory-mapped files straight into
 /// its dtype.
 pub fn build_models(cfg: &TrainConfig, device: Device) -> Result<(FluxTransformer, Vae)> {
+    build_models_for(cfg, device, ModelUse::Training)
+}
+
+/// What a model is built for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelUse {
+    /// Training: a whole transformer in its master dtype.
+    Training,
+    /// Sampling only (`generate`, `bench generate`, `serve`): the transformer
+    /// stored in the frozen dtype (bfloat16 under `precision.mode = "bf16"`,
+    /// half the memory and no cast per call; the same bits as casting per call).
+    Inference,
+}
+
+/// [`build_models`] for `use_`.
+pub fn build_models_for(
+    cfg: &TrainConfig,
+    device: Device,
+    use_: ModelUse,
+) -> Result<(FluxTransformer, Vae)> {
     let p = &cfg.precision;
-    let storage = match cfg.optim.lora {
-        Some(_) => p.frozen_kind(),
-        None => p.master_kind(),
+    let storage = match (use_, &cfg.optim.lora) {
+        (ModelUse::Inference, _) | (_, Some(_)) => p.frozen_kind(),
+        (ModelUse::Training, None) => p.master_kind(),
     };
     let (mut model, vae) = match &cfg.model {
         ModelSource::Tiny { seed } => (
@@ -70,14 +90,14 @@ pub fn build_models(cfg: &TrainConfig, device: Device) -> Result<(FluxTransforme
     Ok((model, vae))
 }
 
-/// A LoRA run on a built-in base (`model.kind = "tiny"` or `"random"`) writes
-/// that base once as a diffusers transformer, `<run>/base/transformer/`, so the
-/// adapters of its checkpoints can be loaded onto it (diffusers, peft, `generate`).
+/// A LoRA run on the built-in tiny base (`model.kind = "tiny"`) writes that
+/// base once as a diffusers transformer, `<run>/base/transformer/`, so the
+/// adapters of its checkpoints can be loaded onto it (diffusers, peft). A
+/// random stand-in (`"random"`) is not written: it is a timing model, rebuilt
+/// from its config and seed where needed, and a FLUX.1-dev-sized one would
+/// write 24 GB per run.
 pub fn save_built_in_base(cfg: &TrainConfig, model: &FluxTransformer, dir: &Path) -> Result<()> {
-    let built_in = matches!(
-        cfg.model,
-        ModelSource::Tiny { .. } | ModelSource::Random { .. }
-    );
+    let built_in = matches!(cfg.model, ModelSource::Tiny { .. });
     let base = dir.join("base").join("transformer");
     if cfg.optim.lora.is_none() || !built_in || base.join("config.json").is_file() {
         return Ok(());

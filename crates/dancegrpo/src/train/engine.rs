@@ -28,6 +28,7 @@ impl TrainConfig {
                     false => StepMeans::Drop,
                 },
                 tree: s.tree.clone(),
+                post: s.window.as_ref().map(|w| w.post).unwrap_or_default(),
             },
             decode_batch: s.decode_batch,
             grouping: match g.grouping {

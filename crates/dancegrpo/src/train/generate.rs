@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use tch::{Device, Tensor};
 
-use super::build::{build_models, build_prompts, build_rewards};
+use super::build::{build_models_for, build_prompts, build_rewards, ModelUse};
 use super::checkpoint;
 use super::config::TrainConfig;
 use crate::data::stack;
@@ -55,7 +55,8 @@ pub fn generate_from_run(
     req: &GenerateRequest,
     device: Device,
 ) -> Result<Generated> {
-    let (model, vae) = build_models(cfg, device)?;
+    crate::precision::set_tf32(cfg.precision.tf32);
+    let (model, vae) = build_models_for(cfg, device, ModelUse::Inference)?;
     if let Some(dir) = req.checkpoint {
         checkpoint::load_weights_whole(dir, &model)?;
     }
@@ -92,7 +93,7 @@ pub fn generate_from_run(
         &noise.to_device(device),
         &settings,
     )?; // (n, H, W, 3)
-    let seconds = start.elapsed().as_secs_f64();
+    let seconds = crate::process::seconds_since(start, device);
     let captions: Vec<String> = entries.iter().map(|e| e.caption.clone()).collect();
     let mut reward = build_rewards(cfg, device)?;
     let scores = reward.score(&RewardBatch {

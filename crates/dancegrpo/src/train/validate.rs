@@ -8,7 +8,7 @@ use crate::data::reference::INDEX_FILE;
 use crate::error::{Error, Result};
 use crate::grpo::UpdateBatching;
 use crate::sampler::tree::Tree;
-use crate::sampler::CachePolicy;
+use crate::sampler::{CachePolicy, PostWindow};
 
 type Rule<'a> = (&'a str, bool, String);
 
@@ -124,6 +124,18 @@ impl TrainConfig {
                 o.gradient_accumulation
             );
             return Err(Error::config(origin, "optim.gradient_accumulation", msg));
+        }
+        if s.window
+            .as_ref()
+            .is_some_and(|w| w.post != PostWindow::Euler)
+        {
+            let msg =
+                "DPM-Solver steps after the window do not branch: a tree needs solver = \"euler\"";
+            return Err(Error::config(
+                origin,
+                "sampler.window.post",
+                msg.to_string(),
+            ));
         }
         if o.update_batching != UpdateBatching::Rollout {
             let msg =

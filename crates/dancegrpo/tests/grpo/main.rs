@@ -1,6 +1,7 @@
 //! The GRPO engine end to end on a seeded tiny FLUX: batched rollouts keep the
 //! first update's ratios at exactly 1.0, whatever the rollout batch.
 
+mod dpm;
 mod guard;
 mod kl;
 mod setup;
@@ -302,6 +303,7 @@ fn an_iteration_reports_rewards_failures_and_stage_times() {
             batch: 4,
             means: StepMeans::Drop,
             tree: None,
+            post: Default::default(),
         },
         decode_batch: 2,
         grouping: Grouping::PerPrompt { size: G },
@@ -479,6 +481,7 @@ fn bad_update_inputs_are_rejected_with_the_field() {
             batch: 8,
             means: StepMeans::Drop,
             tree: None,
+            post: Default::default(),
         },
         Device::Cpu,
     )

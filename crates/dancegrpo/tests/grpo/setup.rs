@@ -12,7 +12,9 @@ use dancegrpo::precision::ReduceDtype;
 use dancegrpo::rng::Philox;
 use dancegrpo::sampler::draws::{InitNoise, NoisePrecision};
 use dancegrpo::sampler::rollout::{rollout, Rollout, RolloutSettings, StepMeans};
-use dancegrpo::sampler::{Conditioning, Schedule, SdeForm, Seeded, StepWindow, WindowTraining};
+use dancegrpo::sampler::{
+    Conditioning, PostWindow, Schedule, SdeForm, Seeded, StepWindow, WindowTraining,
+};
 use dancegrpo::weights::Source;
 use tch::{Device, Kind, Tensor};
 
@@ -200,7 +202,17 @@ pub fn seeded_rollout(
 pub fn seeded_rollout_with(
     m: &dyn VelocityModel,
     batch: i64,
+    form: (SdeForm, f64, Option<StepWindow>),
+) -> (Conditioning, Schedule, Seeded, Rollout) {
+    seeded_rollout_post(m, batch, form, PostWindow::Euler)
+}
+
+/// [`seeded_rollout_with`] with the steps after the window taken by `post`.
+pub fn seeded_rollout_post(
+    m: &dyn VelocityModel,
+    batch: i64,
     (sde, eta, window): (SdeForm, f64, Option<StepWindow>),
+    post: PostWindow,
 ) -> (Conditioning, Schedule, Seeded, Rollout) {
     let cond = conditioning();
     let schedule = Schedule::shifted(STEPS, 3.0);
@@ -212,6 +224,7 @@ pub fn seeded_rollout_with(
         batch,
         means: StepMeans::Keep, // for GRPO-Guard's ratio normalisation
         tree: None,
+        post,
     };
     let ro = rollout(
         m,

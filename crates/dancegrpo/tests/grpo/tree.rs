@@ -51,6 +51,7 @@ fn settings(batch: i64, tree: Option<Tree>) -> RolloutSettings {
         batch,
         means: StepMeans::Drop,
         tree,
+        post: Default::default(),
     }
 }
 
