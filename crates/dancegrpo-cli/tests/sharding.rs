@@ -107,9 +107,35 @@ fn sharding_trains_like_replicas_on_2_and_4_processes() {
         "optim.learning_rate=1e-5",
     ];
     succeeded(train(2, &none, &run), "none");
+    // 2 processes also evaluate together (Ulysses) with units gathered per block
+    let shared_eval = [
+        "--set",
+        "eval.parallel=\"sequence\"",
+        "--set",
+        "parallel.gather=\"per_block\"",
+    ];
     for (world, name, mode) in [(2, "full", &FULL), (4, "full", &FULL), (2, "zero1", &ZERO1)] {
         let full = dir.join(format!("{name}{world}"));
-        succeeded(train(world, &full, &[&mode[..], &run[..]].concat()), name);
+        let eval: &[&str] = if (world, name) == (2, "full") {
+            &shared_eval
+        } else {
+            &[]
+        };
+        succeeded(
+            train(world, &full, &[&mode[..], &run[..], eval].concat()),
+            name,
+        );
+        // the evaluation before training: the same model, the same reward
+        let first_eval = |d: &Path| -> f64 {
+            let text = std::fs::read_to_string(d.join("eval.jsonl")).unwrap();
+            let v: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+            v["reward_mean"].as_f64().unwrap()
+        };
+        let (e0, e1) = (first_eval(&none), first_eval(&full));
+        assert!(
+            (e0 - e1).abs() <= 1e-6 * e0.abs(),
+            "{name}{world}: eval {e0} and {e1}"
+        );
         // the same samples and rewards; weights after two optimizer steps equal
         // up to the order of the reductions (the clipping norm summed over
         // shards, not per parameter): 6.5e-7 measured, bounded like 1 vs 2 processes
