@@ -8,7 +8,6 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use dancegrpo::bench::generate::{bench_generate, markdown, GenerateCase};
-use dancegrpo::dist::Launch;
 use dancegrpo::precision::PrecisionConfig;
 use dancegrpo::sampler::cache::CacheSetting;
 use dancegrpo::train::config::{DataSource, ModelSource};
@@ -72,15 +71,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         tch::set_num_threads(n);
     }
     let mut device = super::train::parse_device(&args.device)?;
-    let launch = Launch::from_env()?;
-    let world = launch.as_ref().map_or(1, |l| l.world_size);
-    anyhow::ensure!(
-        world == args.sequence_parallel,
-        "--sequence-parallel {} in {world} process(es): launch it with `torchrun --no-python --nproc-per-node {} dancegrpo bench generate ...`",
+    let collective = super::train::join_sequence_parallel(
         args.sequence_parallel,
-        args.sequence_parallel
-    );
-    let collective = super::train::join(launch.as_ref(), &mut device, args.dist_timeout)?;
+        "bench generate",
+        &mut device,
+        args.dist_timeout,
+    )?;
+    let world = collective.world_size();
     let settings = (args.cache.iter().enumerate())
         .map(|(i, arg)| {
             let (name, spec) = named(arg, i);

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use dancegrpo::dist::Launch;
 use dancegrpo::io::image::{grid, write_png};
 use dancegrpo::sampler::cache::CacheSetting;
 use dancegrpo::train::checkpoint;
@@ -58,16 +57,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         tch::set_num_threads(n);
     }
     let mut device = super::train::parse_device(&args.device)?;
-    let launch = Launch::from_env()?;
-    let world = launch.as_ref().map_or(1, |l| l.world_size);
-    anyhow::ensure!(
-        world == args.sequence_parallel,
-        "--sequence-parallel {} in {world} process(es): launch it with `torchrun --no-python --nproc-per-node {} dancegrpo generate ...`",
+    let collective = super::train::join_sequence_parallel(
         args.sequence_parallel,
-        args.sequence_parallel
-    );
-    let rank = launch.as_ref().map_or(0, |l| l.rank);
-    let collective = super::train::join(launch.as_ref(), &mut device, args.dist_timeout)?;
+        "generate",
+        &mut device,
+        args.dist_timeout,
+    )?;
+    let (world, rank) = (collective.world_size(), collective.rank());
     let cfg = TrainConfig::load(&args.run.join("config.toml"), &[])?;
     let ckpt = match args.checkpoint.as_deref() {
         Some("base") => None,

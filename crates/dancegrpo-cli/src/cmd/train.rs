@@ -209,6 +209,23 @@ pub fn join(
     })?))
 }
 
+/// Joins the processes torchrun started for `--sequence-parallel n` of
+/// `dancegrpo <command>` (none: one process), refusing a launch of another size.
+pub fn join_sequence_parallel(
+    n: i64,
+    command: &str,
+    device: &mut Device,
+    timeout_s: u64,
+) -> anyhow::Result<Box<dyn Collective>> {
+    let launch = Launch::from_env()?;
+    let world = launch.as_ref().map_or(1, |l| l.world_size);
+    anyhow::ensure!(
+        world == n,
+        "--sequence-parallel {n} in {world} process(es): launch it with `torchrun --no-python --nproc-per-node {n} dancegrpo {command} ...`"
+    );
+    join(launch.as_ref(), device, timeout_s)
+}
+
 /// The GPU of the process with local rank `local_rank`: its own index among
 /// the visible GPUs, or the only one a launcher left it
 /// (`CUDA_VISIBLE_DEVICES` set per process).
