@@ -71,21 +71,21 @@ impl PostWindow {
 
     /// The sigmas from step `last + 1` of `schedule` down to 0 that the steps
     /// after a window ending with step `last` take (`None`: the schedule's own,
-    /// by Euler).
+    /// by Euler). The first is the schedule's own `sigma[last + 1]`, the last 0.
     pub fn sigmas_after(&self, schedule: &Schedule, last: i64) -> Option<Vec<f64>> {
         let PostWindow::DpmSolver2m { compress, .. } = *self else {
             return None;
         };
         let s = schedule.steps();
         let n = (((s - last) as f64 * compress) as i64).max(2);
-        let t0 = 1.0 - (last + 1) as f64 / s as f64; // linspace(1, 0, S + 1)[last + 1]
-        let shift = |t: f64| schedule.shift * t / (1.0 + (schedule.shift - 1.0) * t);
-        let mut sigmas: Vec<f64> = (0..n)
-            .map(|k| shift(t0 * (1.0 - k as f64 / (n - 1) as f64)))
-            .collect();
-        sigmas[0] = schedule.sigma(last + 1); // the window's last step ends there
-        sigmas[n as usize - 1] = 0.0;
-        Some(sigmas)
+        // in the schedule's dtype, as MixGRPO does in float32 (its model
+        // timesteps truncate these values: 0.59999996 is step 599, not 600)
+        let kind = (schedule.sigmas.kind(), tch::Device::Cpu);
+        let t0 = Tensor::linspace(1.0, 0.0, s + 1, kind).double_value(&[last + 1]);
+        let t = Tensor::linspace(t0, 0.0, n, kind); // (n,), from t[last + 1] to 0
+        let shift = schedule.shift;
+        let sigmas = (&t * shift) / ((&t * (shift - 1.0)) + 1.0);
+        Vec::<f64>::try_from(sigmas.to_kind(Kind::Double)).ok()
     }
 }
 
