@@ -276,13 +276,18 @@ impl<'a> Cached<'a> {
     ) -> Result<Tensor> {
         let z = inputs.latents;
         if let Some(prev) = &self.previous_z {
-            let change = (z - prev).abs().sum(tch::Kind::Double).double_value(&[])
-                / prev
-                    .abs()
-                    .sum(tch::Kind::Double)
-                    .double_value(&[])
-                    .max(1e-12);
-            self.moved += change;
+            // both sums read back at once (one wait for a GPU, not two)
+            let sums = Tensor::stack(
+                &[
+                    (z - prev).abs().sum(tch::Kind::Double),
+                    prev.abs().sum(tch::Kind::Double),
+                ],
+                0,
+            );
+            let sums = Vec::<f64>::try_from(&sums).unwrap_or_default();
+            if let [diff, norm] = sums[..] {
+                self.moved += diff / norm.max(1e-12);
+            }
         }
         self.previous_z = Some(z.shallow_clone());
         let edge = i == 0 || i == steps - 1;

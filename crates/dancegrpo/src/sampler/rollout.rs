@@ -172,8 +172,7 @@ fn rollout_batch(
     device: Device,
 ) -> Result<(Tensor, Tensor, Tensor, Option<Tensor>, i64)> {
     let (sde, eta, window) = (settings.sde, settings.eta, settings.window);
-    let mut rows = 0;
-    let n = samples.len() as i64;
+    let (mut rows, n) = (0, samples.len() as i64);
     let sc = cond.for_samples(samples);
     let noise0 = samples
         .iter()
@@ -183,84 +182,125 @@ fn rollout_batch(
     let z0 = Tensor::cat(&noise0, 0).to_kind(schedule.sigmas.kind());
     let mut z = model.layout().pack(&z0.to_device(device))?; // (n, L, c)
     let token_shape = [z.size()[1], z.size()[2]];
-    let (mut zs, mut lps, mut means) = (vec![z.shallow_clone()], vec![], vec![]);
+    let mut traj = Trajectory::new(&z, settings.means);
     let mut x0 = z.shallow_clone();
-    let post = window
-        .filter(|w| !w.is_empty())
-        .and_then(|w| Some((w.end - 1, settings.post.sigmas_after(schedule, w.end - 1)?)));
-    let mut dpm = post.as_ref().map(|_| match settings.post {
-        PostWindow::DpmSolver2m { variant, .. } => Dpm2M::new(variant),
-        PostWindow::Euler => unreachable!("Euler has no schedule of its own"),
-    });
-    if post.is_some() && settings.tree.is_some() {
-        return Err(crate::error::Error::Input(
-            "DPM-Solver steps after the window cannot sample a tree".into(),
-        ));
-    }
-    for i in 0..schedule.steps() {
-        if post.as_ref().is_some_and(|(last, _)| i > *last) {
-            break;
-        }
+    let mut post = post_plan(settings, schedule)?;
+    let steps = post.as_ref().map_or(schedule.steps(), |p| p.last + 1);
+    for i in 0..steps {
         let t = schedule.model_timestep(i, n).to_device(device);
         let (v, evaluated) = match &settings.tree {
             None => (model.velocity(&cond.inputs(&sc, &z, &t))?, n),
             Some(tree) => state_velocity(model, cond, tree, samples, i, (&z, &t))?,
         };
         rows += evaluated;
-        let noise = samples
-            .iter()
-            .map(|&b| draws.sde_noise(b, i, &token_shape))
-            .collect::<Result<Vec<_>>>()?;
-        let noise = Tensor::cat(&noise, 0).to_device(device);
+        let noise = step_noise(draws, samples, i, token_shape)?.to_device(device);
         let form = match window {
             Some(w) if !w.contains(i) => SdeForm::Ode,
             _ => sde,
         };
-        let step = form.step(
-            &v,
-            &z,
-            &schedule.sigmas,
-            At::Step(i),
-            eta,
-            Next::Noise(&noise),
-        );
-        if let Some(d) = &mut dpm {
-            d.record(&step.pred_x0, schedule.sigma(i));
+        let (at, next) = (At::Step(i), Next::Noise(&noise));
+        let step = form.step(&v, &z, &schedule.sigmas, at, eta, next);
+        if let Some(p) = &mut post {
+            p.dpm.record(&step.pred_x0, schedule.sigma(i));
         }
-        z = step.next;
-        x0 = step.pred_x0;
-        zs.push(z.shallow_clone());
-        lps.push(step.log_prob);
-        if settings.means == StepMeans::Keep {
-            means.push(step.mean);
-        }
+        (z, x0) = (step.next.shallow_clone(), step.pred_x0);
+        traj.push(&step.next, step.log_prob, step.mean);
     }
-    if let (Some((_, sigmas)), Some(dpm)) = (&post, &mut dpm) {
-        let kind = lps.last().map_or(Kind::Float, |l| l.kind());
-        let keep = settings.means == StepMeans::Keep;
-        let mut each = |next: &Tensor| {
-            zs.push(next.shallow_clone());
-            lps.push(Tensor::zeros([n], (kind, device)));
-            if keep {
-                means.push(next.shallow_clone()); // deterministic: the mean is the step
-            }
-        };
+    if let Some(p) = &mut post {
         let inputs = PostInputs {
             model,
             cond,
             sc: &sc,
             kind: schedule.sigmas.kind(),
         };
-        (_, x0, rows) = post_steps(&inputs, (z, x0, rows), sigmas, dpm, &mut each)?;
+        let zero_lp = Tensor::zeros([n], (traj.log_prob_kind(), device));
+        let mut each = |next: &Tensor| traj.push(next, zero_lp.copy(), next.shallow_clone());
+        (_, x0, rows) = post_steps(&inputs, (z, x0, rows), &p.sigmas, &mut p.dpm, &mut each)?;
     }
-    let means = (!means.is_empty()).then(|| Tensor::stack(&means, 1));
-    Ok((
-        Tensor::stack(&zs, 1),
-        Tensor::stack(&lps, 1),
-        x0,
-        means,
-        rows,
-    ))
+    let (latents, log_probs, means) = traj.finish();
+    Ok((latents, log_probs, x0, means, rows))
+}
+
+/// The states, log-probabilities and (when kept) means of a batch's steps.
+struct Trajectory {
+    zs: Vec<Tensor>,
+    lps: Vec<Tensor>,
+    means: Option<Vec<Tensor>>,
+}
+
+impl Trajectory {
+    /// Starting at `z0` (n, L, c).
+    fn new(z0: &Tensor, means: StepMeans) -> Self {
+        Trajectory {
+            zs: vec![z0.shallow_clone()],
+            lps: Vec::new(),
+            means: (means == StepMeans::Keep).then(Vec::new),
+        }
+    }
+
+    /// One step: its next state, log-probability (n,) and mean (n, L, c).
+    fn push(&mut self, next: &Tensor, log_prob: Tensor, mean: Tensor) {
+        self.zs.push(next.shallow_clone());
+        self.lps.push(log_prob);
+        if let Some(m) = &mut self.means {
+            m.push(mean);
+        }
+    }
+
+    /// The kind of the recorded log-probabilities (float32 without any).
+    fn log_prob_kind(&self) -> Kind {
+        self.lps.last().map_or(Kind::Float, |l| l.kind())
+    }
+
+    /// `(latents (n, S+1, L, c), log_probs (n, S), means (n, S, L, c))`.
+    fn finish(self) -> (Tensor, Tensor, Option<Tensor>) {
+        let means = self.means.filter(|m| !m.is_empty());
+        (
+            Tensor::stack(&self.zs, 1),
+            Tensor::stack(&self.lps, 1),
+            means.map(|m| Tensor::stack(&m, 1)),
+        )
+    }
+}
+
+/// The SDE noise of step `i` of every sample of `samples` (n, L, c), on the CPU.
+fn step_noise(draws: &dyn Draws, samples: &[i64], i: i64, shape: [i64; 2]) -> Result<Tensor> {
+    let noise = samples
+        .iter()
+        .map(|&b| draws.sde_noise(b, i, &shape))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&noise, 0))
+}
+
+/// DPM-Solver steps after a window: its last step, the sigmas after it and
+/// the solver's state.
+struct PostPlan {
+    last: i64,
+    sigmas: Vec<f64>,
+    dpm: Dpm2M,
+}
+
+/// The DPM-Solver steps `settings` asks for after its window, if any.
+fn post_plan(settings: &RolloutSettings, schedule: &Schedule) -> Result<Option<PostPlan>> {
+    let PostWindow::DpmSolver2m { variant, .. } = settings.post else {
+        return Ok(None);
+    };
+    let Some(w) = settings.window.filter(|w| !w.is_empty()) else {
+        return Ok(None);
+    };
+    if settings.tree.is_some() {
+        return Err(crate::error::Error::Input(
+            "DPM-Solver steps after the window cannot sample a tree".into(),
+        ));
+    }
+    let last = w.end - 1;
+    Ok(
+        (settings.post.sigmas_after(schedule, last)).map(|sigmas| PostPlan {
+            last,
+            sigmas,
+            dpm: Dpm2M::new(variant),
+        }),
+    )
 }
 
 /// What the steps after the window read.

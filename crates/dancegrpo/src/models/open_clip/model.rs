@@ -363,7 +363,7 @@ impl OpenClip {
                 ids.kind()
             )));
         }
-        let ids = ids.to_device(self.device).to_kind(Kind::Int64);
+        // checked where the ids are (the tokenizer's: the CPU), before the move
         if ids.numel() > 0 {
             let (lo, hi) = (ids.min().int64_value(&[]), ids.max().int64_value(&[]));
             if lo < 0 || hi >= tc.vocab_size {
@@ -374,6 +374,7 @@ impl OpenClip {
                 )));
             }
         }
+        let ids = ids.to_device(self.device).to_kind(Kind::Int64);
         let t = &self.text;
         let mut x =
             Tensor::embedding(&t.token_embedding, &ids, -1, false, false) + &t.positional_embedding;
