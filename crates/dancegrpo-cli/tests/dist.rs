@@ -137,6 +137,32 @@ fn two_processes_sample_the_same_trajectories_and_train_like_one() {
 }
 
 #[test]
+fn evaluation_prompts_shared_by_two_processes_score_like_one() {
+    let dir = common::temp_dir("dist", "eval-prompts");
+    // 3 prompts over 2 processes: 2 and 1 (padded to 2)
+    let run = ["--set", "run.iterations=1", "--set", "eval.prompts=3"];
+    let one = dir.join("one");
+    let args = [&["train", "--out", one.to_str().unwrap()][..], &RUN, &run].concat();
+    check(bin().args(args).output().unwrap(), "one process");
+    let two = dir.join("two");
+    let shared = [&run[..], &["--set", "eval.parallel=\"prompts\""]].concat();
+    for (rank, o) in spawn_world(2, &two, &shared).into_iter().enumerate() {
+        check(o, &format!("rank {rank}"));
+    }
+    let first = |d: &Path| -> serde_json::Value {
+        let text = std::fs::read_to_string(d.join("eval.jsonl")).unwrap();
+        serde_json::from_str(text.lines().next().unwrap()).unwrap()
+    };
+    let (a, b) = (first(&one), first(&two));
+    assert_eq!(b["prompts"], 3);
+    // the same images (the model is batch-invariant here), the same reward
+    assert_eq!(a["reward_mean"], b["reward_mean"], "{a} {b}");
+    let png = |d: &Path| std::fs::read(d.join("eval/iter-000000.png")).unwrap();
+    assert_eq!(png(&one), png(&two));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn a_tree_rollout_shared_by_two_processes_trains_like_one() {
     let dir = common::temp_dir("dist", "tree");
     let (one, two) = (dir.join("one"), dir.join("two"));

@@ -329,6 +329,11 @@ pub enum EvalParallel {
     /// of kind `steps` works). The images equal one process's up to the
     /// attention's summation order.
     Sequence,
+    /// Every process samples a contiguous share of the prompts; process 0
+    /// gathers the images and scores them (N processes: about N times faster
+    /// for many prompts). The images equal one process's where the model is
+    /// batch-invariant (the CPU).
+    Prompts,
 }
 
 impl Default for EvalConfig {

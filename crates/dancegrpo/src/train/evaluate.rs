@@ -12,7 +12,7 @@ use tch::{Device, Tensor};
 use super::config::{EvalParallel, TrainConfig};
 use crate::data::{stack, PromptSet};
 use crate::dist::fsdp::FullShard;
-use crate::dist::{Collective, Gather};
+use crate::dist::{gather_rows, Collective, Gather};
 use crate::error::{Error, Result};
 use crate::io::image::grid;
 use crate::models::sequence::SequenceParallel;
@@ -133,6 +133,11 @@ impl Evaluator {
         self.parallel == EvalParallel::Sequence && c.world_size() > 1
     }
 
+    /// Whether every process of `c` takes part in an evaluation (`eval.parallel`).
+    pub fn shared(&self, c: &dyn Collective) -> bool {
+        self.parallel != EvalParallel::Writer && c.world_size() > 1
+    }
+
     /// The prompt set evaluations draw from (given the training set), and which one it is.
     pub fn prompt_set<'a>(
         &'a self,
@@ -145,58 +150,35 @@ impl Evaluator {
     }
 
     /// Samples the evaluation prompts with the fixed noise and scores them:
-    /// the record and the image grid (uint8 `(H, W, 3)`, one row).
+    /// the record and the image grid (uint8 `(H, W, 3)`, one row). Under
+    /// `eval.parallel = "prompts"` process 0 gathers the images and scores
+    /// them; the other processes' records hold no reward (NaN).
     pub fn evaluate(&mut self, inp: EvalInputs) -> Result<(EvalRecord, Tensor)> {
         let (set, prompt_set) = self.prompt_set(inp.training);
         let n = set.len().min(self.prompts);
-        let entries = (0..n).map(|i| set.get(i)).collect::<Result<Vec<_>>>()?;
-        let (text, pooled) = stack(&entries); // (n, Lt, d), (n, p)
-        let [c, h, w] = inp.decoder.latent_shape(self.size.0, self.size.1);
-        let noise = crate::rng::Philox::for_stream(self.seed, "eval/noise")
-            .normal_tensor(&[n as i64, c, h, w]); // (n, c, h, w)
-        let settings = OdeSettings {
-            guidance: self.ode.guidance.filter(|_| inp.model.guidance_embeds()),
-            ..self.ode.clone()
+        let c = inp.collective;
+        let share = match (self.parallel, c.world_size() > 1) {
+            (EvalParallel::Prompts, true) => Some(prompt_share(n, c)),
+            _ => None,
         };
-        let pinned = match self.gather {
-            Gather::Iteration => inp.sharded.map(|s| s.pinned()),
-            Gather::PerBlock => None,
-        };
-        let dev = inp.device;
-        let parallel = SequenceParallel {
-            model: inp.model,
-            collective: inp.collective,
-        };
-        let model: &dyn VelocityModel = match self.shares_forwards(inp.collective) {
-            true => &parallel,
-            false => inp.model,
-        };
-        let images = generate(
-            model,
-            inp.decoder,
-            &text.to_device(dev),
-            &pooled.to_device(dev),
-            &noise.to_device(dev),
-            &settings,
-        )
-        .map_err(|e| match (self.shares_forwards(inp.collective), e) {
-            (true, Error::Input(msg)) => {
-                Error::Input(format!("eval.parallel = \"sequence\": {msg}"))
+        let rows: Vec<u64> = share.as_ref().map_or((0..n).collect(), |(r, _)| r.clone());
+        let images = self.sample(&inp, set, &rows)?; // (rows, H, W, 3)
+        let images = match &share {
+            None => images,
+            Some((rows, own)) => {
+                let ids: Vec<i64> = rows[..*own].iter().map(|&i| i as i64).collect();
+                let mine = images.narrow(0, 0, *own as i64).to_kind(tch::Kind::Float);
+                gather_rows(c, &mine, &ids, n as i64)?.to_kind(tch::Kind::Uint8)
             }
-            (_, e) => e,
-        })?; // (n, H, W, 3)
-        drop(pinned);
-        let captions: Vec<String> = entries.iter().map(|e| e.caption.clone()).collect();
-        let batch = RewardBatch {
-            images: &images,
-            prompts: &captions,
+        }; // (n, H, W, 3)
+        let scored = share.is_none() || c.rank() == 0;
+        let captions = (0..n)
+            .map(|i| Ok(set.get(i)?.caption))
+            .collect::<Result<Vec<_>>>()?;
+        let (reward_mean, gold) = match scored {
+            true => self.score(inp.reward, &images, &captions)?,
+            false => (f64::NAN, serde_json::Map::new()),
         };
-        let reward_mean = mean_score(&inp.reward.score(&batch)?);
-        let mut gold = serde_json::Map::new();
-        for reward in &mut self.gold {
-            let mean = mean_score(&reward.score(&batch)?);
-            gold.insert(reward.name().to_string(), mean.into());
-        }
         let record = EvalRecord {
             iteration: inp.iteration,
             reward_mean,
@@ -206,6 +188,88 @@ impl Evaluator {
         };
         Ok((record, grid(&images, n as i64)))
     }
+
+    /// The images (uint8 `(rows, H, W, 3)`) of the prompts `rows` of `set`
+    /// from their fixed noise.
+    fn sample(&self, inp: &EvalInputs, set: &dyn PromptSet, rows: &[u64]) -> Result<Tensor> {
+        let n = set.len().min(self.prompts);
+        let entries = rows
+            .iter()
+            .map(|&i| set.get(i))
+            .collect::<Result<Vec<_>>>()?;
+        let (text, pooled) = stack(&entries); // (rows, Lt, d), (rows, p)
+        let [ch, h, w] = inp.decoder.latent_shape(self.size.0, self.size.1);
+        let noise = crate::rng::Philox::for_stream(self.seed, "eval/noise")
+            .normal_tensor(&[n as i64, ch, h, w]); // (n, c, h, w): the same for every share
+        let picked: Vec<i64> = rows.iter().map(|&i| i as i64).collect();
+        let noise = noise.index_select(0, &Tensor::from_slice(&picked));
+        let settings = OdeSettings {
+            guidance: self.ode.guidance.filter(|_| inp.model.guidance_embeds()),
+            ..self.ode.clone()
+        };
+        let _pinned = match self.gather {
+            Gather::Iteration => inp.sharded.map(|s| s.pinned()),
+            Gather::PerBlock => None,
+        };
+        let shares = self.shares_forwards(inp.collective);
+        let parallel = SequenceParallel {
+            model: inp.model,
+            collective: inp.collective,
+        };
+        let model: &dyn VelocityModel = match shares {
+            true => &parallel,
+            false => inp.model,
+        };
+        let dev = inp.device;
+        let (text, pooled, noise) = (
+            text.to_device(dev),
+            pooled.to_device(dev),
+            noise.to_device(dev),
+        );
+        generate(model, inp.decoder, &text, &pooled, &noise, &settings).map_err(|e| {
+            match (shares, e) {
+                (true, Error::Input(msg)) => {
+                    Error::Input(format!("eval.parallel = \"sequence\": {msg}"))
+                }
+                (_, e) => e,
+            }
+        })
+    }
+
+    /// The training reward's and every gold reward's mean over `images`.
+    fn score(
+        &mut self,
+        reward: &mut WeightedSum,
+        images: &Tensor,
+        captions: &[String],
+    ) -> Result<(f64, serde_json::Map<String, serde_json::Value>)> {
+        let batch = RewardBatch {
+            images,
+            prompts: captions,
+        };
+        let reward_mean = mean_score(&reward.score(&batch)?);
+        let mut gold = serde_json::Map::new();
+        for reward in &mut self.gold {
+            let mean = mean_score(&reward.score(&batch)?);
+            gold.insert(reward.name().to_string(), mean.into());
+        }
+        Ok((reward_mean, gold))
+    }
+}
+
+/// This process's share of `n` evaluation prompts: contiguous chunks of
+/// `ceil(n / N)`, its own rows padded with repeats to the chunk size (every
+/// process runs the same forward passes, as a sharded model needs), and how
+/// many of them are its own.
+fn prompt_share(n: u64, c: &dyn Collective) -> (Vec<u64>, usize) {
+    let (w, r) = (c.world_size() as u64, c.rank() as u64);
+    let chunk = n.div_ceil(w);
+    let own: Vec<u64> = (r * chunk..((r + 1) * chunk).min(n)).collect();
+    let count = own.len();
+    let mut rows = own;
+    let pad = rows.last().copied().unwrap_or(0);
+    rows.resize(chunk as usize, pad);
+    (rows, count)
 }
 
 /// Keeps the lines of `eval.jsonl` up to iteration `last` (after a resume).

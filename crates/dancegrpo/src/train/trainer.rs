@@ -315,10 +315,10 @@ impl Trainer {
     }
 
     /// Whether this process takes part in evaluations: the writer, and every
-    /// process of a sharded model or a sequence-parallel evaluation (whose
-    /// forward passes are collective).
+    /// process of a sharded model (whose forward passes are collective) or of
+    /// an evaluation shared by `eval.parallel`.
     fn evaluates(&self) -> bool {
-        let shares = self.evaluator.shares_forwards(self.collective.as_ref());
+        let shares = self.evaluator.shared(self.collective.as_ref());
         self.writes() || self.sharded.is_some() || shares
     }
 
