@@ -52,14 +52,9 @@ pub struct Args {
     /// Device: `cpu` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Processes sharing every forward pass of the settings after the
-    /// one-process baseline (Ulysses): launch with `torchrun --no-python
-    /// --nproc-per-node N dancegrpo bench generate ... --sequence-parallel N`.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i64).range(1..))]
-    sequence_parallel: i64,
-    /// Seconds to wait for the other processes.
-    #[arg(long, default_value_t = 300)]
-    dist_timeout: u64,
+    /// Sequence parallelism of the settings after the one-process baseline.
+    #[command(flatten)]
+    parallel: super::train::SequenceParallelArgs,
     /// libtorch CPU threads (of each process).
     #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
     threads: Option<i32>,
@@ -71,12 +66,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         tch::set_num_threads(n);
     }
     let mut device = super::train::parse_device(&args.device)?;
-    let collective = super::train::join_sequence_parallel(
-        args.sequence_parallel,
-        "bench generate",
-        &mut device,
-        args.dist_timeout,
-    )?;
+    let collective = args.parallel.join("bench generate", &mut device)?;
     let world = collective.world_size();
     let settings = (args.cache.iter().enumerate())
         .map(|(i, arg)| {
@@ -118,7 +108,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         "steps": args.steps,
         "images": args.images,
         "rounds": args.rounds,
-        "sequence_parallel": args.sequence_parallel,
+        "sequence_parallel": args.parallel.sequence_parallel,
         "figures": figures,
     });
     println!("{line}");

@@ -39,13 +39,9 @@ pub struct Args {
     /// TOML inline table such as `{kind = "steps", threshold = 0.2}`.
     #[arg(long)]
     cache: Option<String>,
-    /// Processes sharing every forward pass (Ulysses): launch with
-    /// `torchrun --no-python --nproc-per-node N dancegrpo generate ... --sequence-parallel N`.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i64).range(1..))]
-    sequence_parallel: i64,
-    /// Seconds to wait for the other processes.
-    #[arg(long, default_value_t = 300)]
-    dist_timeout: u64,
+    /// Sequence parallelism of every forward pass.
+    #[command(flatten)]
+    parallel: super::train::SequenceParallelArgs,
     /// libtorch CPU threads.
     #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
     threads: Option<i32>,
@@ -57,12 +53,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         tch::set_num_threads(n);
     }
     let mut device = super::train::parse_device(&args.device)?;
-    let collective = super::train::join_sequence_parallel(
-        args.sequence_parallel,
-        "generate",
-        &mut device,
-        args.dist_timeout,
-    )?;
+    let collective = args.parallel.join("generate", &mut device)?;
     let (world, rank) = (collective.world_size(), collective.rank());
     let cfg = TrainConfig::load(&args.run.join("config.toml"), &[])?;
     let ckpt = match args.checkpoint.as_deref() {

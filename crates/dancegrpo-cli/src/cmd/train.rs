@@ -209,21 +209,32 @@ pub fn join(
     })?))
 }
 
-/// Joins the processes torchrun started for `--sequence-parallel n` of
-/// `dancegrpo <command>` (none: one process), refusing a launch of another size.
-pub fn join_sequence_parallel(
-    n: i64,
-    command: &str,
-    device: &mut Device,
-    timeout_s: u64,
-) -> anyhow::Result<Box<dyn Collective>> {
-    let launch = Launch::from_env()?;
-    let world = launch.as_ref().map_or(1, |l| l.world_size);
-    anyhow::ensure!(
-        world == n,
-        "--sequence-parallel {n} in {world} process(es): launch it with `torchrun --no-python --nproc-per-node {n} dancegrpo {command} ...`"
-    );
-    join(launch.as_ref(), device, timeout_s)
+/// The sequence-parallel flags of the sampling commands (`generate`,
+/// `bench generate`).
+#[derive(clap::Args)]
+pub struct SequenceParallelArgs {
+    /// Processes sharing every forward pass (Ulysses): launch with
+    /// `torchrun --no-python --nproc-per-node N dancegrpo <command> ... --sequence-parallel N`.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i64).range(1..))]
+    pub sequence_parallel: i64,
+    /// Seconds to wait for the other processes.
+    #[arg(long, default_value_t = 300)]
+    pub dist_timeout: u64,
+}
+
+impl SequenceParallelArgs {
+    /// Joins the processes torchrun started for `dancegrpo <command>` (none:
+    /// one process), refusing a launch of another size than `--sequence-parallel`.
+    pub fn join(&self, command: &str, device: &mut Device) -> anyhow::Result<Box<dyn Collective>> {
+        let n = self.sequence_parallel;
+        let launch = Launch::from_env()?;
+        let world = launch.as_ref().map_or(1, |l| l.world_size);
+        anyhow::ensure!(
+            world == n,
+            "--sequence-parallel {n} in {world} process(es): launch it with `torchrun --no-python --nproc-per-node {n} dancegrpo {command} ...`"
+        );
+        join(launch.as_ref(), device, self.dist_timeout)
+    }
 }
 
 /// The GPU of the process with local rank `local_rank`: its own index among
