@@ -162,7 +162,7 @@ impl Evaluator {
             _ => None,
         };
         let rows: Vec<u64> = share.as_ref().map_or((0..n).collect(), |(r, _)| r.clone());
-        let images = self.sample(&inp, set, &rows)?; // (rows, H, W, 3)
+        let (images, mut captions) = self.sample(&inp, set, &rows)?; // (rows, H, W, 3)
         let images = match &share {
             None => images,
             Some((rows, own)) => {
@@ -171,13 +171,16 @@ impl Evaluator {
                 gather_rows(c, &mine, &ids, n as i64)?.to_kind(tch::Kind::Uint8)
             }
         }; // (n, H, W, 3)
-        let scored = share.is_none() || c.rank() == 0;
-        let captions = (0..n)
-            .map(|i| Ok(set.get(i)?.caption))
-            .collect::<Result<Vec<_>>>()?;
-        let (reward_mean, gold) = match scored {
-            true => self.score(inp.reward, &images, &captions)?,
-            false => (f64::NAN, serde_json::Map::new()),
+        let (reward_mean, gold) = match (&share, c.rank()) {
+            (None, _) => self.score(inp.reward, &images, &captions)?,
+            (Some(_), 0) => {
+                // process 0 scores every prompt's image: their captions
+                captions = (0..n)
+                    .map(|i| Ok(set.get(i)?.caption))
+                    .collect::<Result<Vec<_>>>()?;
+                self.score(inp.reward, &images, &captions)?
+            }
+            (Some(_), _) => (f64::NAN, serde_json::Map::new()),
         };
         let record = EvalRecord {
             iteration: inp.iteration,
@@ -190,8 +193,13 @@ impl Evaluator {
     }
 
     /// The images (uint8 `(rows, H, W, 3)`) of the prompts `rows` of `set`
-    /// from their fixed noise.
-    fn sample(&self, inp: &EvalInputs, set: &dyn PromptSet, rows: &[u64]) -> Result<Tensor> {
+    /// from their fixed noise, and their captions.
+    fn sample(
+        &self,
+        inp: &EvalInputs,
+        set: &dyn PromptSet,
+        rows: &[u64],
+    ) -> Result<(Tensor, Vec<String>)> {
         let n = set.len().min(self.prompts);
         let entries = rows
             .iter()
@@ -226,14 +234,16 @@ impl Evaluator {
             pooled.to_device(dev),
             noise.to_device(dev),
         );
-        generate(model, inp.decoder, &text, &pooled, &noise, &settings).map_err(|e| {
-            match (shares, e) {
+        let images = generate(model, inp.decoder, &text, &pooled, &noise, &settings).map_err(
+            |e| match (shares, e) {
                 (true, Error::Input(msg)) => {
                     Error::Input(format!("eval.parallel = \"sequence\": {msg}"))
                 }
                 (_, e) => e,
-            }
-        })
+            },
+        )?;
+        let captions = entries.into_iter().map(|e| e.caption).collect();
+        Ok((images, captions))
     }
 
     /// The training reward's and every gold reward's mean over `images`.
