@@ -5,7 +5,7 @@ use tch::Tensor;
 
 use super::embeddings::Rope;
 use crate::error::Result;
-use crate::nn::{layer_norm, Linear, RmsNorm};
+use crate::nn::{cast, layer_norm, Linear, RmsNorm};
 use crate::weights::VarBuilder;
 
 const EPS: f64 = 1e-6;
@@ -78,7 +78,7 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
         None,
         false,
     );
-    out.to_kind(q.kind())
+    cast(&out, q.kind())
 }
 
 /// (b, heads, seq, hd) -> (b, seq, heads * hd).

@@ -4,7 +4,7 @@
 use tch::{Kind, Tensor};
 
 use crate::error::Result;
-use crate::nn::{upcast_kind, Linear};
+use crate::nn::{cast, upcast_kind, Linear};
 use crate::weights::VarBuilder;
 
 /// Sinusoidal features of `t` (b,) -> (b, dim), diffusers' `get_timestep_embedding`
@@ -99,6 +99,9 @@ pub struct Rope {
     pub cos: Tensor,
     /// Sines `(seq, head_dim)`, float32 (float64 for a float64 model).
     pub sin: Tensor,
+    /// The sines with the sign of the rotation folded in: `-sin` on the even
+    /// (real) columns, `sin` on the odd ones, `(seq, head_dim)`.
+    signed_sin: Tensor,
 }
 
 impl Rope {
@@ -126,22 +129,95 @@ impl Rope {
                     .to_kind(table_kind),
             );
         }
+        Rope::from_tables(Tensor::cat(&cos, -1), Tensor::cat(&sin, -1))
+    }
+
+    /// The rotation of the tables `cos`, `sin` `(seq, head_dim)`.
+    pub fn from_tables(cos: Tensor, sin: Tensor) -> Self {
+        let hd = sin.size()[1];
+        // (+1, -1, +1, ...) negated: -1 on the real column of each pair
+        let sign = Tensor::arange(hd, (Kind::Int64, sin.device())).remainder(2) * 2 - 1;
+        let signed_sin = &sin * sign.to_kind(sin.kind()); // exact: a sign change
         Rope {
-            cos: Tensor::cat(&cos, -1),
-            sin: Tensor::cat(&sin, -1),
+            cos,
+            sin,
+            signed_sin,
         }
+    }
+
+    /// The rotation of the rows `f(table)` of these tables (a sequence shard).
+    pub fn map_rows(&self, f: impl Fn(&Tensor) -> Tensor) -> Self {
+        Rope::from_tables(f(&self.cos), f(&self.sin))
     }
 
     /// Rotates `x` `(b, heads, seq, head_dim)`: pairs `(re, im)` become
     /// `(re cos - im sin, im cos + re sin)`, computed in float32 (float64 for float64).
+    ///
+    /// Written as `x * cos + swap(x) * signed_sin` with `swap` exchanging the two
+    /// members of each pair: every element is the same two correctly rounded
+    /// products and one sum as the reference's `x * cos + stack(-im, re) * sin`
+    /// (a sign change is exact), forward and backward, in 3 kernels instead of 7
+    /// and without the zero-filled gradients of `select`.
     pub fn apply(&self, x: &Tensor) -> Tensor {
+        let size = x.size();
+        let kind = upcast_kind(x.kind());
+        let pairs = x.reshape([size[0], size[1], size[2], size[3] / 2, 2]);
+        let swapped = pairs.flip([-1]).reshape(&size); // (b, heads, seq, hd): (im, re) pairs
+                                                       // each term widened on its own, as diffusers (a bfloat16 gradient rounds per term)
+        let rotated = cast(x, kind) * &self.cos + cast(&swapped, kind) * &self.signed_sin;
+        cast(&rotated, x.kind())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reference's formulation of the rotation.
+    fn apply_reference(rope: &Rope, x: &Tensor) -> Tensor {
         let size = x.size();
         let pairs = x.reshape([size[0], size[1], size[2], size[3] / 2, 2]);
         let (re, im) = (pairs.select(-1, 0), pairs.select(-1, 1));
         let rotated = Tensor::stack(&[im.neg(), re], -1).flatten(3, -1);
-        let cos = self.cos.unsqueeze(0).unsqueeze(0);
-        let sin = self.sin.unsqueeze(0).unsqueeze(0);
+        let cos = rope.cos.unsqueeze(0).unsqueeze(0);
+        let sin = rope.sin.unsqueeze(0).unsqueeze(0);
         let kind = upcast_kind(x.kind());
         (x.to_kind(kind) * cos + rotated.to_kind(kind) * sin).to_kind(x.kind())
+    }
+
+    /// Values and gradients of the rotation of a transposed `(b, heads, seq, hd)` input.
+    fn rotate(rope: &Rope, kind: Kind, reference: bool) -> (Tensor, Tensor) {
+        tch::manual_seed(7);
+        let x = Tensor::randn([2, 24, 3, 16], (Kind::Float, tch::Device::Cpu)) // (b, seq, heads, hd)
+            .to_kind(kind)
+            .transpose(1, 2)
+            .detach()
+            .set_requires_grad(true);
+        let y = match reference {
+            true => apply_reference(rope, &x),
+            false => rope.apply(&x),
+        };
+        let g = Tensor::randn(y.size(), (Kind::Float, tch::Device::Cpu)).to_kind(kind);
+        (&y * g).sum(Kind::Double).backward();
+        (y.detach(), x.grad())
+    }
+
+    fn bits_equal(a: &Tensor, b: &Tensor) -> bool {
+        let (a, b) = (a.to_kind(Kind::Float), b.to_kind(Kind::Float));
+        let same = a.eq_tensor(&b).all().int64_value(&[]) == 1;
+        same && a.signbit().eq_tensor(&b.signbit()).all().int64_value(&[]) == 1
+    }
+
+    #[test]
+    fn rotation_matches_the_reference_formulation_bit_for_bit() {
+        let ids = Tensor::randint(64, [24, 3], (Kind::Int64, tch::Device::Cpu));
+        for kind in [Kind::Float, Kind::BFloat16, Kind::Double] {
+            let rope = Rope::new(&ids, &[4, 6, 6], kind);
+            let (y_ref, g_ref) = rotate(&rope, kind, true);
+            let (y, g) = rotate(&rope, kind, false);
+            assert_eq!(y.kind(), kind);
+            assert!(bits_equal(&y, &y_ref), "{kind:?} values");
+            assert!(bits_equal(&g, &g_ref), "{kind:?} gradients");
+        }
     }
 }

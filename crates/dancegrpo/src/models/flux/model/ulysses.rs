@@ -48,10 +48,7 @@ impl FluxTransformer {
         let full = self.rope(x);
         let rows =
             |t: &Tensor| Tensor::cat(&[t.narrow(0, 0, lt), t.narrow(0, lt + r * lloc, lloc)], 0);
-        let rope = Rope {
-            cos: rows(&full.cos),
-            sin: rows(&full.sin),
-        };
+        let rope = full.map_rows(rows);
         let exchange = Exchange { c, n, r, lt, lloc };
         let attend = |q: &Tensor, k: &Tensor, v: &Tensor| exchange.attention(q, k, v, &rope);
         let (mut img, mut txt) = (e.img, e.txt);
