@@ -163,6 +163,28 @@ fn evaluation_prompts_shared_by_two_processes_score_like_one() {
 }
 
 #[test]
+fn a_sequence_shared_evaluation_the_model_cannot_split_is_refused_at_start() {
+    let dir = common::temp_dir("dist", "split");
+    let run = dir.join("r");
+    // 48 x 48 pixels: 3 x 3 = 9 image tokens, not divisible by 2 processes
+    let size = ["--set", "sampler.height=48", "--set", "sampler.width=48"];
+    let seq = ["--set", "eval.parallel=\"sequence\""];
+    for (rank, o) in spawn_world(2, &run, &[&size[..], &seq].concat())
+        .iter()
+        .enumerate()
+    {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "rank {rank}: {err}");
+        assert!(
+            err.contains("eval.parallel") && err.contains("image tokens (9)"),
+            "rank {rank}: {err}"
+        );
+    }
+    assert!(!run.join("checkpoints").exists());
+    assert!(!run.join("eval.jsonl").exists());
+}
+
+#[test]
 fn a_tree_rollout_shared_by_two_processes_trains_like_one() {
     let dir = common::temp_dir("dist", "tree");
     let (one, two) = (dir.join("one"), dir.join("two"));

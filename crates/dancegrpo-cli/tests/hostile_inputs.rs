@@ -40,6 +40,8 @@ const CASES: &[Case] = &[
     case("generate --run {D}/empty --images 0", 2, &["--images"]),
     case("generate --run {D}/empty --steps 0", 2, &["--steps"]),
     case("bench train {D}/empty --iterations 0", 2, &["--iterations"]),
+    case("bench generate tiny --size 24", 2, &["--size", "multiple of 16"]),
+    case("bench generate random:{D}/no_vae", 2, &["no_vae", "vae/config.json"]),
     case("train --dist-timeout 0", 2, &["--dist-timeout"]),
     case("plan --world 0", 2, &["--world"]),
     case("plan --text-len 0", 2, &["--text-len"]),
@@ -80,6 +82,7 @@ const CASES: &[Case] = &[
     case("train --set sampler.cache={kind=\"steps\",threshold=0.1} --out {D}/r", 2, &["sampler.cache", "log-probabilities", "eval.cache"]),
     case("train --set eval.cache={kind=\"blocks\",step_start=2,step_interval=1,step_end=6,block_start=0,block_end=1} --out {D}/r", 2, &["eval.cache.step_interval", ">= 2"]),
     case("train --set eval.parallel=\"sequence\" --set eval.cache={kind=\"blocks\",step_start=2,step_interval=2,step_end=6,block_start=0,block_end=1} --out {D}/r", 2, &["eval.parallel", "block cache", "steps"]),
+    case("train --set eval.parallel=\"prompts\" --set eval.cache={kind=\"steps\",threshold=0.1} --out {D}/r", 2, &["eval.parallel", "whole-step cache", "shares"]),
     case("train --set eval.parallel=\"heads\" --out {D}/r", 2, &["eval.parallel", "writer", "sequence"]),
     case("train --set grpo.kl_beta=0.04 --out {D}/r", 2, &["grpo.kl_beta", "reference policy", "[optim.lora]"]),
     case("train --set grpo.kl_beta=-1 --out {D}/r", 2, &["grpo.kl_beta", ">= 0"]),
@@ -191,6 +194,8 @@ fn prepare(d: &Path) {
     std::fs::remove_file(weights(&escape)).unwrap();
     let index_path = escape.join("transformer/diffusion_pytorch_model.safetensors.index.json");
     std::fs::write(index_path, index.to_string()).unwrap();
+    let no_vae = model_dir(&d.join("no_vae"));
+    std::fs::remove_dir_all(no_vae.join("vae")).unwrap();
     let nan = model_dir(&d.join("nan"));
     poison_tensor(&weights(&nan), "context_embedder.weight");
     evil_hps(&d.join("evil_hps"), &d.join("pwned"));

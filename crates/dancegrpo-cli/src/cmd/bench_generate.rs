@@ -22,8 +22,8 @@ pub struct Args {
     /// real-sized model without its weights, for timings). The prompts are
     /// the demo's synthetic ones (the pretraining classes).
     model: String,
-    /// Image height and width in pixels.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(i64).range(16..))]
+    /// Image height and width in pixels (a multiple of 16).
+    #[arg(long, default_value_t = 64, value_parser = image_size)]
     size: i64,
     /// Text tokens per prompt (T5 length).
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(i64).range(1..))]
@@ -124,16 +124,26 @@ fn model_source(arg: &str) -> anyhow::Result<ModelSource> {
             None => (PathBuf::from(arg), false),
         },
     };
-    let config = path.join("transformer").join("config.json");
-    anyhow::ensure!(
-        config.is_file(),
-        "{}: not a model directory (no transformer/config.json)",
-        path.display()
-    );
+    for part in ["transformer", "vae"] {
+        anyhow::ensure!(
+            path.join(part).join("config.json").is_file(),
+            "{}: not a model directory (no {part}/config.json)",
+            path.display()
+        );
+    }
     Ok(match random {
         true => ModelSource::Random { path, seed: 0 },
         false => ModelSource::Dir { path },
     })
+}
+
+/// `--size`: a positive multiple of 16 (the VAE's 8x and the 2x2 packing).
+fn image_size(arg: &str) -> Result<i64, String> {
+    match arg.parse::<i64>() {
+        Ok(n) if n >= 16 && n % 16 == 0 => Ok(n),
+        Ok(n) => Err(format!("{n} pixels: must be a positive multiple of 16")),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// `NAME=SPEC` or `SPEC` (named `seed`, or `cache<i>`).

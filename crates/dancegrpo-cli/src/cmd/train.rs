@@ -217,7 +217,8 @@ pub struct SequenceParallelArgs {
     /// `torchrun --no-python --nproc-per-node N dancegrpo <command> ... --sequence-parallel N`.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i64).range(1..))]
     pub sequence_parallel: i64,
-    /// Seconds to wait for the other processes.
+    /// Seconds to wait for the other processes (`bench generate`: longer than
+    /// the one-process baseline takes).
     #[arg(long, default_value_t = 300)]
     pub dist_timeout: u64,
 }
@@ -241,12 +242,20 @@ impl SequenceParallelArgs {
 /// the visible GPUs, or the only one a launcher left it
 /// (`CUDA_VISIBLE_DEVICES` set per process).
 fn local_gpu(local_rank: i64) -> anyhow::Result<usize> {
-    let visible = tch::Cuda::device_count();
+    let isolated = std::env::var_os("CUDA_VISIBLE_DEVICES").is_some();
+    pick_gpu(tch::Cuda::device_count(), local_rank, isolated)
+}
+
+/// [`local_gpu`] of `visible` GPUs: a single visible GPU serves a process of
+/// local rank above 0 only where `CUDA_VISIBLE_DEVICES` is set (a launcher
+/// giving each process its own); otherwise several processes would share it
+/// and NCCL would fail later with a less clear message.
+fn pick_gpu(visible: i64, local_rank: i64, isolated: bool) -> anyhow::Result<usize> {
     match visible {
-        1 => Ok(0),
+        1 if local_rank == 0 || isolated => Ok(0),
         n if (0..n).contains(&local_rank) => Ok(local_rank as usize),
         n => anyhow::bail!(
-            "LOCAL_RANK {local_rank} but {n} visible GPU(s): start at most {n} processes per node (torchrun --nproc-per-node)"
+            "LOCAL_RANK {local_rank} but {n} visible GPU(s): start at most {n} processes per node (torchrun --nproc-per-node), or give each its own GPU with CUDA_VISIBLE_DEVICES"
         ),
     }
 }
@@ -264,4 +273,24 @@ fn print_summary(args: &Args, tensorboard: bool, device: Device) {
         "device": args.device,
     });
     println!("peak memory: {memory}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pick_gpu;
+
+    #[test]
+    fn each_local_process_gets_its_own_gpu() {
+        assert_eq!(pick_gpu(4, 3, false).unwrap(), 3);
+        assert_eq!(pick_gpu(1, 0, false).unwrap(), 0);
+        // one GPU left to each process by the launcher
+        assert_eq!(pick_gpu(1, 2, true).unwrap(), 0);
+        // two processes on a node with one GPU, nothing isolating them
+        let err = pick_gpu(1, 1, false).unwrap_err().to_string();
+        assert!(
+            err.contains("LOCAL_RANK 1") && err.contains("1 visible"),
+            "{err}"
+        );
+        assert!(pick_gpu(2, 2, true).is_err());
+    }
 }

@@ -110,6 +110,15 @@ pub trait VelocityModel {
         )))
     }
 
+    /// Whether [`Self::velocity_sequence_parallel`] can split `image_tokens`
+    /// tokens over `world` processes (checked before a run starts). Models
+    /// that cannot split their sequence refuse (the default).
+    fn check_sequence_split(&self, _image_tokens: i64, world: i64) -> Result<()> {
+        Err(crate::error::Error::Input(format!(
+            "this model cannot split its sequence over {world} processes"
+        )))
+    }
+
     /// All parameters with their checkpoint names, in a stable order.
     fn parameters(&self) -> Vec<(String, Tensor)>;
 

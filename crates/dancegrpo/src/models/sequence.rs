@@ -42,6 +42,10 @@ impl VelocityModel for SequenceParallel<'_> {
         self.model.cacheable_blocks()
     }
 
+    fn check_sequence_split(&self, image_tokens: i64, world: i64) -> Result<()> {
+        self.model.check_sequence_split(image_tokens, world)
+    }
+
     fn parameters(&self) -> Vec<(String, Tensor)> {
         self.model.parameters()
     }

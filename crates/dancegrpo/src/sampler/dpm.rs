@@ -71,12 +71,16 @@ impl PostWindow {
 
     /// The sigmas from step `last + 1` of `schedule` down to 0 that the steps
     /// after a window ending with step `last` take (`None`: the schedule's own,
-    /// by Euler). The first is the schedule's own `sigma[last + 1]`, the last 0.
+    /// by Euler, or nothing left: a window ending with the last step). The
+    /// first is the schedule's own `sigma[last + 1]`, the last 0.
     pub fn sigmas_after(&self, schedule: &Schedule, last: i64) -> Option<Vec<f64>> {
         let PostWindow::DpmSolver2m { compress, .. } = *self else {
             return None;
         };
         let s = schedule.steps();
+        if last + 1 >= s {
+            return None; // the window's last step already reaches sigma 0
+        }
         let n = (((s - last) as f64 * compress) as i64).max(2);
         // in the schedule's dtype, as MixGRPO does in float32 (its model
         // timesteps truncate these values: 0.59999996 is step 599, not 600)
@@ -199,6 +203,8 @@ mod tests {
         );
         let end = post.sigmas_after(&s, 23).unwrap();
         assert_eq!((end.len(), end[1]), (2, 0.0));
+        // a window ending with the last step leaves nothing to solve (no 0 -> 0 call)
+        assert_eq!(post.sigmas_after(&s, 24), None);
         // compress 1: the schedule's own sigmas
         let all = PostWindow::DpmSolver2m {
             compress: 1.0,

@@ -332,7 +332,8 @@ pub enum EvalParallel {
     /// Every process samples a contiguous share of the prompts; process 0
     /// gathers the images and scores them (N processes: about N times faster
     /// for many prompts). The images equal one process's where the model is
-    /// batch-invariant (the CPU).
+    /// batch-invariant (the CPU). Not with a whole-step `eval.cache` (its skip
+    /// decision is one statistic over all the prompts).
     Prompts,
 }
 

@@ -12,7 +12,7 @@ use tch::{Device, Tensor};
 use super::config::{EvalParallel, TrainConfig};
 use crate::data::{stack, PromptSet};
 use crate::dist::fsdp::FullShard;
-use crate::dist::{gather_rows, Collective, Gather};
+use crate::dist::{gather_rows, is_writer, Collective, Gather};
 use crate::error::{Error, Result};
 use crate::io::image::grid;
 use crate::models::sequence::SequenceParallel;
@@ -151,8 +151,8 @@ impl Evaluator {
 
     /// Samples the evaluation prompts with the fixed noise and scores them:
     /// the record and the image grid (uint8 `(H, W, 3)`, one row). Under
-    /// `eval.parallel = "prompts"` process 0 gathers the images and scores
-    /// them; the other processes' records hold no reward (NaN).
+    /// `eval.parallel = "prompts"` process 0 gathers the images. Only process
+    /// 0 scores: the other processes' records hold no reward (NaN).
     pub fn evaluate(&mut self, inp: EvalInputs) -> Result<(EvalRecord, Tensor)> {
         let (set, prompt_set) = self.prompt_set(inp.training);
         let n = set.len().min(self.prompts);
@@ -171,16 +171,18 @@ impl Evaluator {
                 gather_rows(c, &mine, &ids, n as i64)?.to_kind(tch::Kind::Uint8)
             }
         }; // (n, H, W, 3)
-        let (reward_mean, gold) = match (&share, c.rank()) {
-            (None, _) => self.score(inp.reward, &images, &captions)?,
-            (Some(_), 0) => {
+           // only the writer scores: the other processes' records are not kept (a
+           // remote reward gets one request, not one per process)
+        let (reward_mean, gold) = match (&share, is_writer(c)) {
+            (_, false) => (f64::NAN, serde_json::Map::new()),
+            (None, true) => self.score(inp.reward, &images, &captions)?,
+            (Some(_), true) => {
                 // process 0 scores every prompt's image: their captions
                 captions = (0..n)
                     .map(|i| Ok(set.get(i)?.caption))
                     .collect::<Result<Vec<_>>>()?;
                 self.score(inp.reward, &images, &captions)?
             }
-            (Some(_), _) => (f64::NAN, serde_json::Map::new()),
         };
         let record = EvalRecord {
             iteration: inp.iteration,
@@ -265,6 +267,26 @@ impl Evaluator {
         }
         Ok((reward_mean, gold))
     }
+}
+
+/// Refuses, before a run starts, an `eval.parallel = "sequence"` that the
+/// model cannot split over the processes of `c` (found at the first
+/// evaluation otherwise, which a resumed run reaches only after training).
+pub fn check_sequence_split(
+    cfg: &TrainConfig,
+    model: &dyn VelocityModel,
+    decoder: &dyn LatentDecoder,
+    c: &dyn Collective,
+    origin: &Path,
+) -> Result<()> {
+    if cfg.eval.parallel != EvalParallel::Sequence || c.world_size() < 2 || cfg.eval.prompts == 0 {
+        return Ok(());
+    }
+    let [ch, h, w] = decoder.latent_shape(cfg.sampler.height, cfg.sampler.width);
+    let latent = Tensor::zeros([1, ch, h, w], (tch::Kind::Float, Device::Cpu));
+    let tokens = model.layout().pack(&latent)?.size()[1]; // (1, L, c)
+    (model.check_sequence_split(tokens, c.world_size()))
+        .map_err(|e| Error::config(origin, "eval.parallel", e.to_string()))
 }
 
 /// This process's share of `n` evaluation prompts: contiguous chunks of

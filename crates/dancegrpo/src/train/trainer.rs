@@ -16,7 +16,9 @@ use super::config::TrainConfig;
 use super::curve::RewardCurve;
 use super::data::DataOrder;
 use super::ema::Ema;
-use super::evaluate::{truncate_eval, EvalInputs, EvalPromptSet, EvalRecord, Evaluator};
+use super::evaluate::{
+    check_sequence_split, truncate_eval, EvalInputs, EvalPromptSet, EvalRecord, Evaluator,
+};
 use super::health;
 use super::images::ImageWriter;
 use super::lock::RunLock;
@@ -192,6 +194,8 @@ impl Trainer {
         health::require_finite(&model.base_parameters(), "the model's transformer weights")?;
         health::require_finite(&vae.decoder_parameters(), "the model's VAE weights")?;
         let (model, sharded) = super::build::shard(model, &cfg, collective.clone())?;
+        let origin = dir.join("config.toml");
+        check_sequence_split(&cfg, model.as_ref(), &vae, collective.as_ref(), &origin)?;
         let prompts = build_prompts(&cfg, model.as_ref())?;
         Ok(Trainer {
             order: DataOrder::new(cfg.run.seed, prompts.len()),

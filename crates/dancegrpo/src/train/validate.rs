@@ -98,6 +98,14 @@ impl TrainConfig {
             let msg = "a block cache cannot run with sequence parallelism: use eval.cache of kind \"steps\", or eval.parallel = \"writer\"";
             return Err(Error::config(origin, "eval.parallel", msg.to_string()));
         }
+        if let (EvalParallel::Prompts, Some(CachePolicy::Steps(_))) =
+            (self.eval.parallel, &self.eval.cache)
+        {
+            // its skip decision is one statistic over the whole batch: shares
+            // would decide apart (and a sharded model's forwards fall out of step)
+            let msg = "a whole-step cache decides from all the prompts' latents at once and cannot run on shares of them: use eval.cache of kind \"blocks\", or eval.parallel = \"sequence\" or \"writer\"";
+            return Err(Error::config(origin, "eval.parallel", msg.to_string()));
+        }
         // the update's own count (the fields it also checks were checked above)
         if let Err(Error::Input(msg)) = self.iteration_config().update.trained(s.steps) {
             return Err(Error::config(origin, "grpo.timestep_fraction", msg));

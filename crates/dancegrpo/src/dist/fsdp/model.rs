@@ -95,6 +95,10 @@ impl<M: Shardable> VelocityModel for ShardedModel<M> {
         self.inner.velocity_sequence_parallel(inputs, c)
     }
 
+    fn check_sequence_split(&self, image_tokens: i64, world: i64) -> Result<()> {
+        self.inner.check_sequence_split(image_tokens, world)
+    }
+
     fn parameters(&self) -> Vec<(String, Tensor)> {
         self.state.shards()
     }

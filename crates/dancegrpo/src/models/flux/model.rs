@@ -342,6 +342,16 @@ impl VelocityModel for FluxTransformer {
         self.velocity_ulysses(inputs, c)
     }
 
+    fn check_sequence_split(&self, image_tokens: i64, world: i64) -> Result<()> {
+        let heads = self.config.num_attention_heads;
+        if image_tokens % world != 0 || heads % world != 0 {
+            return Err(Error::Input(format!(
+                "sequence parallelism over {world} processes needs image tokens ({image_tokens}) and heads ({heads}) divisible by {world}"
+            )));
+        }
+        Ok(())
+    }
+
     fn velocity_backward(
         &self,
         inputs: &FlowInputs,

@@ -19,8 +19,8 @@ use tch::Tensor;
 use super::super::blocks::{merge_heads, sdpa};
 use super::{FluxTransformer, Rope};
 use crate::dist::Collective;
-use crate::error::{Error, Result};
-use crate::models::FlowInputs;
+use crate::error::Result;
+use crate::models::{FlowInputs, VelocityModel};
 
 impl FluxTransformer {
     /// The velocity `(b, L, c)` of the full inputs `x`, computed by the
@@ -30,12 +30,7 @@ impl FluxTransformer {
         self.check_inputs(x)?;
         let (n, r) = (c.world_size(), c.rank());
         let (b, l) = (x.latents.size()[0], x.latents.size()[1]);
-        let heads = self.config.num_attention_heads;
-        if l % n != 0 || heads % n != 0 {
-            return Err(Error::Input(format!(
-                "sequence parallelism over {n} processes needs image tokens ({l}) and heads ({heads}) divisible by {n}"
-            )));
-        }
+        self.check_sequence_split(l, n)?;
         let lloc = l / n;
         let local = x.latents.narrow(1, r * lloc, lloc);
         self.acquire(self.unit_embed())?;
