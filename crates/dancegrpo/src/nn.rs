@@ -145,8 +145,10 @@ impl Linear {
         };
         match x.size().as_slice() {
             [b, _] if *b > 1 => {
-                let rows: Vec<Tensor> = (0..*b)
-                    .map(|i| self.forward_one(&x.narrow(0, i, 1), &w))
+                // split, not narrow: its backward is one concatenation, not a
+                // zero-filled (b, in) gradient per row
+                let rows: Vec<Tensor> = (x.split(1, 0).iter())
+                    .map(|row| self.forward_one(row, &w))
                     .collect();
                 Tensor::cat(&rows, 0)
             }

@@ -207,11 +207,11 @@ impl DoubleBlock {
         let k = Tensor::cat(&[tk, ik], 2);
         let v = Tensor::cat(&[tv, iv], 2);
         let joint = attend(&q, &k, &v)?; // (b, Lt + L, dim)
-        let lt = txt.size()[1];
-        let txt_attn = self.to_add_out.forward(&joint.narrow(1, 0, lt));
-        let img_attn = self
-            .to_out
-            .forward(&joint.narrow(1, lt, joint.size()[1] - lt));
+        let (lt, l) = (txt.size()[1], img.size()[1]);
+        // split: its backward is one concatenation, not two zero-filled gradients
+        let parts = joint.split_with_sizes([lt, l], 1);
+        let txt_attn = self.to_add_out.forward(&parts[0]);
+        let img_attn = self.to_out.forward(&parts[1]);
 
         let img = img + m[2].unsqueeze(1) * img_attn;
         let img_ff = self.ff.forward(&modulate(&img, &m[3], &m[4]));
