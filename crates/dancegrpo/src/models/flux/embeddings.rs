@@ -162,8 +162,9 @@ impl Rope {
         let size = x.size();
         let kind = upcast_kind(x.kind());
         let pairs = x.reshape([size[0], size[1], size[2], size[3] / 2, 2]);
-        let swapped = pairs.flip([-1]).reshape(&size); // (b, heads, seq, hd): (im, re) pairs
-                                                       // each term widened on its own, as diffusers (a bfloat16 gradient rounds per term)
+        // (b, heads, seq, hd) with each pair's members exchanged: (im, re)
+        let swapped = pairs.flip([-1]).reshape(&size);
+        // each term widened on its own, as diffusers (a bfloat16 gradient rounds per term)
         let rotated = cast(x, kind) * &self.cos + cast(&swapped, kind) * &self.signed_sin;
         cast(&rotated, x.kind())
     }
