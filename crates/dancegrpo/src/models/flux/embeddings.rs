@@ -1,6 +1,8 @@
 //! FLUX conditioning embeddings: sinusoidal timestep features, the combined
 //! timestep / guidance / pooled-text embedding, and 3-axis rotary positions.
 
+use std::cell::RefCell;
+
 use tch::{Kind, Tensor};
 
 use crate::error::Result;
@@ -102,6 +104,9 @@ pub struct Rope {
     /// The sines with the sign of the rotation folded in: `-sin` on the even
     /// (real) columns, `sin` on the odd ones, `(seq, head_dim)`.
     signed_sin: Tensor,
+    /// `(cos, signed_sin)` laid out for a head count (see [`Rope::spread`]),
+    /// built at the first rotation that can use them.
+    spread: RefCell<Option<(i64, Tensor, Tensor)>>,
 }
 
 impl Rope {
@@ -142,7 +147,27 @@ impl Rope {
             cos,
             sin,
             signed_sin,
+            spread: RefCell::new(None),
         }
+    }
+
+    /// `(cos, signed_sin)` as `(heads, seq, head_dim)` views of
+    /// `(seq, heads, head_dim)` memory: the order of the projections that
+    /// `apply` rotates, so a product walks both operands in one run per row
+    /// instead of `head_dim`-long pieces of a broadcast table.
+    fn spread(&self, heads: i64) -> (Tensor, Tensor) {
+        let mut cache = self.spread.borrow_mut();
+        if let Some((_, cos, ssin)) = cache.as_ref().filter(|(h, _, _)| *h == heads) {
+            return (cos.shallow_clone(), ssin.shallow_clone());
+        }
+        let lay = |t: &Tensor| {
+            let (seq, hd) = (t.size()[0], t.size()[1]);
+            let spread = t.unsqueeze(1).expand([seq, heads, hd], false).contiguous();
+            spread.transpose(0, 1) // (heads, seq, hd)
+        };
+        let (cos, ssin) = (lay(&self.cos), lay(&self.signed_sin));
+        *cache = Some((heads, cos.shallow_clone(), ssin.shallow_clone()));
+        (cos, ssin)
     }
 
     /// The rotation of the rows `f(table)` of these tables (a sequence shard).
@@ -164,8 +189,13 @@ impl Rope {
         let pairs = x.reshape([size[0], size[1], size[2], size[3] / 2, 2]);
         // (b, heads, seq, hd) with each pair's members exchanged: (im, re)
         let swapped = pairs.flip([-1]).reshape(&size);
+        // x in the projections' (b, seq, heads, hd) memory order: tables to match
+        let (cos, ssin) = match x.stride()[1] == size[3] {
+            true => self.spread(size[1]),
+            false => (self.cos.shallow_clone(), self.signed_sin.shallow_clone()),
+        };
         // each term widened on its own, as diffusers (a bfloat16 gradient rounds per term)
-        let rotated = cast(x, kind) * &self.cos + cast(&swapped, kind) * &self.signed_sin;
+        let rotated = cast(x, kind) * cos + cast(&swapped, kind) * ssin;
         cast(&rotated, x.kind())
     }
 }
