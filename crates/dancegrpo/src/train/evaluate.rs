@@ -171,8 +171,9 @@ impl Evaluator {
                 gather_rows(c, &mine, &ids, n as i64)?.to_kind(tch::Kind::Uint8)
             }
         }; // (n, H, W, 3)
-           // only the writer scores: the other processes' records are not kept (a
-           // remote reward gets one request, not one per process)
+
+        // only the writer scores: the other processes' records are not kept
+        // (a remote reward gets one request, not one per process)
         let (reward_mean, gold) = match (&share, is_writer(c)) {
             (_, false) => (f64::NAN, serde_json::Map::new()),
             (None, true) => self.score(inp.reward, &images, &captions)?,

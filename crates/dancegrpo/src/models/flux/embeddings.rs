@@ -153,8 +153,8 @@ impl Rope {
 
     /// `(cos, signed_sin)` as `(heads, seq, head_dim)` views of
     /// `(seq, heads, head_dim)` memory: the order of the projections that
-    /// `apply` rotates, so a product walks both operands in one run per row
-    /// instead of `head_dim`-long pieces of a broadcast table.
+    /// `apply` rotates, so a CPU product walks both operands in one run per
+    /// row instead of `head_dim`-long pieces of a broadcast table.
     fn spread(&self, heads: i64) -> (Tensor, Tensor) {
         let mut cache = self.spread.borrow_mut();
         if let Some((_, cos, ssin)) = cache.as_ref().filter(|(h, _, _)| *h == heads) {
@@ -189,8 +189,11 @@ impl Rope {
         let pairs = x.reshape([size[0], size[1], size[2], size[3] / 2, 2]);
         // (b, heads, seq, hd) with each pair's members exchanged: (im, re)
         let swapped = pairs.flip([-1]).reshape(&size);
-        // x in the projections' (b, seq, heads, hd) memory order: tables to match
-        let (cos, ssin) = match x.stride()[1] == size[3] {
+        // on the CPU, x in the projections' (b, seq, heads, hd) memory order:
+        // tables to match (a GPU kernel indexes a broadcast table at no cost,
+        // and reading heads-times larger tables would cost memory traffic)
+        let cpu = x.device() == tch::Device::Cpu;
+        let (cos, ssin) = match cpu && x.stride()[1] == size[3] {
             true => self.spread(size[1]),
             false => (self.cos.shallow_clone(), self.signed_sin.shallow_clone()),
         };
@@ -216,14 +219,18 @@ mod tests {
         (x.to_kind(kind) * cos + rotated.to_kind(kind) * sin).to_kind(x.kind())
     }
 
-    /// Values and gradients of the rotation of a transposed `(b, heads, seq, hd)` input.
-    fn rotate(rope: &Rope, kind: Kind, reference: bool) -> (Tensor, Tensor) {
+    /// Values and gradients of the rotation of a `(b, heads, seq, hd)` input,
+    /// laid out as the projections give it (`transposed`) or contiguous.
+    fn rotate(rope: &Rope, kind: Kind, reference: bool, transposed: bool) -> (Tensor, Tensor) {
         tch::manual_seed(7);
         let x = Tensor::randn([2, 24, 3, 16], (Kind::Float, tch::Device::Cpu)) // (b, seq, heads, hd)
             .to_kind(kind)
-            .transpose(1, 2)
-            .detach()
-            .set_requires_grad(true);
+            .transpose(1, 2);
+        let x = match transposed {
+            true => x,
+            false => x.contiguous(),
+        };
+        let x = x.detach().set_requires_grad(true);
         let y = match reference {
             true => apply_reference(rope, &x),
             false => rope.apply(&x),
@@ -244,11 +251,13 @@ mod tests {
         let ids = Tensor::randint(64, [24, 3], (Kind::Int64, tch::Device::Cpu));
         for kind in [Kind::Float, Kind::BFloat16, Kind::Double] {
             let rope = Rope::new(&ids, &[4, 6, 6], kind);
-            let (y_ref, g_ref) = rotate(&rope, kind, true);
-            let (y, g) = rotate(&rope, kind, false);
-            assert_eq!(y.kind(), kind);
-            assert!(bits_equal(&y, &y_ref), "{kind:?} values");
-            assert!(bits_equal(&g, &g_ref), "{kind:?} gradients");
+            for transposed in [true, false] {
+                let (y_ref, g_ref) = rotate(&rope, kind, true, transposed);
+                let (y, g) = rotate(&rope, kind, false, transposed);
+                assert_eq!(y.kind(), kind);
+                assert!(bits_equal(&y, &y_ref), "{kind:?} values, {transposed}");
+                assert!(bits_equal(&g, &g_ref), "{kind:?} gradients, {transposed}");
+            }
         }
     }
 }
