@@ -47,6 +47,8 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    // before any thread exists: glibc keeps freed tensors' memory for reuse
+    dancegrpo::allocator::keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Env(a) => cmd::env::run(a),

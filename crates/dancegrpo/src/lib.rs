@@ -11,6 +11,7 @@
 #![deny(missing_docs)]
 
 pub mod align;
+pub mod allocator;
 pub mod autograd;
 pub mod bench;
 pub mod compare;
