@@ -10,7 +10,7 @@ use dancegrpo::align::Case;
 use dancegrpo::bench::profile::{OpProfile, Profiler};
 use dancegrpo::bench::{BenchSetup, Layout, Preset};
 use dancegrpo::grpo::iteration::StageSeconds;
-use dancegrpo::grpo::UpdateBatching;
+use dancegrpo::grpo::{FirstWindow, UpdateBatching};
 use dancegrpo::models::ActivationCheckpointing;
 use dancegrpo::precision::PrecisionConfig;
 
@@ -45,6 +45,12 @@ pub struct Args {
     /// batch (bounds the update's activation memory).
     #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
     max_update_rows: Option<i64>,
+    /// Where the first accumulation window's velocities come from:
+    /// `recompute` (the reference, the default) or `rollout-graphs` (the
+    /// rollout evaluates them with gradients and keeps the graphs: one forward
+    /// pass fewer per transition of that window, the same values, more memory).
+    #[arg(long, default_value = "recompute", value_parser = parse_first_window)]
+    first_window: FirstWindow,
     /// Transformer arithmetic: `fp32` (the alignment mode) or `bf16` (float32
     /// master weights and optimizer state, bfloat16 compute, frozen models in
     /// bfloat16, log-probs and ratios in float32).
@@ -89,6 +95,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     setup.train.sampler.decode_batch = args.decode_batch;
     setup.train.optim.update_batching = args.update_batching;
     setup.train.optim.max_update_rows = args.max_update_rows;
+    setup.train.optim.first_window = args.first_window;
     let mut opt = setup.optimizer();
     let mut times: Vec<[f64; 4]> = Vec::new();
     let mut each = |it: u64, s: &StageSeconds| {
@@ -147,6 +154,14 @@ fn print_profile(ops: &OpProfile, times: &[[f64; 4]]) {
     }
 }
 
+fn parse_first_window(s: &str) -> Result<FirstWindow, String> {
+    match s {
+        "recompute" => Ok(FirstWindow::Recompute),
+        "rollout-graphs" => Ok(FirstWindow::RolloutGraphs),
+        _ => Err(format!("`{s}`: want recompute or rollout-graphs")),
+    }
+}
+
 fn parse_batching(s: &str) -> Result<UpdateBatching, String> {
     match s {
         "per-sample" => Ok(UpdateBatching::PerSample),
@@ -191,7 +206,10 @@ fn report(case: &Case, setup: &BenchSetup, args: &Args, times: &[[f64; 4]]) {
     let (rollout, decode, reward, update) = (mean(0), mean(1), mean(2), mean(3));
     let total = rollout + decode + reward + update;
     let rss = dancegrpo::process::peak_rss_mib();
-    let f = setup.flops;
+    let f = match args.first_window {
+        FirstWindow::Recompute => setup.flops,
+        FirstWindow::RolloutGraphs => setup.flops.without_forwards(setup.kept_transitions()),
+    };
     let gflop = f.total() / 1e9;
     let rate = |flop: f64, s: f64| if s > 0.0 { flop / 1e9 / s } else { 0.0 };
     let layout = match setup.layout {
@@ -220,6 +238,7 @@ fn report(case: &Case, setup: &BenchSetup, args: &Args, times: &[[f64; 4]]) {
         "case": case.name(), "layout": layout, "iterations": times.len(), "device": args.device,
         "threads": tch::get_num_threads(), "rollout_batch": args.rollout_batch,
         "update_batching": format!("{:?}", args.update_batching), "decode_batch": args.decode_batch, "max_update_rows": args.max_update_rows, "precision": args.precision,
+        "first_window": args.first_window,
         "seconds_per_iteration": total, "rollout": rollout, "decode": decode,
         "reward": reward, "update": update, "peak_rss_mib": rss,
         "gflop_per_iteration": gflop, "gflop_rollout": f.rollout / 1e9, "gflop_update": f.update / 1e9,

@@ -164,6 +164,7 @@ pub(super) fn stored_rollout(case: &Case, kind: Kind) -> Result<Rollout> {
         batches: (0..b).map(|s| vec![s]).collect(),
         tree: None,
         model_rows: 0,
+        kept: Default::default(),
     })
 }
 

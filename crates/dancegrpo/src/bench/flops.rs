@@ -71,6 +71,8 @@ pub struct IterationFlops {
     pub rollout: f64,
     /// The update's forwards and backwards.
     pub update: f64,
+    /// One forward call of one sample.
+    pub per_call: f64,
 }
 
 impl IterationFlops {
@@ -80,6 +82,16 @@ impl IterationFlops {
         IterationFlops {
             rollout: (samples * steps) as f64 * call.total,
             update: (samples * trained) as f64 * call.trained(),
+            per_call: call.total,
+        }
+    }
+
+    /// The same iteration with the update's forward pass of `transitions`
+    /// trained transitions left out (their velocities kept from the rollout).
+    pub fn without_forwards(self, transitions: i64) -> Self {
+        IterationFlops {
+            update: self.update - transitions as f64 * self.per_call,
+            ..self
         }
     }
 

@@ -8,6 +8,7 @@ use crate::align::{train_config, Case};
 use crate::dist::Shard;
 use crate::error::{Error, Result};
 use crate::grpo::iteration::StageSeconds;
+use crate::grpo::UpdateBatching;
 use crate::grpo::{run_iteration, AdamW, IterationInputs, NoObserver};
 use crate::models::flux::{FluxConfig, FluxTransformer};
 use crate::models::open_clip::{OpenClip, OpenClipConfig};
@@ -160,6 +161,25 @@ impl BenchSetup {
             .map(|(_, p)| p)
             .collect();
         AdamW::new(self.train.adam(), &params)
+    }
+
+    /// The trained transitions whose velocities the rollout keeps under
+    /// `first_window = "rollout_graphs"`: every one of the first window's
+    /// samples, except that with the rollout's batches only the batches
+    /// wholly inside that window.
+    pub fn kept_transitions(&self) -> i64 {
+        let o = &self.train.optim;
+        let update = self.train.iteration_config().update;
+        let (_, trained) = update.trained(self.schedule.steps()).unwrap_or((0, 0));
+        let window = o.gradient_accumulation.min(self.cond.samples());
+        let samples = match o.update_batching {
+            UpdateBatching::Rollout => {
+                let rb = self.train.sampler.rollout_batch.max(1);
+                (window / rb) * rb
+            }
+            UpdateBatching::PerSample | UpdateBatching::Window => window,
+        };
+        samples * trained
     }
 }
 

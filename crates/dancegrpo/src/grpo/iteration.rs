@@ -5,13 +5,15 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use super::update::{grpo_update, UpdateConfig, UpdateInputs, UpdateObserver, UpdateStats};
+use super::update::{
+    first_window_plan, grpo_update, UpdateConfig, UpdateInputs, UpdateObserver, UpdateStats,
+};
 use super::{advantages, mixed_advantages, AdamW, Advantages, Grouping, RewardMixing};
 use crate::dist::Shard;
 use crate::error::{Error, Result};
 use crate::models::{LatentDecoder, VelocityModel};
 use crate::rewards::{scores_to_tensor, Reward, RewardBatch, RewardPart, Score};
-use crate::sampler::rollout::{decode, rollout_reporting, RolloutSettings};
+use crate::sampler::rollout::{decode, rollout_capturing, RolloutSettings};
 use crate::sampler::{Conditioning, Draws, Schedule};
 
 /// Settings of an iteration beyond the update's.
@@ -192,10 +194,25 @@ pub fn run_iteration(
     let mut seconds = StageSeconds::default();
     let report = inputs.report.unwrap_or(&|_, _, _| {});
     let clock = Instant::now();
-    let ro = rollout_reporting(
+    let plan = first_window_plan(
+        &cfg.update,
+        inputs.schedule,
+        inputs.draws,
+        inputs.shard,
+        cfg.rollout.batch,
+    )?;
+    if !plan.is_empty() && !model.plain_backward() {
+        return Err(Error::Input(
+            "first_window = \"rollout_graphs\" needs a model whose backward pass is an ordinary one: \
+             no activation checkpointing, no sharded weights"
+                .into(),
+        ));
+    }
+    let ro = rollout_capturing(
         model,
         (inputs.cond, inputs.draws, inputs.schedule, inputs.latent),
         &cfg.rollout,
+        &plan,
         device,
         &|done, total| report(Stage::Rollout, done, total),
     )?;

@@ -19,6 +19,6 @@ pub use loss::{clipped_policy_loss, PolicyLoss};
 pub use lr::LrSchedule;
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig};
 pub use update::{
-    grpo_update, NoObserver, Trainable, UpdateBatching, UpdateConfig, UpdateInputs, UpdateObserver,
-    UpdateStats,
+    grpo_update, FirstWindow, NoObserver, Trainable, UpdateBatching, UpdateConfig, UpdateInputs,
+    UpdateObserver, UpdateStats,
 };

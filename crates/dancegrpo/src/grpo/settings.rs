@@ -52,6 +52,27 @@ pub enum UpdateBatching {
     Window,
 }
 
+/// Where the first accumulation window's velocities come from. Until the
+/// first optimizer step the weights are the rollout's, so the update's forward
+/// pass over that window repeats work the rollout already did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FirstWindow {
+    /// The update recomputes every transition with gradients (the reference, default).
+    #[default]
+    Recompute,
+    /// The rollout evaluates the first window's trained transitions with
+    /// gradients, in the model batches the update will back-propagate them in,
+    /// and keeps their graphs until the update: one forward pass fewer per
+    /// trained transition of that window. The values are the recomputation's
+    /// (batch-invariant model: bit for bit, even in the reference order),
+    /// the ratios are exactly 1, and the graphs of the whole window stay in
+    /// memory from the rollout to the update. Needs a model whose backward
+    /// pass is an ordinary one (no activation checkpointing, no sharding) and
+    /// a rollout without a tree.
+    RolloutGraphs,
+}
+
 /// Settings of the update.
 #[derive(Debug, Clone, Copy)]
 pub struct UpdateConfig {
@@ -87,6 +108,8 @@ pub struct UpdateConfig {
     /// With [`UpdateBatching::Window`]: the most transitions per model batch
     /// (`None`: a whole window).
     pub max_rows: Option<i64>,
+    /// Where the first accumulation window's velocities come from.
+    pub first_window: FirstWindow,
     /// Dtype of the cross-process gradient sums.
     pub grad_reduce: ReduceDtype,
 }

@@ -18,11 +18,11 @@ use crate::models::VelocityModel;
 use crate::sampler::sde::{At, Next};
 use crate::sampler::tree::Tree;
 use crate::sampler::WindowTraining;
-use crate::sampler::{Conditioning, Draws, Rollout, Schedule};
+use crate::sampler::{CapturePlan, Conditioning, Draws, Rollout, Schedule};
 
 use super::tree_rows::{check_tree_layout, tree_batches};
 
-pub use super::settings::{Trainable, UpdateBatching, UpdateConfig};
+pub use super::settings::{FirstWindow, Trainable, UpdateBatching, UpdateConfig};
 
 /// One model batch of re-evaluated transitions, handed to an [`UpdateObserver`].
 pub struct TransitionBatch<'a> {
@@ -152,18 +152,7 @@ pub fn grpo_update(
     if let Some(tree) = tree {
         check_tree_layout(tree, inputs, cfg)?;
     }
-    // every leaf of a tree trains its root's transitions
-    let drawn = |b: i64| tree.map_or(b, |t| t.root(b));
-    let perms = (0..b_local)
-        .map(|b| match cfg.window {
-            Some(w) if w.train == WindowTraining::All => Ok(w.steps()),
-            Some(w) => Ok(inputs.draws.permutation(drawn(b), w.len())?[..t as usize]
-                .iter()
-                .map(|k| w.start + k)
-                .collect()),
-            None => Ok(inputs.draws.permutation(drawn(b), n)?[..t as usize].to_vec()),
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let perms = trained_steps(inputs.draws, tree, cfg, (n, t), b_local)?;
     let named = model.parameters();
     let params: Vec<Tensor> = named.iter().map(|(_, p)| p.shallow_clone()).collect();
     zero_grads(&params);
@@ -205,11 +194,7 @@ pub fn grpo_update(
             *last = row;
         }
     }
-    let chunks = match cfg.batching {
-        UpdateBatching::Rollout => inputs.rollout.batches.clone(),
-        UpdateBatching::PerSample => (0..b_local).map(|b| vec![b]).collect(),
-        UpdateBatching::Window => window_chunks(b_local, window),
-    };
+    let chunks = update_chunks(cfg.batching, &inputs.rollout.batches, b_local, window);
     for samples in &chunks {
         let mut ids: Vec<i64> = samples.iter().map(|&r| window(r)).collect();
         ids.dedup();
@@ -225,7 +210,107 @@ pub fn grpo_update(
             }
         }
     }
+    let unused = inputs.rollout.kept.len();
+    if unused > 0 {
+        inputs.rollout.kept.clear();
+        return Err(Error::Input(format!(
+            "{unused} velocity groups the rollout kept for the first window were not trained: \
+             the rollout's capture plan and the update's configuration disagree"
+        )));
+    }
     run.finish()
+}
+
+/// The transitions of the first accumulation window that the rollout should
+/// evaluate with gradients for `cfg.first_window =
+/// `[`FirstWindow::RolloutGraphs`], grouped as the update back-propagates
+/// them: the model batches of that window whose rows all train in it
+/// (the others are recomputed). Empty with [`FirstWindow::Recompute`].
+pub fn first_window_plan(
+    cfg: &UpdateConfig,
+    schedule: &Schedule,
+    draws: &dyn Draws,
+    shard: &Shard,
+    rollout_batch: i64,
+) -> Result<CapturePlan> {
+    if cfg.first_window == FirstWindow::Recompute {
+        return Ok(CapturePlan::none());
+    }
+    let (n, t) = cfg.trained(schedule.steps())?;
+    let b_local = shard.samples().len() as i64;
+    let perms = trained_steps(draws, None, cfg, (n, t), b_local)?;
+    let window = |row: i64| shard.samples()[row as usize] / cfg.grad_accum;
+    let rollout_batches = crate::sampler::rollout::batches(b_local, rollout_batch);
+    let mut groups = Vec::new();
+    for samples in update_chunks(cfg.batching, &rollout_batches, b_local, window) {
+        if !samples.iter().all(|&r| window(r) == 0) {
+            continue;
+        }
+        for ks in ks_chunks(cfg, t, samples.len() as i64) {
+            let (rows, steps) = flat_transitions(&perms, &samples, &ks);
+            groups.push(rows.into_iter().zip(steps).collect());
+        }
+    }
+    CapturePlan::new(groups)
+}
+
+/// The trained transitions `j` of each local sample, in training order:
+/// its first `t` of a permutation of the `n` trainable ones (of the window's,
+/// with a window; every leaf of a tree trains its root's).
+fn trained_steps(
+    draws: &dyn Draws,
+    tree: Option<&Tree>,
+    cfg: &UpdateConfig,
+    (n, t): (i64, i64),
+    b_local: i64,
+) -> Result<Vec<Vec<i64>>> {
+    let drawn = |b: i64| tree.map_or(b, |t| t.root(b));
+    (0..b_local)
+        .map(|b| match cfg.window {
+            Some(w) if w.train == WindowTraining::All => Ok(w.steps()),
+            Some(w) => Ok(draws.permutation(drawn(b), w.len())?[..t as usize]
+                .iter()
+                .map(|k| w.start + k)
+                .collect()),
+            None => Ok(draws.permutation(drawn(b), n)?[..t as usize].to_vec()),
+        })
+        .collect()
+}
+
+/// The local rows of each of the update's sample chunks, in order.
+fn update_chunks(
+    batching: UpdateBatching,
+    rollout_batches: &[Vec<i64>],
+    b_local: i64,
+    window: impl Fn(i64) -> i64,
+) -> Vec<Vec<i64>> {
+    match batching {
+        UpdateBatching::Rollout => rollout_batches.to_vec(),
+        UpdateBatching::PerSample => (0..b_local).map(|b| vec![b]).collect(),
+        UpdateBatching::Window => window_chunks(b_local, window),
+    }
+}
+
+/// The trained positions `k` of each model batch of a chunk of `n` samples:
+/// one position per batch, or as many as fit with [`UpdateBatching::Window`].
+fn ks_chunks(cfg: &UpdateConfig, t: i64, n: i64) -> Vec<Vec<i64>> {
+    let per_batch = match cfg.batching {
+        UpdateBatching::Window => (cfg.max_rows).map_or(t, |m| (m / n).clamp(1, t)),
+        _ => 1,
+    };
+    let ks: Vec<i64> = (0..t).collect();
+    ks.chunks(per_batch as usize).map(|c| c.to_vec()).collect()
+}
+
+/// The rows `(samples, steps)` of transitions `ks` of `samples`, k-major:
+/// for each `k`, every sample.
+fn flat_transitions(perms: &[Vec<i64>], samples: &[i64], ks: &[i64]) -> (Vec<i64>, Vec<i64>) {
+    let rows: Vec<i64> = ks.iter().flat_map(|_| samples.iter().copied()).collect();
+    let steps: Vec<i64> = (ks.iter())
+        .flat_map(|&k| samples.iter().map(move |&b| (b, k)))
+        .map(|(b, k)| perms[b as usize][k as usize])
+        .collect();
+    (rows, steps)
 }
 
 /// The local rows of each accumulation window, in window order.
@@ -297,27 +382,18 @@ impl Run<'_> {
             let window: Vec<i64> = active.iter().map(|&r| samples[r as usize]).collect();
             return tree_batches(tree, samples, &window, &self.perms, advantages);
         }
-        let per_batch = match self.cfg.batching {
-            UpdateBatching::Window => {
-                let n = samples.len() as i64;
-                (self.cfg.max_rows).map_or(self.t, |m| (m / n).clamp(1, self.t))
-            }
-            _ => 1,
-        };
-        let ks: Vec<i64> = (0..self.t).collect();
-        let rows = ks.chunks(per_batch as usize);
-        Ok(rows.map(|ks| self.flat_rows(samples, active, ks)).collect())
+        let ks = ks_chunks(self.cfg, self.t, samples.len() as i64);
+        Ok(ks
+            .iter()
+            .map(|ks| self.flat_rows(samples, active, ks))
+            .collect())
     }
 
     /// Transitions `ks` (k-major: for each `k`, every sample of `samples`)
     /// in one model batch, the `active` rows of each `k` trained.
     fn flat_rows(&self, samples: &[i64], active: &[i64], ks: &[i64]) -> Rows {
         let n = samples.len() as i64;
-        let rows: Vec<i64> = ks.iter().flat_map(|_| samples.iter().copied()).collect();
-        let steps: Vec<i64> = (ks.iter())
-            .flat_map(|&k| samples.iter().map(move |&b| (b, k)))
-            .map(|(b, k)| self.perms[b as usize][k as usize])
-            .collect();
+        let (rows, steps) = flat_transitions(&self.perms, samples, ks);
         let idx = Tensor::from_slice(&rows).to_device(self.inputs.advantages.device());
         Rows {
             model_samples: rows.clone(),
@@ -390,9 +466,19 @@ impl Run<'_> {
         let (sde, eta, clip) = (self.cfg.sde, self.cfg.eta, self.cfg.clip_range);
         let flow_inputs = inp.cond.inputs(&cond, &z_model, &ts);
         let v_ref = self.reference_velocity(&flow_inputs)?.map(|v| expand(&v));
+        // the rollout's velocity of exactly these transitions, with its graph
+        let kept_v = match (&rows.expand, &rows.leaves) {
+            (None, None) => {
+                let key: Vec<(i64, i64)> =
+                    samples.iter().copied().zip(steps.iter().copied()).collect();
+                inp.rollout.kept.take(&key)
+            }
+            _ => None,
+        };
         let evaluated = rows.model_samples.len() as u64;
-        self.stats.local_model_rows += evaluated * if v_ref.is_some() { 2 } else { 1 };
-        let _loss = self.model.velocity_backward(&flow_inputs, &mut |v| {
+        let forward = if kept_v.is_some() { 0 } else { evaluated };
+        self.stats.local_model_rows += forward + if v_ref.is_some() { evaluated } else { 0 };
+        let mut loss_fn = |v: &Tensor| -> Result<Tensor> {
             let v = expand(v); // (n, L, c)
             let at = At::Rows(steps);
             let sigmas = &inp.schedule.sigmas;
@@ -428,7 +514,11 @@ impl Run<'_> {
                 kl.map(|k| k.detach()),
             ));
             Ok(loss)
-        })?;
+        };
+        match kept_v {
+            Some(v) => loss_fn(&v)?.backward(),
+            None => drop(self.model.velocity_backward(&flow_inputs, &mut loss_fn)?),
+        }
         let (v, new_lp, terms, kl) = kept.expect("the loss function ran");
         let ones = vec![1; samples.len()];
         let leaves = rows.leaves.as_deref().unwrap_or(&ones);

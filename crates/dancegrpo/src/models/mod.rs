@@ -65,6 +65,16 @@ pub trait VelocityModel {
         Ok(loss)
     }
 
+    /// Whether [`Self::velocity_backward`] is `loss_fn(velocity)` followed by
+    /// an ordinary backward pass (the default), so that a velocity computed
+    /// with gradients beforehand (the rollout's, under
+    /// [`crate::grpo::FirstWindow::RolloutGraphs`]) can be back-propagated in
+    /// its place. A model that recomputes activations or gathers sharded
+    /// weights in its backward pass says no.
+    fn plain_backward(&self) -> bool {
+        true
+    }
+
     /// The velocity of the reference policy of a KL term for `inputs`,
     /// without gradients: the base model the training started from. `None`
     /// when the model holds no reference (the default; under LoRA the model

@@ -38,6 +38,11 @@ impl VelocityModel for SequenceParallel<'_> {
         )))
     }
 
+    /// No: inference only.
+    fn plain_backward(&self) -> bool {
+        false
+    }
+
     fn cacheable_blocks(&self) -> usize {
         self.model.cacheable_blocks()
     }

@@ -9,6 +9,8 @@
 //!   output, projections, the 4D MLP before and after its GELU) or `22 S D`
 //!   (single: the same plus the 5D concatenation); with per-block checkpointing
 //!   one `S D` input per block plus one block's `22 S D`;
+//!   with `first_window = "rollout_graphs"` the first window's graphs (every
+//!   trained transition of its samples) are alive from the rollout on;
 //! * rollout (no gradients): one block's `22 S D` per sample of a model batch;
 //! * decode: about six full-resolution feature maps of the VAE's first decoder
 //!   width per image of a decode batch, in the frozen dtype.
@@ -17,7 +19,7 @@
 //! no `S x S` matrix kept); CPU math attention holds `heads S^2` more per block.
 
 use super::{kind_bytes, ModelCounts};
-use crate::grpo::UpdateBatching;
+use crate::grpo::{FirstWindow, UpdateBatching};
 use crate::models::ActivationCheckpointing;
 use crate::train::config::TrainConfig;
 
@@ -47,15 +49,17 @@ pub fn peak(cfg: &TrainConfig, c: &ModelCounts, text_len: i64, world: i64) -> Ac
     let d = c.flux.inner_dim();
     let (nd, ns) = (c.flux.num_layers as i64, c.flux.num_single_layers as i64);
     let cb = kind_bytes(cfg.precision.compute_kind()) as i64;
-    let update_batch = match cfg.optim.update_batching {
-        UpdateBatching::Rollout => s.rollout_batch,
-        UpdateBatching::PerSample => 1,
-        UpdateBatching::Window => {
-            let update = cfg.iteration_config().update;
-            let (_, trained) = update.trained(s.steps).unwrap_or((1, 1));
-            let local = cfg.derived(world).samples_per_process;
-            update.grad_accum.min(local).max(1) * trained
-        }
+    let window_rows = || {
+        let update = cfg.iteration_config().update;
+        let (_, trained) = update.trained(s.steps).unwrap_or((1, 1));
+        let local = cfg.derived(world).samples_per_process;
+        update.grad_accum.min(local).max(1) * trained
+    };
+    let update_batch = match (cfg.optim.first_window, cfg.optim.update_batching) {
+        // the whole first window's graphs, kept from the rollout
+        (FirstWindow::RolloutGraphs, _) | (_, UpdateBatching::Window) => window_rows(),
+        (_, UpdateBatching::Rollout) => s.rollout_batch,
+        (_, UpdateBatching::PerSample) => 1,
     };
     let per_token = match cfg.optim.activation_checkpointing {
         ActivationCheckpointing::Off => DOUBLE_KEEPS * nd + SINGLE_KEEPS * ns,

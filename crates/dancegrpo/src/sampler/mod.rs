@@ -2,6 +2,7 @@
 //! Dance-SDE step with log-probabilities, the random draws and group rollouts.
 
 pub mod cache;
+pub mod capture;
 pub mod conditioning;
 pub mod dpm;
 pub mod draws;
@@ -14,6 +15,7 @@ pub mod tree;
 pub mod window;
 
 pub use cache::CachePolicy;
+pub use capture::{CapturePlan, KeptVelocities};
 pub use conditioning::{Conditioning, SampleConditioning};
 pub use dpm::{DpmVariant, PostWindow};
 pub use draws::{Draws, Recorded, Seeded};

@@ -3,6 +3,7 @@
 
 use tch::{Device, Kind, Tensor};
 
+use super::capture::{CapturePlan, KeptVelocities, Pieces};
 use super::dpm::{model_timestep, Dpm2M, PostWindow};
 use super::sde::{At, Next};
 use super::tree::{distinct_rows, Tree, TreeDraws};
@@ -61,6 +62,9 @@ pub struct Rollout {
     pub tree: Option<Tree>,
     /// Rows the model evaluated (one per sample and step; fewer in a tree).
     pub model_rows: i64,
+    /// The velocities of a [`CapturePlan`]'s transitions with their graphs,
+    /// for the update (empty without a plan).
+    pub kept: KeptVelocities,
 }
 
 /// Splits samples `0..n` into consecutive batches of `batch`.
@@ -95,10 +99,29 @@ pub fn rollout_reporting(
     device: Device,
     done: &dyn Fn(usize, usize),
 ) -> Result<Rollout> {
+    let none = CapturePlan::none();
+    rollout_capturing(model, inputs, settings, &none, device, done)
+}
+
+/// [`rollout_reporting`] evaluating the transitions of `plan` with gradients
+/// and keeping their velocities ([`Rollout::kept`]); a tree cannot keep any.
+pub fn rollout_capturing(
+    model: &dyn VelocityModel,
+    inputs: (&Conditioning, &dyn Draws, &Schedule, [i64; 3]),
+    settings: &RolloutSettings,
+    plan: &CapturePlan,
+    device: Device,
+    done: &dyn Fn(usize, usize),
+) -> Result<Rollout> {
     let (cond, draws, schedule, latent) = inputs;
     let Some(tree) = &settings.tree else {
-        return run(model, inputs, settings, device, done);
+        return run(model, inputs, settings, plan, device, done);
     };
+    if !plan.is_empty() {
+        return Err(crate::error::Error::Input(
+            "a tree rollout cannot keep the first window's graphs (first_window = \"rollout_graphs\")".into(),
+        ));
+    }
     // conditioning per sample (group 1) is one process's shard of the
     // groups, whose size the run's configuration checked
     let group = match cond.group() {
@@ -115,6 +138,7 @@ pub fn rollout_reporting(
         model,
         (cond, &draws, schedule, latent),
         settings,
+        plan,
         device,
         done,
     )
@@ -124,6 +148,7 @@ fn run(
     model: &dyn VelocityModel,
     (cond, draws, schedule, latent): (&Conditioning, &dyn Draws, &Schedule, [i64; 3]),
     settings: &RolloutSettings,
+    plan: &CapturePlan,
     device: Device,
     done: &dyn Fn(usize, usize),
 ) -> Result<Rollout> {
@@ -132,10 +157,12 @@ fn run(
     let (mut latents, mut log_probs, mut x0s, mut means) = (vec![], vec![], vec![], vec![]);
     let mut model_rows = 0;
     let total = cond.samples() as usize;
+    let mut pieces = Pieces::default();
     for samples in &chunks {
         done(samples[0] as usize, total);
+        let capture = (plan, &mut pieces);
         let (z, lp, x0, mean, rows) = rollout_batch(
-            model, cond, draws, schedule, latent, samples, settings, device,
+            model, cond, draws, schedule, latent, samples, settings, capture, device,
         )?;
         model_rows += rows;
         latents.push(z);
@@ -154,6 +181,7 @@ fn run(
         batches: chunks,
         tree: settings.tree.clone(),
         model_rows,
+        kept: pieces.finish(plan)?,
     })
 }
 
@@ -169,6 +197,7 @@ fn rollout_batch(
     latent: [i64; 3],
     samples: &[i64],
     settings: &RolloutSettings,
+    (plan, pieces): (&CapturePlan, &mut Pieces),
     device: Device,
 ) -> Result<(Tensor, Tensor, Tensor, Option<Tensor>, i64)> {
     let (sde, eta, window) = (settings.sde, settings.eta, settings.window);
@@ -189,7 +218,11 @@ fn rollout_batch(
     for i in 0..steps {
         let t = schedule.model_timestep(i, n).to_device(device);
         let (v, evaluated) = match &settings.tree {
-            None => (model.velocity(&cond.inputs(&sc, &z, &t))?, n),
+            None if plan.is_empty() => (model.velocity(&cond.inputs(&sc, &z, &t))?, n),
+            None => {
+                let at = (samples, i, &z, &t);
+                (captured_velocity(model, cond, at, plan, pieces)?, n)
+            }
             Some(tree) => state_velocity(model, cond, tree, samples, i, (&z, &t))?,
         };
         rows += evaluated;
@@ -261,6 +294,46 @@ impl Trajectory {
             means.map(|m| Tensor::stack(&m, 1)),
         )
     }
+}
+
+/// The velocity of the batch `samples` at step `i` `(n, L, c)`, without
+/// gradients; the rows `plan` names are evaluated apart, one model call per
+/// group with gradients, their velocities (graphs attached) added to `pieces`.
+fn captured_velocity(
+    model: &dyn VelocityModel,
+    cond: &Conditioning,
+    (samples, i, z, t): (&[i64], i64, &Tensor, &Tensor),
+    plan: &CapturePlan,
+    pieces: &mut Pieces,
+) -> Result<Tensor> {
+    let device = z.device();
+    let idx = |rows: &[i64]| Tensor::from_slice(rows).to_device(device);
+    let call = |rows: &[i64]| {
+        let nodes: Vec<i64> = rows.iter().map(|&r| samples[r as usize]).collect();
+        let r = idx(rows);
+        let (z, t) = (z.index_select(0, &r), t.index_select(0, &r)); // (m, L, c), (m,)
+        model.velocity(&cond.inputs(&cond.for_samples(&nodes), &z, &t))
+    };
+    let mut parts: Vec<(Vec<i64>, Tensor)> = Vec::new();
+    for (g, rows, places) in plan.at_step(samples, i) {
+        let v = tch::with_grad(|| call(&rows))?; // (m, L, c), graph attached
+        parts.push((rows, v.detach()));
+        pieces.add(g, places, v);
+    }
+    let taken: Vec<i64> = parts.iter().flat_map(|(r, _)| r.clone()).collect();
+    let rest: Vec<i64> = (0..samples.len() as i64)
+        .filter(|r| !taken.contains(r))
+        .collect();
+    if !rest.is_empty() {
+        parts.push((rest.clone(), call(&rest)?));
+    }
+    // back to the batch's row order
+    let mut from = vec![0i64; samples.len()];
+    for (i, &r) in parts.iter().flat_map(|(r, _)| r).enumerate() {
+        from[r as usize] = i as i64;
+    }
+    let v = Tensor::cat(&parts.iter().map(|(_, v)| v).collect::<Vec<_>>(), 0);
+    Ok(v.index_select(0, &idx(&from))) // (n, L, c)
 }
 
 /// The SDE noise of step `i` of every sample of `samples` (n, L, c), on the CPU.

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::grpo::{Guard, LrSchedule, RewardMixing, Trainable, UpdateBatching};
+use crate::grpo::{FirstWindow, Guard, LrSchedule, RewardMixing, Trainable, UpdateBatching};
 use crate::models::lora::LoraConfig;
 use crate::models::ActivationCheckpointing;
 use crate::rewards::jpeg::{JpegObjective, JpegSubsampling};
@@ -229,6 +229,10 @@ pub struct OptimConfig {
     /// per sample). Absent: the whole window in one batch.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_update_rows: Option<i64>,
+    /// Where the first accumulation window's velocities come from:
+    /// `"recompute"` (default) or `"rollout_graphs"` (the rollout keeps them
+    /// with gradients; needs `activation_checkpointing = "off"`).
+    pub first_window: FirstWindow,
     /// Train LoRA adapters instead of every weight (absent: full fine-tune).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraConfig>,
@@ -250,6 +254,7 @@ impl Default for OptimConfig {
             activation_checkpointing: ActivationCheckpointing::PerBlock,
             update_batching: UpdateBatching::Rollout,
             max_update_rows: None,
+            first_window: FirstWindow::Recompute,
             lora: None,
             ema: None,
         }

@@ -53,6 +53,7 @@ impl TrainConfig {
                 lr_schedule: o.lr_schedule,
                 batching: o.update_batching,
                 max_rows: o.max_update_rows,
+                first_window: o.first_window,
                 grad_reduce: self.precision.reduce,
             },
         }

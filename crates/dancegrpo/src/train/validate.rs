@@ -5,8 +5,10 @@ use std::path::Path;
 use super::config::{AdvantageGrouping, DataSource, EvalParallel, ModelSource, TrainConfig};
 use crate::data::format::INFO_FILE;
 use crate::data::reference::INDEX_FILE;
+use crate::dist::Sharding;
 use crate::error::{Error, Result};
-use crate::grpo::UpdateBatching;
+use crate::grpo::{FirstWindow, UpdateBatching};
+use crate::models::ActivationCheckpointing;
 use crate::sampler::tree::Tree;
 use crate::sampler::{CachePolicy, PostWindow};
 
@@ -51,6 +53,12 @@ impl TrainConfig {
             ("optim.max_grad_norm", positive(o.max_grad_norm), format!("must be finite and > 0, got {}", o.max_grad_norm)),
             ("optim.gradient_accumulation", o.gradient_accumulation >= 1 && samples % o.gradient_accumulation.max(1) == 0,
                 format!("must divide the {samples} samples of an iteration (prompts_per_iteration x group_size), got {}", o.gradient_accumulation)),
+            ("optim.first_window", o.first_window == FirstWindow::Recompute || o.activation_checkpointing == ActivationCheckpointing::Off,
+                "\"rollout_graphs\" back-propagates the rollout's own graphs: it needs optim.activation_checkpointing = \"off\"".into()),
+            ("optim.first_window", o.first_window == FirstWindow::Recompute || self.parallel.sharding == Sharding::None,
+                format!("\"rollout_graphs\" needs whole weights in every process: parallel.sharding = \"none\", got \"{}\"", self.parallel.sharding.name())),
+            ("optim.first_window", o.first_window == FirstWindow::Recompute || s.tree.is_none(),
+                "\"rollout_graphs\" cannot keep a tree's nodes: use \"recompute\" with [sampler.tree]".into()),
             ("run.iterations", r.iterations >= 1, "must be >= 1".into()),
             ("run.prompts_per_iteration", r.prompts_per_iteration >= 1, format!("must be >= 1, got {}", r.prompts_per_iteration)),
             ("run.prompts_per_iteration", samples <= MAX_SAMPLES, format!("x sampler.group_size = {samples} samples per iteration, more than {MAX_SAMPLES}")),

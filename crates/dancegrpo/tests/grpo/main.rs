@@ -4,6 +4,7 @@
 mod dpm;
 mod guard;
 mod kl;
+mod rollout_graphs;
 mod setup;
 mod tree;
 

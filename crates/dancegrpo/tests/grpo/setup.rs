@@ -80,6 +80,7 @@ pub fn config(grad_accum: i64) -> UpdateConfig {
         lr_schedule: LrSchedule::default(),
         batching: UpdateBatching::Rollout,
         max_rows: None,
+        first_window: dancegrpo::grpo::settings::FirstWindow::Recompute,
         grad_reduce: ReduceDtype::Fp32,
     }
 }

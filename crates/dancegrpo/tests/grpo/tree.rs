@@ -216,6 +216,7 @@ fn the_tree_update_trains_each_node_once_as_the_leaves_would() {
         batches: ro.batches.clone(),
         tree: None,
         model_rows: ro.model_rows,
+        kept: Default::default(),
     };
     let (flat_stats, flat) = update(&plain, &tree_draws, &cfg);
     let flat_stats = flat_stats.unwrap();

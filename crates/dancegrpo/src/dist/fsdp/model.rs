@@ -74,6 +74,12 @@ impl<M: Shardable> VelocityModel for ShardedModel<M> {
         self.inner.reference_velocity(inputs)
     }
 
+    /// No: the backward pass reduce-scatters each unit's gradients as the
+    /// unit is gathered again.
+    fn plain_backward(&self) -> bool {
+        false
+    }
+
     fn cacheable_blocks(&self) -> usize {
         self.inner.cacheable_blocks()
     }

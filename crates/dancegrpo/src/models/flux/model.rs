@@ -369,6 +369,10 @@ impl VelocityModel for FluxTransformer {
         }
     }
 
+    fn plain_backward(&self) -> bool {
+        self.checkpointing == ActivationCheckpointing::Off
+    }
+
     /// Under LoRA: the velocity with every adapter off (the base model),
     /// without gradients. A fully fine-tuned model holds no reference.
     fn reference_velocity(&self, inputs: &FlowInputs) -> Result<Option<Tensor>> {
