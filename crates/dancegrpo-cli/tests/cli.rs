@@ -390,6 +390,36 @@ fn bench_train_prints_stage_times_and_a_json_line() {
     assert_eq!(json["gflop_per_iteration"], 0.285364224);
 }
 
+/// `--first-window rollout-graphs` runs, says so, and counts the forward
+/// passes it leaves out (tiny: the first window's 2 samples x 3 transitions,
+/// each a rollout call's work: the rollout makes 4 x 6); with checkpointing
+/// it refuses.
+#[test]
+fn bench_train_keeps_the_first_window_from_the_rollout() {
+    let out = bench_train(&["--preset", "tiny", "--first-window", "rollout-graphs"]);
+    common::assert_ok(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let json: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(json["first_window"], "rollout_graphs");
+    let gflop = json["gflop_per_iteration"].as_f64().unwrap();
+    let call = json["gflop_rollout"].as_f64().unwrap() / 24.0;
+    assert!((gflop - (0.285364224 - 6.0 * call)).abs() < 1e-9, "{json}");
+    assert!((call - 0.004700416).abs() < 1e-9, "{json}");
+    let refused = bench_train(&[
+        "--preset",
+        "tiny",
+        "--first-window",
+        "rollout-graphs",
+        "--checkpointing",
+    ]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("rollout_graphs") && err.contains("checkpointing"),
+        "{err}"
+    );
+}
+
 /// The built-in tiny preset runs in the benchmark layout (seeded weights, no
 /// tokenizer files), counts the reference's 0.285 GFLOP per iteration and
 /// reports the rate; a directory in that layout runs the same way.
