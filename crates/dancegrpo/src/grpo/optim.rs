@@ -98,6 +98,15 @@ impl AdamW {
         let bias_correction1 = 1.0 - b1.powf(t);
         let bias_correction2_sqrt = (1.0 - b2.powf(t)).sqrt();
         let step_size = lr / bias_correction1;
+        let values = [
+            1.0 - lr * self.config.weight_decay,
+            b2,
+            1.0 - b2,
+            bias_correction2_sqrt,
+            self.config.eps,
+            -step_size,
+        ];
+        let mut made: Vec<(Kind, [Tensor; 6])> = Vec::new();
         for ((p, m), v) in params
             .iter()
             .zip(&mut self.exp_avg)
@@ -107,16 +116,36 @@ impl AdamW {
             if !g.defined() {
                 continue;
             }
+            let kind = p.kind();
+            if !made.iter().any(|(k, _)| *k == kind) {
+                made.push((kind, values.map(|x| scalar(x, kind))));
+            }
+            let [decay, b2, one_minus_b2, bc2_sqrt, eps, neg_step] =
+                &made.iter().find(|(k, _)| *k == kind).expect("made above").1;
             let mut p = p.shallow_clone();
-            let _ = p.g_mul_scalar_(1.0 - lr * self.config.weight_decay);
+            let _ = p.g_mul_(decay);
             let _ = m.lerp_(&g, 1.0 - b1);
             // v * b2 + ((1 - b2) * g) * g, as addcmul_(g, g, value=1-b2)
-            let _ = v.g_mul_scalar_(b2);
-            let _ = v.addcmul_(&(&g * (1.0 - b2)), &g);
-            let denom = (v.sqrt() / bias_correction2_sqrt) + self.config.eps;
+            let _ = v.g_mul_(b2);
+            let _ = v.addcmul_(&(&g * one_minus_b2), &g);
+            let denom = (v.sqrt() / bc2_sqrt) + eps;
             // p + (-step_size * m) / denom, as addcdiv_(m, denom, value=-step_size)
-            let _ = p.addcdiv_(&(&*m * (-step_size)), &denom);
+            let _ = p.addcdiv_(&(&*m * neg_step), &denom);
         }
+    }
+}
+
+/// The 0-dim CPU tensor standing for the number `v` in an operation with a
+/// tensor of `kind`: the double itself for float64, its float32 rounding for
+/// every other kind. ATen's CPU kernels read such an operand as the number
+/// they would have read from `v` itself (float32 arithmetic for float32 and
+/// the reduced kinds), but `v` passed as a Rust `f64` is first copied to the
+/// other operand's type on every call: made once per step, the optimizer's
+/// six numbers save that copy for every parameter (values unchanged).
+fn scalar(v: f64, kind: Kind) -> Tensor {
+    match kind {
+        Kind::Double => Tensor::from(v),
+        _ => Tensor::from(v as f32),
     }
 }
 
