@@ -234,6 +234,43 @@ fn a_tree_rollout_shared_by_two_processes_trains_like_one() {
     );
 }
 
+/// The first window's graphs kept from the rollout by each of two processes
+/// (each holds 4 of the window's 8 samples, in a rollout batch with 4 of the
+/// next window's) train exactly like recomputing them: the same metrics and
+/// weights bit for bit, with the window's forward passes left out.
+#[test]
+fn two_processes_keep_the_first_window_from_the_rollout_exactly() {
+    let dir = common::temp_dir("dist", "rollout-graphs");
+    let (recompute, kept) = (dir.join("recompute"), dir.join("kept"));
+    let common = [
+        "--set",
+        "run.iterations=2",
+        "--set",
+        "optim.activation_checkpointing=\"off\"",
+    ];
+    for (out, first) in [(&recompute, "recompute"), (&kept, "rollout_graphs")] {
+        let first = format!("optim.first_window=\"{first}\"");
+        let extra = [&common[..], &["--set", first.as_str()]].concat();
+        for (rank, o) in spawn_world(2, out, &extra).into_iter().enumerate() {
+            check(o, &format!("{first}, rank {rank}"));
+        }
+    }
+    let (m1, m2) = (metrics(&recompute), metrics(&kept));
+    assert_eq!((m1.len(), m2.len()), (2, 2));
+    for it in 0..2 {
+        for key in ["rewards", "advantage", "loss", "ratio_mean", "grad_norm"] {
+            assert_eq!(m1[it][key], m2[it][key], "iteration {it}: {key}");
+        }
+        let rows = |m: &serde_json::Value| m["transformer_rows"].as_u64().unwrap();
+        let fewer = rows(&m1[it]) - rows(&m2[it]);
+        assert!(
+            fewer > 0 && fewer % 8 == 0,
+            "iteration {it}: {fewer} rows fewer"
+        );
+    }
+    assert_eq!(weight_difference(&recompute, &kept, 2), 0.0);
+}
+
 /// `dancegrpo generate` of 2 images of run `run` into `out`.
 fn generate_args<'a>(run: &'a str, out: &'a str) -> [&'a str; 7] {
     ["generate", "--run", run, "--images", "2", "--out", out]
