@@ -216,3 +216,33 @@ fn flux1_dev_lora_fits_one_gpu_and_full_fine_tuning_needs_sharding() {
     assert_eq!(lora_cfg.optim.lora.as_ref().map(|l| l.rank), Some(64));
     assert!(lora.trained_params > 0 && lora.trained_params < 11_901_408_320 / 20);
 }
+
+/// Keeping the first window's graphs from the rollout keeps that window's
+/// activations alive: the plan counts every trained transition of the
+/// window's samples instead of one (the tiny demo: a window of 16 samples x 4
+/// trained timesteps).
+#[test]
+fn rollout_graphs_count_the_whole_first_window() {
+    let base = [
+        "optim.activation_checkpointing=\"off\"",
+        "optim.update_batching=\"per_sample\"",
+    ];
+    let recompute = plan(&tiny(&base), &options(1)).unwrap();
+    let kept = tiny(&[&base[..], &["optim.first_window=\"rollout_graphs\""]].concat());
+    let kept = plan(&kept, &options(1)).unwrap();
+    let detail = |p: &MemoryPlan| {
+        let l = p.lines.iter().find(|l| l.key == "activations");
+        l.map(|l| l.detail.clone()).unwrap_or_default()
+    };
+    assert!(
+        detail(&recompute).contains("update batch 1,"),
+        "{}",
+        detail(&recompute)
+    );
+    assert!(
+        detail(&kept).contains("update batch 64,"),
+        "{}",
+        detail(&kept)
+    );
+    assert!(line(&kept, "activations") > line(&recompute, "activations"));
+}
