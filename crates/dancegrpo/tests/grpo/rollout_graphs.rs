@@ -69,6 +69,22 @@ fn rollout_graphs_keep_the_reference_order_bit_for_bit() {
     }
 }
 
+/// The reference's numbers with batched rollouts: on the CPU the model is
+/// batch-invariant, so a rollout of 4 samples per call that keeps the graphs
+/// and a per-sample update trains exactly as the reference order does.
+#[test]
+fn batched_rollouts_with_rollout_graphs_train_as_the_reference_order() {
+    let ps = UpdateBatching::PerSample;
+    let (z0, _, s0, w0) = trained(1, &config_of(ps, WindowSource::Recompute));
+    let (z1, _, s1, w1) = trained(G, &config_of(ps, WindowSource::RolloutGraphs));
+    assert!(z0.equal(&z1));
+    assert_eq!(s0.losses, s1.losses);
+    assert_eq!(s0.grad_norms, s1.grad_norms);
+    for (a, b) in w0.iter().zip(&w1) {
+        assert!(a.equal(b), "weights differ");
+    }
+}
+
 /// With the window's transitions in one backward pass (rollout batch 4) the
 /// rollout keeps its values (its rows split by group), the first window's
 /// ratios are exactly 1 and its losses the recomputation's; the summed
