@@ -3,6 +3,7 @@
 //! the per-iteration update loop.
 
 pub mod advantage;
+mod batches;
 pub mod guard;
 pub mod iteration;
 pub mod loss;

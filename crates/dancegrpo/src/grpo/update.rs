@@ -17,9 +17,10 @@ use crate::error::{Error, Result};
 use crate::models::VelocityModel;
 use crate::sampler::sde::{At, Next};
 use crate::sampler::tree::Tree;
-use crate::sampler::WindowTraining;
-use crate::sampler::{CapturePlan, Conditioning, Draws, Rollout, Schedule};
+use crate::sampler::{Conditioning, Draws, Rollout, Schedule};
 
+pub use super::batches::first_window_plan;
+use super::batches::{flat_transitions, ks_chunks, trained_steps, update_chunks};
 use super::tree_rows::{check_tree_layout, tree_batches};
 
 pub use super::settings::{FirstWindow, Trainable, UpdateBatching, UpdateConfig};
@@ -219,110 +220,6 @@ pub fn grpo_update(
         )));
     }
     run.finish()
-}
-
-/// The transitions of the first accumulation window that the rollout should
-/// evaluate with gradients for `cfg.first_window =
-/// `[`FirstWindow::RolloutGraphs`], grouped as the update back-propagates
-/// them: the model batches of that window whose rows all train in it
-/// (the others are recomputed). Empty with [`FirstWindow::Recompute`].
-pub fn first_window_plan(
-    cfg: &UpdateConfig,
-    schedule: &Schedule,
-    draws: &dyn Draws,
-    shard: &Shard,
-    rollout_batch: i64,
-) -> Result<CapturePlan> {
-    if cfg.first_window == FirstWindow::Recompute {
-        return Ok(CapturePlan::none());
-    }
-    let (n, t) = cfg.trained(schedule.steps())?;
-    let b_local = shard.samples().len() as i64;
-    let perms = trained_steps(draws, None, cfg, (n, t), b_local)?;
-    let window = |row: i64| shard.samples()[row as usize] / cfg.grad_accum;
-    let rollout_batches = crate::sampler::rollout::batches(b_local, rollout_batch);
-    let mut groups = Vec::new();
-    for samples in update_chunks(cfg.batching, &rollout_batches, b_local, window) {
-        if !samples.iter().all(|&r| window(r) == 0) {
-            continue;
-        }
-        for ks in ks_chunks(cfg, t, samples.len() as i64) {
-            let (rows, steps) = flat_transitions(&perms, &samples, &ks);
-            groups.push(rows.into_iter().zip(steps).collect());
-        }
-    }
-    CapturePlan::new(groups)
-}
-
-/// The trained transitions `j` of each local sample, in training order:
-/// its first `t` of a permutation of the `n` trainable ones (of the window's,
-/// with a window; every leaf of a tree trains its root's).
-fn trained_steps(
-    draws: &dyn Draws,
-    tree: Option<&Tree>,
-    cfg: &UpdateConfig,
-    (n, t): (i64, i64),
-    b_local: i64,
-) -> Result<Vec<Vec<i64>>> {
-    let drawn = |b: i64| tree.map_or(b, |t| t.root(b));
-    (0..b_local)
-        .map(|b| match cfg.window {
-            Some(w) if w.train == WindowTraining::All => Ok(w.steps()),
-            Some(w) => Ok(draws.permutation(drawn(b), w.len())?[..t as usize]
-                .iter()
-                .map(|k| w.start + k)
-                .collect()),
-            None => Ok(draws.permutation(drawn(b), n)?[..t as usize].to_vec()),
-        })
-        .collect()
-}
-
-/// The local rows of each of the update's sample chunks, in order.
-fn update_chunks(
-    batching: UpdateBatching,
-    rollout_batches: &[Vec<i64>],
-    b_local: i64,
-    window: impl Fn(i64) -> i64,
-) -> Vec<Vec<i64>> {
-    match batching {
-        UpdateBatching::Rollout => rollout_batches.to_vec(),
-        UpdateBatching::PerSample => (0..b_local).map(|b| vec![b]).collect(),
-        UpdateBatching::Window => window_chunks(b_local, window),
-    }
-}
-
-/// The trained positions `k` of each model batch of a chunk of `n` samples:
-/// one position per batch, or as many as fit with [`UpdateBatching::Window`].
-fn ks_chunks(cfg: &UpdateConfig, t: i64, n: i64) -> Vec<Vec<i64>> {
-    let per_batch = match cfg.batching {
-        UpdateBatching::Window => (cfg.max_rows).map_or(t, |m| (m / n).clamp(1, t)),
-        _ => 1,
-    };
-    let ks: Vec<i64> = (0..t).collect();
-    ks.chunks(per_batch as usize).map(|c| c.to_vec()).collect()
-}
-
-/// The rows `(samples, steps)` of transitions `ks` of `samples`, k-major:
-/// for each `k`, every sample.
-fn flat_transitions(perms: &[Vec<i64>], samples: &[i64], ks: &[i64]) -> (Vec<i64>, Vec<i64>) {
-    let rows: Vec<i64> = ks.iter().flat_map(|_| samples.iter().copied()).collect();
-    let steps: Vec<i64> = (ks.iter())
-        .flat_map(|&k| samples.iter().map(move |&b| (b, k)))
-        .map(|(b, k)| perms[b as usize][k as usize])
-        .collect();
-    (rows, steps)
-}
-
-/// The local rows of each accumulation window, in window order.
-fn window_chunks(rows: i64, window: impl Fn(i64) -> i64) -> Vec<Vec<i64>> {
-    let mut chunks: Vec<Vec<i64>> = Vec::new();
-    for row in 0..rows {
-        match chunks.last_mut() {
-            Some(c) if window(c[0]) == window(row) => c.push(row),
-            _ => chunks.push(vec![row]),
-        }
-    }
-    chunks
 }
 
 fn zero_grads(params: &[Tensor]) {
