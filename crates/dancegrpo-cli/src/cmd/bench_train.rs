@@ -123,7 +123,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         (Some(p), Some(path)) => Some(p.stop(path)?),
         _ => None,
     };
-    report(&case, &setup, &args, &times);
+    report(&case, &setup, &args, &times)?;
     if let Some(ops) = ops {
         print_profile(&ops, &times);
     }
@@ -200,16 +200,13 @@ fn case_dir(args: &Args) -> anyhow::Result<(PathBuf, Cleanup)> {
     }
 }
 
-fn report(case: &Case, setup: &BenchSetup, args: &Args, times: &[[f64; 4]]) {
+fn report(case: &Case, setup: &BenchSetup, args: &Args, times: &[[f64; 4]]) -> anyhow::Result<()> {
     let n = times.len().max(1) as f64;
     let mean = |k: usize| times.iter().map(|t| t[k]).sum::<f64>() / n;
     let (rollout, decode, reward, update) = (mean(0), mean(1), mean(2), mean(3));
     let total = rollout + decode + reward + update;
     let rss = dancegrpo::process::peak_rss_mib();
-    let f = match args.first_window {
-        FirstWindow::Recompute => setup.flops,
-        FirstWindow::RolloutGraphs => setup.flops.without_forwards(setup.kept_transitions()),
-    };
+    let f = setup.configured_flops()?;
     let gflop = f.total() / 1e9;
     let rate = |flop: f64, s: f64| if s > 0.0 { flop / 1e9 / s } else { 0.0 };
     let layout = match setup.layout {
@@ -246,4 +243,5 @@ fn report(case: &Case, setup: &BenchSetup, args: &Args, times: &[[f64; 4]]) {
         "gflops_update": rate(f.update, update),
     });
     println!("{json}");
+    Ok(())
 }

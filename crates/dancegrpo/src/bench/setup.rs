@@ -8,7 +8,7 @@ use crate::align::{train_config, Case};
 use crate::dist::Shard;
 use crate::error::{Error, Result};
 use crate::grpo::iteration::StageSeconds;
-use crate::grpo::UpdateBatching;
+use crate::grpo::update::first_window_plan;
 use crate::grpo::{run_iteration, AdamW, IterationInputs, NoObserver};
 use crate::models::flux::{FluxConfig, FluxTransformer};
 use crate::models::open_clip::{OpenClip, OpenClipConfig};
@@ -122,14 +122,7 @@ impl BenchSetup {
         let icfg = self.train.iteration_config();
         let shard = Shard::whole(self.cond.samples());
         for it in first..first + count {
-            let draws = Seeded {
-                seed: self.sampler_seed,
-                iteration: it,
-                prompt_ids: (0..self.captions.len() as u64).collect(),
-                group: self.cond.group(),
-                init: InitNoise::SharedPerIteration,
-                precision: NoisePrecision::Bf16,
-            };
+            let draws = self.draws(it);
             let inputs = IterationInputs {
                 cond: &self.cond,
                 prompts: &self.captions,
@@ -163,23 +156,28 @@ impl BenchSetup {
         AdamW::new(self.train.adam(), &params)
     }
 
-    /// The trained transitions whose velocities the rollout keeps under
-    /// `first_window = "rollout_graphs"`: every one of the first window's
-    /// samples, except that with the rollout's batches only the batches
-    /// wholly inside that window.
-    pub fn kept_transitions(&self) -> i64 {
-        let o = &self.train.optim;
+    /// The transformer work of one iteration as configured: with
+    /// `first_window = "rollout_graphs"` without the update's forward passes
+    /// of the transitions the rollout keeps (the rollout's own plan counts them).
+    pub fn configured_flops(&self) -> Result<IterationFlops> {
         let update = self.train.iteration_config().update;
-        let (_, trained) = update.trained(self.schedule.steps()).unwrap_or((0, 0));
-        let window = o.gradient_accumulation.min(self.cond.samples());
-        let samples = match o.update_batching {
-            UpdateBatching::Rollout => {
-                let rb = self.train.sampler.rollout_batch.max(1);
-                (window / rb) * rb
-            }
-            UpdateBatching::PerSample | UpdateBatching::Window => window,
-        };
-        samples * trained
+        let shard = Shard::whole(self.cond.samples());
+        let batch = self.train.sampler.rollout_batch;
+        let plan = first_window_plan(&update, &self.schedule, &self.draws(0), &shard, batch)?;
+        let kept: usize = plan.groups().iter().map(Vec::len).sum();
+        Ok(self.flops.without_forwards(kept as i64))
+    }
+
+    /// The random draws of iteration `it`.
+    fn draws(&self, it: u64) -> Seeded {
+        Seeded {
+            seed: self.sampler_seed,
+            iteration: it,
+            prompt_ids: (0..self.captions.len() as u64).collect(),
+            group: self.cond.group(),
+            init: InitNoise::SharedPerIteration,
+            precision: NoisePrecision::Bf16,
+        }
     }
 }
 

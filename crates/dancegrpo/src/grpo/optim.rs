@@ -117,11 +117,14 @@ impl AdamW {
                 continue;
             }
             let kind = p.kind();
-            if !made.iter().any(|(k, _)| *k == kind) {
-                made.push((kind, values.map(|x| scalar(x, kind))));
-            }
-            let [decay, b2, one_minus_b2, bc2_sqrt, eps, neg_step] =
-                &made.iter().find(|(k, _)| *k == kind).expect("made above").1;
+            let at = match made.iter().position(|(k, _)| *k == kind) {
+                Some(at) => at,
+                None => {
+                    made.push((kind, values.map(|x| scalar(x, kind))));
+                    made.len() - 1
+                }
+            };
+            let [decay, b2, one_minus_b2, bc2_sqrt, eps, neg_step] = &made[at].1;
             let mut p = p.shallow_clone();
             let _ = p.g_mul_(decay);
             let _ = m.lerp_(&g, 1.0 - b1);

@@ -122,9 +122,9 @@ impl Pieces {
     }
 }
 
-/// The rows `rows` (each `(m, L, c)`) holding the group's `places` in turn,
-/// in place order `(n, L, c)`.
-fn join(rows: &[Tensor], places: &[usize]) -> Tensor {
+/// The row blocks `rows` (each `(m, ...)`), whose rows hold the places
+/// `places` in turn, joined in place order `(n, ...)`.
+pub(crate) fn join(rows: &[Tensor], places: &[usize]) -> Tensor {
     let v = match rows {
         [one] => one.shallow_clone(),
         _ => Tensor::cat(rows, 0),

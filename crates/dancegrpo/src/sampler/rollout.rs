@@ -3,7 +3,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use super::capture::{CapturePlan, KeptVelocities, Pieces};
+use super::capture::{join, CapturePlan, KeptVelocities, Pieces};
 use super::dpm::{model_timestep, Dpm2M, PostWindow};
 use super::sde::{At, Next};
 use super::tree::{distinct_rows, Tree, TreeDraws};
@@ -218,10 +218,9 @@ fn rollout_batch(
     for i in 0..steps {
         let t = schedule.model_timestep(i, n).to_device(device);
         let (v, evaluated) = match &settings.tree {
-            None if plan.is_empty() => (model.velocity(&cond.inputs(&sc, &z, &t))?, n),
             None => {
                 let at = (samples, i, &z, &t);
-                (captured_velocity(model, cond, at, plan, pieces)?, n)
+                (captured_velocity(model, (cond, &sc), at, plan, pieces)?, n)
             }
             Some(tree) => state_velocity(model, cond, tree, samples, i, (&z, &t))?,
         };
@@ -296,44 +295,42 @@ impl Trajectory {
     }
 }
 
-/// The velocity of the batch `samples` at step `i` `(n, L, c)`, without
-/// gradients; the rows `plan` names are evaluated apart, one model call per
-/// group with gradients, their velocities (graphs attached) added to `pieces`.
+/// The velocity of the batch `samples` (conditioning `sc`) at step `i`
+/// `(n, L, c)`, without gradients; the rows `plan` names at this step are
+/// evaluated apart, one model call per group with gradients, their
+/// velocities (graphs attached) added to `pieces`.
 fn captured_velocity(
     model: &dyn VelocityModel,
-    cond: &Conditioning,
+    (cond, sc): (&Conditioning, &super::SampleConditioning),
     (samples, i, z, t): (&[i64], i64, &Tensor, &Tensor),
     plan: &CapturePlan,
     pieces: &mut Pieces,
 ) -> Result<Tensor> {
-    let device = z.device();
-    let idx = |rows: &[i64]| Tensor::from_slice(rows).to_device(device);
+    let groups = plan.at_step(samples, i);
+    if groups.is_empty() {
+        return model.velocity(&cond.inputs(sc, z, t));
+    }
     let call = |rows: &[i64]| {
         let nodes: Vec<i64> = rows.iter().map(|&r| samples[r as usize]).collect();
-        let r = idx(rows);
+        let r = Tensor::from_slice(rows).to_device(z.device());
         let (z, t) = (z.index_select(0, &r), t.index_select(0, &r)); // (m, L, c), (m,)
         model.velocity(&cond.inputs(&cond.for_samples(&nodes), &z, &t))
     };
-    let mut parts: Vec<(Vec<i64>, Tensor)> = Vec::new();
-    for (g, rows, places) in plan.at_step(samples, i) {
+    let (mut parts, mut order) = (Vec::new(), Vec::new());
+    for (g, rows, places) in groups {
         let v = tch::with_grad(|| call(&rows))?; // (m, L, c), graph attached
-        parts.push((rows, v.detach()));
+        parts.push(v.detach());
+        order.extend(rows.iter().map(|&r| r as usize));
         pieces.add(g, places, v);
     }
-    let taken: Vec<i64> = parts.iter().flat_map(|(r, _)| r.clone()).collect();
     let rest: Vec<i64> = (0..samples.len() as i64)
-        .filter(|r| !taken.contains(r))
+        .filter(|&r| !order.contains(&(r as usize)))
         .collect();
     if !rest.is_empty() {
-        parts.push((rest.clone(), call(&rest)?));
+        parts.push(call(&rest)?);
+        order.extend(rest.iter().map(|&r| r as usize));
     }
-    // back to the batch's row order
-    let mut from = vec![0i64; samples.len()];
-    for (i, &r) in parts.iter().flat_map(|(r, _)| r).enumerate() {
-        from[r as usize] = i as i64;
-    }
-    let v = Tensor::cat(&parts.iter().map(|(_, v)| v).collect::<Vec<_>>(), 0);
-    Ok(v.index_select(0, &idx(&from))) // (n, L, c)
+    Ok(join(&parts, &order)) // (n, L, c), the batch's row order
 }
 
 /// The SDE noise of step `i` of every sample of `samples` (n, L, c), on the CPU.
