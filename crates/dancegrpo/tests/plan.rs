@@ -246,3 +246,36 @@ fn rollout_graphs_count_the_whole_first_window() {
     );
     assert!(line(&kept, "activations") > line(&recompute, "activations"));
 }
+
+/// A process's accumulation window is its share of the global one, and with
+/// the rollout's batches recomputed a rollout batch ends with that window.
+#[test]
+fn update_batches_are_counted_per_process() {
+    let detail = |cfg: &TrainConfig, world: i64| {
+        let p = plan(cfg, &options(world)).unwrap();
+        let l = p.lines.iter().find(|l| l.key == "activations");
+        l.map(|l| l.detail.clone()).unwrap_or_default()
+    };
+    // 16 samples per optimizer step over 4 processes: windows of 4 samples
+    let window = tiny(&["optim.update_batching=\"window\""]);
+    let (_, trained) = window
+        .iteration_config()
+        .update
+        .trained(window.sampler.steps)
+        .unwrap();
+    let rows = format!("update batch {},", 4 * trained);
+    assert!(detail(&window, 4).contains(&rows), "{}", detail(&window, 4));
+    // the demo's rollout batches of 8 recomputed by the update: over 8
+    // processes each window holds 2 samples, and so does each batch
+    let rollout = tiny(&[]);
+    assert!(
+        detail(&rollout, 1).contains("update batch 8,"),
+        "{}",
+        detail(&rollout, 1)
+    );
+    assert!(
+        detail(&rollout, 8).contains("update batch 2,"),
+        "{}",
+        detail(&rollout, 8)
+    );
+}

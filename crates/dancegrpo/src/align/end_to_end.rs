@@ -64,6 +64,7 @@ fn rollout_and_decode(
         eta: g.cfg.eta,
         window: g.cfg.window,
         batch: 1,
+        window_samples: None,
         means: StepMeans::Drop,
         tree: None,
         post: Default::default(),

@@ -30,7 +30,8 @@ pub fn first_window_plan(
     let b_local = shard.samples().len() as i64;
     let perms = trained_steps(draws, None, cfg, (n, t), b_local)?;
     let window = |row: i64| shard.samples()[row as usize] / cfg.grad_accum;
-    let rollout_batches = crate::sampler::rollout::batches(b_local, rollout_batch);
+    let rollout_batches =
+        crate::sampler::rollout::batches(b_local, rollout_batch, rollout_windows(cfg, shard));
     let mut groups = Vec::new();
     for samples in update_chunks(cfg.batching, &rollout_batches, b_local, window) {
         if !samples.iter().all(|&r| window(r) == 0) {
@@ -42,6 +43,25 @@ pub fn first_window_plan(
         }
     }
     CapturePlan::new(groups)
+}
+
+/// The samples of one accumulation window this process rolls out, when the
+/// rollout's batches must not straddle windows: with
+/// [`UpdateBatching::Rollout`] the update recomputes in the rollout's
+/// batches, and would evaluate a batch holding two windows' samples once for
+/// each (twice the model work). `None` with the other batchings, which make
+/// their own batches.
+pub fn rollout_windows(cfg: &UpdateConfig, shard: &Shard) -> Option<i64> {
+    if cfg.batching != UpdateBatching::Rollout {
+        return None;
+    }
+    let samples = shard.samples();
+    let first = samples.first()? / cfg.grad_accum.max(1);
+    // every window gives each process the same number of consecutive samples
+    let per_window = samples
+        .iter()
+        .take_while(|&&s| s / cfg.grad_accum.max(1) == first);
+    Some(per_window.count() as i64)
 }
 
 /// The trained transitions `j` of each local sample, in training order:

@@ -6,7 +6,8 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 use super::update::{
-    first_window_plan, grpo_update, UpdateConfig, UpdateInputs, UpdateObserver, UpdateStats,
+    first_window_plan, grpo_update, rollout_windows, UpdateConfig, UpdateInputs, UpdateObserver,
+    UpdateStats,
 };
 use super::{advantages, mixed_advantages, AdamW, Advantages, Grouping, RewardMixing};
 use crate::dist::Shard;
@@ -208,10 +209,14 @@ pub fn run_iteration(
                 .into(),
         ));
     }
+    let settings = RolloutSettings {
+        window_samples: rollout_windows(&cfg.update, inputs.shard),
+        ..cfg.rollout.clone()
+    };
     let ro = rollout_capturing(
         model,
         (inputs.cond, inputs.draws, inputs.schedule, inputs.latent),
-        &cfg.rollout,
+        &settings,
         &plan,
         device,
         &|done, total| report(Stage::Rollout, done, total),

@@ -19,7 +19,7 @@ use crate::sampler::sde::{At, Next};
 use crate::sampler::tree::Tree;
 use crate::sampler::{Conditioning, Draws, Rollout, Schedule};
 
-pub use super::batches::first_window_plan;
+pub use super::batches::{first_window_plan, rollout_windows};
 use super::batches::{flat_transitions, ks_chunks, trained_steps, update_chunks};
 use super::tree_rows::{check_tree_layout, tree_batches};
 

@@ -49,16 +49,26 @@ pub fn peak(cfg: &TrainConfig, c: &ModelCounts, text_len: i64, world: i64) -> Ac
     let d = c.flux.inner_dim();
     let (nd, ns) = (c.flux.num_layers as i64, c.flux.num_single_layers as i64);
     let cb = kind_bytes(cfg.precision.compute_kind()) as i64;
+    let derived = cfg.derived(world);
+    // the samples of one accumulation window in this process
+    let window = derived
+        .accumulation_per_process
+        .min(derived.samples_per_process)
+        .max(1);
     let window_rows = || {
         let update = cfg.iteration_config().update;
         let (_, trained) = update.trained(s.steps).unwrap_or((1, 1));
-        let local = cfg.derived(world).samples_per_process;
-        update.grad_accum.min(local).max(1) * trained
+        window * trained
+    };
+    // with the rollout's batches recomputed, rollout batches end with a window
+    let rollout_batch = match cfg.optim.update_batching {
+        UpdateBatching::Rollout => s.rollout_batch.min(window),
+        _ => s.rollout_batch,
     };
     let update_batch = match (cfg.optim.first_window, cfg.optim.update_batching) {
         // the whole first window's graphs, kept from the rollout
         (FirstWindow::RolloutGraphs, _) | (_, UpdateBatching::Window) => window_rows(),
-        (_, UpdateBatching::Rollout) => s.rollout_batch,
+        (_, UpdateBatching::Rollout) => rollout_batch,
         (_, UpdateBatching::PerSample) => 1,
     };
     let per_token = match cfg.optim.activation_checkpointing {
@@ -66,13 +76,13 @@ pub fn peak(cfg: &TrainConfig, c: &ModelCounts, text_len: i64, world: i64) -> Ac
         ActivationCheckpointing::PerBlock => nd + ns + SINGLE_KEEPS,
     };
     let update = update_batch * seq * d * per_token * cb;
-    let rollout = s.rollout_batch * seq * d * SINGLE_KEEPS * cb;
+    let rollout = rollout_batch * seq * d * SINGLE_KEEPS * cb;
     let first_width = c.vae.block_out_channels.first().copied().unwrap_or(0);
     let frozen = kind_bytes(cfg.precision.frozen_kind()) as i64;
     let decode = s.decode_batch * VAE_MAPS * first_width * h * w * frozen;
     // the local samples' trajectories z_0..z_S, float32, packed 64 channels,
     // and with GRPO-Guard's ratio normalisation every step's mean as well
-    let local = cfg.derived(world).samples_per_process;
+    let local = derived.samples_per_process;
     let kept = (s.steps + 1)
         + if cfg.grpo.guard.ratio_norm() {
             s.steps

@@ -25,6 +25,11 @@ pub struct RolloutSettings {
     pub window: Option<StepWindow>,
     /// Samples per model call (any size; the update recomputes in the same batches).
     pub batch: i64,
+    /// Samples per accumulation window (consecutive runs from sample 0): a
+    /// model batch never holds samples of two windows. An update that
+    /// recomputes in the rollout's batches evaluates a batch once for each
+    /// window it holds. `None`: batches of `batch` across windows.
+    pub window_samples: Option<i64>,
     /// Whether every step's mean is kept (GRPO-Guard's ratio normalisation reads them).
     pub means: StepMeans,
     /// How each group's trajectories branch ([`super::tree`]); `None`: every
@@ -67,12 +72,19 @@ pub struct Rollout {
     pub kept: KeptVelocities,
 }
 
-/// Splits samples `0..n` into consecutive batches of `batch`.
-pub fn batches(n: i64, batch: i64) -> Vec<Vec<i64>> {
+/// Splits samples `0..n` into consecutive batches of `batch`, cut where a
+/// window of `window` samples ends (`None`: no windows).
+pub fn batches(n: i64, batch: i64, window: Option<i64>) -> Vec<Vec<i64>> {
     let batch = batch.max(1);
+    let window = window.unwrap_or(n).max(1);
     (0..n)
-        .step_by(batch as usize)
-        .map(|s| (s..(s + batch).min(n)).collect())
+        .step_by(window as usize)
+        .flat_map(|w| {
+            let end = (w + window).min(n);
+            (w..end)
+                .step_by(batch as usize)
+                .map(move |s| (s..(s + batch).min(end)).collect())
+        })
         .collect()
 }
 
@@ -130,6 +142,7 @@ pub fn rollout_capturing(
     };
     let invalid =
         (tree.check(group, schedule.steps())).or_else(|| tree.check_batch(settings.batch));
+    let invalid = invalid.or_else(|| settings.window_samples.and_then(|k| tree.check_batch(k)));
     if let Some((field, msg)) = invalid {
         return Err(crate::error::Error::Input(format!("tree.{field}: {msg}")));
     }
@@ -153,7 +166,7 @@ fn run(
     done: &dyn Fn(usize, usize),
 ) -> Result<Rollout> {
     let _guard = tch::no_grad_guard();
-    let chunks = batches(cond.samples(), settings.batch);
+    let chunks = batches(cond.samples(), settings.batch, settings.window_samples);
     let (mut latents, mut log_probs, mut x0s, mut means) = (vec![], vec![], vec![], vec![]);
     let mut model_rows = 0;
     let total = cond.samples() as usize;
@@ -438,11 +451,31 @@ pub fn decode(
 ) -> Result<(Tensor, Tensor)> {
     let _guard = tch::no_grad_guard();
     let (mut images, mut bytes) = (Vec::new(), Vec::new());
-    for samples in batches(x0.size()[0], batch) {
+    for samples in batches(x0.size()[0], batch, None) {
         let part = x0.narrow(0, samples[0], samples.len() as i64);
         let image = decoder.decode_latents(&layout.unpack(&part, latent)?);
         bytes.push(to_uint8(&image));
         images.push(image);
     }
     Ok((Tensor::cat(&images, 0), Tensor::cat(&bytes, 0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::batches;
+
+    #[test]
+    fn batches_are_cut_where_a_window_ends() {
+        let b = |n, batch, window| batches(n, batch, window);
+        assert_eq!(b(5, 2, None), vec![vec![0, 1], vec![2, 3], vec![4]]);
+        // windows of 3: [0, 1, 2] [3, 4, 5] [6]
+        let cut = vec![vec![0, 1], vec![2], vec![3, 4], vec![5], vec![6]];
+        assert_eq!(b(7, 2, Some(3)), cut);
+        assert_eq!(
+            b(8, 8, Some(2)),
+            vec![vec![0, 1], vec![2, 3], vec![4, 5], vec![6, 7]]
+        );
+        assert_eq!(b(4, 4, Some(4)), vec![vec![0, 1, 2, 3]]);
+        assert!(b(0, 4, Some(2)).is_empty());
+    }
 }

@@ -123,7 +123,11 @@ pub struct SamplerConfig {
     pub noise_precision: NoisePrecision,
     /// Guidance value fed to guidance-distilled models.
     pub guidance: f64,
-    /// Samples per model call in rollouts.
+    /// Samples per model call in rollouts. With `optim.update_batching =
+    /// "rollout"` a batch also ends where an accumulation window ends (a
+    /// process's share of `optim.gradient_accumulation`): the update
+    /// recomputes in these batches, and a batch holding two windows would be
+    /// evaluated once for each.
     pub rollout_batch: i64,
     /// Images per VAE call.
     pub decode_batch: i64,

@@ -23,6 +23,7 @@ impl TrainConfig {
                 eta: s.eta,
                 window,
                 batch: s.rollout_batch,
+                window_samples: None,
                 means: match g.guard.ratio_norm() {
                     true => StepMeans::Keep,
                     false => StepMeans::Drop,

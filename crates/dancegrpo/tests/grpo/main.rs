@@ -7,6 +7,7 @@ mod kl;
 mod rollout_graphs;
 mod setup;
 mod tree;
+mod windows;
 
 use dancegrpo::grpo::{
     advantages, grpo_update, AdamW, AdamWConfig, Grouping, UpdateBatching, UpdateConfig,
@@ -236,34 +237,6 @@ fn first_update_ratios_are_exactly_one_in_bf16_mixed_precision() {
     }
 }
 
-/// A reward for tests: mean brightness, failing on samples listed in `fail`.
-struct Brightness {
-    fail: Vec<usize>,
-}
-
-impl dancegrpo::rewards::Reward for Brightness {
-    fn name(&self) -> &str {
-        "brightness"
-    }
-    fn score(
-        &mut self,
-        batch: &dancegrpo::rewards::RewardBatch,
-    ) -> dancegrpo::Result<Vec<dancegrpo::rewards::Score>> {
-        use dancegrpo::rewards::Score;
-        assert_eq!(batch.prompts.len() as i64, batch.images.size()[0]);
-        Ok((0..batch.images.size()[0])
-            .map(|b| {
-                if self.fail.contains(&(b as usize)) {
-                    Score::Failed("test failure".into())
-                } else {
-                    let m = batch.images.get(b).to_kind(Kind::Float).mean(Kind::Float);
-                    Score::Value(m.double_value(&[]) as f32 / 255.0)
-                }
-            })
-            .collect())
-    }
-}
-
 #[test]
 fn an_iteration_reports_rewards_failures_and_stage_times() {
     use dancegrpo::grpo::{run_iteration, IterationConfig, IterationInputs, NoObserver};
@@ -302,6 +275,7 @@ fn an_iteration_reports_rewards_failures_and_stage_times() {
             eta: 0.3,
             window: None,
             batch: 4,
+            window_samples: None,
             means: StepMeans::Drop,
             tree: None,
             post: Default::default(),
@@ -480,6 +454,7 @@ fn bad_update_inputs_are_rejected_with_the_field() {
             eta: 0.3,
             window: None,
             batch: 8,
+            window_samples: None,
             means: StepMeans::Drop,
             tree: None,
             post: Default::default(),

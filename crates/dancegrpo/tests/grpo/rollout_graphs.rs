@@ -23,6 +23,7 @@ fn trained(batch: i64, cfg: &UpdateConfig) -> (Tensor, FirstWindow, UpdateStats,
         eta: 0.3,
         window: None,
         batch,
+        window_samples: None,
         means: StepMeans::Drop,
         tree: None,
         post: Default::default(),
@@ -120,8 +121,8 @@ fn the_plan_groups_the_first_window_as_the_update_batches_it() {
         ..config_of(UpdateBatching::Window, rg)
     };
     assert_eq!(sizes(&capped, 4), [2, 2, 2]);
-    // the rollout's batches: one of 4 spans two windows, one of 2 does not
-    assert!(plan(&config_of(UpdateBatching::Rollout, rg), 4).is_empty());
+    // the rollout's batches, cut where a window of 2 samples ends: 4 makes 2s
+    assert_eq!(sizes(&config_of(UpdateBatching::Rollout, rg), 4), [2; 3]);
     assert_eq!(sizes(&config_of(UpdateBatching::Rollout, rg), 2), [2; 3]);
     assert!(plan(
         &config_of(UpdateBatching::Window, WindowSource::Recompute),

@@ -223,6 +223,7 @@ pub fn seeded_rollout_post(
         eta,
         window,
         batch,
+        window_samples: None,
         means: StepMeans::Keep, // for GRPO-Guard's ratio normalisation
         tree: None,
         post,
@@ -279,4 +280,33 @@ pub fn update_on(
         draws,
     };
     grpo_update(m, &mut opt, &inputs, cfg, observer)
+}
+
+/// A reward for tests: mean brightness, failing on samples listed in `fail`.
+pub struct Brightness {
+    /// The samples whose reward fails.
+    pub fail: Vec<usize>,
+}
+
+impl dancegrpo::rewards::Reward for Brightness {
+    fn name(&self) -> &str {
+        "brightness"
+    }
+    fn score(
+        &mut self,
+        batch: &dancegrpo::rewards::RewardBatch,
+    ) -> dancegrpo::Result<Vec<dancegrpo::rewards::Score>> {
+        use dancegrpo::rewards::Score;
+        assert_eq!(batch.prompts.len() as i64, batch.images.size()[0]);
+        Ok((0..batch.images.size()[0])
+            .map(|b| {
+                if self.fail.contains(&(b as usize)) {
+                    Score::Failed("test failure".into())
+                } else {
+                    let m = batch.images.get(b).to_kind(Kind::Float).mean(Kind::Float);
+                    Score::Value(m.double_value(&[]) as f32 / 255.0)
+                }
+            })
+            .collect())
+    }
 }

@@ -49,6 +49,7 @@ fn settings(batch: i64, tree: Option<Tree>) -> RolloutSettings {
         eta: 0.3,
         window: None,
         batch,
+        window_samples: None,
         means: StepMeans::Drop,
         tree,
         post: Default::default(),
