@@ -16,9 +16,8 @@ use dancegrpo::grpo::{
 use dancegrpo::models::flux::FluxTransformer;
 use dancegrpo::models::{ActivationCheckpointing, VelocityModel};
 use dancegrpo::rng::Philox;
-use dancegrpo::sampler::rollout::{rollout, RolloutSettings, StepMeans};
-use dancegrpo::sampler::{Schedule, SdeForm, StepWindow, WindowTraining};
-use dancegrpo::weights::Source;
+use dancegrpo::sampler::rollout::rollout;
+use dancegrpo::sampler::{SdeForm, StepWindow, WindowTraining};
 use tch::{Device, Kind, Tensor};
 
 use setup::*;
@@ -239,54 +238,18 @@ fn first_update_ratios_are_exactly_one_in_bf16_mixed_precision() {
 
 #[test]
 fn an_iteration_reports_rewards_failures_and_stage_times() {
-    use dancegrpo::grpo::{run_iteration, IterationConfig, IterationInputs, NoObserver};
-    use dancegrpo::models::vae::{Vae, VaeConfig};
+    use dancegrpo::grpo::{run_iteration, NoObserver};
     let m = model(ActivationCheckpointing::Off);
-    let vae = Vae::new(
-        VaeConfig::tiny(),
-        Source::Seeded(6),
-        Kind::Float,
-        Device::Cpu,
-    )
-    .unwrap();
-    let cond = conditioning();
-    let schedule = Schedule::shifted(STEPS, 3.0);
-    let draws = draws();
-    let prompts = vec!["a".to_string(), "b".to_string()];
-    let shard = dancegrpo::dist::Shard::whole(cond.samples());
+    let vae = vae();
+    let data = IterationData::new();
     let stages = std::cell::RefCell::new(Vec::new());
     let record = |stage: dancegrpo::grpo::iteration::Stage, done: usize, total: usize| {
         stages
             .borrow_mut()
             .push(format!("{} {done}/{total}", stage.name()))
     };
-    let inputs = IterationInputs {
-        cond: &cond,
-        prompts: &prompts,
-        draws: &draws,
-        shard: &shard,
-        schedule: &schedule,
-        latent: [16, 8, 8],
-        report: Some(&record),
-    };
-    let cfg = IterationConfig {
-        rollout: RolloutSettings {
-            sde: SdeForm::Dance,
-            eta: 0.3,
-            window: None,
-            batch: 4,
-            window_samples: None,
-            means: StepMeans::Drop,
-            tree: None,
-            post: Default::default(),
-        },
-        decode_batch: 2,
-        grouping: Grouping::PerPrompt { size: G },
-        adv_clip_max: 5.0,
-        mixing: dancegrpo::grpo::RewardMixing::Reward,
-        max_failed_reward_share: 1.0,
-        update: config(4),
-    };
+    let inputs = data.inputs(Some(&record));
+    let cfg = iteration_settings(4, 2, config(4));
     let params: Vec<Tensor> = m.parameters().into_iter().map(|(_, p)| p).collect();
     let before: Vec<Tensor> = params.iter().map(|p| p.detach().copy()).collect();
     let mut opt = AdamW::new(AdamWConfig::default(), &params);
@@ -449,16 +412,7 @@ fn bad_update_inputs_are_rejected_with_the_field() {
         &rec,
         &schedule,
         [16, 8, 8],
-        &RolloutSettings {
-            sde: SdeForm::Dance,
-            eta: 0.3,
-            window: None,
-            batch: 8,
-            window_samples: None,
-            means: StepMeans::Drop,
-            tree: None,
-            post: Default::default(),
-        },
+        &rollout_settings(8),
         Device::Cpu,
     )
     .unwrap_err()

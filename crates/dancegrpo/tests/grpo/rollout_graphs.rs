@@ -6,8 +6,8 @@ use dancegrpo::dist::Shard;
 use dancegrpo::grpo::update::first_window_plan;
 use dancegrpo::grpo::{FirstWindow as WindowSource, UpdateBatching, UpdateConfig, UpdateStats};
 use dancegrpo::models::{ActivationCheckpointing, VelocityModel};
-use dancegrpo::sampler::rollout::{rollout_capturing, RolloutSettings, StepMeans};
-use dancegrpo::sampler::{CapturePlan, Schedule, SdeForm};
+use dancegrpo::sampler::rollout::rollout_capturing;
+use dancegrpo::sampler::{CapturePlan, Schedule};
 use tch::{Device, Tensor};
 
 use super::setup::*;
@@ -18,16 +18,7 @@ fn trained(batch: i64, cfg: &UpdateConfig) -> (Tensor, FirstWindow, UpdateStats,
     let m = model(ActivationCheckpointing::Off);
     let (cond, schedule, draws) = (conditioning(), Schedule::shifted(STEPS, 3.0), draws());
     let plan = plan(cfg, batch);
-    let settings = RolloutSettings {
-        sde: SdeForm::Dance,
-        eta: 0.3,
-        window: None,
-        batch,
-        window_samples: None,
-        means: StepMeans::Drop,
-        tree: None,
-        post: Default::default(),
-    };
+    let settings = rollout_settings(batch);
     let inputs = (&cond, &draws as _, &schedule, [16, 8, 8]);
     let ro = rollout_capturing(&m, inputs, &settings, &plan, Device::Cpu, &|_, _| {}).unwrap();
     assert_eq!(ro.kept.len(), plan.groups().len());

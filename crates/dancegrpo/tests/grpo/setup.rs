@@ -1,12 +1,16 @@
 //! The tiny model, conditioning, draws and update settings the GRPO tests share.
 
+use dancegrpo::dist::Shard;
+use dancegrpo::grpo::iteration::StageReport;
 use dancegrpo::grpo::update::{TransitionBatch, UpdateStats};
 use dancegrpo::grpo::{
-    advantages, grpo_update, AdamW, AdamWConfig, Grouping, Guard, LrSchedule, Trainable,
-    UpdateBatching, UpdateConfig, UpdateInputs, UpdateObserver,
+    advantages, grpo_update, AdamW, AdamWConfig, Grouping, Guard, IterationConfig, IterationInputs,
+    LrSchedule, RewardMixing, Trainable, UpdateBatching, UpdateConfig, UpdateInputs,
+    UpdateObserver,
 };
 use dancegrpo::models::flux::packing;
 use dancegrpo::models::flux::{FluxConfig, FluxTransformer};
+use dancegrpo::models::vae::{Vae, VaeConfig};
 use dancegrpo::models::{ActivationCheckpointing, VelocityModel};
 use dancegrpo::precision::ReduceDtype;
 use dancegrpo::rng::Philox;
@@ -308,5 +312,82 @@ impl dancegrpo::rewards::Reward for Brightness {
                 }
             })
             .collect())
+    }
+}
+
+/// The tests' rollout: Dance-SDE at noise level 0.3 on every step, `batch`
+/// samples per model call, the steps' means not kept.
+pub fn rollout_settings(batch: i64) -> RolloutSettings {
+    RolloutSettings {
+        sde: SdeForm::Dance,
+        eta: 0.3,
+        window: None,
+        batch,
+        window_samples: None,
+        means: StepMeans::Drop,
+        tree: None,
+        post: Default::default(),
+    }
+}
+
+/// A whole iteration's settings: [`rollout_settings`] with `batch`, decodes of
+/// `decode_batch`, per-prompt advantages of the test groups and `update`.
+pub fn iteration_settings(batch: i64, decode_batch: i64, update: UpdateConfig) -> IterationConfig {
+    IterationConfig {
+        rollout: rollout_settings(batch),
+        decode_batch,
+        grouping: Grouping::PerPrompt { size: G },
+        adv_clip_max: 5.0,
+        mixing: RewardMixing::Reward,
+        max_failed_reward_share: 1.0,
+        update,
+    }
+}
+
+/// The seeded tiny VAE.
+pub fn vae() -> Vae {
+    Vae::new(
+        VaeConfig::tiny(),
+        Source::Seeded(6),
+        Kind::Float,
+        Device::Cpu,
+    )
+    .unwrap()
+}
+
+/// What a whole iteration of the test prompts reads, in one process.
+pub struct IterationData {
+    pub cond: Conditioning,
+    pub schedule: Schedule,
+    pub draws: Seeded,
+    pub prompts: Vec<String>,
+    pub shard: Shard<'static>,
+}
+
+impl IterationData {
+    /// The test prompts' conditioning, schedule and draws.
+    pub fn new() -> Self {
+        let cond = conditioning();
+        let shard = Shard::whole(cond.samples());
+        IterationData {
+            cond,
+            schedule: Schedule::shifted(STEPS, 3.0),
+            draws: draws(),
+            prompts: vec!["a".to_string(), "b".to_string()],
+            shard,
+        }
+    }
+
+    /// The iteration's inputs, its stages reported to `report`.
+    pub fn inputs<'a>(&'a self, report: Option<StageReport<'a>>) -> IterationInputs<'a> {
+        IterationInputs {
+            cond: &self.cond,
+            prompts: &self.prompts,
+            draws: &self.draws,
+            shard: &self.shard,
+            schedule: &self.schedule,
+            latent: [16, 8, 8],
+            report,
+        }
     }
 }

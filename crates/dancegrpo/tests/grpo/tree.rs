@@ -9,9 +9,9 @@ use dancegrpo::grpo::update::UpdateStats;
 use dancegrpo::grpo::{UpdateConfig, UpdateObserver};
 use dancegrpo::models::flux::FluxTransformer;
 use dancegrpo::models::{ActivationCheckpointing, FlowInputs, TokenLayout, VelocityModel};
-use dancegrpo::sampler::rollout::{rollout, Rollout, RolloutSettings, StepMeans};
+use dancegrpo::sampler::rollout::{rollout, Rollout, RolloutSettings};
 use dancegrpo::sampler::tree::{Tree, TreeDraws};
-use dancegrpo::sampler::{Draws, Schedule, SdeForm};
+use dancegrpo::sampler::{Draws, Schedule};
 use tch::{Device, Tensor};
 
 use super::setup::*;
@@ -45,14 +45,8 @@ fn tree() -> Tree {
 
 fn settings(batch: i64, tree: Option<Tree>) -> RolloutSettings {
     RolloutSettings {
-        sde: SdeForm::Dance,
-        eta: 0.3,
-        window: None,
-        batch,
-        window_samples: None,
-        means: StepMeans::Drop,
         tree,
-        post: Default::default(),
+        ..rollout_settings(batch)
     }
 }
 

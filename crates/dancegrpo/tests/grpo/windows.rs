@@ -2,15 +2,9 @@
 //! the rollout's batches, a rollout batch is cut where a window ends, so the
 //! update evaluates each trained transition once.
 
-use dancegrpo::dist::Shard;
-use dancegrpo::grpo::{run_iteration, AdamW, AdamWConfig, Grouping, Iteration};
-use dancegrpo::grpo::{IterationConfig, IterationInputs, RewardMixing};
-use dancegrpo::models::vae::{Vae, VaeConfig};
+use dancegrpo::grpo::{run_iteration, AdamW, AdamWConfig, Iteration};
 use dancegrpo::models::{ActivationCheckpointing, VelocityModel};
-use dancegrpo::sampler::rollout::{RolloutSettings, StepMeans};
-use dancegrpo::sampler::{Schedule, SdeForm};
-use dancegrpo::weights::Source;
-use tch::{Device, Kind, Tensor};
+use tch::Tensor;
 
 use super::setup::*;
 
@@ -18,44 +12,10 @@ use super::setup::*;
 /// rollout batches of `batch` and the default update batching (the
 /// rollout's): the iteration, the first window's ratios, the weights after.
 fn one_iteration(batch: i64, grad_accum: i64) -> (Iteration, FirstWindow, Vec<Tensor>) {
-    let m = model(ActivationCheckpointing::Off);
-    let vae = Vae::new(
-        VaeConfig::tiny(),
-        Source::Seeded(6),
-        Kind::Float,
-        Device::Cpu,
-    )
-    .unwrap();
-    let (cond, schedule, draws) = (conditioning(), Schedule::shifted(STEPS, 3.0), draws());
-    let prompts = vec!["a".to_string(), "b".to_string()];
-    let shard = Shard::whole(cond.samples());
-    let inputs = IterationInputs {
-        cond: &cond,
-        prompts: &prompts,
-        draws: &draws,
-        shard: &shard,
-        schedule: &schedule,
-        latent: [16, 8, 8],
-        report: None,
-    };
-    let cfg = IterationConfig {
-        rollout: RolloutSettings {
-            sde: SdeForm::Dance,
-            eta: 0.3,
-            window: None,
-            batch,
-            window_samples: None,
-            means: StepMeans::Drop,
-            tree: None,
-            post: Default::default(),
-        },
-        decode_batch: 1,
-        grouping: Grouping::PerPrompt { size: G },
-        adv_clip_max: 5.0,
-        mixing: RewardMixing::Reward,
-        max_failed_reward_share: 1.0,
-        update: config(grad_accum),
-    };
+    let (m, vae) = (model(ActivationCheckpointing::Off), vae());
+    let data = IterationData::new();
+    let inputs = data.inputs(None);
+    let cfg = iteration_settings(batch, 1, config(grad_accum));
     let params: Vec<Tensor> = m.parameters().into_iter().map(|(_, p)| p).collect();
     let mut opt = AdamW::new(AdamWConfig::default(), &params);
     let mut reward = Brightness { fail: vec![] };
