@@ -127,7 +127,7 @@ pub struct SamplerConfig {
     /// "rollout"` a batch also ends where an accumulation window ends (a
     /// process's share of `optim.gradient_accumulation`): the update
     /// recomputes in these batches, and a batch holding two windows would be
-    /// evaluated once for each.
+    /// evaluated once for each (`train` says so when it cuts a batch).
     pub rollout_batch: i64,
     /// Images per VAE call.
     pub decode_batch: i64,

@@ -135,6 +135,7 @@ impl Trainer {
         let mode = cfg.health.memory_check;
         let warning =
             crate::plan::check::check_memory(&cfg, collective.world_size(), device, mode)?;
+        let notice = cfg.rollout_batch_notice(collective.world_size());
         if resume == Resume::Latest && !dir.is_dir() {
             let msg = format!("{}: no such run directory to resume", dir.display());
             return Err(Error::Input(msg));
@@ -165,7 +166,7 @@ impl Trainer {
         }
         let mut trainer = Self::build(cfg, dir, device, Rc::from(collective))?;
         trainer.lock = lock;
-        trainer.warnings.extend(warning);
+        trainer.warnings.extend(warning.into_iter().chain(notice));
         match &latest {
             Some(found) => trainer.restore(found)?,
             None if trainer.writes() => trainer.clear_logs()?,

@@ -123,6 +123,32 @@ impl TrainConfig {
 }
 
 impl TrainConfig {
+    /// What a run over `world` processes should be told about its rollout
+    /// batches: with `optim.update_batching = "rollout"` they end where each
+    /// process's accumulation window ends, so `sampler.rollout_batch` may run
+    /// as smaller batches (`None` when it runs as configured).
+    pub fn rollout_batch_notice(&self, world: i64) -> Option<String> {
+        use crate::sampler::rollout::batches;
+        let (rb, ga) = (self.sampler.rollout_batch, self.optim.gradient_accumulation);
+        let derived = self.derived(world);
+        let (local, window) = (
+            derived.samples_per_process,
+            derived.accumulation_per_process,
+        );
+        let cut = batches(local, rb, Some(window)) != batches(local, rb, None);
+        if self.optim.update_batching != UpdateBatching::Rollout || !cut {
+            return None;
+        }
+        let sizes: Vec<String> = batches(window.min(local), rb, None)
+            .iter()
+            .map(|b| b.len().to_string())
+            .collect();
+        Some(format!(
+            "sampler.rollout_batch = {rb} runs as model batches of {} per accumulation window: each process accumulates {window} samples per optimizer step (optim.gradient_accumulation = {ga} over {world} process(es)), and with optim.update_batching = \"rollout\" the update recomputes in the rollout's batches, which therefore end with a window",
+            sizes.join(" + ")
+        ))
+    }
+
     /// `[sampler.tree]`: it must make the groups, and model batches and
     /// accumulation windows must hold whole roots (each node is trained once).
     fn check_tree(&self, tree: &Tree, origin: &Path) -> Result<()> {
@@ -257,4 +283,45 @@ fn check_data(source: &DataSource, section: &str, origin: &Path) -> Result<()> {
         return Ok(());
     };
     Err(Error::config(origin, &field, msg))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::TrainConfig;
+
+    fn demo(sets: &[&str]) -> TrainConfig {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        TrainConfig::tiny_demo()
+            .with_overrides(&sets, Path::new("test"))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_run_is_told_when_its_rollout_batches_end_with_a_window() {
+        // the demo: 16 samples per step, batches of 8; over 8 processes each
+        // has only 2 samples, one batch either way
+        for world in [1, 2, 8] {
+            assert_eq!(demo(&[]).rollout_batch_notice(world), None);
+        }
+        // 64 samples: 8 per process, in windows of 2
+        let eight = demo(&["run.prompts_per_iteration=8"]);
+        let eight = eight.rollout_batch_notice(8).unwrap();
+        assert!(
+            eight.contains("batches of 2 per accumulation window"),
+            "{eight}"
+        );
+        assert!(eight.contains("16 over 8 process(es)"), "{eight}");
+        // one window of 16: batches of 6 + 6 + 4 either way
+        assert_eq!(
+            demo(&["sampler.rollout_batch=6"]).rollout_batch_notice(1),
+            None
+        );
+        let six = demo(&["sampler.rollout_batch=6", "optim.gradient_accumulation=8"]);
+        let six = six.rollout_batch_notice(1).unwrap();
+        assert!(six.contains("batches of 6 + 2 per"), "{six}");
+        let window = demo(&["optim.update_batching=\"window\""]);
+        assert_eq!(window.rollout_batch_notice(8), None);
+    }
 }
