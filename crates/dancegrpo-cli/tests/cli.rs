@@ -420,6 +420,24 @@ fn bench_train_keeps_the_first_window_from_the_rollout() {
     );
 }
 
+/// With the update recomputing in the rollout's batches, a rollout batch of 4
+/// over the preset's accumulation windows of 2 samples runs as batches of 2,
+/// and `bench train` says so.
+#[test]
+fn bench_train_says_when_rollout_batches_end_with_a_window() {
+    let args = ["--preset", "tiny", "--rollout-batch", "4"];
+    let out = bench_train(&[&args[..], &["--update-batching", "rollout"]].concat());
+    common::assert_ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning: sampler.rollout_batch = 4 runs as model batches of 2"),
+        "{err}"
+    );
+    let per_sample = bench_train(&args);
+    common::assert_ok(&per_sample);
+    assert!(!String::from_utf8_lossy(&per_sample.stderr).contains("warning"));
+}
+
 /// The built-in tiny preset runs in the benchmark layout (seeded weights, no
 /// tokenizer files), counts the reference's 0.285 GFLOP per iteration and
 /// reports the rate; a directory in that layout runs the same way.

@@ -96,6 +96,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     setup.train.optim.update_batching = args.update_batching;
     setup.train.optim.max_update_rows = args.max_update_rows;
     setup.train.optim.first_window = args.first_window;
+    if let Some(notice) = setup.train.rollout_batch_notice(1) {
+        eprintln!("warning: {notice}");
+    }
     let mut opt = setup.optimizer();
     let mut times: Vec<[f64; 4]> = Vec::new();
     let mut each = |it: u64, s: &StageSeconds| {
