@@ -245,6 +245,14 @@ fn rollout_graphs_count_the_whole_first_window() {
         detail(&kept)
     );
     assert!(line(&kept, "activations") > line(&recompute, "activations"));
+    // the demo's one window holds all 16 samples: the update skips the forward
+    // of every transition, 2 of the 3 forward-equivalents left
+    let (k, r) = (kept.tflop, recompute.tflop);
+    assert!(
+        (k.update / r.update - 2.0 / 3.0).abs() < 1e-12,
+        "{k:?} {r:?}"
+    );
+    assert_eq!(k.rollout, r.rollout);
 }
 
 /// A process's accumulation window is its share of the global one, and with

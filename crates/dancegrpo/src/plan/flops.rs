@@ -8,8 +8,10 @@
 //! attention adds `2 S^2 D` for `S` tokens (scores and weighted values);
 //! the modulations are per sample. A training transition costs the forward and
 //! a backward of twice the forward ("model FLOPs"; per-block checkpointing
-//! recomputes one more forward, reported apart).
+//! recomputes one more forward, reported apart), less the forward of each
+//! first-window transition whose graph the rollout keeps.
 
+use crate::grpo::FirstWindow;
 use crate::models::flux::FluxConfig;
 use crate::models::ActivationCheckpointing;
 use crate::train::config::TrainConfig;
@@ -49,7 +51,13 @@ pub fn iteration(cfg: &TrainConfig, flux: &FluxConfig, text: i64) -> (f64, f64, 
     };
     let groups = cfg.run.prompts_per_iteration as f64;
     let rollout = groups * rows_per_group as f64 * fwd;
-    let update = samples * trained * 3.0 * fwd;
+    // with the first window's graphs kept from the rollout, the update runs no
+    // forward pass for that window's transitions
+    let kept = match cfg.optim.first_window {
+        FirstWindow::RolloutGraphs => update_cfg.grad_accum.min(samples as i64) as f64 * trained,
+        FirstWindow::Recompute => 0.0,
+    };
+    let update = (samples * trained * 3.0 - kept) * fwd;
     let recompute = match cfg.optim.activation_checkpointing {
         ActivationCheckpointing::PerBlock => samples * trained * fwd,
         ActivationCheckpointing::Off => 0.0,
