@@ -95,7 +95,8 @@ pub struct MemoryPlan {
 pub struct IterationTflop {
     /// The rollout's forwards.
     pub rollout: f64,
-    /// The update's forwards and backwards (model FLOPs).
+    /// The update's forwards and backwards (model FLOPs; without the forwards
+    /// of first-window transitions whose graphs the rollout keeps).
     pub update: f64,
     /// The forwards per-block checkpointing recomputes.
     pub recompute: f64,
