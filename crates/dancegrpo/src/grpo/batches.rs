@@ -1,5 +1,6 @@
 //! Which transitions the update trains and in which model batches: each
-//! sample's trained steps, the sample chunks and the rows of each batch, and
+//! sample's trained steps, the sample chunks, the rows of each batch and the
+//! accumulation windows whose optimizer steps follow them, and
 //! from those the first window's transitions a rollout keeps with their
 //! graphs ([`FirstWindow::RolloutGraphs`]). The update and the rollout's
 //! capture plan are made by the same functions, so they cannot disagree.
@@ -137,4 +138,41 @@ fn window_chunks(rows: i64, window: impl Fn(i64) -> i64) -> Vec<Vec<i64>> {
         }
     }
     chunks
+}
+
+/// The accumulation windows of a process's samples: which window each local
+/// row falls in, and after which row each full window's optimizer step comes.
+pub(super) struct Windows<'a> {
+    shard: &'a Shard<'a>,
+    grad_accum: i64,
+    /// The last local row of each full window (-1: none here).
+    last_row: Vec<i64>,
+}
+
+impl<'a> Windows<'a> {
+    pub(super) fn new(shard: &'a Shard<'a>, grad_accum: i64) -> Self {
+        let mut windows = Windows {
+            shard,
+            grad_accum,
+            last_row: vec![-1; (shard.total() / grad_accum) as usize],
+        };
+        for row in 0..shard.samples().len() as i64 {
+            let w = windows.of(row) as usize;
+            if let Some(last) = windows.last_row.get_mut(w) {
+                *last = row;
+            }
+        }
+        windows
+    }
+
+    /// The window of local row `row`.
+    pub(super) fn of(&self, row: i64) -> i64 {
+        self.shard.samples()[row as usize] / self.grad_accum
+    }
+
+    /// Whether window `w`'s optimizer step follows the model batch `samples`
+    /// (it holds the window's last local row; a partial last window never steps).
+    pub(super) fn steps_after(&self, w: i64, samples: &[i64]) -> bool {
+        (self.last_row.get(w as usize)).is_some_and(|last| samples.contains(last))
+    }
 }

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::models::{LatentDecoder, VelocityModel};
 use crate::rewards::{scores_to_tensor, Reward, RewardBatch, RewardPart, Score};
 use crate::sampler::rollout::{decode, rollout_capturing, RolloutSettings};
-use crate::sampler::{Conditioning, Draws, Schedule};
+use crate::sampler::{Conditioning, Draws, Rollout, Schedule};
 
 /// Settings of an iteration beyond the update's.
 #[derive(Debug, Clone)]
@@ -195,6 +195,49 @@ pub fn run_iteration(
     let mut seconds = StageSeconds::default();
     let report = inputs.report.unwrap_or(&|_, _, _| {});
     let clock = Instant::now();
+    let ro = rollout_stage(model, inputs, cfg, report)?;
+    seconds.rollout = lap(clock, device);
+    report(Stage::Decode, 0, 1);
+    let clock = Instant::now();
+    let x0 = &ro.pred_x0;
+    let (_, images) = decode(decoder, model.layout(), x0, inputs.latent, cfg.decode_batch)?;
+    seconds.decode = lap(clock, device);
+    let clock = Instant::now();
+    report(Stage::Reward, 0, 1);
+    let sample_prompts = sample_prompts(inputs.prompts, inputs.cond)?;
+    let mut scores = reward.score(&RewardBatch {
+        images: &images,
+        prompts: &sample_prompts,
+    })?;
+    seconds.reward = lap(clock, device);
+    let clock = Instant::now();
+    let scored = score_groups(reward, x0, &mut scores, inputs.shard, cfg)?;
+    let advantages = inputs
+        .shard
+        .local_rows(&scored.adv.clamped)
+        .to_device(device);
+    let update = update_stage(model, optimizer, (inputs, &ro, &advantages), cfg, observer)?;
+    seconds.update = lap(clock, device);
+    // rows of the rollout and the update, summed over the processes
+    let rows = Tensor::from_slice(&[ro.model_rows as f64 + update.local_model_rows as f64]);
+    let rows = rows.to_device(device);
+    inputs.shard.collective().all_reduce_sum(&rows)?;
+    let mut report = scored.report(update, seconds, cfg.grouping)?;
+    report.transformer_rows = rows.double_value(&[0]) as u64;
+    Ok(Iteration {
+        report,
+        images: images.to_device(Device::Cpu).to_kind(Kind::Uint8),
+    })
+}
+
+/// The rollout of this process's samples, cut where accumulation windows
+/// end and keeping the first window's graphs when the update asks for them.
+fn rollout_stage(
+    model: &dyn VelocityModel,
+    inputs: &IterationInputs,
+    cfg: &IterationConfig,
+    report: StageReport,
+) -> Result<Rollout> {
     let plan = first_window_plan(
         &cfg.update,
         inputs.schedule,
@@ -213,37 +256,29 @@ pub fn run_iteration(
         window_samples: rollout_windows(&cfg.update, inputs.shard),
         ..cfg.rollout.clone()
     };
-    let ro = rollout_capturing(
+    rollout_capturing(
         model,
         (inputs.cond, inputs.draws, inputs.schedule, inputs.latent),
         &settings,
         &plan,
-        device,
+        inputs.cond.device(),
         &|done, total| report(Stage::Rollout, done, total),
-    )?;
-    seconds.rollout = lap(clock, device);
-    report(Stage::Decode, 0, 1);
-    let clock = Instant::now();
-    let x0 = &ro.pred_x0;
-    let (_, images) = decode(decoder, model.layout(), x0, inputs.latent, cfg.decode_batch)?;
-    seconds.decode = lap(clock, device);
-    let clock = Instant::now();
-    report(Stage::Reward, 0, 1);
-    let sample_prompts = sample_prompts(inputs.prompts, inputs.cond)?;
-    let mut scores = reward.score(&RewardBatch {
-        images: &images,
-        prompts: &sample_prompts,
-    })?;
-    seconds.reward = lap(clock, device);
-    let clock = Instant::now();
-    let scored = score_groups(reward, x0, &mut scores, inputs.shard, cfg)?;
+    )
+}
+
+/// The update over the rollout `ro` with the local samples' clamped
+/// `advantages`, counting trained transitions for the progress display.
+fn update_stage(
+    model: &dyn VelocityModel,
+    optimizer: &mut AdamW,
+    (inputs, ro, advantages): (&IterationInputs, &Rollout, &Tensor),
+    cfg: &IterationConfig,
+    observer: &mut dyn UpdateObserver,
+) -> Result<UpdateStats> {
     let update_inputs = UpdateInputs {
-        rollout: &ro,
+        rollout: ro,
         shard: inputs.shard,
-        advantages: &inputs
-            .shard
-            .local_rows(&scored.adv.clamped)
-            .to_device(device),
+        advantages,
         cond: inputs.cond,
         schedule: inputs.schedule,
         draws: inputs.draws,
@@ -251,22 +286,11 @@ pub fn run_iteration(
     let (_, t) = cfg.update.trained(inputs.schedule.steps())?;
     let mut counting = Counting {
         inner: observer,
-        report,
+        report: inputs.report.unwrap_or(&|_, _, _| {}),
         done: 0,
         total: (inputs.cond.samples() * t) as usize,
     };
-    let update = grpo_update(model, optimizer, &update_inputs, &cfg.update, &mut counting)?;
-    seconds.update = lap(clock, device);
-    // rows of the rollout and the update, summed over the processes
-    let rows = Tensor::from_slice(&[ro.model_rows as f64 + update.local_model_rows as f64]);
-    let rows = rows.to_device(device);
-    inputs.shard.collective().all_reduce_sum(&rows)?;
-    let mut report = scored.report(update, seconds, cfg.grouping)?;
-    report.transformer_rows = rows.double_value(&[0]) as u64;
-    Ok(Iteration {
-        report,
-        images: images.to_device(Device::Cpu).to_kind(Kind::Uint8),
-    })
+    grpo_update(model, optimizer, &update_inputs, &cfg.update, &mut counting)
 }
 
 /// An iteration's rewards over all processes and their advantages.

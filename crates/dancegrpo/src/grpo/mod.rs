@@ -8,6 +8,7 @@ pub mod guard;
 pub mod iteration;
 pub mod loss;
 pub mod lr;
+mod observer;
 pub mod optim;
 pub mod settings;
 mod tree_rows;

@@ -17,64 +17,14 @@ use crate::error::{Error, Result};
 use crate::models::VelocityModel;
 use crate::sampler::sde::{At, Next};
 use crate::sampler::tree::Tree;
-use crate::sampler::{Conditioning, Draws, Rollout, Schedule};
+use crate::sampler::{Conditioning, Draws, Rollout, SampleConditioning, Schedule};
 
 pub use super::batches::{first_window_plan, rollout_windows};
-use super::batches::{flat_transitions, ks_chunks, trained_steps, update_chunks};
+use super::batches::{flat_transitions, ks_chunks, trained_steps, update_chunks, Windows};
+pub use super::observer::{NoObserver, TransitionBatch, UpdateObserver};
 use super::tree_rows::{check_tree_layout, tree_batches};
 
 pub use super::settings::{FirstWindow, Trainable, UpdateBatching, UpdateConfig};
-
-/// One model batch of re-evaluated transitions, handed to an [`UpdateObserver`].
-pub struct TransitionBatch<'a> {
-    /// The samples of the batch (rows).
-    pub samples: &'a [i64],
-    /// Rows that belong to the current accumulation window (only they contribute).
-    pub active: &'a [i64],
-    /// Each active row's position `k` among its sample's trained transitions
-    /// (its root's, in a tree; -1 for rows not trained).
-    pub positions: &'a [i64],
-    /// The transition `j` of each row.
-    pub steps: &'a [i64],
-    /// Leaves each row stands for (a tree node's; 1 for every row of a plain rollout).
-    pub leaves: &'a [i64],
-    /// The timestep fed to the model `(n,)`.
-    pub timestep_input: &'a Tensor,
-    /// `z_j` and `z_{j+1}` `(n, L, c)`.
-    pub latents: &'a Tensor,
-    /// See `latents`.
-    pub next_latents: &'a Tensor,
-    /// The velocity with the current parameters `(n, L, c)`.
-    pub model_output: &'a Tensor,
-    /// Rollout log-probabilities `(n,)`.
-    pub old_log_probs: &'a Tensor,
-    /// Recomputed log-probabilities `(n,)`.
-    pub new_log_probs: &'a Tensor,
-    /// The loss terms `(n,)`.
-    pub terms: &'a PolicyLoss,
-    /// The KL to the reference policy `(n,)`, with a KL term.
-    pub kl: Option<&'a Tensor>,
-}
-
-/// Hooks into the update (alignment, debugging); every method defaults to nothing.
-pub trait UpdateObserver {
-    /// After each batch of transitions has been back-propagated.
-    fn transitions(&mut self, _batch: &TransitionBatch) -> Result<()> {
-        Ok(())
-    }
-    /// Before optimizer step `step` (1-based), with the accumulated, unclipped gradients.
-    fn before_step(&mut self, _step: u64, _params: &[(String, Tensor)]) -> Result<()> {
-        Ok(())
-    }
-    /// After optimizer step `step` (the parameters may be inspected or replaced).
-    fn after_step(&mut self, _step: u64, _params: &[(String, Tensor)]) -> Result<()> {
-        Ok(())
-    }
-}
-
-/// An observer that does nothing.
-pub struct NoObserver;
-impl UpdateObserver for NoObserver {}
 
 /// What an update did.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -134,8 +84,51 @@ pub fn grpo_update(
     cfg: &UpdateConfig,
     observer: &mut dyn UpdateObserver,
 ) -> Result<UpdateStats> {
-    let b_local = inputs.rollout.latents.size()[0];
+    let b_local = check_inputs(inputs, cfg)?;
     let (n, t) = cfg.trained(inputs.schedule.steps())?;
+    let tree = inputs.rollout.tree.as_ref();
+    let perms = trained_steps(inputs.draws, tree, cfg, (n, t), b_local)?;
+    let named = model.parameters();
+    let params: Vec<Tensor> = named.iter().map(|(_, p)| p.shallow_clone()).collect();
+    zero_grads(&params);
+    let mut run = Run {
+        model,
+        inputs,
+        cfg,
+        perms,
+        t,
+        weights: guard_weights(cfg, inputs.schedule, n)?,
+        stats: UpdateStats {
+            unstepped_samples: inputs.shard.total() % cfg.grad_accum,
+            ..Default::default()
+        },
+        terms: vec![std::array::from_fn(|_| vec![0.0; t as usize]); b_local as usize],
+    };
+    let windows = Windows::new(inputs.shard, cfg.grad_accum);
+    let window = |row: i64| windows.of(row);
+    for samples in &update_chunks(cfg.batching, &inputs.rollout.batches, b_local, window) {
+        let mut ids: Vec<i64> = samples.iter().map(|&r| window(r)).collect();
+        ids.dedup();
+        for w in ids {
+            let active: Vec<i64> = (0..samples.len() as i64)
+                .filter(|&r| window(samples[r as usize]) == w)
+                .collect();
+            for rows in run.batches(samples, &active, tree)? {
+                run.evaluate(&rows, observer)?;
+            }
+            if windows.steps_after(w, samples) {
+                run.optimizer_step(optimizer, &named, &params, observer)?;
+            }
+        }
+    }
+    check_kept_used(inputs.rollout)?;
+    run.finish()
+}
+
+/// Checks that the advantages, the shard and a tree agree with the rollout;
+/// the number of local samples.
+fn check_inputs(inputs: &UpdateInputs, cfg: &UpdateConfig) -> Result<i64> {
+    let b_local = inputs.rollout.latents.size()[0];
     if inputs.advantages.size() != [b_local] {
         return Err(Error::Input(format!(
             "{} advantages for {b_local} samples",
@@ -148,78 +141,43 @@ pub fn grpo_update(
             inputs.shard.samples().len()
         )));
     }
-    let b_total = inputs.shard.total();
-    let tree = inputs.rollout.tree.as_ref();
-    if let Some(tree) = tree {
+    if let Some(tree) = inputs.rollout.tree.as_ref() {
         check_tree_layout(tree, inputs, cfg)?;
     }
-    let perms = trained_steps(inputs.draws, tree, cfg, (n, t), b_local)?;
-    let named = model.parameters();
-    let params: Vec<Tensor> = named.iter().map(|(_, p)| p.shallow_clone()).collect();
-    zero_grads(&params);
-    let weights = match cfg.guard.grad_reweight() {
-        true => {
-            let sigmas: Vec<f64> = Vec::try_from(inputs.schedule.sigmas.to_kind(Kind::Double))?;
-            let trained: Vec<i64> = match cfg.window {
-                Some(w) => w.steps(),
-                None => (0..n).collect(),
-            };
-            Some(step_weights(cfg.sde, &sigmas, cfg.eta, &trained))
-        }
-        false => None,
-    };
     if cfg.guard.ratio_norm() && inputs.rollout.means.is_none() {
         return Err(Error::Input(
             "GRPO-Guard's ratio normalisation needs the rollout's step means (RolloutSettings::means = Keep)".into(),
         ));
     }
-    let mut run = Run {
-        model,
-        inputs,
-        cfg,
-        perms,
-        t,
-        weights,
-        stats: UpdateStats {
-            unstepped_samples: b_total % cfg.grad_accum,
-            ..Default::default()
-        },
-        terms: vec![std::array::from_fn(|_| vec![0.0; t as usize]); b_local as usize],
+    Ok(b_local)
+}
+
+/// GRPO-Guard's weight of each transition of the schedule, when it
+/// re-weights gradients (`n` trained transitions without a window).
+fn guard_weights(cfg: &UpdateConfig, schedule: &Schedule, n: i64) -> Result<Option<Vec<f64>>> {
+    if !cfg.guard.grad_reweight() {
+        return Ok(None);
+    }
+    let sigmas: Vec<f64> = Vec::try_from(schedule.sigmas.to_kind(Kind::Double))?;
+    let trained: Vec<i64> = match cfg.window {
+        Some(w) => w.steps(),
+        None => (0..n).collect(),
     };
-    let window = |row: i64| inputs.shard.samples()[row as usize] / cfg.grad_accum;
-    let windows = b_total / cfg.grad_accum;
-    // the last local row of each full window: its optimizer step follows it
-    let mut last_row = vec![-1i64; windows as usize];
-    for row in 0..b_local {
-        if let Some(last) = last_row.get_mut(window(row) as usize) {
-            *last = row;
-        }
+    Ok(Some(step_weights(cfg.sde, &sigmas, cfg.eta, &trained)))
+}
+
+/// An error when the rollout kept velocities for the first window that the
+/// update did not train (they are dropped either way).
+fn check_kept_used(rollout: &Rollout) -> Result<()> {
+    let unused = rollout.kept.len();
+    if unused == 0 {
+        return Ok(());
     }
-    let chunks = update_chunks(cfg.batching, &inputs.rollout.batches, b_local, window);
-    for samples in &chunks {
-        let mut ids: Vec<i64> = samples.iter().map(|&r| window(r)).collect();
-        ids.dedup();
-        for w in ids {
-            let active: Vec<i64> = (0..samples.len() as i64)
-                .filter(|&r| window(samples[r as usize]) == w)
-                .collect();
-            for rows in run.batches(samples, &active, tree)? {
-                run.evaluate(&rows, observer)?;
-            }
-            if w < windows && samples.contains(&last_row[w as usize]) {
-                run.optimizer_step(optimizer, &named, &params, observer)?;
-            }
-        }
-    }
-    let unused = inputs.rollout.kept.len();
-    if unused > 0 {
-        inputs.rollout.kept.clear();
-        return Err(Error::Input(format!(
-            "{unused} velocity groups the rollout kept for the first window were not trained: \
-             the rollout's capture plan and the update's configuration disagree"
-        )));
-    }
-    run.finish()
+    rollout.kept.clear();
+    Err(Error::Input(format!(
+        "{unused} velocity groups the rollout kept for the first window were not trained: \
+         the rollout's capture plan and the update's configuration disagree"
+    )))
 }
 
 fn zero_grads(params: &[Tensor]) {
@@ -245,6 +203,54 @@ struct Run<'a> {
     stats: UpdateStats,
     /// Per local sample: loss, ratio, clipped (0/1) and KL of each trained position.
     terms: Vec<[Vec<f64>; TERMS]>,
+}
+
+/// The rollout's tensors of one model batch's transitions (`n` rows).
+struct Picked {
+    /// The model rows' states `(m, L, c)` and timesteps `(m,)`.
+    z_model: Tensor,
+    /// See `z_model`.
+    ts: Tensor,
+    /// The model rows' conditioning.
+    cond: SampleConditioning,
+    /// `z_j` and `z_{j+1}` of each transition `(n, L, c)`.
+    z: Tensor,
+    /// See `z`.
+    z_next: Tensor,
+    /// The rollout's step means `(n, L, c)`, for GRPO-Guard's normalised ratio.
+    mean_old: Option<Tensor>,
+    /// The rollout's log-probabilities `(n,)`.
+    old_lp: Tensor,
+    /// Each row's weight in the loss `(n,)`, if not 1.
+    weights: Option<Tensor>,
+    /// The active rows `(a,)`, and whether that is every row.
+    active: Tensor,
+    /// See `active`.
+    all_active: bool,
+    /// Each transition's model row `(n,)` (`None`: the model rows themselves).
+    expand: Option<Tensor>,
+}
+
+impl Picked {
+    /// A model-row tensor `(m, ..)` spread to the transitions `(n, ..)`.
+    fn expand(&self, t: &Tensor) -> Tensor {
+        match &self.expand {
+            None => t.shallow_clone(),
+            Some(e) => t.index_select(0, e),
+        }
+    }
+}
+
+/// What one model batch's loss was computed from (detached).
+struct Evaluated {
+    /// The velocity of each transition `(n, L, c)`.
+    velocity: Tensor,
+    /// The recomputed log-probabilities `(n,)`.
+    log_prob: Tensor,
+    /// The loss terms `(n,)`.
+    terms: PolicyLoss,
+    /// The KL to the reference policy `(n,)`, with a KL term.
+    kl: Option<Tensor>,
 }
 
 /// One model batch of the update: the rows the model evaluates and the
@@ -314,60 +320,15 @@ impl Run<'_> {
     /// transitions and back-propagates that of the active ones.
     fn evaluate(&mut self, rows: &Rows, observer: &mut dyn UpdateObserver) -> Result<()> {
         let inp = self.inputs;
-        let device = inp.rollout.latents.device();
-        let idx = |v: &[i64]| Tensor::from_slice(v).to_device(device);
-        let pick = |t: &Tensor, samples: &[i64], steps: &[i64], offset: i64| {
-            let picked: Vec<Tensor> = (samples.iter().zip(steps))
-                .map(|(&b, &j)| t.get(b).get(j + offset))
-                .collect();
-            Tensor::stack(&picked, 0) // (n, ...)
-        };
-        let (samples, steps) = (&rows.samples, &rows.steps);
-        let z_model = pick(
-            &inp.rollout.latents,
-            &rows.model_samples,
-            &rows.model_steps,
-            0,
-        );
-        let expand = |t: &Tensor| match &rows.expand {
-            None => t.shallow_clone(),
-            Some(e) => t.index_select(0, &idx(e)),
-        };
-        let z = expand(&z_model); // (n, L, c)
-        let z_next = pick(&inp.rollout.latents, samples, steps, 1);
-        // the rollout's step means (n, L, c), for the normalised ratio
-        let mean_old = (inp.rollout.means.as_ref())
-            .filter(|_| self.cfg.guard.ratio_norm())
-            .map(|m| pick(m, samples, steps, 0));
-        let weights = self.row_weights(rows).map(|w| w.to_device(device));
-        let s = inp.rollout.log_probs.size()[1];
-        let flat: Vec<i64> = samples
-            .iter()
-            .zip(steps)
-            .map(|(&b, &j)| b * s + j)
-            .collect();
-        let old_lp = inp
-            .rollout
-            .log_probs
-            .reshape([-1])
-            .index_select(0, &idx(&flat)); // (n,)
-        let ts = inp
-            .schedule
-            .model_timesteps(&rows.model_steps)
-            .to_device(device);
-        let cond = inp.cond.for_samples(&rows.model_samples);
-        let scale = (self.cfg.grad_accum * self.t) as f64;
-        let all_active = rows.active.len() == samples.len();
-        let active_idx = idx(&rows.active);
-        let mut kept: Option<(Tensor, Tensor, PolicyLoss, Option<Tensor>)> = None;
-        let (sde, eta, clip) = (self.cfg.sde, self.cfg.eta, self.cfg.clip_range);
-        let flow_inputs = inp.cond.inputs(&cond, &z_model, &ts);
-        let v_ref = self.reference_velocity(&flow_inputs)?.map(|v| expand(&v));
+        let picked = self.pick(rows);
+        let flow_inputs = inp.cond.inputs(&picked.cond, &picked.z_model, &picked.ts);
+        let v_ref = (self.reference_velocity(&flow_inputs)?).map(|v| picked.expand(&v));
         // the rollout's velocity of exactly these transitions, with its graph
         let kept_v = match (&rows.expand, &rows.leaves) {
             (None, None) => {
-                let key: Vec<(i64, i64)> =
-                    samples.iter().copied().zip(steps.iter().copied()).collect();
+                let key: Vec<(i64, i64)> = (rows.samples.iter().copied())
+                    .zip(rows.steps.iter().copied())
+                    .collect();
                 inp.rollout.kept.take(&key)
             }
             _ => None,
@@ -375,66 +336,123 @@ impl Run<'_> {
         let evaluated = rows.model_samples.len() as u64;
         let forward = if kept_v.is_some() { 0 } else { evaluated };
         self.stats.local_model_rows += forward + if v_ref.is_some() { evaluated } else { 0 };
+        let mut kept: Option<Evaluated> = None;
         let mut loss_fn = |v: &Tensor| -> Result<Tensor> {
-            let v = expand(v); // (n, L, c)
-            let at = At::Rows(steps);
-            let sigmas = &inp.schedule.sigmas;
-            let step = sde.step(&v, &z, sigmas, at, eta, Next::Given(&z_next));
-            let log_ratio = match &mean_old {
-                Some(old) => normalized_log_ratio(&step, old),
-                None => &step.log_prob - &old_lp,
-            };
-            let terms = clipped_loss_of_log_ratio(&log_ratio, &rows.adv, clip, scale);
-            // beta * KL joins each transition's loss, scaled as the policy term
-            let kl = (v_ref.as_ref()).map(|vr| {
-                step_kl(
-                    &step,
-                    &sde.step(vr, &z, sigmas, at, eta, Next::Given(&z_next)),
-                )
-            });
-            let per_row = match &kl {
-                Some(kl) => &terms.loss + kl * (self.cfg.kl_beta / scale),
-                None => terms.loss.shallow_clone(),
-            };
-            let per_row = match &weights {
-                Some(w) => &per_row * w.to_kind(per_row.kind()),
-                None => per_row,
-            };
-            let loss = match all_active {
-                true => per_row.sum(per_row.kind()),
-                false => (per_row.index_select(0, &active_idx)).sum(per_row.kind()),
-            };
-            kept = Some((
-                v.detach(),
-                step.log_prob.detach(),
-                terms,
-                kl.map(|k| k.detach()),
-            ));
+            let (loss, evaluated) = self.loss(rows, &picked, v_ref.as_ref(), v);
+            kept = Some(evaluated);
             Ok(loss)
         };
         match kept_v {
             Some(v) => loss_fn(&v)?.backward(),
             None => drop(self.model.velocity_backward(&flow_inputs, &mut loss_fn)?),
         }
-        let (v, new_lp, terms, kl) = kept.expect("the loss function ran");
-        let ones = vec![1; samples.len()];
+        let e = kept.expect("the loss function ran");
+        let ones = vec![1; rows.samples.len()];
         let leaves = rows.leaves.as_deref().unwrap_or(&ones);
-        self.record(rows, leaves, &terms, kl.as_ref())?;
+        self.record(rows, leaves, &e.terms, e.kl.as_ref())?;
         observer.transitions(&TransitionBatch {
-            samples,
+            samples: &rows.samples,
             active: &rows.active,
             positions: &rows.positions,
-            steps,
+            steps: &rows.steps,
             leaves,
-            timestep_input: &expand(&ts),
-            latents: &z,
-            next_latents: &z_next,
-            model_output: &v,
-            old_log_probs: &old_lp,
-            new_log_probs: &new_lp,
-            terms: &terms,
-            kl: kl.as_ref(),
+            timestep_input: &picked.expand(&picked.ts),
+            latents: &picked.z,
+            next_latents: &picked.z_next,
+            model_output: &e.velocity,
+            old_log_probs: &picked.old_lp,
+            new_log_probs: &e.log_prob,
+            terms: &e.terms,
+            kl: e.kl.as_ref(),
         })
+    }
+
+    /// The rollout's tensors of the transitions of `rows`.
+    fn pick(&self, rows: &Rows) -> Picked {
+        let inp = self.inputs;
+        let device = inp.rollout.latents.device();
+        let pick = |t: &Tensor, samples: &[i64], steps: &[i64], offset: i64| {
+            let picked: Vec<Tensor> = (samples.iter().zip(steps))
+                .map(|(&b, &j)| t.get(b).get(j + offset))
+                .collect();
+            Tensor::stack(&picked, 0) // (n, ...)
+        };
+        let (samples, steps) = (&rows.samples, &rows.steps);
+        let latents = &inp.rollout.latents;
+        let z_model = pick(latents, &rows.model_samples, &rows.model_steps, 0);
+        let expand = (rows.expand.as_ref()).map(|e| Tensor::from_slice(e).to_device(device));
+        let s = inp.rollout.log_probs.size()[1];
+        let flat: Vec<i64> = (samples.iter().zip(steps))
+            .map(|(&b, &j)| b * s + j)
+            .collect();
+        let flat = Tensor::from_slice(&flat).to_device(device);
+        let mut picked = Picked {
+            z: z_model.shallow_clone(),
+            z_model,
+            z_next: pick(latents, samples, steps, 1),
+            // the rollout's step means (n, L, c), for the normalised ratio
+            mean_old: (inp.rollout.means.as_ref())
+                .filter(|_| self.cfg.guard.ratio_norm())
+                .map(|m| pick(m, samples, steps, 0)),
+            old_lp: inp.rollout.log_probs.reshape([-1]).index_select(0, &flat), // (n,)
+            ts: (inp.schedule.model_timesteps(&rows.model_steps)).to_device(device),
+            cond: inp.cond.for_samples(&rows.model_samples),
+            weights: self.row_weights(rows).map(|w| w.to_device(device)),
+            active: Tensor::from_slice(&rows.active).to_device(device),
+            all_active: rows.active.len() == samples.len(),
+            expand,
+        };
+        picked.z = picked.expand(&picked.z_model); // (n, L, c)
+        picked
+    }
+
+    /// The loss of the transitions of `rows` whose velocities are `v` (the
+    /// model rows'), summed over the active rows and scaled as the
+    /// reference's per-transition `backward`, and what it was made of.
+    fn loss(
+        &self,
+        rows: &Rows,
+        p: &Picked,
+        v_ref: Option<&Tensor>,
+        v: &Tensor,
+    ) -> (Tensor, Evaluated) {
+        let (sde, eta) = (self.cfg.sde, self.cfg.eta);
+        let scale = (self.cfg.grad_accum * self.t) as f64;
+        let v = p.expand(v); // (n, L, c)
+        let at = At::Rows(&rows.steps);
+        let sigmas = &self.inputs.schedule.sigmas;
+        let step = sde.step(&v, &p.z, sigmas, at, eta, Next::Given(&p.z_next));
+        let log_ratio = match &p.mean_old {
+            Some(old) => normalized_log_ratio(&step, old),
+            None => &step.log_prob - &p.old_lp,
+        };
+        let terms = clipped_loss_of_log_ratio(&log_ratio, &rows.adv, self.cfg.clip_range, scale);
+        // beta * KL joins each transition's loss, scaled as the policy term
+        let kl = v_ref.map(|vr| {
+            step_kl(
+                &step,
+                &sde.step(vr, &p.z, sigmas, at, eta, Next::Given(&p.z_next)),
+            )
+        });
+        let per_row = match &kl {
+            Some(kl) => &terms.loss + kl * (self.cfg.kl_beta / scale),
+            None => terms.loss.shallow_clone(),
+        };
+        let per_row = match &p.weights {
+            Some(w) => &per_row * w.to_kind(per_row.kind()),
+            None => per_row,
+        };
+        let loss = match p.all_active {
+            true => per_row.sum(per_row.kind()),
+            false => (per_row.index_select(0, &p.active)).sum(per_row.kind()),
+        };
+        let evaluated = Evaluated {
+            velocity: v.detach(),
+            log_prob: step.log_prob.detach(),
+            terms,
+            kl: kl.map(|k| k.detach()),
+        };
+        (loss, evaluated)
     }
 
     /// Each row's weight in the loss: GRPO-Guard's step weight times the

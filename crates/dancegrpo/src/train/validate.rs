@@ -24,9 +24,36 @@ const MAX_SAMPLES: i64 = 1 << 20;
 impl TrainConfig {
     /// Checks every field; the error names the first offending one (`origin` is the file).
     pub fn validate(&self, origin: &Path) -> Result<()> {
+        for (field, ok, msg) in self.field_rules() {
+            if !ok {
+                return Err(Error::config(origin, field, msg));
+            }
+        }
+        self.check_options(origin)?;
+        check_model(&self.model, origin)?;
+        check_data(&self.data, "data", origin)?;
+        if let Some(eval) = &self.eval.data {
+            check_data(eval, "eval.data", origin)?;
+        }
+        for (i, spec) in self.rewards.iter().enumerate() {
+            if let Some((field, msg)) = spec.check() {
+                return Err(Error::config(origin, &format!("rewards[{i}].{field}"), msg));
+            }
+        }
+        self.check_sampler_options(origin)?;
+        self.check_eval_cache(origin)?;
+        // the update's own count (the fields it also checks were checked above)
+        if let Err(Error::Input(msg)) = self.iteration_config().update.trained(self.sampler.steps) {
+            return Err(Error::config(origin, "grpo.timestep_fraction", msg));
+        }
+        Ok(())
+    }
+
+    /// The rules on single fields and simple combinations: `(field, holds, message)`.
+    fn field_rules(&self) -> Vec<Rule<'static>> {
         let (s, g, o, r) = (&self.sampler, &self.grpo, &self.optim, &self.run);
         let samples = r.prompts_per_iteration.saturating_mul(s.group_size);
-        let rules: Vec<Rule> = vec![
+        vec![
             ("rewards", !self.rewards.is_empty(), "at least one reward is needed".into()),
             ("sampler.height", s.height > 0 && s.height % 16 == 0, format!("must be a positive multiple of 16, got {}", s.height)),
             ("sampler.width", s.width > 0 && s.width % 16 == 0, format!("must be a positive multiple of 16, got {}", s.width)),
@@ -63,24 +90,13 @@ impl TrainConfig {
             ("run.prompts_per_iteration", r.prompts_per_iteration >= 1, format!("must be >= 1, got {}", r.prompts_per_iteration)),
             ("run.prompts_per_iteration", samples <= MAX_SAMPLES, format!("x sampler.group_size = {samples} samples per iteration, more than {MAX_SAMPLES}")),
             ("run.checkpoint_every", r.checkpoint_every >= 1, "must be >= 1".into()),
-        ];
-        for (field, ok, msg) in rules {
-            if !ok {
-                return Err(Error::config(origin, field, msg));
-            }
-        }
-        self.check_options(origin)?;
-        check_model(&self.model, origin)?;
-        check_data(&self.data, "data", origin)?;
-        if let Some(eval) = &self.eval.data {
-            check_data(eval, "eval.data", origin)?;
-        }
-        for (i, spec) in self.rewards.iter().enumerate() {
-            if let Some((field, msg)) = spec.check() {
-                return Err(Error::config(origin, &format!("rewards[{i}].{field}"), msg));
-            }
-        }
-        let n = g.trainable.transitions(s.steps);
+        ]
+    }
+
+    /// The sampler's window, tree and cache.
+    fn check_sampler_options(&self, origin: &Path) -> Result<()> {
+        let s = &self.sampler;
+        let n = self.grpo.trainable.transitions(s.steps);
         if let Some((field, msg)) = s.window.as_ref().and_then(|w| w.check(n)) {
             return Err(Error::config(
                 origin,
@@ -95,8 +111,13 @@ impl TrainConfig {
             let msg = "feature caching changes the model's velocities, and rollouts must record the model's own log-probabilities: cache the evaluation (eval.cache) or generation (generate --cache) instead";
             return Err(Error::config(origin, "sampler.cache", msg.to_string()));
         }
+        Ok(())
+    }
+
+    /// The evaluation's feature cache, and how it goes with the evaluation's parallelism.
+    fn check_eval_cache(&self, origin: &Path) -> Result<()> {
         if let Some((field, msg)) =
-            (self.eval.cache.as_ref()).and_then(|c| c.check(s.steps, usize::MAX))
+            (self.eval.cache.as_ref()).and_then(|c| c.check(self.sampler.steps, usize::MAX))
         {
             return Err(Error::config(origin, &format!("eval.cache.{field}"), msg));
         }
@@ -113,10 +134,6 @@ impl TrainConfig {
             // would decide apart (and a sharded model's forwards fall out of step)
             let msg = "a whole-step cache decides from all the prompts' latents at once and cannot run on shares of them: use eval.cache of kind \"blocks\", or eval.parallel = \"sequence\" or \"writer\"";
             return Err(Error::config(origin, "eval.parallel", msg.to_string()));
-        }
-        // the update's own count (the fields it also checks were checked above)
-        if let Err(Error::Input(msg)) = self.iteration_config().update.trained(s.steps) {
-            return Err(Error::config(origin, "grpo.timestep_fraction", msg));
         }
         Ok(())
     }
