@@ -68,108 +68,37 @@ impl ImageProcessor {
     /// `NEAREST` (`resample = 0`) is supported.
     pub fn from_file(path: &Path, default_size: i64) -> Result<Self> {
         let v: Value = read_json(path)?;
-        let err = |field: &str, msg: String| Error::config(path, field, msg);
-        let flag = |key: &str| -> Result<bool> {
-            match v.get(key) {
-                None | Some(Value::Null) => Ok(true),
-                Some(Value::Bool(b)) => Ok(*b),
-                Some(x) => Err(err(key, format!("expected true or false, found {x}"))),
-            }
+        let f = Fields { v: &v, path };
+        let d = Self::clip_default(default_size);
+        let filter = match v.get("resample").filter(|r| !r.is_null()) {
+            None => d.filter,
+            Some(r) => r.as_i64().and_then(Filter::from_pil).ok_or_else(|| {
+                let msg = "is unsupported (1 lanczos, 2 bilinear, 3 bicubic, 4 box, 5 hamming)";
+                f.err("resample", format!("{r} {msg}"))
+            })?,
         };
-        let int = |key: &str, x: &Value| -> Result<i64> {
-            x.as_i64()
-                .filter(|&n| n > 0)
-                .ok_or_else(|| err(key, format!("expected a positive integer, found {x}")))
-        };
-        let mut p = Self::clip_default(default_size);
-        if let Some(r) = v.get("resample").filter(|r| !r.is_null()) {
-            p.filter = r.as_i64().and_then(Filter::from_pil).ok_or_else(|| {
-                err(
-                    "resample",
-                    format!(
-                        "{r} is unsupported (1 lanczos, 2 bilinear, 3 bicubic, 4 box, 5 hamming)"
-                    ),
-                )
-            })?;
-        }
-        p.resize = if !flag("do_resize")? {
-            Resize::None
-        } else {
-            match v.get("size") {
-                None | Some(Value::Null) => p.resize,
-                Some(Value::Object(o)) => {
-                    if let Some(s) = o.get("shortest_edge") {
-                        Resize::ShortestEdge(int("size.shortest_edge", s)?)
-                    } else {
-                        let h = o.get("height").ok_or_else(|| {
-                            err(
-                                "size",
-                                "needs `shortest_edge` or `height` and `width`".into(),
-                            )
-                        })?;
-                        let w = o.get("width").ok_or_else(|| {
-                            err(
-                                "size",
-                                "needs `shortest_edge` or `height` and `width`".into(),
-                            )
-                        })?;
-                        Resize::Exact(int("size.height", h)?, int("size.width", w)?)
-                    }
-                }
-                Some(s) => Resize::ShortestEdge(int("size", s)?),
-            }
-        };
-        p.crop = if !flag("do_center_crop")? {
-            None
-        } else {
-            match v.get("crop_size") {
-                None | Some(Value::Null) => p.crop,
-                Some(Value::Object(o)) => {
-                    let get = |k: &str| {
-                        o.get(k)
-                            .ok_or_else(|| err("crop_size", format!("missing `{k}`")))
-                            .and_then(|x| int(&format!("crop_size.{k}"), x))
-                    };
-                    Some((get("height")?, get("width")?))
-                }
-                Some(s) => {
-                    let n = int("crop_size", s)?;
-                    Some((n, n))
-                }
-            }
-        };
-        p.rescale_factor = if !flag("do_rescale")? {
-            None
-        } else {
-            match v.get("rescale_factor") {
-                None | Some(Value::Null) => p.rescale_factor,
-                Some(x) => Some(x.as_f64().ok_or_else(|| {
-                    err("rescale_factor", format!("expected a number, found {x}"))
-                })?),
-            }
-        };
-        let triple = |key: &str, default: [f64; 3]| -> Result<[f64; 3]> {
-            match v.get(key) {
-                None | Some(Value::Null) => Ok(default),
-                Some(x) => {
-                    let a: Vec<f64> = x
-                        .as_array()
-                        .map(|a| a.iter().filter_map(Value::as_f64).collect())
-                        .unwrap_or_default();
-                    <[f64; 3]>::try_from(a)
-                        .map_err(|_| err(key, format!("expected 3 numbers, found {x}")))
-                }
-            }
-        };
-        p.normalize = if !flag("do_normalize")? {
-            None
-        } else {
-            Some((
-                triple("image_mean", CLIP_MEAN)?,
-                triple("image_std", CLIP_STD)?,
-            ))
-        };
-        Ok(p)
+        Ok(ImageProcessor {
+            resize: match f.flag("do_resize")? {
+                true => f.resize(d.resize)?,
+                false => Resize::None,
+            },
+            filter,
+            crop: match f.flag("do_center_crop")? {
+                true => f.crop(d.crop)?,
+                false => None,
+            },
+            rescale_factor: match f.flag("do_rescale")? {
+                true => f.number("rescale_factor")?.or(d.rescale_factor),
+                false => None,
+            },
+            normalize: match f.flag("do_normalize")? {
+                true => Some((
+                    f.triple("image_mean", CLIP_MEAN)?,
+                    f.triple("image_std", CLIP_STD)?,
+                )),
+                false => None,
+            },
+        })
     }
 
     /// `dir/preprocessor_config.json` if present, else [`ImageProcessor::clip_default`].
@@ -279,10 +208,165 @@ fn center_crop(x: &Tensor, ch: i64, cw: i64) -> Tensor {
     x.narrow(2, top.max(0), ch).narrow(3, left.max(0), cw)
 }
 
+/// The keys of a `preprocessor_config.json`, read with errors that name the
+/// file and the key.
+struct Fields<'a> {
+    v: &'a Value,
+    path: &'a Path,
+}
+
+impl Fields<'_> {
+    fn err(&self, field: &str, msg: String) -> Error {
+        Error::config(self.path, field, msg)
+    }
+
+    /// A `do_*` switch (absent or null: on).
+    fn flag(&self, key: &str) -> Result<bool> {
+        match self.v.get(key) {
+            None | Some(Value::Null) => Ok(true),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(x) => Err(self.err(key, format!("expected true or false, found {x}"))),
+        }
+    }
+
+    fn positive(&self, key: &str, x: &Value) -> Result<i64> {
+        (x.as_i64().filter(|&n| n > 0))
+            .ok_or_else(|| self.err(key, format!("expected a positive integer, found {x}")))
+    }
+
+    /// `size`: `{shortest_edge}`, `{height, width}` or one number (a shortest edge).
+    fn resize(&self, default: Resize) -> Result<Resize> {
+        let o = match self.v.get("size") {
+            None | Some(Value::Null) => return Ok(default),
+            Some(Value::Object(o)) => o,
+            Some(s) => return Ok(Resize::ShortestEdge(self.positive("size", s)?)),
+        };
+        if let Some(s) = o.get("shortest_edge") {
+            return Ok(Resize::ShortestEdge(
+                self.positive("size.shortest_edge", s)?,
+            ));
+        }
+        match (o.get("height"), o.get("width")) {
+            (Some(h), Some(w)) => Ok(Resize::Exact(
+                self.positive("size.height", h)?,
+                self.positive("size.width", w)?,
+            )),
+            _ => Err(self.err(
+                "size",
+                "needs `shortest_edge` or `height` and `width`".into(),
+            )),
+        }
+    }
+
+    /// `crop_size`: `{height, width}` or one number (a square).
+    fn crop(&self, default: Option<(i64, i64)>) -> Result<Option<(i64, i64)>> {
+        match self.v.get("crop_size") {
+            None | Some(Value::Null) => Ok(default),
+            Some(Value::Object(o)) => {
+                let get = |k: &str| {
+                    (o.get(k))
+                        .ok_or_else(|| self.err("crop_size", format!("missing `{k}`")))
+                        .and_then(|x| self.positive(&format!("crop_size.{k}"), x))
+                };
+                Ok(Some((get("height")?, get("width")?)))
+            }
+            Some(s) => {
+                let n = self.positive("crop_size", s)?;
+                Ok(Some((n, n)))
+            }
+        }
+    }
+
+    /// A number, if present and not null.
+    fn number(&self, key: &str) -> Result<Option<f64>> {
+        match self.v.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(x) => (x.as_f64().map(Some))
+                .ok_or_else(|| self.err(key, format!("expected a number, found {x}"))),
+        }
+    }
+
+    /// Three numbers (per channel), `default` if absent or null.
+    fn triple(&self, key: &str, default: [f64; 3]) -> Result<[f64; 3]> {
+        let Some(x) = self.v.get(key).filter(|x| !x.is_null()) else {
+            return Ok(default);
+        };
+        let a: Vec<f64> = (x.as_array())
+            .map(|a| a.iter().filter_map(Value::as_f64).collect())
+            .unwrap_or_default();
+        <[f64; 3]>::try_from(a).map_err(|_| self.err(key, format!("expected 3 numbers, found {x}")))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tch::Device;
+
+    fn read(name: &str, json: &str) -> Result<ImageProcessor> {
+        let dir = std::env::temp_dir().join(format!("dg-clip-pre-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{name}.json"));
+        std::fs::write(&path, json).unwrap();
+        ImageProcessor::from_file(&path, 224)
+    }
+
+    #[test]
+    fn configs_are_read_with_defaults_and_errors_naming_the_key() {
+        assert_eq!(
+            read("empty", "{}").unwrap(),
+            ImageProcessor::clip_default(224)
+        );
+        let p = read(
+            "full",
+            r#"{"resample": 2, "size": {"height": 336, "width": 300}, "crop_size": 256,
+                "rescale_factor": 0.5, "image_mean": [0.5, 0.5, 0.5], "do_normalize": true}"#,
+        )
+        .unwrap();
+        assert_eq!(p.resize, Resize::Exact(336, 300));
+        assert_eq!(p.filter, Filter::Bilinear);
+        assert_eq!(p.crop, Some((256, 256)));
+        assert_eq!(p.rescale_factor, Some(0.5));
+        assert_eq!(p.normalize, Some(([0.5; 3], CLIP_STD)));
+        let off = r#"{"do_resize": false, "do_center_crop": false, "do_rescale": false,
+                      "do_normalize": false, "size": {"shortest_edge": 7}}"#;
+        let p = read("off", off).unwrap();
+        assert_eq!(
+            (p.resize, p.crop, p.rescale_factor),
+            (Resize::None, None, None)
+        );
+        assert_eq!(p.normalize, None);
+        let p = read(
+            "edge",
+            r#"{"size": {"shortest_edge": 336}, "crop_size": {"height": 3, "width": 4}}"#,
+        );
+        let p = p.unwrap();
+        assert_eq!(
+            (p.resize, p.crop),
+            (Resize::ShortestEdge(336), Some((3, 4)))
+        );
+        for (json, key) in [
+            (r#"{"resample": 0}"#, "resample"),
+            (r#"{"do_resize": 1}"#, "do_resize"),
+            (r#"{"size": {"height": 3}}"#, "size"),
+            (r#"{"size": {"shortest_edge": -3}}"#, "size.shortest_edge"),
+            (r#"{"crop_size": {"height": 3}}"#, "crop_size"),
+            (
+                r#"{"crop_size": {"height": 3, "width": 0}}"#,
+                "crop_size.width",
+            ),
+            (r#"{"rescale_factor": "x"}"#, "rescale_factor"),
+            (r#"{"image_std": [1, 2]}"#, "image_std"),
+        ] {
+            match read("bad", json) {
+                Err(Error::Config { path, field, .. }) => {
+                    assert_eq!(field, key, "{json}");
+                    assert!(path.ends_with("bad.json"));
+                }
+                other => panic!("{json}: {other:?}"),
+            }
+        }
+    }
 
     #[test]
     fn shortest_edge_sizes_truncate_like_transformers() {
