@@ -86,11 +86,57 @@ fn rewards(a: RewardsArgs) -> anyhow::Result<ExitCode> {
     let images = (Philox::new(7, 0).normal_tensor(&[a.images, a.size, a.size, 3]) * 60.0 + 128.0)
         .clamp(0.0, 255.0)
         .to_kind(Kind::Uint8)
-        .to_device(device);
+        .to_device(device); // (n, size, size, 3)
     let prompts: Vec<String> = (0..a.images)
         .map(|i| format!("a photo of thing number {i}"))
         .collect();
     let server = LoopbackServer::echo()?;
+    let mut list = reward_list(&server, device)?;
+    let batch = RewardBatch {
+        images: &images,
+        prompts: &prompts,
+    };
+    println!(
+        "{} images of {}x{} per batch, {} timed batches, device {:?}, {} threads",
+        a.images,
+        a.size,
+        a.size,
+        a.repeats,
+        device,
+        tch::get_num_threads()
+    );
+    println!("{:<36} {:>10} {:>12}", "reward", "s/batch", "images/s");
+    let mut results = Vec::new();
+    for (label, reward) in &mut list {
+        let per_batch = time_reward(label, reward.as_mut(), &batch, a.repeats.max(1), device)?;
+        let ips = a.images as f64 / per_batch;
+        println!("{label:<36} {per_batch:>10.4} {ips:>12.1}");
+        results.push(serde_json::json!({
+            "reward": reward.name(),
+            "label": label,
+            "seconds_per_batch": per_batch,
+            "images_per_second": ips,
+        }));
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "rewards",
+            "images": a.images,
+            "size": a.size,
+            "device": format!("{device:?}"),
+            "threads": tch::get_num_threads(),
+            "results": results,
+        })
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Every built-in reward, on tiny seeded models (the remote one on `server`), with its label.
+fn reward_list(
+    server: &LoopbackServer,
+    device: Device,
+) -> anyhow::Result<Vec<(&'static str, Box<dyn Reward>)>> {
     let hps = OpenClip::new(
         OpenClipConfig::tiny(),
         Source::Seeded(0),
@@ -99,7 +145,7 @@ fn rewards(a: RewardsArgs) -> anyhow::Result<ExitCode> {
     )?;
     let mut remote_cfg = RemoteConfig::new(&server.url(), 30.0, 0);
     remote_cfg.backoff = std::time::Duration::ZERO;
-    let mut list: Vec<(&str, Box<dyn Reward>)> = vec![
+    Ok(vec![
         (
             "jpeg (q95)",
             Box::new(JpegReward::new(JpegObjective::Compressibility, 95)?),
@@ -123,54 +169,28 @@ fn rewards(a: RewardsArgs) -> anyhow::Result<ExitCode> {
             "remote (loopback echo, PNG+base64)",
             Box::new(RemoteReward::new(remote_cfg)?),
         ),
-    ];
-    let batch = RewardBatch {
-        images: &images,
-        prompts: &prompts,
-    };
-    println!(
-        "{} images of {}x{} per batch, {} timed batches, device {:?}, {} threads",
-        a.images,
-        a.size,
-        a.size,
-        a.repeats,
-        device,
-        tch::get_num_threads()
-    );
-    println!("{:<36} {:>10} {:>12}", "reward", "s/batch", "images/s");
-    let mut results = Vec::new();
-    for (label, reward) in &mut list {
-        let warm = reward.score(&batch)?;
-        if let Some(Score::Failed(why)) = warm.iter().find(|s| matches!(s, Score::Failed(_))) {
-            anyhow::bail!("{label}: {why}");
-        }
-        let start = Instant::now();
-        for _ in 0..a.repeats.max(1) {
-            reward.score(&batch)?;
-        }
-        if let Device::Cuda(i) = device {
-            tch::Cuda::synchronize(i as i64);
-        }
-        let per_batch = start.elapsed().as_secs_f64() / a.repeats.max(1) as f64;
-        let ips = a.images as f64 / per_batch;
-        println!("{label:<36} {per_batch:>10.4} {ips:>12.1}");
-        results.push(serde_json::json!({
-            "reward": reward.name(),
-            "label": label,
-            "seconds_per_batch": per_batch,
-            "images_per_second": ips,
-        }));
+    ])
+}
+
+/// Seconds per scored batch over `repeats` batches, after one warm-up batch
+/// (an error when the warm-up fails an item).
+fn time_reward(
+    label: &str,
+    reward: &mut dyn Reward,
+    batch: &RewardBatch,
+    repeats: u32,
+    device: Device,
+) -> anyhow::Result<f64> {
+    let warm = reward.score(batch)?;
+    if let Some(Score::Failed(why)) = warm.iter().find(|s| matches!(s, Score::Failed(_))) {
+        anyhow::bail!("{label}: {why}");
     }
-    println!(
-        "{}",
-        serde_json::json!({
-            "bench": "rewards",
-            "images": a.images,
-            "size": a.size,
-            "device": format!("{device:?}"),
-            "threads": tch::get_num_threads(),
-            "results": results,
-        })
-    );
-    Ok(ExitCode::SUCCESS)
+    let start = Instant::now();
+    for _ in 0..repeats {
+        reward.score(batch)?;
+    }
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+    Ok(start.elapsed().as_secs_f64() / repeats as f64)
 }

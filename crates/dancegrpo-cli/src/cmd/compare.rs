@@ -9,7 +9,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
-use dancegrpo::compare::{run_all, Method, Report, Settings, BUILT_IN};
+use dancegrpo::compare::{run_all, Method, Report, RunTrace, Settings, BUILT_IN};
+use dancegrpo::train::Progress;
 
 /// Arguments of `dancegrpo compare`.
 #[derive(clap::Args)]
@@ -58,6 +59,36 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         tch::set_num_threads(n);
     }
     let device = super::train::parse_device(&args.device)?;
+    let methods = methods(&args)?;
+    let iterations = args.iterations.unwrap_or(methods[0].config.run.iterations);
+    let settings = Settings {
+        iterations,
+        seeds: args.seeds,
+        first_seed: args.seed,
+        out: args.out.clone(),
+        device,
+    };
+    std::fs::create_dir_all(&args.out).with_context(|| format!("--out {}", args.out.display()))?;
+    eprintln!(
+        "compare: {} methods x {} seeds x {iterations} iterations into {}",
+        methods.len(),
+        args.seeds,
+        args.out.display()
+    );
+    let traces = run_all(&methods, &settings, &mut show_progress, &mut show_finished)?;
+    let names: Vec<String> = methods.iter().map(|m| m.name.clone()).collect();
+    let report = Report::new(&names, &traces, iterations, args.seeds);
+    report.write(&args.out)?;
+    println!("{}", report.markdown());
+    println!(
+        "wrote {0}/compare.md, {0}/compare.json, {0}/compare.png",
+        args.out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The methods to compare (the three built-in ones by default), on `--model` if given.
+fn methods(args: &Args) -> anyhow::Result<Vec<Method>> {
     let mut set = args.set.clone();
     if let Some(dir) = &args.model {
         anyhow::ensure!(
@@ -76,58 +107,34 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         ],
         false => args.methods.clone(),
     };
-    let methods: Vec<Method> = specs
-        .iter()
+    let methods = (specs.iter())
         .map(|s| Method::resolve(s, &set))
         .collect::<dancegrpo::Result<_>>()?;
-    let iterations = args.iterations.unwrap_or(methods[0].config.run.iterations);
-    let settings = Settings {
-        iterations,
-        seeds: args.seeds,
-        first_seed: args.seed,
-        out: args.out.clone(),
-        device,
-    };
-    std::fs::create_dir_all(&args.out).with_context(|| format!("--out {}", args.out.display()))?;
+    Ok(methods)
+}
+
+/// One line of progress, rewritten in place.
+fn show_progress(name: &str, seed: u64, p: &Progress) {
+    eprint!(
+        "\r{name} seed {seed}: {}/{} reward {:+.4} {:.2}s/it   ",
+        p.iteration, p.total, p.metrics.reward_mean, p.seconds_per_iteration
+    );
+    let _ = std::io::stderr().flush();
+}
+
+/// A finished run's first and last rewards (means of up to 10 iterations).
+fn show_finished(name: &str, seed: u64, t: &RunTrace, reused: bool) {
+    let k = t.rewards.len().min(10);
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let secs: f64 = t.seconds.iter().sum();
     eprintln!(
-        "compare: {} methods x {} seeds x {iterations} iterations into {}",
-        methods.len(),
-        args.seeds,
-        args.out.display()
+        "\r{name} seed {seed}: reward {:.3} -> {:.3} in {secs:.1} training seconds{}",
+        mean(&t.rewards[..k]),
+        mean(&t.rewards[t.rewards.len() - k..]),
+        if reused {
+            " (finished earlier: reused)"
+        } else {
+            ""
+        }
     );
-    let traces = run_all(
-        &methods,
-        &settings,
-        &mut |name, seed, p| {
-            eprint!(
-                "\r{name} seed {seed}: {}/{} reward {:+.4} {:.2}s/it   ",
-                p.iteration, p.total, p.metrics.reward_mean, p.seconds_per_iteration
-            );
-            let _ = std::io::stderr().flush();
-        },
-        &mut |name, seed, t, reused| {
-            let k = t.rewards.len().min(10);
-            let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-            let secs: f64 = t.seconds.iter().sum();
-            eprintln!(
-                "\r{name} seed {seed}: reward {:.3} -> {:.3} in {secs:.1} training seconds{}",
-                mean(&t.rewards[..k]),
-                mean(&t.rewards[t.rewards.len() - k..]),
-                if reused {
-                    " (finished earlier: reused)"
-                } else {
-                    ""
-                }
-            );
-        },
-    )?;
-    let names: Vec<String> = methods.iter().map(|m| m.name.clone()).collect();
-    let report = Report::new(&names, &traces, iterations, args.seeds);
-    report.write(&args.out)?;
-    println!("{}", report.markdown());
-    println!(
-        "wrote {0}/compare.md, {0}/compare.json, {0}/compare.png",
-        args.out.display()
-    );
-    Ok(ExitCode::SUCCESS)
 }

@@ -126,20 +126,22 @@ fn http_loop(server: &Server, jobs: &SyncSender<Job>, counters: &Counters, cfg: 
     }
 }
 
-/// `(status, body, whether the body is a PNG)` for one HTTP request.
+/// `(status, body, whether the body is a PNG)` of one answer.
+type Answer = (u16, Vec<u8>, bool);
+
+/// A JSON error answer `{"error": msg}`.
+fn error(status: u16, msg: &str) -> Answer {
+    let body = serde_json::json!({ "error": msg }).to_string().into_bytes();
+    (status, body, false)
+}
+
+/// The answer to one HTTP request.
 fn answer(
     rq: &mut tiny_http::Request,
     jobs: &SyncSender<Job>,
     counters: &Counters,
     cfg: &ServeConfig,
-) -> (u16, Vec<u8>, bool) {
-    let error = |status: u16, msg: &str| {
-        (
-            status,
-            serde_json::json!({ "error": msg }).to_string().into_bytes(),
-            false,
-        )
-    };
+) -> Answer {
     match (rq.method(), rq.url()) {
         (Method::Get, "/health") => {
             let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -151,49 +153,7 @@ fn answer(
             });
             (200, body.to_string().into_bytes(), false)
         }
-        (Method::Post, "/generate") => {
-            let mut body = Vec::new();
-            let limit = 64 * 1024;
-            if rq
-                .as_reader()
-                .take(limit + 1)
-                .read_to_end(&mut body)
-                .is_err()
-                || body.len() as u64 > limit
-            {
-                counters.refused.fetch_add(1, Ordering::Relaxed);
-                return error(400, "the request body must be JSON of at most 64 KiB");
-            }
-            let req = match request::parse(&body, &cfg.limits) {
-                Ok(r) => r,
-                Err(msg) => {
-                    counters.refused.fetch_add(1, Ordering::Relaxed);
-                    return error(400, &msg);
-                }
-            };
-            let (reply, answer) = mpsc::channel();
-            counters.queued.fetch_add(1, Ordering::Relaxed);
-            match jobs.try_send(Job { req, reply }) {
-                Ok(()) => {}
-                Err(e) => {
-                    counters.queued.fetch_sub(1, Ordering::Relaxed);
-                    if let TrySendError::Full(_) = e {
-                        counters.rejected.fetch_add(1, Ordering::Relaxed);
-                        let msg = format!(
-                            "the queue is full ({} requests waiting): try again later",
-                            cfg.queue
-                        );
-                        return error(503, &msg);
-                    }
-                    return error(500, "the model thread has stopped");
-                }
-            }
-            match answer.recv_timeout(Duration::from_secs(3600)) {
-                Ok(Ok(png)) => (200, png, true),
-                Ok(Err((status, msg))) => error(status, &msg),
-                Err(_) => error(500, "no answer from the model thread"),
-            }
-        }
+        (Method::Post, "/generate") => queue_generation(rq, jobs, counters, cfg),
         (_, "/health" | "/generate") => {
             error(405, "method not allowed: GET /health, POST /generate")
         }
@@ -201,6 +161,49 @@ fn answer(
             404,
             &format!("no such endpoint {url}: GET /health, POST /generate"),
         ),
+    }
+}
+
+/// `POST /generate`: the request parsed, queued for the model thread and its
+/// PNG awaited (400 on a bad request, 503 when the queue is full).
+fn queue_generation(
+    rq: &mut tiny_http::Request,
+    jobs: &SyncSender<Job>,
+    counters: &Counters,
+    cfg: &ServeConfig,
+) -> Answer {
+    let mut body = Vec::new();
+    let limit = 64 * 1024;
+    let read = rq.as_reader().take(limit + 1).read_to_end(&mut body);
+    if read.is_err() || body.len() as u64 > limit {
+        counters.refused.fetch_add(1, Ordering::Relaxed);
+        return error(400, "the request body must be JSON of at most 64 KiB");
+    }
+    let req = match request::parse(&body, &cfg.limits) {
+        Ok(r) => r,
+        Err(msg) => {
+            counters.refused.fetch_add(1, Ordering::Relaxed);
+            return error(400, &msg);
+        }
+    };
+    let (reply, answer) = mpsc::channel();
+    counters.queued.fetch_add(1, Ordering::Relaxed);
+    if let Err(e) = jobs.try_send(Job { req, reply }) {
+        counters.queued.fetch_sub(1, Ordering::Relaxed);
+        if let TrySendError::Full(_) = e {
+            counters.rejected.fetch_add(1, Ordering::Relaxed);
+            let msg = format!(
+                "the queue is full ({} requests waiting): try again later",
+                cfg.queue
+            );
+            return error(503, &msg);
+        }
+        return error(500, "the model thread has stopped");
+    }
+    match answer.recv_timeout(Duration::from_secs(3600)) {
+        Ok(Ok(png)) => (200, png, true),
+        Ok(Err((status, msg))) => error(status, &msg),
+        Err(_) => error(500, "no answer from the model thread"),
     }
 }
 

@@ -15,7 +15,7 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
-use super::config::ClipConfig;
+use super::config::{ClipConfig, ClipVisionConfig};
 use crate::error::{Error, Result};
 use crate::models::clip_text::model::ClipLayer;
 use crate::models::clip_text::ClipTextModel;
@@ -45,24 +45,19 @@ pub struct ClipModel {
     device: Device,
 }
 
-impl ClipModel {
-    /// Builds the model with parameters from `source` (a checkpoint in the
-    /// transformers key layout, or a seed), of `kind` on `device`. Tensors the
-    /// model does not have are an error, except the `position_ids` buffers.
-    pub fn new(config: ClipConfig, source: Source, kind: Kind, device: Device) -> Result<Self> {
-        config.validate(Path::new("CLIP config"))?;
-        if let Source::Checkpoint(ck) = source {
-            check_towers(ck)?;
-        }
-        let text = ClipTextModel::new(config.text_config.clone(), source, kind, device)?;
-        let params = ParamStore::new();
-        let vb = VarBuilder::new(source, &params, kind, device);
-        let vc = &config.vision_config;
+impl Vision {
+    /// The vision tower under `vm` (`vision_model.`).
+    fn new(vm: &VarBuilder, vc: &ClipVisionConfig) -> Result<Self> {
         let act = vc.activation().expect("validated activation");
         let d = vc.hidden_size;
-        let vm = vb.pp("vision_model");
         let emb = vm.pp("embeddings");
-        let vision = Vision {
+        let dims = (
+            d,
+            vc.intermediate_size,
+            vc.num_attention_heads,
+            vc.layer_norm_eps,
+        );
+        Ok(Vision {
             class_embedding: emb.get("class_embedding", &[d], Init::Normal(0.02))?,
             patch_embedding: emb.pp("patch_embedding").get(
                 "weight",
@@ -76,19 +71,28 @@ impl ClipModel {
             )?,
             pre_layrnorm: LayerNorm::new(&vm.pp("pre_layrnorm"), d, vc.layer_norm_eps)?,
             layers: (0..vc.num_hidden_layers)
-                .map(|i| {
-                    let dims = (
-                        d,
-                        vc.intermediate_size,
-                        vc.num_attention_heads,
-                        vc.layer_norm_eps,
-                    );
-                    ClipLayer::new(&vm.pp("encoder").pp("layers").pp(i), dims, act)
-                })
+                .map(|i| ClipLayer::new(&vm.pp("encoder").pp("layers").pp(i), dims, act))
                 .collect::<Result<Vec<_>>>()?,
             post_layernorm: LayerNorm::new(&vm.pp("post_layernorm"), d, vc.layer_norm_eps)?,
             patch: vc.patch_size,
-        };
+        })
+    }
+}
+
+impl ClipModel {
+    /// Builds the model with parameters from `source` (a checkpoint in the
+    /// transformers key layout, or a seed), of `kind` on `device`. Tensors the
+    /// model does not have are an error, except the `position_ids` buffers.
+    pub fn new(config: ClipConfig, source: Source, kind: Kind, device: Device) -> Result<Self> {
+        config.validate(Path::new("CLIP config"))?;
+        if let Source::Checkpoint(ck) = source {
+            check_towers(ck)?;
+        }
+        let text = ClipTextModel::new(config.text_config.clone(), source, kind, device)?;
+        let params = ParamStore::new();
+        let vb = VarBuilder::new(source, &params, kind, device);
+        let vision = Vision::new(&vb.pp("vision_model"), &config.vision_config)?;
+        let d = config.vision_config.hidden_size;
         let e = config.projection_dim;
         let visual_projection = Linear::new(&vb.pp("visual_projection"), d, e, false)?;
         let text_projection = Linear::new(

@@ -169,22 +169,13 @@ pub struct OpenClip {
     device: Device,
 }
 
-impl OpenClip {
-    /// Builds the model with parameters from `source`, of `kind` on `device`. A
-    /// checkpoint lacking a whole tower is reported as such before any tensor.
-    pub fn new(config: OpenClipConfig, source: Source, kind: Kind, device: Device) -> Result<Self> {
-        if let Source::Checkpoint(ck) = source {
-            check_towers(ck)?;
-        }
-        let params = ParamStore::new();
-        let vb = VarBuilder::new(source, &params, kind, device);
-        let e = config.embed_dim;
-
+impl Vision {
+    /// The image tower under `vv` (`visual.`).
+    fn new(vv: &VarBuilder, config: &OpenClipConfig) -> Result<Self> {
         let vc = &config.vision_cfg;
-        let vv = vb.pp("visual");
         let grid = vc.image_size / vc.patch_size;
-        let w = vc.width;
-        let vision = Vision {
+        let (w, e) = (vc.width, config.embed_dim);
+        Ok(Vision {
             class_embedding: vv.get("class_embedding", &[w], Init::Normal(0.02))?,
             positional_embedding: vv.get(
                 "positional_embedding",
@@ -199,7 +190,7 @@ impl OpenClip {
             )?,
             ln_pre: LayerNorm::new(&vv.pp("ln_pre"), w, LN_EPS)?,
             blocks: blocks(
-                &vv,
+                vv,
                 vc.layers,
                 w,
                 w / vc.head_width,
@@ -209,24 +200,33 @@ impl OpenClip {
             )?,
             ln_post: LayerNorm::new(&vv.pp("ln_post"), w, LN_EPS)?,
             patch: vc.patch_size,
-        };
+        })
+    }
+}
 
+impl Text {
+    /// The text tower at the checkpoint's root, its causal mask `(l, l)` of `kind` on `device`.
+    fn new(vb: &VarBuilder, config: &OpenClipConfig, kind: Kind, device: Device) -> Result<Self> {
         let tc = &config.text_cfg;
         let l = tc.context_length;
-        let text = Text {
+        Ok(Text {
             positional_embedding: vb.get(
                 "positional_embedding",
                 &[l, tc.width],
                 Init::Normal(0.01),
             )?,
-            text_projection: vb.get("text_projection", &[tc.width, e], Init::FanIn)?,
+            text_projection: vb.get(
+                "text_projection",
+                &[tc.width, config.embed_dim],
+                Init::FanIn,
+            )?,
             token_embedding: vb.pp("token_embedding").get(
                 "weight",
                 &[tc.vocab_size, tc.width],
                 Init::Normal(0.02),
             )?,
             blocks: blocks(
-                &vb,
+                vb,
                 tc.layers,
                 tc.width,
                 tc.heads,
@@ -236,7 +236,22 @@ impl OpenClip {
             )?,
             ln_final: LayerNorm::new(&vb.pp("ln_final"), tc.width, LN_EPS)?,
             causal_mask: Tensor::full([l, l], f64::NEG_INFINITY, (kind, device)).triu(1),
-        };
+        })
+    }
+}
+
+impl OpenClip {
+    /// Builds the model with parameters from `source`, of `kind` on `device`. A
+    /// checkpoint lacking a whole tower is reported as such before any tensor.
+    pub fn new(config: OpenClipConfig, source: Source, kind: Kind, device: Device) -> Result<Self> {
+        if let Source::Checkpoint(ck) = source {
+            check_towers(ck)?;
+        }
+        let params = ParamStore::new();
+        let vb = VarBuilder::new(source, &params, kind, device);
+        // built in the checkpoint's order: seeded weights are drawn in it
+        let vision = Vision::new(&vb.pp("visual"), &config)?;
+        let text = Text::new(&vb, &config, kind, device)?;
         let logit_scale = vb.get("logit_scale", &[], Init::Zeros)?;
         if let Source::Checkpoint(ck) = source {
             params.check_all_used(ck)?;
