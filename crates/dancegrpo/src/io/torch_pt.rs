@@ -379,6 +379,16 @@ pub fn write_torch_pt_view(
     // the view must lie inside the storage
     let _ = strided(&storage, offset, size, stride).map_err(err)?;
 
+    let pickle = rebuild_pickle(class, numel as i64, offset, size, stride);
+    let mut data = vec![0u8; numel * kind.elt_size_in_bytes()];
+    storage.copy_data_u8(&mut data, numel);
+    write_archive(path, &pickle, &data)
+}
+
+/// The protocol-2 pickle of `_rebuild_tensor_v2(storage, offset, size,
+/// stride, False, OrderedDict())` with `storage` the persistent id of a
+/// `class` storage `"0"` of `numel` elements on the CPU.
+fn rebuild_pickle(class: &str, numel: i64, offset: i64, size: &[i64], stride: &[i64]) -> Vec<u8> {
     let mut p: Vec<u8> = vec![0x80, 2];
     let global =
         |p: &mut Vec<u8>, m: &str, n: &str| p.extend_from_slice(format!("c{m}\n{n}\n").as_bytes());
@@ -397,7 +407,7 @@ pub fn write_torch_pt_view(
     global(&mut p, "torch", class);
     string(&mut p, "0");
     string(&mut p, "cpu");
-    long(&mut p, numel as i64);
+    long(&mut p, numel);
     p.extend(b"tQ");
     long(&mut p, offset);
     p.push(b'(');
@@ -412,18 +422,21 @@ pub fn write_torch_pt_view(
     p.push(0x89); // requires_grad = False
     global(&mut p, "collections", "OrderedDict");
     p.extend(b")RtR.");
+    p
+}
 
-    let mut data = vec![0u8; numel * kind.elt_size_in_bytes()];
-    storage.copy_data_u8(&mut data, numel);
+/// `torch.save`'s zip archive (stored, not compressed) of one pickle and one
+/// storage's bytes, written atomically.
+fn write_archive(path: &Path, pickle: &[u8], data: &[u8]) -> Result<()> {
     crate::io::atomic::write_atomic(path, |w| {
         let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
         let opts =
             zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Stored);
         let to_io = |e: zip::result::ZipError| std::io::Error::other(e.to_string());
         for (name, bytes) in [
-            ("archive/data.pkl", p.as_slice()),
+            ("archive/data.pkl", pickle),
             ("archive/byteorder", b"little".as_slice()),
-            ("archive/data/0", data.as_slice()),
+            ("archive/data/0", data),
             ("archive/version", b"3\n".as_slice()),
         ] {
             zip.start_file(name, opts).map_err(to_io)?;
