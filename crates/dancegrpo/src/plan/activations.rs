@@ -49,6 +49,41 @@ pub fn peak(cfg: &TrainConfig, c: &ModelCounts, text_len: i64, world: i64) -> Ac
     let d = c.flux.inner_dim();
     let (nd, ns) = (c.flux.num_layers as i64, c.flux.num_single_layers as i64);
     let cb = kind_bytes(cfg.precision.compute_kind()) as i64;
+    let (rollout_batch, update_batch) = model_batches(cfg, world);
+    let per_token = match cfg.optim.activation_checkpointing {
+        ActivationCheckpointing::Off => DOUBLE_KEEPS * nd + SINGLE_KEEPS * ns,
+        ActivationCheckpointing::PerBlock => nd + ns + SINGLE_KEEPS,
+    };
+    let update = update_batch * seq * d * per_token * cb;
+    let rollout = rollout_batch * seq * d * SINGLE_KEEPS * cb;
+    let first_width = c.vae.block_out_channels.first().copied().unwrap_or(0);
+    let frozen = kind_bytes(cfg.precision.frozen_kind()) as i64;
+    let decode = s.decode_batch * VAE_MAPS * first_width * h * w * frozen;
+    let trajectories = trajectory_bytes(cfg, world, tokens);
+    let (phase, bytes) = [("update", update), ("rollout", rollout), ("decode", decode)]
+        .into_iter()
+        .max_by_key(|p| p.1)
+        .expect("three phases");
+    let field = match (phase, trajectories > bytes) {
+        (_, true) => "run.prompts_per_iteration, sampler.group_size",
+        ("decode", _) => "sampler.height, sampler.width, sampler.decode_batch",
+        _ => "sampler.height, sampler.width",
+    };
+    Activations {
+        field,
+        bytes: (bytes + trajectories) as u64,
+        detail: format!(
+            "{phase} peaks; {h}x{w}: {tokens} image + {text_len} text tokens, width {d}, \
+             update batch {update_batch}, {:?} checkpointing; + rollout trajectories {:.2} GiB",
+            cfg.optim.activation_checkpointing,
+            trajectories as f64 / super::GIB
+        ),
+    }
+}
+
+/// The rollout's and the update's model batches (rows) in one of `world` processes.
+fn model_batches(cfg: &TrainConfig, world: i64) -> (i64, i64) {
+    let s = &cfg.sampler;
     let derived = cfg.derived(world);
     // the samples of one accumulation window in this process
     let window = derived
@@ -71,42 +106,19 @@ pub fn peak(cfg: &TrainConfig, c: &ModelCounts, text_len: i64, world: i64) -> Ac
         (_, UpdateBatching::Rollout) => rollout_batch,
         (_, UpdateBatching::PerSample) => 1,
     };
-    let per_token = match cfg.optim.activation_checkpointing {
-        ActivationCheckpointing::Off => DOUBLE_KEEPS * nd + SINGLE_KEEPS * ns,
-        ActivationCheckpointing::PerBlock => nd + ns + SINGLE_KEEPS,
-    };
-    let update = update_batch * seq * d * per_token * cb;
-    let rollout = rollout_batch * seq * d * SINGLE_KEEPS * cb;
-    let first_width = c.vae.block_out_channels.first().copied().unwrap_or(0);
-    let frozen = kind_bytes(cfg.precision.frozen_kind()) as i64;
-    let decode = s.decode_batch * VAE_MAPS * first_width * h * w * frozen;
-    // the local samples' trajectories z_0..z_S, float32, packed 64 channels,
-    // and with GRPO-Guard's ratio normalisation every step's mean as well
-    let local = derived.samples_per_process;
-    let kept = (s.steps + 1)
+    (rollout_batch, update_batch)
+}
+
+/// The local samples' trajectories `z_0..z_S` (float32, packed 64 channels
+/// per image token), and with GRPO-Guard's ratio normalisation every step's
+/// mean as well.
+fn trajectory_bytes(cfg: &TrainConfig, world: i64, tokens: i64) -> i64 {
+    let steps = cfg.sampler.steps;
+    let kept = (steps + 1)
         + if cfg.grpo.guard.ratio_norm() {
-            s.steps
+            steps
         } else {
             0
         };
-    let trajectories = local * kept * tokens * 64 * 4;
-    let (phase, bytes) = [("update", update), ("rollout", rollout), ("decode", decode)]
-        .into_iter()
-        .max_by_key(|p| p.1)
-        .expect("three phases");
-    let field = match (phase, trajectories > bytes) {
-        (_, true) => "run.prompts_per_iteration, sampler.group_size",
-        ("decode", _) => "sampler.height, sampler.width, sampler.decode_batch",
-        _ => "sampler.height, sampler.width",
-    };
-    Activations {
-        field,
-        bytes: (bytes + trajectories) as u64,
-        detail: format!(
-            "{phase} peaks; {h}x{w}: {tokens} image + {text_len} text tokens, width {d}, \
-             update batch {update_batch}, {:?} checkpointing; + rollout trajectories {:.2} GiB",
-            cfg.optim.activation_checkpointing,
-            trajectories as f64 / super::GIB
-        ),
-    }
+    cfg.derived(world).samples_per_process * kept * tokens * 64 * 4
 }

@@ -286,7 +286,36 @@ fn plan_lines(
     text_len: i64,
     reserve: u64,
 ) -> Vec<PlanLine> {
-    let p = &cfg.precision;
+    let mut out = trained_state_lines(cfg, c, world);
+    for (name, count, kind) in &c.frozen {
+        let what = format!("{name} (frozen, {kind:?})");
+        let bytes = kind_bytes(*kind) * *count as u64;
+        out.push(line(
+            &format!("frozen:{name}"),
+            &what,
+            bytes,
+            format!("{count} parameters"),
+        ));
+    }
+    out.extend(compute_copies(cfg, c));
+    let act = activations::peak(cfg, c, text_len, world);
+    out.push(PlanLine {
+        field: act.field,
+        ..line(
+            "activations",
+            "activations (estimate)",
+            act.bytes,
+            act.detail,
+        )
+    });
+    let what = "CUDA context and allocator slack (estimate)";
+    out.push(line("reserve", what, reserve, "fixed".into()));
+    out
+}
+
+/// The trained weights, their gradients, AdamW moments and EMA, each divided
+/// among the `world` processes as `parallel.sharding` says.
+fn trained_state_lines(cfg: &TrainConfig, c: &ModelCounts, world: i64) -> Vec<PlanLine> {
     let n = world.max(1) as u64;
     let (weights_div, grads_div, moments_div) = match (cfg.parallel.sharding, &cfg.optim.lora) {
         (Sharding::None, _) => (1, 1, 1),
@@ -294,7 +323,7 @@ fn plan_lines(
         (Sharding::Optimizer, _) | (Sharding::Full, Some(_)) => (1, 1, n),
         (Sharding::Full, None) => (n, n, n),
     };
-    let master = kind_bytes(p.master_kind()) * c.trained as u64;
+    let master = kind_bytes(cfg.precision.master_kind()) * c.trained as u64;
     let of = |div: u64| format!("{} parameters / {div}", c.trained);
     let mut out = vec![
         line(
@@ -320,29 +349,6 @@ fn plan_lines(
         let what = "EMA of the trained weights (float32)";
         out.push(line("ema", what, master / weights_div, of(weights_div)));
     }
-    for (name, count, kind) in &c.frozen {
-        let what = format!("{name} (frozen, {kind:?})");
-        let bytes = kind_bytes(*kind) * *count as u64;
-        out.push(line(
-            &format!("frozen:{name}"),
-            &what,
-            bytes,
-            format!("{count} parameters"),
-        ));
-    }
-    out.extend(compute_copies(cfg, c));
-    let act = activations::peak(cfg, c, text_len, world);
-    out.push(PlanLine {
-        field: act.field,
-        ..line(
-            "activations",
-            "activations (estimate)",
-            act.bytes,
-            act.detail,
-        )
-    });
-    let what = "CUDA context and allocator slack (estimate)";
-    out.push(line("reserve", what, reserve, "fixed".into()));
     out
 }
 
