@@ -382,11 +382,12 @@ fn run_shards(
     let mut truncated = Vec::new();
     let mut written_now = 0u64;
     let mut stopped = false;
-    progress(&Progress {
-        done: first,
+    let at = |done: u64| Progress {
+        done,
         total,
-        prompts_per_second: 0.0,
-    });
+        prompts_per_second: (done - first) as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+    };
+    progress(&at(first));
     while writer.shards_done() < writer.info().shard_count() {
         if stop_after.is_some_and(|n| written_now >= n) {
             stopped = true;
@@ -395,23 +396,11 @@ fn run_shards(
         let k = writer.shards_done();
         let size = writer.info().shard_size;
         let range = k * size..(k * size + writer.info().shard_rows(k));
-        let (embeds, pooled, rows) = make(range.clone(), &mut |n| {
-            let secs = t0.elapsed().as_secs_f64();
-            progress(&Progress {
-                done: range.start + n,
-                total,
-                prompts_per_second: (range.start + n - first) as f64 / secs.max(1e-9),
-            });
-        })?;
+        let (embeds, pooled, rows) = make(range.clone(), &mut |n| progress(&at(range.start + n)))?;
         let entries = manifest_entries(rows, range.start, k, lines, &mut truncated);
         writer.write_shard(&embeds, &pooled, &entries)?;
         written_now += 1;
-        let secs = t0.elapsed().as_secs_f64();
-        progress(&Progress {
-            done: range.end,
-            total,
-            prompts_per_second: (range.end - first) as f64 / secs.max(1e-9),
-        });
+        progress(&at(range.end));
     }
     let processed = writer.next_index() - first;
     let seconds = t0.elapsed().as_secs_f64();

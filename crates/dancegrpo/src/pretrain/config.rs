@@ -106,28 +106,32 @@ impl Default for PretrainConfig {
     }
 }
 
+impl StageConfig {
+    /// The rules on a stage named `name`: `(field, holds, message)`.
+    fn rules(&self, name: &str) -> Vec<(String, bool, String)> {
+        vec![
+            (
+                format!("{name}.steps"),
+                self.steps >= 1,
+                format!("must be >= 1, got {}", self.steps),
+            ),
+            (
+                format!("{name}.batch"),
+                self.batch >= 1,
+                format!("must be >= 1, got {}", self.batch),
+            ),
+            (
+                format!("{name}.learning_rate"),
+                self.learning_rate > 0.0 && self.learning_rate.is_finite(),
+                format!("must be > 0, got {}", self.learning_rate),
+            ),
+        ]
+    }
+}
+
 impl PretrainConfig {
     /// Checks every field; the error names the first offending one.
     pub fn validate(&self) -> Result<()> {
-        let stage = |name: &str, s: &StageConfig| -> Vec<(String, bool, String)> {
-            vec![
-                (
-                    format!("{name}.steps"),
-                    s.steps >= 1,
-                    format!("must be >= 1, got {}", s.steps),
-                ),
-                (
-                    format!("{name}.batch"),
-                    s.batch >= 1,
-                    format!("must be >= 1, got {}", s.batch),
-                ),
-                (
-                    format!("{name}.learning_rate"),
-                    s.learning_rate > 0.0 && s.learning_rate.is_finite(),
-                    format!("must be > 0, got {}", s.learning_rate),
-                ),
-            ]
-        };
         let mut rules = vec![
             (
                 "image_size".to_string(),
@@ -174,8 +178,8 @@ impl PretrainConfig {
                 format!("must be > 0, got {}", self.max_grad_norm),
             ),
         ];
-        rules.extend(stage("vae", &self.vae));
-        rules.extend(stage("flow", &self.flow));
+        rules.extend(self.vae.rules("vae"));
+        rules.extend(self.flow.rules("flow"));
         if let TimestepSampling::LogitNormal { std, .. } = self.timesteps {
             rules.push((
                 "timesteps.std".into(),

@@ -216,13 +216,7 @@ fn rollout_batch(
     let (sde, eta, window) = (settings.sde, settings.eta, settings.window);
     let (mut rows, n) = (0, samples.len() as i64);
     let sc = cond.for_samples(samples);
-    let noise0 = samples
-        .iter()
-        .map(|&b| draws.init_noise(b, &latent))
-        .collect::<Result<Vec<_>>>()?;
-    // the SDE state has the schedule's kind (float32; float64 in the float64 replay)
-    let z0 = Tensor::cat(&noise0, 0).to_kind(schedule.sigmas.kind());
-    let mut z = model.layout().pack(&z0.to_device(device))?; // (n, L, c)
+    let mut z = initial_state(model, draws, samples, latent, schedule, device)?; // (n, L, c)
     let token_shape = [z.size()[1], z.size()[2]];
     let mut traj = Trajectory::new(&z, settings.means);
     let mut x0 = z.shallow_clone();
@@ -264,6 +258,23 @@ fn rollout_batch(
     }
     let (latents, log_probs, means) = traj.finish();
     Ok((latents, log_probs, x0, means, rows))
+}
+
+/// The samples' initial noise, packed into tokens `(n, L, c)` in the
+/// schedule's kind (float32; float64 in the float64 replay).
+fn initial_state(
+    model: &dyn VelocityModel,
+    draws: &dyn Draws,
+    samples: &[i64],
+    latent: [i64; 3],
+    schedule: &Schedule,
+    device: Device,
+) -> Result<Tensor> {
+    let noise0 = (samples.iter())
+        .map(|&b| draws.init_noise(b, &latent))
+        .collect::<Result<Vec<_>>>()?;
+    let z0 = Tensor::cat(&noise0, 0).to_kind(schedule.sigmas.kind()); // (n, c, h, w)
+    model.layout().pack(&z0.to_device(device))
 }
 
 /// The states, log-probabilities and (when kept) means of a batch's steps.
