@@ -5,6 +5,8 @@
 //! graphs ([`FirstWindow::RolloutGraphs`]). The update and the rollout's
 //! capture plan are made by the same functions, so they cannot disagree.
 
+use tch::Tensor;
+
 use crate::dist::Shard;
 use crate::error::Result;
 use crate::sampler::tree::Tree;
@@ -138,6 +140,29 @@ fn window_chunks(rows: i64, window: impl Fn(i64) -> i64) -> Vec<Vec<i64>> {
         }
     }
     chunks
+}
+
+/// One model batch of the update: the rows the model evaluates and the
+/// transitions trained from its velocities.
+pub(super) struct Rows {
+    /// The sample whose state each model row holds, and its step.
+    pub model_samples: Vec<i64>,
+    /// See `model_samples`.
+    pub model_steps: Vec<i64>,
+    /// Each transition row's model row (`None`: one transition per model row, in order).
+    pub expand: Option<Vec<i64>>,
+    /// The sample whose transition `z_j -> z_{j+1}` each row is, and `j`.
+    pub samples: Vec<i64>,
+    /// See `samples`.
+    pub steps: Vec<i64>,
+    /// Each row's position among its sample's trained transitions (-1: not trained).
+    pub positions: Vec<i64>,
+    /// Leaves each row stands for (`None`: 1 each, a plain rollout).
+    pub leaves: Option<Vec<i64>>,
+    /// Advantage of each row `(n,)`.
+    pub adv: Tensor,
+    /// The rows whose loss is back-propagated.
+    pub active: Vec<i64>,
 }
 
 /// The accumulation windows of a process's samples: which window each local

@@ -11,16 +11,18 @@
 
 use tch::{Kind, Tensor};
 
+use super::batches::Rows;
 use super::settings::{UpdateBatching, UpdateConfig};
-use super::update::{Rows, UpdateInputs};
+use crate::dist::Shard;
 use crate::error::{Error, Result};
 use crate::sampler::tree::{distinct_rows, Tree};
+use crate::sampler::Rollout;
 
 /// Refuses a tree rollout whose roots are not whole in every model batch,
 /// accumulation window and process (the update trains each node once).
 pub(super) fn check_tree_layout(
     tree: &Tree,
-    inputs: &UpdateInputs,
+    (rollout, shard): (&Rollout, &Shard),
     cfg: &UpdateConfig,
 ) -> Result<()> {
     let root = tree.root_size();
@@ -39,10 +41,10 @@ pub(super) fn check_tree_layout(
     if cfg.grad_accum % root != 0 {
         return refuse(format!("{} samples per optimizer step", cfg.grad_accum));
     }
-    if let Some(b) = (inputs.rollout.batches.iter()).find(|b| !whole(b[0], b.len())) {
+    if let Some(b) = (rollout.batches.iter()).find(|b| !whole(b[0], b.len())) {
         return refuse(format!("a model batch of samples {b:?}"));
     }
-    let global = inputs.shard.samples();
+    let global = shard.samples();
     if let Some(row) = (0..global.len()).find(|&r| global[r] % root != r as i64 % root) {
         return refuse(format!(
             "local sample {row} is sample {} of the iteration",

@@ -20,7 +20,7 @@ use crate::sampler::tree::Tree;
 use crate::sampler::{Conditioning, Draws, Rollout, SampleConditioning, Schedule};
 
 pub use super::batches::{first_window_plan, rollout_windows};
-use super::batches::{flat_transitions, ks_chunks, trained_steps, update_chunks, Windows};
+use super::batches::{flat_transitions, ks_chunks, trained_steps, update_chunks, Rows, Windows};
 pub use super::observer::{NoObserver, TransitionBatch, UpdateObserver};
 use super::tree_rows::{check_tree_layout, tree_batches};
 
@@ -142,7 +142,7 @@ fn check_inputs(inputs: &UpdateInputs, cfg: &UpdateConfig) -> Result<i64> {
         )));
     }
     if let Some(tree) = inputs.rollout.tree.as_ref() {
-        check_tree_layout(tree, inputs, cfg)?;
+        check_tree_layout(tree, (inputs.rollout, inputs.shard), cfg)?;
     }
     if cfg.guard.ratio_norm() && inputs.rollout.means.is_none() {
         return Err(Error::Input(
@@ -251,29 +251,6 @@ struct Evaluated {
     terms: PolicyLoss,
     /// The KL to the reference policy `(n,)`, with a KL term.
     kl: Option<Tensor>,
-}
-
-/// One model batch of the update: the rows the model evaluates and the
-/// transitions trained from its velocities.
-pub(super) struct Rows {
-    /// The sample whose state each model row holds, and its step.
-    pub model_samples: Vec<i64>,
-    /// See `model_samples`.
-    pub model_steps: Vec<i64>,
-    /// Each transition row's model row (`None`: one transition per model row, in order).
-    pub expand: Option<Vec<i64>>,
-    /// The sample whose transition `z_j -> z_{j+1}` each row is, and `j`.
-    pub samples: Vec<i64>,
-    /// See `samples`.
-    pub steps: Vec<i64>,
-    /// Each row's position among its sample's trained transitions (-1: not trained).
-    pub positions: Vec<i64>,
-    /// Leaves each row stands for (`None`: 1 each, a plain rollout).
-    pub leaves: Option<Vec<i64>>,
-    /// Advantage of each row `(n,)`.
-    pub adv: Tensor,
-    /// The rows whose loss is back-propagated.
-    pub active: Vec<i64>,
 }
 
 impl Run<'_> {

@@ -4,25 +4,12 @@
 //! error naming the field that makes it too big, instead of dying in the
 //! allocator minutes later.
 
-use serde::{Deserialize, Serialize};
 use tch::Device;
 
 use super::{plan, PlanOptions, GIB};
 use crate::error::{Error, Result};
 use crate::train::config::TrainConfig;
-
-/// What a run does when the plan says one process does not fit its device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum MemoryCheck {
-    /// Stop before loading anything (the default).
-    #[default]
-    Stop,
-    /// Say so and try anyway (the plan's activations are estimates).
-    Warn,
-    /// Do not check.
-    Off,
-}
+use crate::train::health::MemoryCheck;
 
 /// Memory kept back on a GPU for the CUDA context and allocator slack (as `plan`'s default).
 const CUDA_RESERVE: u64 = 2 << 30;

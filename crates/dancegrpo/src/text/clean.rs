@@ -17,17 +17,10 @@ use std::collections::HashMap;
 use regex::Regex;
 use unicode_normalization::UnicodeNormalization;
 
-use super::mojibake::Mojibake;
+use super::mojibake::{Mojibake, CP1252};
 
 /// The HTML5 named character references: `name[;]<TAB>hex code points`.
 const HTML5_ENTITIES: &str = include_str!("html5_entities.tsv");
-
-/// Windows-1252 for 0x80..=0x9F (undefined bytes map to themselves), as used by
-/// `html.unescape` for `&#128;`.. and by ftfy's `fix_c1_controls`.
-pub(super) const CP1252: [char; 32] = [
-    '€', '\u{81}', '‚', 'ƒ', '„', '…', '†', '‡', 'ˆ', '‰', 'Š', '‹', 'Œ', '\u{8d}', 'Ž', '\u{8f}',
-    '\u{90}', '‘', '’', '“', '”', '•', '–', '—', '˜', '™', 'š', '›', 'œ', '\u{9d}', 'ž', 'Ÿ',
-];
 
 /// Which Python tokenizer's cleaning a [`TextCleaner`] reproduces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

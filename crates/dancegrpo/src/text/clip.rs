@@ -24,7 +24,7 @@ use super::added::{self, AddedTokens, Segment};
 use super::clean::{Cleaning, TextCleaner};
 use super::clip_files::{
     check_bpe_options, merges_from_lines, parse_merges, parse_padding, parse_post_processor,
-    parse_pre_tokenizer, parse_vocab,
+    parse_pre_tokenizer, parse_vocab, SUFFIX,
 };
 use super::config::Field;
 use super::normalize::Normalizer;
@@ -32,10 +32,6 @@ use super::{assemble, Encoding, Padding};
 use crate::error::{Error, Result};
 use crate::io::json::read_json;
 
-/// Number of merges CLIP uses from a merges file (`49152 - 256 - 2`).
-pub(super) const CLIP_MERGES: usize = 49152 - 256 - 2;
-/// The end-of-word suffix of CLIP's BPE.
-pub(super) const SUFFIX: &str = "</w>";
 /// open_clip's pre-tokenization pattern (special tokens first, case-insensitive
 /// where Python's `re.IGNORECASE` can matter on lowercased text).
 const OPEN_CLIP_PATTERN: &str =

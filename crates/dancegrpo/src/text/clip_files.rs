@@ -8,10 +8,14 @@ use std::path::Path;
 use regex::Regex;
 use serde_json::Value;
 
-use super::clip::{CLIP_MERGES, SUFFIX};
 use super::config::Field;
 use super::Padding;
 use crate::error::{Error, Result};
+
+/// Number of merges CLIP uses from a merges file (`49152 - 256 - 2`).
+pub(super) const CLIP_MERGES: usize = 49152 - 256 - 2;
+/// The end-of-word suffix of CLIP's BPE.
+pub(super) const SUFFIX: &str = "</w>";
 
 /// Rejects BPE options this tokenizer does not implement.
 pub(super) fn check_bpe_options(model: Field<'_>) -> Result<()> {

@@ -26,6 +26,13 @@ use std::collections::HashMap;
 use regex::bytes::Regex as BytesRegex;
 use regex::Regex;
 
+/// Windows-1252 for 0x80..=0x9F (undefined bytes map to themselves), as used by
+/// `html.unescape` for `&#128;`.. and by ftfy's `fix_c1_controls`.
+pub(super) const CP1252: [char; 32] = [
+    '€', '\u{81}', '‚', 'ƒ', '„', '…', '†', '‡', 'ˆ', '‰', 'Š', '‹', 'Œ', '\u{8d}', 'Ž', '\u{8f}',
+    '\u{90}', '‘', '’', '“', '”', '•', '–', '—', '˜', '™', 'š', '›', 'œ', '\u{9d}', 'ž', 'Ÿ',
+];
+
 /// Encoding tables and character classes, generated from ftfy.
 const TABLES: &str = include_str!("ftfy_tables.txt");
 
@@ -234,7 +241,7 @@ impl Mojibake {
 /// Windows-1252 for a C1 control (undefined bytes stay), everything else as is.
 fn cp1252(c: char) -> char {
     match c {
-        '\u{80}'..='\u{9f}' => super::clean::CP1252[c as usize - 0x80],
+        '\u{80}'..='\u{9f}' => CP1252[c as usize - 0x80],
         _ => c,
     }
 }

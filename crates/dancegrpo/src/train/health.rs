@@ -16,7 +16,19 @@ use crate::data::{PromptEntry, PromptSet};
 use crate::dist::Collective;
 use crate::error::{Error, Result};
 use crate::grpo::iteration::IterationReport;
-pub use crate::plan::check::MemoryCheck;
+
+/// What a run does when the plan says one process does not fit its device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemoryCheck {
+    /// Stop before loading anything (the default).
+    #[default]
+    Stop,
+    /// Say so and try anyway (the plan's activations are estimates).
+    Warn,
+    /// Do not check.
+    Off,
+}
 
 /// `[health]`: when a run stops instead of going on wrong.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
