@@ -84,8 +84,8 @@ pub fn grpo_update(
     cfg: &UpdateConfig,
     observer: &mut dyn UpdateObserver,
 ) -> Result<UpdateStats> {
-    let b_local = check_inputs(inputs, cfg)?;
     let (n, t) = cfg.trained(inputs.schedule.steps())?;
+    let b_local = check_inputs(inputs, cfg)?;
     let tree = inputs.rollout.tree.as_ref();
     let perms = trained_steps(inputs.draws, tree, cfg, (n, t), b_local)?;
     let named = model.parameters();
