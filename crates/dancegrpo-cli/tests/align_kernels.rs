@@ -2,17 +2,11 @@
 //! and thread counts change float32 rounding the way another CPU does, so a
 //! parity check that passes with one kernel only is caught here.
 
-use std::path::PathBuf;
+mod common;
+
 use std::process::Command;
 
-fn case_dir() -> PathBuf {
-    let root = std::env::var_os("DANCEGRPO_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
-        });
-    root.join("public/flux_tiny_a")
-}
+use common::case_dir;
 
 /// The MKL code paths this CPU can run (`None`: MKL's own choice).
 fn mkl_paths() -> Vec<Option<&'static str>> {

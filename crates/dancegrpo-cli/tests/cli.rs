@@ -9,6 +9,8 @@ use std::process::{Command, Output};
 use dancegrpo::io::safetensors::{write_safetensors, SafetensorsFile};
 use tch::Tensor;
 
+use common::{case_dir, copy_dir};
+
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_dancegrpo"))
 }
@@ -17,39 +19,8 @@ fn run(args: &[&str]) -> Output {
     bin().args(args).output().expect("running dancegrpo")
 }
 
-fn case_dir() -> PathBuf {
-    let root = std::env::var_os("DANCEGRPO_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
-        });
-    let case = root.join("public/flux_tiny_a");
-    assert!(
-        case.join("case.json").is_file(),
-        "fixture case missing at {}",
-        case.display()
-    );
-    case
-}
-
 fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("dancegrpo-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), &target).unwrap();
-        }
-    }
+    common::temp_dir("cli", name)
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 
 mod common;
 
-use common::{copy_dir, write_reference};
+use common::{case_dir, copy_dir, write_reference};
 use dancegrpo::data::EmbeddingDataset;
 use dancegrpo::data::PromptSet;
 use dancegrpo::io::safetensors::SafetensorsFile;
@@ -38,21 +38,6 @@ fn ok(o: Output) -> Output {
 fn fails(o: Output) -> String {
     assert!(!o.status.success(), "should fail: {}", stderr(&o));
     stderr(&o)
-}
-
-fn case_dir() -> PathBuf {
-    let root = std::env::var_os("DANCEGRPO_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
-        });
-    let case = root.join("public/flux_tiny_a");
-    assert!(
-        case.join("case.json").is_file(),
-        "fixture case missing at {}",
-        case.display()
-    );
-    case
 }
 
 /// The fixture's FLUX text-encoder directory (tokenizer/, tokenizer_2/, text_encoder/, text_encoder_2/).

@@ -9,6 +9,8 @@ use dancegrpo::io::image::write_png;
 use dancegrpo::io::safetensors::SafetensorsFile;
 use tch::{Device, Kind, Tensor};
 
+use common::case_dir;
+
 fn run(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_dancegrpo"))
         .args(args)
@@ -16,20 +18,8 @@ fn run(args: &[&str]) -> Output {
         .expect("running dancegrpo")
 }
 
-fn case_dir() -> PathBuf {
-    let root = std::env::var_os("DANCEGRPO_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
-        });
-    root.join("public/flux_tiny_a")
-}
-
 fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("dancegrpo-score-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::temp_dir("score", name)
 }
 
 fn s(p: &Path) -> &str {

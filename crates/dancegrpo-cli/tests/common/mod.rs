@@ -86,6 +86,23 @@ pub fn assert_ok(out: &Output) {
     );
 }
 
+/// The public fixture case `flux_tiny_a` (`DANCEGRPO_FIXTURES`, or the
+/// workspace's `../shared/fixtures`).
+pub fn case_dir() -> PathBuf {
+    let root = std::env::var_os("DANCEGRPO_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
+        });
+    let case = root.join("public/flux_tiny_a");
+    assert!(
+        case.join("case.json").is_file(),
+        "fixture case missing at {}",
+        case.display()
+    );
+    case
+}
+
 /// The `dancegrpo` binary under test.
 pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_dancegrpo"))
