@@ -234,10 +234,15 @@ struct Picked {
 impl Picked {
     /// A model-row tensor `(m, ..)` spread to the transitions `(n, ..)`.
     fn expand(&self, t: &Tensor) -> Tensor {
-        match &self.expand {
-            None => t.shallow_clone(),
-            Some(e) => t.index_select(0, e),
-        }
+        spread(self.expand.as_ref(), t)
+    }
+}
+
+/// `t` `(m, ..)` at the model rows `expand` `(n,)` (`None`: `t` itself).
+fn spread(expand: Option<&Tensor>, t: &Tensor) -> Tensor {
+    match expand {
+        None => t.shallow_clone(),
+        Some(e) => t.index_select(0, e),
     }
 }
 
@@ -363,8 +368,8 @@ impl Run<'_> {
             .map(|(&b, &j)| b * s + j)
             .collect();
         let flat = Tensor::from_slice(&flat).to_device(device);
-        let mut picked = Picked {
-            z: z_model.shallow_clone(),
+        Picked {
+            z: spread(expand.as_ref(), &z_model), // (n, L, c)
             z_model,
             z_next: pick(latents, samples, steps, 1),
             // the rollout's step means (n, L, c), for the normalised ratio
@@ -378,9 +383,7 @@ impl Run<'_> {
             active: Tensor::from_slice(&rows.active).to_device(device),
             all_active: rows.active.len() == samples.len(),
             expand,
-        };
-        picked.z = picked.expand(&picked.z_model); // (n, L, c)
-        picked
+        }
     }
 
     /// The loss of the transitions of `rows` whose velocities are `v` (the
