@@ -42,23 +42,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let device = super::train::parse_device(&args.device)?;
     let spec = RewardSpec::parse_cli(&args.reward)
         .with_context(|| format!("--reward (one of: {CLI_FORMS})"))?;
-    let prompts: Vec<String> = match (&args.prompt, &args.prompts) {
-        (Some(p), None) => vec![p.clone(); args.images.len()],
-        (None, Some(file)) => {
-            let text = std::fs::read_to_string(file)
-                .with_context(|| format!("--prompts {}", file.display()))?;
-            let lines: Vec<String> = text.lines().map(str::to_string).collect();
-            anyhow::ensure!(
-                lines.len() == args.images.len(),
-                "--prompts {}: {} lines for {} images (one prompt per image)",
-                file.display(),
-                lines.len(),
-                args.images.len()
-            );
-            lines
-        }
-        _ => anyhow::bail!("give --prompt TEXT or --prompts FILE"),
-    };
+    let prompts = prompts(&args)?;
     let images = args
         .images
         .iter()
@@ -97,4 +81,25 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// One prompt per image: `--prompt` for all, or the lines of `--prompts`.
+fn prompts(args: &Args) -> anyhow::Result<Vec<String>> {
+    match (&args.prompt, &args.prompts) {
+        (Some(p), None) => Ok(vec![p.clone(); args.images.len()]),
+        (None, Some(file)) => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("--prompts {}", file.display()))?;
+            let lines: Vec<String> = text.lines().map(str::to_string).collect();
+            anyhow::ensure!(
+                lines.len() == args.images.len(),
+                "--prompts {}: {} lines for {} images (one prompt per image)",
+                file.display(),
+                lines.len(),
+                args.images.len()
+            );
+            Ok(lines)
+        }
+        _ => anyhow::bail!("give --prompt TEXT or --prompts FILE"),
+    }
 }
