@@ -216,7 +216,8 @@ pub fn run_iteration(
         .shard
         .local_rows(&scored.adv.clamped)
         .to_device(device);
-    let update = update_stage(model, optimizer, (inputs, &ro, &advantages), cfg, observer)?;
+    let stage_inputs = (inputs, &ro, &advantages);
+    let update = update_stage(model, optimizer, stage_inputs, cfg, (observer, report))?;
     seconds.update = lap(clock, device);
     // rows of the rollout and the update, summed over the processes
     let rows = Tensor::from_slice(&[ro.model_rows as f64 + update.local_model_rows as f64]);
@@ -267,13 +268,13 @@ fn rollout_stage(
 }
 
 /// The update over the rollout `ro` with the local samples' clamped
-/// `advantages`, counting trained transitions for the progress display.
+/// `advantages`, counting trained transitions for the progress `report`.
 fn update_stage(
     model: &dyn VelocityModel,
     optimizer: &mut AdamW,
     (inputs, ro, advantages): (&IterationInputs, &Rollout, &Tensor),
     cfg: &IterationConfig,
-    observer: &mut dyn UpdateObserver,
+    (observer, report): (&mut dyn UpdateObserver, StageReport),
 ) -> Result<UpdateStats> {
     let update_inputs = UpdateInputs {
         rollout: ro,
@@ -286,7 +287,7 @@ fn update_stage(
     let (_, t) = cfg.update.trained(inputs.schedule.steps())?;
     let mut counting = Counting {
         inner: observer,
-        report: inputs.report.unwrap_or(&|_, _, _| {}),
+        report,
         done: 0,
         total: (inputs.cond.samples() * t) as usize,
     };
