@@ -10,6 +10,7 @@
 
 #![deny(missing_docs)]
 
+pub mod adapter;
 pub mod align;
 pub mod allocator;
 pub mod autograd;

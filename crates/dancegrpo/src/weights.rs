@@ -200,7 +200,7 @@ pub enum Source<'a> {
 #[derive(Default)]
 pub struct ParamStore {
     params: RefCell<Vec<(String, Tensor)>>,
-    linears: RefCell<Vec<(String, crate::nn::LoraSlot)>>,
+    linears: RefCell<Vec<(String, crate::adapter::LoraSlot)>>,
 }
 
 impl ParamStore {
@@ -220,12 +220,12 @@ impl ParamStore {
     }
 
     /// Records the LoRA slot of the linear layer `name` (module path, e.g. `transformer_blocks.0.attn.to_q`).
-    pub fn register_linear(&self, name: String, slot: &crate::nn::LoraSlot) {
+    pub fn register_linear(&self, name: String, slot: &crate::adapter::LoraSlot) {
         self.linears.borrow_mut().push((name, slot.clone()));
     }
 
     /// Every registered linear layer's name and LoRA slot, in creation order.
-    pub fn linears(&self) -> Vec<(String, crate::nn::LoraSlot)> {
+    pub fn linears(&self) -> Vec<(String, crate::adapter::LoraSlot)> {
         self.linears.borrow().clone()
     }
 
@@ -336,7 +336,7 @@ impl<'a> VarBuilder<'a> {
     }
 
     /// Registers the LoRA slot of the linear layer built under this prefix.
-    pub fn register_linear(&self, slot: &crate::nn::LoraSlot) {
+    pub fn register_linear(&self, slot: &crate::adapter::LoraSlot) {
         self.store.register_linear(self.prefix.clone(), slot);
     }
 

@@ -7,8 +7,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
+use crate::adapter::{AdapterSwitch, Lora};
 use crate::error::{Error, Result};
-use crate::nn::{AdapterSwitch, Lora};
 use crate::weights::{init_tensor, Init, ParamStore};
 
 /// Which layers get adapters and how large they are.

@@ -2,7 +2,6 @@
 //! the diffusers checkpoint keys.
 
 mod blocks;
-mod checkpoint;
 pub mod config;
 pub mod embeddings;
 pub mod model;

@@ -13,12 +13,14 @@ use super::config::FluxConfig;
 use super::embeddings::{Rope, TimeTextEmbed};
 
 mod cached;
+mod checkpoint;
 mod ulysses;
 mod units;
+use crate::adapter::AdapterSwitch;
 use crate::error::{Error, Result};
 use crate::models::lora::LoraConfig;
 use crate::models::{ActivationCheckpointing, FlowInputs, Residency, VelocityModel};
-use crate::nn::{cast, layer_norm, upcast_kind, AdapterSwitch, Linear};
+use crate::nn::{cast, layer_norm, upcast_kind, Linear};
 use crate::weights::{Checkpoint, ParamStore, Source, VarBuilder};
 
 /// Named intermediate activations of one forward pass (for alignment debugging).
@@ -364,7 +366,7 @@ impl VelocityModel for FluxTransformer {
                 Ok(loss)
             }
             ActivationCheckpointing::PerBlock => {
-                super::checkpoint::backward_per_block(self, inputs, loss_fn)
+                checkpoint::backward_per_block(self, inputs, loss_fn)
             }
         }
     }

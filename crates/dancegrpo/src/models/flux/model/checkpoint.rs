@@ -10,8 +10,7 @@
 
 use tch::Tensor;
 
-use super::embeddings::Rope;
-use super::model::FluxTransformer;
+use super::{FluxTransformer, Rope};
 use crate::error::Result;
 use crate::models::FlowInputs;
 
