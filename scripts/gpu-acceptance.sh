@@ -23,7 +23,11 @@
 #      no cache (speed-up; the quality figures mean little on random weights);
 #   6. with 2 or more GPUs (2 Gloo processes on the CPU) and a torch launcher:
 #      Ulysses sequence parallelism over all of them against one (`bench generate
-#      --sequence-parallel N`); skipped, saying why, otherwise.
+#      --sequence-parallel N`); skipped, saying why, otherwise;
+#   7. the host CPU, for the speed issue's bfloat16 target (3x our float32 on a CPU
+#      with AMX or AVX512-BF16, which this project's own machines lack): the medium
+#      timing preset (tiny with --small), fast settings, float32 then bfloat16, on all
+#      the host's cores, with the CPU's model and its AMX / AVX512-BF16 flags.
 # `--device cpu --small` runs the same end to end on a small shape in a minute or so
 # (a test runs it), so the script cannot rot while no GPU is lent.
 set -euo pipefail
@@ -160,6 +164,15 @@ else
         || log "sequence parallelism failed (see $OUT/sequence-parallel.stderr)"
 fi
 
+log "host CPU: bench train, float32 and bfloat16"
+preset=medium; [ "$SMALL" = 1 ] && preset=tiny
+fast=(--rollout-batch 4 --decode-batch 4 --update-batching window)
+for precision in fp32 bf16; do
+    "$BIN" bench train --preset "$preset" --threads "$(nproc)" --iterations 2 "${fast[@]}" \
+        --precision "$precision" > "$OUT/cpu-$precision.txt" 2> "$OUT/cpu-$precision.stderr" \
+        || log "bench train $precision failed (see $OUT/cpu-$precision.stderr)"
+done
+
 OUT="$OUT" SIZES="$sizes" DEVICE="$DEVICE" SMALL="$SMALL" SECONDS_TOTAL=$(( $(date +%s) - start )) python3 - <<'EOF'
 import json, os
 out = os.environ["OUT"]
@@ -212,6 +225,24 @@ def bench_line(name):
 skipped = os.path.join(out, "sequence-parallel.skipped")
 sequence = ({"skipped": open(skipped).read().strip()} if os.path.exists(skipped)
             else {"figures": bench_line("sequence-parallel.txt")})
+def host_cpu():
+    flags, model = set(), None
+    for l in open("/proc/cpuinfo"):
+        key, _, value = l.partition(":")
+        if key.strip() == "flags" and not flags:
+            flags = set(value.split())
+        elif key.strip() == "model name" and model is None:
+            model = value.strip()
+    def seconds(precision):
+        try:
+            lines = [l for l in open(os.path.join(out, f"cpu-{precision}.txt")) if l.startswith("{")]
+            return json.loads(lines[-1])["seconds_per_iteration"]
+        except (OSError, ValueError, IndexError, KeyError):
+            return None
+    fp32, bf16 = seconds("fp32"), seconds("bf16")
+    return {"model": model, "cores": os.cpu_count(), "amx_bf16": "amx_bf16" in flags,
+            "avx512_bf16": "avx512_bf16" in flags, "fp32_seconds_per_iteration": fp32,
+            "bf16_seconds_per_iteration": bf16, "bf16_speedup": round(fp32 / bf16, 3) if fp32 and bf16 else None}
 stages = align["stages"] if align else []
 summary = {
     "device": os.environ["DEVICE"], "small": os.environ["SMALL"] == "1",
@@ -221,7 +252,7 @@ summary = {
               "stages": {s["name"]: {"pass": s["pass"], "worst": s["worst"], "vs_truth": s.get("truth_err"),
                                      "bound": s["bound"]} for s in stages}},
     "bf16_matmul_tflops": peak, "runs": runs,
-    "generate": bench_line("generate.txt"), "sequence_parallel": sequence, "seconds": int(os.environ["SECONDS_TOTAL"]), "out": out,
+    "generate": bench_line("generate.txt"), "sequence_parallel": sequence, "host_cpu": host_cpu(), "seconds": int(os.environ["SECONDS_TOTAL"]), "out": out,
 }
 print(json.dumps(summary))
 EOF

@@ -65,5 +65,12 @@ fn the_acceptance_script_runs_end_to_end_on_the_cpu() {
         }
         None => eprintln!("sequence parallelism: {}", summary["sequence_parallel"]),
     }
+    // the host CPU's float32 and bfloat16 iterations of a timing preset
+    let cpu = &summary["host_cpu"];
+    assert!(cpu["cores"].as_u64().unwrap() >= 1, "{cpu}");
+    assert!(cpu["amx_bf16"].is_boolean() && cpu["avx512_bf16"].is_boolean(), "{cpu}");
+    for key in ["fp32_seconds_per_iteration", "bf16_seconds_per_iteration", "bf16_speedup"] {
+        assert!(cpu[key].as_f64().unwrap() > 0.0, "{key}: {cpu}");
+    }
     std::fs::remove_dir_all(&out).unwrap();
 }
