@@ -1,6 +1,7 @@
-//! `scripts/gpu-acceptance.sh --device cpu --small`: the GPU acceptance run end
-//! to end on the CPU with a small shape, so the script works the first time a
-//! GPU is lent.
+//! `scripts/device-run.sh --device cpu --small` (the one command for a lent GPU
+//! machine, around `scripts/gpu-acceptance.sh`): the GPU acceptance run end to
+//! end on the CPU with a small shape, so the scripts work the first time a GPU
+//! is lent.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -12,27 +13,27 @@ fn the_acceptance_script_runs_end_to_end_on_the_cpu() {
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("../shared/fixtures"))
         .join("public/flux_tiny_a");
-    let out = std::env::temp_dir().join(format!("dancegrpo-acceptance-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
+    let base = std::env::temp_dir().join(format!("dancegrpo-acceptance-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    // the kit scripts/device-kit.sh makes: the binary and the fixture
+    let (kit, out) = (base.join("kit"), base.join("out"));
+    std::fs::create_dir_all(&kit).unwrap();
+    std::fs::create_dir_all(&out).unwrap();
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_dancegrpo"), kit.join("dancegrpo")).unwrap();
+    std::os::unix::fs::symlink(std::fs::canonicalize(&fixtures).unwrap(), kit.join("flux_tiny_a"))
+        .unwrap();
     let o = Command::new("bash")
-        .arg(root.join("scripts/gpu-acceptance.sh"))
-        .args([
-            "--device",
-            "cpu",
-            "--small",
-            "--bin",
-            env!("CARGO_BIN_EXE_dancegrpo"),
-        ])
-        .args([
-            "--fixtures",
-            fixtures.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ])
+        .arg(root.join("scripts/device-run.sh"))
+        .args(["--device", "cpu", "--small"])
+        .env("DEVICE_KIT", &kit)
+        .env("OUT", &out)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
+    for file in ["summary.json", "acceptance.log", "logs.tgz"] {
+        assert!(out.join(file).is_file(), "{file} missing\n{stderr}");
+    }
     let summary: serde_json::Value = serde_json::from_slice(&o.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}\n{stderr}", String::from_utf8_lossy(&o.stdout)));
     assert_eq!(summary["device"], "cpu");
@@ -72,5 +73,5 @@ fn the_acceptance_script_runs_end_to_end_on_the_cpu() {
     for key in ["fp32_seconds_per_iteration", "bf16_seconds_per_iteration", "bf16_speedup"] {
         assert!(cpu[key].as_f64().unwrap() > 0.0, "{key}: {cpu}");
     }
-    std::fs::remove_dir_all(&out).unwrap();
+    std::fs::remove_dir_all(&base).unwrap();
 }
