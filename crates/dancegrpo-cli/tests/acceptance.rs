@@ -20,8 +20,11 @@ fn the_acceptance_script_runs_end_to_end_on_the_cpu() {
     std::fs::create_dir_all(&kit).unwrap();
     std::fs::create_dir_all(&out).unwrap();
     std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_dancegrpo"), kit.join("dancegrpo")).unwrap();
-    std::os::unix::fs::symlink(std::fs::canonicalize(&fixtures).unwrap(), kit.join("flux_tiny_a"))
-        .unwrap();
+    std::os::unix::fs::symlink(
+        std::fs::canonicalize(&fixtures).unwrap(),
+        kit.join("flux_tiny_a"),
+    )
+    .unwrap();
     let o = Command::new("bash")
         .arg(root.join("scripts/device-run.sh"))
         .args(["--device", "cpu", "--small"])
@@ -69,8 +72,15 @@ fn the_acceptance_script_runs_end_to_end_on_the_cpu() {
     // the host CPU's float32 and bfloat16 iterations of a timing preset
     let cpu = &summary["host_cpu"];
     assert!(cpu["cores"].as_u64().unwrap() >= 1, "{cpu}");
-    assert!(cpu["amx_bf16"].is_boolean() && cpu["avx512_bf16"].is_boolean(), "{cpu}");
-    for key in ["fp32_seconds_per_iteration", "bf16_seconds_per_iteration", "bf16_speedup"] {
+    assert!(
+        cpu["amx_bf16"].is_boolean() && cpu["avx512_bf16"].is_boolean(),
+        "{cpu}"
+    );
+    for key in [
+        "fp32_seconds_per_iteration",
+        "bf16_seconds_per_iteration",
+        "bf16_speedup",
+    ] {
         assert!(cpu[key].as_f64().unwrap() > 0.0, "{key}: {cpu}");
     }
     std::fs::remove_dir_all(&base).unwrap();
