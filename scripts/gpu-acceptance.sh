@@ -25,7 +25,8 @@
 #      Ulysses sequence parallelism over all of them against one (`bench generate
 #      --sequence-parallel N`); skipped, saying why, otherwise;
 #   7. the host CPU, for the speed issue's bfloat16 target (3x our float32 on a CPU
-#      with AMX or AVX512-BF16, which this project's own machines lack): the medium
+#      with AMX or AVX512-BF16; this project's own machines have AVX512-BF16 at most,
+#      no AMX, and reach 1.6x): the medium
 #      timing preset (tiny with --small), fast settings, float32 then bfloat16, on all
 #      the host's cores, with the CPU's model and its AMX / AVX512-BF16 flags.
 # `--device cpu --small` runs the same end to end on a small shape in a minute or so
