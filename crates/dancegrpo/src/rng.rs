@@ -3,6 +3,11 @@
 //! Every draw is a pure function of `(seed, stream, position)`, so random
 //! numbers do not depend on the device, the batch size or the order in which
 //! streams are consumed: the same seed replays the same run anywhere.
+//!
+//! A standard normal takes exactly one Philox block (four 32-bit words), so a
+//! long run of normals that starts on a block boundary is computed block by
+//! block on libtorch's intra-op thread count, each normal from its own block:
+//! the same values as one after another, bit for bit.
 
 use tch::Tensor;
 
@@ -64,12 +69,7 @@ impl Philox {
     /// The next 32 random bits.
     pub fn next_u32(&mut self) -> u32 {
         if self.used == 4 {
-            let c = self.counter;
-            let s = self.stream;
-            self.buf = philox_block(
-                [c as u32, (c >> 32) as u32, s as u32, (s >> 32) as u32],
-                self.key,
-            );
+            self.buf = block_at(self.counter, self.stream, self.key);
             self.counter += 1;
             self.used = 0;
         }
@@ -79,23 +79,95 @@ impl Philox {
 
     /// Uniform in the open interval (0, 1), 53-bit resolution.
     pub fn uniform(&mut self) -> f64 {
-        let hi = (self.next_u32() >> 5) as u64;
-        let lo = (self.next_u32() >> 6) as u64;
-        ((hi << 26 | lo) as f64 + 0.5) / (1u64 << 53) as f64
+        let (hi, lo) = (self.next_u32(), self.next_u32());
+        uniform_of(hi, lo)
     }
 
     /// Standard normal (Box-Muller, one value per pair of uniforms).
     pub fn normal(&mut self) -> f64 {
         let (u1, u2) = (self.uniform(), self.uniform());
-        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+        box_muller(u1, u2)
+    }
+
+    /// Fills `out` with `map(z)` of the next `out.len()` standard normals `z`,
+    /// exactly as that many calls of [`Self::normal`] would. On a block
+    /// boundary (as a fresh stream is) each normal is computed from its own
+    /// block, and a long run is split over libtorch's intra-op threads.
+    pub fn normals_into<T: Send>(&mut self, out: &mut [T], map: impl Fn(f64) -> T + Sync) {
+        let threads = tch::get_num_threads().max(1) as usize;
+        self.normals_on(out, map, threads);
+    }
+
+    /// [`Self::normals_into`] on at most `threads` threads.
+    fn normals_on<T: Send>(
+        &mut self,
+        out: &mut [T],
+        map: impl Fn(f64) -> T + Sync,
+        threads: usize,
+    ) {
+        if self.used != 4 {
+            out.iter_mut().for_each(|v| *v = map(self.normal()));
+            return;
+        }
+        let (first, stream, key) = (self.counter, self.stream, self.key);
+        let by_blocks = |part: &mut [T], start: u64| {
+            for (i, v) in part.iter_mut().enumerate() {
+                *v = map(normal_of_block(block_at(start + i as u64, stream, key)));
+            }
+        };
+        let threads = threads.min(out.len() / PARALLEL_RUN).max(1);
+        if threads == 1 {
+            by_blocks(out, first);
+        } else {
+            // every part on a thread of its own: measured faster than keeping
+            // one part on the calling thread (examples/draws_bench.rs)
+            let chunk = out.len().div_ceil(threads);
+            std::thread::scope(|scope| {
+                for (c, part) in out.chunks_mut(chunk).enumerate() {
+                    let by_blocks = &by_blocks;
+                    scope.spawn(move || by_blocks(part, first + (c * chunk) as u64));
+                }
+            });
+        }
+        self.counter = first + out.len() as u64;
     }
 
     /// A float32 CPU tensor of standard normals.
     pub fn normal_tensor(&mut self, shape: &[i64]) -> Tensor {
         let n: i64 = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| self.normal() as f32).collect();
+        let mut v = vec![0f32; n.max(0) as usize];
+        self.normals_into(&mut v, |z| z as f32);
         Tensor::from_slice(&v).reshape(shape)
     }
+}
+
+/// Normals per thread below which a run is not split (a thread costs tens of
+/// microseconds; a normal about 40 ns).
+const PARALLEL_RUN: usize = 16_384;
+
+/// Philox block number `counter` of `stream` under `key`.
+fn block_at(counter: u64, stream: u64, key: [u32; 2]) -> [u32; 4] {
+    let (c, s) = (counter, stream);
+    philox_block(
+        [c as u32, (c >> 32) as u32, s as u32, (s >> 32) as u32],
+        key,
+    )
+}
+
+/// The uniform of two 32-bit words (27 + 26 bits), in (0, 1).
+fn uniform_of(hi: u32, lo: u32) -> f64 {
+    let (hi, lo) = ((hi >> 5) as u64, (lo >> 6) as u64);
+    ((hi << 26 | lo) as f64 + 0.5) / (1u64 << 53) as f64
+}
+
+/// Box-Muller's first normal of two uniforms.
+fn box_muller(u1: f64, u2: f64) -> f64 {
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
+/// The normal that [`Philox::normal`] makes of one whole block.
+fn normal_of_block(b: [u32; 4]) -> f64 {
+    box_muller(uniform_of(b[0], b[1]), uniform_of(b[2], b[3]))
 }
 
 #[cfg(test)]
@@ -121,6 +193,35 @@ mod tests {
         assert_eq!(a, (0..8).map(|_| g.next_u32()).collect::<Vec<_>>());
         let mut h = Philox::for_stream(7, "y");
         assert_ne!(a[0], h.next_u32());
+    }
+
+    #[test]
+    fn split_runs_of_normals_equal_one_after_another() {
+        for skip in [0usize, 1, 4] {
+            // a stream `skip` words in: off a block boundary for 1, on it for 0 and 4
+            let mut a = Philox::new(9, 3);
+            for _ in 0..skip {
+                a.next_u32();
+            }
+            let b = a.clone();
+            let n = 3 * PARALLEL_RUN + 7;
+            let one_by_one: Vec<f64> = (0..n).map(|_| a.normal()).collect();
+            for threads in [1, 3] {
+                let mut c = b.clone();
+                let mut split = vec![0f64; n];
+                c.normals_on(&mut split, |z| z, threads);
+                let same = one_by_one.iter().zip(&split);
+                assert!(
+                    same.clone().all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{threads}"
+                );
+                assert_eq!(
+                    a.clone().next_u32(),
+                    c.next_u32(),
+                    "the streams go on alike"
+                );
+            }
+        }
     }
 
     #[test]

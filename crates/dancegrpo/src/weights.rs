@@ -423,6 +423,7 @@ pub fn init_tensor(seed: u64, name: &str, shape: &[i64], init: Init) -> Tensor {
         Init::Normal(s) => (0.0, s),
         Init::OnePlusNormal(s) => (1.0, s),
     };
-    let vals: Vec<f32> = (0..n).map(|_| (mean + std * rng.normal()) as f32).collect();
+    let mut vals = vec![0f32; n.max(0) as usize];
+    rng.normals_into(&mut vals, |z| (mean + std * z) as f32);
     Tensor::from_slice(&vals).reshape(shape)
 }
